@@ -1,0 +1,1 @@
+//! SeiNode reconciler (built after the foundation and control plane).

@@ -1,0 +1,215 @@
+//! The sidecar TLS contract: the DNS names a node's certificate must carry.
+//!
+//! The names are computable before the node exists, so platform tooling can issue the
+//! certificate ahead of time (`seinode-tls contract`, the dry-run annotation, or
+//! `status.sidecarTLS.requiredDNSNames` once the node exists).
+
+use thiserror::Error;
+
+/// Cluster DNS domain used when none is configured.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Annotation the mutating webhook sets on TLS-enabled SeiNodes: the contract, comma-separated.
+pub const REQUIRED_DNS_NAMES_ANNOTATION: &str = "sei.io/sidecar-tls-required-dns-names";
+
+/// Longest DNS label (RFC 1035).
+const MAX_LABEL_LEN: usize = 63;
+/// Longest DNS name in its textual form (RFC 1035, as Kubernetes counts it).
+const MAX_NAME_LEN: usize = 253;
+
+/// The DNS names the sidecar's certificate must cover for SeiNode `name` in `namespace`:
+/// the headless Service `name`, and pod 0 of the StatefulSet `name` behind it.
+pub fn required_dns_names(name: &str, namespace: &str, cluster_domain: &str) -> Vec<String> {
+    vec![
+        format!("{name}.{namespace}.svc.{cluster_domain}"),
+        format!("{name}-0.{name}.{namespace}.svc.{cluster_domain}"),
+    ]
+}
+
+/// Why a node's contract can never be met by any certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum UnsatisfiableContract {
+    #[error(
+        "DNS label \"{label}\" of required name \"{name}\" is {len} characters, over the limit of \
+         63; no certificate can carry it (shorten the SeiNode or namespace name)"
+    )]
+    LabelTooLong {
+        name: String,
+        label: String,
+        len: usize,
+    },
+    #[error(
+        "required name \"{name}\" is {len} characters, over the DNS limit of 253; no certificate \
+         can carry it (shorten the SeiNode name, the namespace or the cluster domain)"
+    )]
+    NameTooLong { name: String, len: usize },
+    #[error("required name \"{name}\" has an empty DNS label")]
+    EmptyLabel { name: String },
+}
+
+/// Checks that every required name is a DNS name a certificate can carry.
+pub fn check_satisfiable(required: &[String]) -> Result<(), UnsatisfiableContract> {
+    for name in required {
+        if name.len() > MAX_NAME_LEN {
+            return Err(UnsatisfiableContract::NameTooLong {
+                name: name.clone(),
+                len: name.len(),
+            });
+        }
+        for label in name.split('.') {
+            if label.is_empty() {
+                return Err(UnsatisfiableContract::EmptyLabel { name: name.clone() });
+            }
+            if label.len() > MAX_LABEL_LEN {
+                return Err(UnsatisfiableContract::LabelTooLong {
+                    name: name.clone(),
+                    label: label.to_owned(),
+                    len: label.len(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a DNS SAN of a certificate covers `host`, as TLS clients verify host names:
+/// case-insensitive; a wildcard only as the whole left-most label, matching exactly one label.
+pub fn san_covers(san: &str, host: &str) -> bool {
+    let san = san.strip_suffix('.').unwrap_or(san);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if san.is_empty() || host.is_empty() {
+        return false;
+    }
+    match san.strip_prefix("*.") {
+        Some(rest) => {
+            if rest.is_empty() || rest.contains('*') {
+                return false;
+            }
+            match host.split_once('.') {
+                Some((first, host_rest)) => {
+                    !first.is_empty() && host_rest.eq_ignore_ascii_case(rest)
+                }
+                None => false,
+            }
+        }
+        None => !san.contains('*') && san.eq_ignore_ascii_case(host),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn required_names_are_service_then_pod_zero() {
+        assert_eq!(
+            required_dns_names("rpc", "sei", "cluster.local"),
+            [
+                "rpc.sei.svc.cluster.local",
+                "rpc-0.rpc.sei.svc.cluster.local"
+            ]
+        );
+        assert_eq!(
+            required_dns_names("a", "b", "example.internal"),
+            ["a.b.svc.example.internal", "a-0.a.b.svc.example.internal"]
+        );
+    }
+
+    #[test]
+    fn satisfiable_for_ordinary_names() {
+        assert_eq!(
+            check_satisfiable(&required_dns_names("rpc", "sei", "cluster.local")),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn pod_label_over_63_characters_is_unsatisfiable() {
+        // 62 characters is a valid SeiNode name, but "<name>-0" is then a 64-character label.
+        let name = "n".repeat(62);
+        let err = check_satisfiable(&required_dns_names(&name, "sei", "cluster.local"))
+            .expect_err("64-character label");
+        assert!(
+            matches!(err, UnsatisfiableContract::LabelTooLong { len: 64, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("over the limit of 63"), "{err}");
+    }
+
+    #[test]
+    fn name_over_253_characters_is_unsatisfiable() {
+        let domain = [
+            "d".repeat(60),
+            "d".repeat(60),
+            "d".repeat(60),
+            "d".repeat(60),
+        ]
+        .join(".");
+        let err =
+            check_satisfiable(&required_dns_names("rpc", "sei", &domain)).expect_err("long name");
+        assert!(
+            matches!(err, UnsatisfiableContract::NameTooLong { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn exact_match_is_case_insensitive() {
+        assert!(san_covers(
+            "RPC.Sei.svc.cluster.local",
+            "rpc.sei.svc.cluster.local"
+        ));
+        assert!(san_covers(
+            "rpc.sei.svc.cluster.local.",
+            "rpc.sei.svc.cluster.local"
+        ));
+        assert!(!san_covers(
+            "rpc.sei.svc.cluster.local",
+            "rpc-0.rpc.sei.svc.cluster.local"
+        ));
+    }
+
+    #[test]
+    fn wildcard_covers_exactly_one_left_most_label() {
+        assert!(san_covers(
+            "*.rpc.sei.svc.cluster.local",
+            "rpc-0.rpc.sei.svc.cluster.local"
+        ));
+        assert!(san_covers(
+            "*.SEI.svc.cluster.local",
+            "rpc.sei.svc.cluster.local"
+        ));
+        // One label only: the service wildcard does not reach the pod name.
+        assert!(!san_covers(
+            "*.sei.svc.cluster.local",
+            "rpc-0.rpc.sei.svc.cluster.local"
+        ));
+        // Not the bare parent either.
+        assert!(!san_covers(
+            "*.rpc.sei.svc.cluster.local",
+            "rpc.sei.svc.cluster.local"
+        ));
+    }
+
+    #[test]
+    fn partial_and_inner_wildcards_never_match() {
+        assert!(!san_covers(
+            "rpc-*.rpc.sei.svc.cluster.local",
+            "rpc-0.rpc.sei.svc.cluster.local"
+        ));
+        assert!(!san_covers(
+            "r*.sei.svc.cluster.local",
+            "rpc.sei.svc.cluster.local"
+        ));
+        assert!(!san_covers(
+            "rpc-0.*.sei.svc.cluster.local",
+            "rpc-0.rpc.sei.svc.cluster.local"
+        ));
+        assert!(!san_covers("*", "rpc"));
+        assert!(!san_covers(
+            "*.*.sei.svc.cluster.local",
+            "rpc-0.rpc.sei.svc.cluster.local"
+        ));
+        assert!(!san_covers("", "rpc"));
+    }
+}

@@ -1,0 +1,732 @@
+//! An embedded Kubernetes control plane: etcd and kube-apiserver on loopback.
+//!
+//! Used by `seinode-tls local` and by the tests under `tests/`, so both exercise a real API
+//! server (CRD schema and CEL rules, webhook registration, RBAC) rather than a mock. The
+//! binaries are built from Go modules by `tools/control-plane/build.sh` into a cache outside the
+//! repository; there is no kubelet, so pods never run.
+//!
+//! Processes are `std::process` children so that a `ControlPlane` can outlive the async runtime
+//! that started it (tests share one per test binary). They are stopped on drop, and a small
+//! watchdog process stops them too if this process dies without dropping it (SIGKILL, or a
+//! test binary exiting with the control plane in a static).
+
+use std::fs;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, CustomResourceExt, Resource};
+use seinode_tls_crds::SeiNode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::pki::{CertificateAuthority, Issued, LeafSpec, PkiError};
+
+/// Directory holding prebuilt `etcd`, `kube-apiserver` and `kubectl`; skips the build.
+pub const BIN_DIR_ENV: &str = "SEINODE_TLS_CONTROL_PLANE_BIN_DIR";
+/// Field manager for everything this project applies.
+pub const FIELD_MANAGER: &str = "seinode-tls";
+/// File that marks a directory as a control plane's, so a stale one may be wiped.
+const MARKER: &str = ".seinode-tls-control-plane";
+/// How long etcd and kube-apiserver get to become ready (generous for a loaded 2-core CI box).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Attempts at starting with fresh ports when one was taken between choosing and binding.
+const START_ATTEMPTS: usize = 3;
+/// Log lines shown when a component fails to start.
+const LOG_TAIL_LINES: usize = 25;
+
+#[derive(Debug, Error)]
+pub enum ControlPlaneError {
+    #[error(
+        "kube-apiserver, kubectl and etcd are not built, and {} is not there to build them; set \
+         {BIN_DIR_ENV} to a directory that holds them", .script.display()
+    )]
+    NoBuildScript { script: PathBuf },
+    #[error("failed to run {}", .script.display())]
+    BuildSpawn {
+        script: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "building the control-plane binaries with {} failed ({status}); its output is above \
+         (it needs the Go toolchain and the Go module proxy)", .script.display()
+    )]
+    Build { script: PathBuf, status: ExitStatus },
+    #[error(
+        "{} has no executable {name}; set {BIN_DIR_ENV} to a directory with etcd, kube-apiserver \
+         and kubectl, or unset it to build them", .dir.display()
+    )]
+    MissingBinary { dir: PathBuf, name: &'static str },
+    #[error(
+        "{} exists and was not made by seinode-tls; choose an empty or new directory", .dir.display()
+    )]
+    ForeignDir { dir: PathBuf },
+    #[error("failed to prepare {}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("failed to start {component}")]
+    Spawn {
+        component: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{component} exited during start-up ({status}); last lines of {}:\n{tail}", .log.display())]
+    Died {
+        component: &'static str,
+        status: ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error(
+        "{component} could not bind its port {START_ATTEMPTS} times in a row (another process \
+         keeps taking loopback ports); last lines of {}:\n{tail}", .log.display()
+    )]
+    PortClash {
+        component: &'static str,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("kube-apiserver did not become ready within {timeout:?}; last lines of {}:\n{tail}", .log.display())]
+    NotReady {
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("failed to load the kubeconfig {}", .path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("failed to call the API server")]
+    Kube(#[from] kube::Error),
+    #[error("the SeiNode CRD was not Established within {0:?}")]
+    CrdNotEstablished(Duration),
+}
+
+// === Binaries ===
+
+/// Paths of the control-plane executables.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub etcd: PathBuf,
+    pub kube_apiserver: PathBuf,
+    pub kubectl: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the binaries: `$SEINODE_TLS_CONTROL_PLANE_BIN_DIR` if set, otherwise the build
+    /// cache, building them first when missing (many minutes the first time; progress goes to
+    /// stderr).
+    pub fn locate() -> Result<Self, ControlPlaneError> {
+        let dir = match std::env::var_os(BIN_DIR_ENV) {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => build_binaries()?,
+        };
+        Self::in_dir(&dir)
+    }
+
+    /// The binaries in `dir`, which must hold all three.
+    pub fn in_dir(dir: &Path) -> Result<Self, ControlPlaneError> {
+        let find = |name: &'static str| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(ControlPlaneError::MissingBinary {
+                    dir: dir.to_owned(),
+                    name,
+                })
+            }
+        };
+        Ok(Self {
+            etcd: find("etcd")?,
+            kube_apiserver: find("kube-apiserver")?,
+            kubectl: find("kubectl")?,
+        })
+    }
+}
+
+/// Runs `tools/control-plane/build.sh`, which prints the cache directory on stdout.
+fn build_binaries() -> Result<PathBuf, ControlPlaneError> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/control-plane/build.sh");
+    if !script.is_file() {
+        return Err(ControlPlaneError::NoBuildScript { script });
+    }
+    let output = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|source| ControlPlaneError::BuildSpawn {
+            script: script.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(ControlPlaneError::Build {
+            script,
+            status: output.status,
+        });
+    }
+    let dir = String::from_utf8_lossy(&output.stdout);
+    Ok(PathBuf::from(dir.lines().last().unwrap_or_default().trim()))
+}
+
+// === Control plane ===
+
+/// Where and how to run the control plane.
+#[derive(Debug, Clone, Default)]
+pub struct ControlPlaneConfig {
+    /// State directory; a fresh temporary directory when `None`. Removed on drop either way.
+    pub dir: Option<PathBuf>,
+    /// The executables; located (and built if needed) when `None`.
+    pub binaries: Option<Binaries>,
+}
+
+/// A running etcd + kube-apiserver pair. Stops both and removes its directory on drop.
+pub struct ControlPlane {
+    dir: PathBuf,
+    binaries: Binaries,
+    kubeconfig: PathBuf,
+    server: String,
+    ca: CertificateAuthority,
+    etcd: Child,
+    apiserver: Child,
+    watchdog: Option<(Child, ChildStdin)>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("dir", &self.dir)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver and waits until the API server reports ready.
+    pub async fn start(config: ControlPlaneConfig) -> Result<Self, ControlPlaneError> {
+        let binaries = match config.binaries {
+            Some(binaries) => binaries,
+            None => tokio::task::block_in_place(Binaries::locate)?,
+        };
+        let dir = match config.dir {
+            Some(dir) => dir,
+            None => std::env::temp_dir().join(format!(
+                "seinode-tls-cp-{}-{}",
+                std::process::id(),
+                unique()
+            )),
+        };
+        prepare_dir(&dir)?;
+        let dir = fs::canonicalize(&dir).map_err(|source| ControlPlaneError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match Self::start_once(&dir, &binaries).await {
+                Ok(cp) => return Ok(cp),
+                Err(ControlPlaneError::Died {
+                    component,
+                    log,
+                    tail,
+                    ..
+                }) if tail.contains("address already in use") => {
+                    if attempt < START_ATTEMPTS {
+                        tracing::warn!(
+                            component,
+                            attempt,
+                            "port taken during start-up, retrying with new ports"
+                        );
+                        continue;
+                    }
+                    ControlPlaneError::PortClash {
+                        component,
+                        log,
+                        tail,
+                    }
+                }
+                Err(e) => e,
+            };
+            let _ = fs::remove_dir_all(&dir);
+            return Err(error);
+        }
+    }
+
+    async fn start_once(dir: &Path, binaries: &Binaries) -> Result<Self, ControlPlaneError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ControlPlaneError::Io { path, source }
+        };
+        let pki = dir.join("pki");
+        fs::create_dir_all(&pki).map_err(io(&pki))?;
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+        let ca = CertificateAuthority::new("seinode-tls local control plane CA")?;
+        let serving = ca.issue(&LeafSpec {
+            common_name: "kube-apiserver",
+            dns_names: &[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+            ],
+            ip_addresses: &[loopback],
+            server: true,
+            ..LeafSpec::default()
+        })?;
+        let admin = ca.issue(&LeafSpec {
+            common_name: "seinode-tls-admin",
+            organizations: &["system:masters"],
+            client: true,
+            ..LeafSpec::default()
+        })?;
+        let service_account_key = rcgen::KeyPair::generate()
+            .map_err(|source| PkiError::new("service-account signing key", source))?;
+        let write = |name: &str, contents: &str| -> Result<PathBuf, ControlPlaneError> {
+            let path = pki.join(name);
+            write_private(&path, contents)?;
+            Ok(path)
+        };
+        let ca_file = write("ca.crt", &ca.cert_pem())?;
+        let serving_cert = write("apiserver.crt", &serving.cert_pem)?;
+        let serving_key = write("apiserver.key", &serving.key_pem)?;
+        let sa_key = write("service-account.key", &service_account_key.serialize_pem())?;
+        let sa_pub = write("service-account.pub", &service_account_key.public_key_pem())?;
+
+        let etcd_client_port = free_port(dir)?;
+        let etcd_peer_port = free_port(dir)?;
+        let apiserver_port = free_port(dir)?;
+        let etcd_url = format!("http://127.0.0.1:{etcd_client_port}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
+        let etcd_dir = dir.join("etcd");
+        let _ = fs::remove_dir_all(&etcd_dir);
+        let etcd_log = dir.join("etcd.log");
+        let mut etcd = spawn(
+            "etcd",
+            Command::new(&binaries.etcd)
+                .arg("--name=seinode-tls")
+                .arg(format!("--data-dir={}", etcd_dir.display()))
+                .arg(format!("--listen-client-urls={etcd_url}"))
+                .arg(format!("--advertise-client-urls={etcd_url}"))
+                .arg(format!("--listen-peer-urls={peer_url}"))
+                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+                .arg(format!("--initial-cluster=seinode-tls={peer_url}"))
+                .arg("--unsafe-no-fsync=true")
+                .arg("--log-level=warn"),
+            &etcd_log,
+        )?;
+
+        let apiserver_log = dir.join("kube-apiserver.log");
+        let apiserver = spawn(
+            "kube-apiserver",
+            Command::new(&binaries.kube_apiserver)
+                .arg(format!("--etcd-servers={etcd_url}"))
+                .arg("--bind-address=127.0.0.1")
+                .arg("--advertise-address=127.0.0.1")
+                .arg(format!("--secure-port={apiserver_port}"))
+                .arg(format!("--cert-dir={}", pki.display()))
+                .arg(format!("--tls-cert-file={}", serving_cert.display()))
+                .arg(format!("--tls-private-key-file={}", serving_key.display()))
+                .arg(format!("--client-ca-file={}", ca_file.display()))
+                .arg("--authorization-mode=RBAC")
+                .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+                .arg(format!("--service-account-key-file={}", sa_pub.display()))
+                .arg(format!(
+                    "--service-account-signing-key-file={}",
+                    sa_key.display()
+                ))
+                .arg("--service-cluster-ip-range=10.96.0.0/16")
+                .arg("--profiling=false")
+                .arg("--v=1"),
+            &apiserver_log,
+        );
+        let mut apiserver = match apiserver {
+            Ok(child) => child,
+            Err(e) => {
+                stop(&mut etcd);
+                return Err(e);
+            }
+        };
+
+        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let kubeconfig = dir.join("kubeconfig");
+        write_private(
+            &kubeconfig,
+            &kubeconfig_yaml(&server, &ca.cert_pem(), &admin),
+        )?;
+
+        if let Err(e) = wait_ready(
+            &kubeconfig,
+            &mut etcd,
+            &etcd_log,
+            &mut apiserver,
+            &apiserver_log,
+        )
+        .await
+        {
+            stop(&mut apiserver);
+            stop(&mut etcd);
+            return Err(e);
+        }
+        let watchdog = spawn_watchdog(&[etcd.id(), apiserver.id()], dir);
+        Ok(Self {
+            dir: dir.to_owned(),
+            binaries: binaries.clone(),
+            kubeconfig,
+            server,
+            ca,
+            etcd,
+            apiserver,
+            watchdog,
+        })
+    }
+
+    /// The admin kubeconfig (client certificate in `system:masters`).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The API server's URL.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub fn binaries(&self) -> &Binaries {
+        &self.binaries
+    }
+
+    /// The CA the API server's certificate chains to; also usable for webhook certificates.
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    /// A client for the current async runtime, authenticated as the admin.
+    pub async fn client(&self) -> Result<Client, ControlPlaneError> {
+        client_from_kubeconfig(&self.kubeconfig).await
+    }
+
+    /// `kubectl` with `KUBECONFIG` set to this control plane.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(&self.binaries.kubectl);
+        cmd.env("KUBECONFIG", &self.kubeconfig).stdin(Stdio::null());
+        cmd
+    }
+
+    /// Issues a serving certificate signed by this control plane's CA (for local webhooks).
+    pub fn issue_serving_certificate(
+        &self,
+        common_name: &str,
+        dns_names: &[&str],
+    ) -> Result<Issued, ControlPlaneError> {
+        Ok(self.ca.issue(&LeafSpec {
+            common_name,
+            dns_names,
+            ip_addresses: &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            server: true,
+            ..LeafSpec::default()
+        })?)
+    }
+
+    /// Process ids of etcd and kube-apiserver.
+    pub fn pids(&self) -> [u32; 2] {
+        [self.etcd.id(), self.apiserver.id()]
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some((mut watchdog, stdin)) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+            drop(stdin);
+        }
+        stop(&mut self.apiserver);
+        stop(&mut self.etcd);
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            tracing::warn!(error = %e, dir = %self.dir.display(), "failed to remove control-plane directory");
+        }
+    }
+}
+
+/// A client for the cluster described by a kubeconfig file.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client, ControlPlaneError> {
+    let kubeconfig =
+        Kubeconfig::read_from(path).map_err(|source| ControlPlaneError::Kubeconfig {
+            path: path.to_owned(),
+            source,
+        })?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|source| ControlPlaneError::Kubeconfig {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Server-side applies `object` with this project's field manager.
+pub async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, kube::Error>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+}
+
+/// Installs (or updates) the SeiNode CRD and waits until it is Established.
+pub async fn install_crd(client: &Client) -> Result<(), ControlPlaneError> {
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = SeiNode::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    apply(&api, &crd).await?;
+    let established = kube::runtime::wait::await_condition(
+        api,
+        &name,
+        kube::runtime::wait::conditions::is_crd_established(),
+    );
+    match tokio::time::timeout(TIMEOUT, established).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(ControlPlaneError::CrdNotEstablished(TIMEOUT)),
+    }
+}
+
+// === Helpers ===
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
+
+/// Creates `dir`, or empties it when a previous control plane left it behind.
+fn prepare_dir(dir: &Path) -> Result<(), ControlPlaneError> {
+    let io = |source| ControlPlaneError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    if dir.exists() {
+        let empty = fs::read_dir(dir).map_err(io)?.next().is_none();
+        if !empty {
+            if !dir.join(MARKER).is_file() {
+                return Err(ControlPlaneError::ForeignDir {
+                    dir: dir.to_owned(),
+                });
+            }
+            fs::remove_dir_all(dir).map_err(io)?;
+        }
+    }
+    fs::create_dir_all(dir).map_err(io)?;
+    fs::write(
+        dir.join(MARKER),
+        "state of a seinode-tls control plane; removed when it stops\n",
+    )
+    .map_err(io)
+}
+
+/// Writes a file readable by its owner only (keys, kubeconfig).
+fn write_private(path: &Path, contents: &str) -> Result<(), ControlPlaneError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| ControlPlaneError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(contents.as_bytes()).map_err(io)
+}
+
+/// A loopback port that was free a moment ago. A clash with another process is still possible;
+/// `ControlPlane::start` retries with fresh ports when a component reports its port taken.
+fn free_port(dir: &Path) -> Result<u16, ControlPlaneError> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|source| ControlPlaneError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+fn spawn(
+    component: &'static str,
+    command: &mut Command,
+    log: &Path,
+) -> Result<Child, ControlPlaneError> {
+    let io = |source| ControlPlaneError::Io {
+        path: log.to_owned(),
+        source,
+    };
+    let out = fs::File::create(log).map_err(io)?;
+    let err = out.try_clone().map_err(io)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|source| ControlPlaneError::Spawn { component, source })
+}
+
+/// Stops a child: SIGTERM, a grace period, then SIGKILL.
+fn stop(child: &mut Child) {
+    const GRACE: Duration = Duration::from_secs(5);
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + GRACE;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Starts a shell that waits for its stdin to close (this process exiting, however it exits),
+/// then stops `pids` and removes `dir`. Dropping the `ControlPlane` kills it first.
+fn spawn_watchdog(pids: &[u32], dir: &Path) -> Option<(Child, ChildStdin)> {
+    const SCRIPT: &str = r#"dir="$1"; shift
+cat >/dev/null
+kill -TERM "$@" 2>/dev/null
+for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$@" 2>/dev/null || break; sleep 0.5; done
+kill -KILL "$@" 2>/dev/null
+rm -rf -- "$dir""#;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg("seinode-tls-watchdog")
+        .arg(dir)
+        .args(pids.iter().map(u32::to_string))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| tracing::warn!(error = %e, "failed to start the control-plane watchdog"))
+        .ok()?;
+    let stdin = child.stdin.take()?;
+    Some((child, stdin))
+}
+
+async fn wait_ready(
+    kubeconfig: &Path,
+    etcd: &mut Child,
+    etcd_log: &Path,
+    apiserver: &mut Child,
+    apiserver_log: &Path,
+) -> Result<(), ControlPlaneError> {
+    let client = client_from_kubeconfig(kubeconfig).await?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        for (component, child, log) in [
+            ("etcd", &mut *etcd, etcd_log),
+            ("kube-apiserver", &mut *apiserver, apiserver_log),
+        ] {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(ControlPlaneError::Died {
+                    component,
+                    status,
+                    log: log.to_owned(),
+                    tail: log_tail(log),
+                });
+            }
+        }
+        let request = http::Request::get("/readyz").body(Vec::new());
+        if let Ok(request) = request
+            && let Ok(body) = client.request_text(request).await
+            && body.trim() == "ok"
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(ControlPlaneError::NotReady {
+                timeout: READY_TIMEOUT,
+                log: apiserver_log.to_owned(),
+                tail: log_tail(apiserver_log),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The last lines of a log file, for error messages.
+pub fn log_tail(path: &Path) -> String {
+    const MAX_BYTES: u64 = 64 * 1024;
+    let Ok(mut file) = fs::File::open(path) else {
+        return format!("(no log at {})", path.display());
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)));
+    let mut text = String::new();
+    let _ = BufReader::new(file).read_to_string(&mut text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+fn kubeconfig_yaml(server: &str, ca_pem: &str, admin: &Issued) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: seinode-tls-local
+  cluster:
+    server: {server}
+    certificate-authority-data: {ca}
+users:
+- name: admin
+  user:
+    client-certificate-data: {cert}
+    client-key-data: {key}
+contexts:
+- name: seinode-tls-local
+  context:
+    cluster: seinode-tls-local
+    user: admin
+current-context: seinode-tls-local
+",
+        ca = BASE64.encode(ca_pem),
+        cert = BASE64.encode(&admin.cert_pem),
+        key = BASE64.encode(&admin.key_pem),
+    )
+}

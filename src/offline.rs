@@ -1,0 +1,314 @@
+//! Commands for platform engineers that need no cluster: `crd`, `contract`, `check-secret`.
+//!
+//! `check-secret` calls the same validation function as the webhook and the controller, so a
+//! Secret it accepts is one the cluster accepts.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use seinode_tls_crds::contract::{check_satisfiable, required_dns_names};
+use seinode_tls_crds::validation::{SecretVerdict, validate_tls_secret};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::cli::EXIT_USAGE;
+
+/// Exit code when the Secret does not meet the contract.
+const EXIT_NOT_READY: u8 = 1;
+/// Largest manifest read; a Secret is at most 1 MiB in the API server.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// Inputs of `check-secret`.
+#[derive(Debug, Clone)]
+pub struct CheckSecretArgs {
+    /// Path of the Secret manifest; `-` reads stdin.
+    pub file: PathBuf,
+    pub seinode: String,
+    pub namespace: String,
+    pub cluster_domain: String,
+    /// Instant to judge validity at; now when absent.
+    pub at: Option<Timestamp>,
+    pub output: OutputFormat,
+}
+
+/// Why a manifest could not be turned into a Secret.
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("failed to read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is larger than {MAX_MANIFEST_BYTES} bytes; a Secret manifest never is")]
+    TooLarge { path: String },
+    #[error("{path} is not a YAML or JSON document: {detail}")]
+    Parse { path: String, detail: String },
+    #[error("{path} holds a {kind}, not a Secret (kind: Secret, apiVersion: v1)")]
+    NotASecret { path: String, kind: String },
+    #[error("{path} is not a valid Secret manifest: {detail}")]
+    Invalid { path: String, detail: String },
+}
+
+pub fn print_crd() -> ExitCode {
+    match seinode_tls_crds::crd::crd_yaml() {
+        Ok(yaml) => write_stdout(&yaml),
+        Err(e) => usage_error(&format!("failed to render the CRD: {e}")),
+    }
+}
+
+pub fn print_contract(
+    seinode: &str,
+    namespace: &str,
+    cluster_domain: &str,
+    output: OutputFormat,
+) -> ExitCode {
+    let names = required_dns_names(seinode, namespace, cluster_domain);
+    if let Err(e) = check_satisfiable(&names) {
+        return usage_error(&format!(
+            "SeiNode \"{namespace}/{seinode}\" can never be given a certificate: {e}"
+        ));
+    }
+    let text = match output {
+        OutputFormat::Text => names.iter().map(|n| format!("{n}\n")).collect(),
+        OutputFormat::Json => json_line(&ContractJson {
+            required_dns_names: &names,
+        }),
+    };
+    write_stdout(&text)
+}
+
+pub fn check_secret(args: &CheckSecretArgs) -> ExitCode {
+    let names = required_dns_names(&args.seinode, &args.namespace, &args.cluster_domain);
+    if let Err(e) = check_satisfiable(&names) {
+        return usage_error(&format!(
+            "SeiNode \"{}/{}\" can never be given a certificate: {e}",
+            args.namespace, args.seinode
+        ));
+    }
+    let secret = match read_secret_manifest(&args.file) {
+        Ok(secret) => secret,
+        Err(e) => return usage_error(&error_chain(&e)),
+    };
+    if let Some(ns) = secret
+        .metadata
+        .namespace
+        .as_deref()
+        .filter(|ns| *ns != args.namespace)
+    {
+        return usage_error(&format!(
+            "the Secret is in namespace \"{ns}\" but the SeiNode is in \"{}\"; a SeiNode can only \
+             use a Secret in its own namespace",
+            args.namespace
+        ));
+    }
+    let secret_name = secret
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_else(|| "<unnamed>".to_owned());
+    let now = args.at.unwrap_or_else(Timestamp::now);
+    let verdict = validate_tls_secret(&args.namespace, &secret_name, Some(&secret), &names, now);
+
+    let text = match args.output {
+        OutputFormat::Text => format!("{}: {}\n", verdict.reason, verdict.message),
+        OutputFormat::Json => json_line(&CheckJson::new(&verdict, &names)),
+    };
+    let code = write_stdout(&text);
+    if code != ExitCode::SUCCESS {
+        return code;
+    }
+    if verdict.is_ready() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_READY)
+    }
+}
+
+/// Reads a Secret manifest (YAML or JSON) from a file or stdin, folding `stringData` into `data`
+/// as the API server does.
+pub fn read_secret_manifest(file: &PathBuf) -> Result<Secret, ManifestError> {
+    let path = if file.as_os_str() == "-" {
+        "stdin".to_owned()
+    } else {
+        file.display().to_string()
+    };
+    let mut text = String::new();
+    let read = if file.as_os_str() == "-" {
+        std::io::stdin()
+            .take(MAX_MANIFEST_BYTES + 1)
+            .read_to_string(&mut text)
+    } else {
+        std::fs::File::open(file)
+            .and_then(|f| f.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
+    };
+    read.map_err(|source| ManifestError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge { path });
+    }
+    parse_secret_manifest(&text, &path)
+}
+
+/// Parses a Secret manifest; `path` names the input in errors.
+pub fn parse_secret_manifest(text: &str, path: &str) -> Result<Secret, ManifestError> {
+    // YAML is a superset of JSON, so one parser serves both.
+    let value: serde_json::Value =
+        serde_saphyr::from_str(text).map_err(|e| ManifestError::Parse {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("document without a kind");
+    if kind != "Secret" {
+        return Err(ManifestError::NotASecret {
+            path: path.to_owned(),
+            kind: kind.to_owned(),
+        });
+    }
+    let mut secret: Secret = serde_json::from_value(value).map_err(|e| ManifestError::Invalid {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    if let Some(string_data) = secret.string_data.take() {
+        let data = secret.data.get_or_insert_with(Default::default);
+        for (key, value) in string_data {
+            data.insert(key, ByteString(value.into_bytes()));
+        }
+    }
+    Ok(secret)
+}
+
+#[derive(Serialize)]
+struct ContractJson<'a> {
+    #[serde(rename = "requiredDNSNames")]
+    required_dns_names: &'a [String],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CheckJson<'a> {
+    ready: bool,
+    reason: &'static str,
+    message: &'a str,
+    #[serde(rename = "requiredDNSNames")]
+    required_dns_names: &'a [String],
+    #[serde(rename = "missingDNSNames")]
+    missing_dns_names: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_after: Option<String>,
+}
+
+impl<'a> CheckJson<'a> {
+    fn new(verdict: &'a SecretVerdict, required: &'a [String]) -> Self {
+        Self {
+            ready: verdict.is_ready(),
+            reason: verdict.reason.as_str(),
+            message: &verdict.message,
+            required_dns_names: required,
+            missing_dns_names: &verdict.missing_dns_names,
+            not_after: verdict.not_after.map(|t| t.to_string()),
+        }
+    }
+}
+
+fn json_line(value: &impl Serialize) -> String {
+    match serde_json::to_string(value) {
+        Ok(json) => format!("{json}\n"),
+        // Serializing these plain structs cannot fail; say so rather than print nothing.
+        Err(e) => format!("{{\"error\": \"failed to encode output: {e}\"}}\n"),
+    }
+}
+
+fn write_stdout(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`| head`) is not worth a message.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => usage_error(&format!("failed to write output: {e}")),
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// An error and its causes on one line: "failed to read x: No such file or directory".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_data_is_folded_into_data_and_wins() {
+        let yaml = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\ntype: kubernetes.io/tls\n\
+                    data:\n  tls.crt: YQ==\n  tls.key: YQ==\nstringData:\n  tls.key: plain\n";
+        let secret = parse_secret_manifest(yaml, "test").expect("valid manifest");
+        let data = secret.data.expect("data");
+        assert_eq!(data["tls.crt"].0, b"a");
+        assert_eq!(data["tls.key"].0, b"plain");
+    }
+
+    #[test]
+    fn json_manifests_parse() {
+        let json = r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"s"},"data":{"tls.crt":"YQ=="}}"#;
+        let secret = parse_secret_manifest(json, "test").expect("valid manifest");
+        assert_eq!(secret.metadata.name.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn other_kinds_are_refused_with_their_kind() {
+        let err = parse_secret_manifest("apiVersion: v1\nkind: ConfigMap\n", "cm.yaml")
+            .expect_err("not a Secret");
+        assert_eq!(
+            err.to_string(),
+            "cm.yaml holds a ConfigMap, not a Secret (kind: Secret, apiVersion: v1)"
+        );
+    }
+
+    #[test]
+    fn invalid_base64_is_a_clear_error() {
+        let yaml = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\ndata:\n  tls.crt: '%%%'\n";
+        let err = parse_secret_manifest(yaml, "s.yaml").expect_err("bad base64");
+        assert!(
+            err.to_string()
+                .starts_with("s.yaml is not a valid Secret manifest"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_parse_error() {
+        let err = parse_secret_manifest("{[", "x").expect_err("garbage");
+        assert!(matches!(err, ManifestError::Parse { .. }), "{err}");
+    }
+}

@@ -1,0 +1,125 @@
+//! A throwaway certificate authority for the local control plane and the webhooks it calls.
+//! Everything here is for `local` and tests; production certificates come from the cluster.
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[error("failed to generate a certificate for {subject}")]
+pub struct PkiError {
+    subject: String,
+    #[source]
+    source: rcgen::Error,
+}
+
+impl PkiError {
+    pub fn new(subject: &str, source: rcgen::Error) -> Self {
+        Self {
+            subject: subject.to_owned(),
+            source,
+        }
+    }
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("cert_pem", &self.cert_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone, Default)]
+pub struct LeafSpec<'a> {
+    pub common_name: &'a str,
+    pub organizations: &'a [&'a str],
+    pub dns_names: &'a [&'a str],
+    pub ip_addresses: &'a [IpAddr],
+    pub server: bool,
+    pub client: bool,
+}
+
+/// A self-signed CA (ECDSA P-256) that issues leaf certificates.
+pub struct CertificateAuthority {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl CertificateAuthority {
+    pub fn new(common_name: &str) -> Result<Self, PkiError> {
+        let err = |source| PkiError {
+            subject: common_name.to_owned(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(err)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer = CertifiedIssuer::self_signed(params, key).map_err(err)?;
+        Ok(Self { issuer })
+    }
+
+    /// The CA certificate, PEM: what clients trust (the webhooks' `caBundle`).
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    pub fn issue(&self, spec: &LeafSpec<'_>) -> Result<Issued, PkiError> {
+        let err = |source| PkiError {
+            subject: spec.common_name.to_owned(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(err)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spec.common_name);
+        for org in spec.organizations {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, *org);
+        }
+        for name in spec.dns_names {
+            let name = (*name).try_into().map_err(err)?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        for ip in spec.ip_addresses {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if spec.server {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        if spec.client {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
+        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}

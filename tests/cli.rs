@@ -1,0 +1,197 @@
+//! The offline commands as a platform engineer runs them: output and exit status.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use seinode_tls::pki::{CertificateAuthority, LeafSpec};
+use serde_json::Value;
+
+fn run(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seinode-tls"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn secret_yaml(dns_names: &[&str]) -> String {
+    let ca = CertificateAuthority::new("test CA").unwrap();
+    let leaf = ca
+        .issue(&LeafSpec {
+            common_name: "rpc",
+            dns_names,
+            server: true,
+            ..LeafSpec::default()
+        })
+        .unwrap();
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: rpc-tls\n  namespace: sei\ntype: kubernetes.io/tls\n\
+         data:\n  tls.crt: {}\n  tls.key: {}\n",
+        BASE64.encode(&leaf.cert_pem),
+        BASE64.encode(&leaf.key_pem)
+    )
+}
+
+const NODE: [&str; 4] = ["--seinode", "rpc", "--namespace", "sei"];
+
+#[test]
+fn contract_prints_one_name_per_line_or_json() {
+    let text = run(&["contract", "--seinode", "rpc", "-n", "sei"], "");
+    assert!(text.status.success());
+    assert_eq!(
+        String::from_utf8(text.stdout).unwrap(),
+        "rpc.sei.svc.cluster.local\nrpc-0.rpc.sei.svc.cluster.local\n"
+    );
+    let json = run(
+        &[
+            "contract",
+            "--seinode",
+            "rpc",
+            "-n",
+            "sei",
+            "--cluster-domain",
+            "fleet.internal",
+            "-o",
+            "json",
+        ],
+        "",
+    );
+    let value: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        value["requiredDNSNames"][1],
+        "rpc-0.rpc.sei.svc.fleet.internal"
+    );
+}
+
+#[test]
+fn check_secret_exits_0_for_a_secret_that_meets_the_contract() {
+    let yaml = secret_yaml(&[
+        "rpc.sei.svc.cluster.local",
+        "rpc-0.rpc.sei.svc.cluster.local",
+    ]);
+    let out = run(&[&["check-secret", "-f", "-"][..], &NODE].concat(), &yaml);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("TLSSecretReady: Secret \"sei/rpc-tls\" meets the contract"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_secret_exits_1_and_names_the_missing_sans() {
+    let yaml = secret_yaml(&["rpc.sei.svc.cluster.local"]);
+    let path = common::temp_path("secret").with_extension("yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let out = run(
+        &[
+            &["check-secret", "-f", path.to_str().unwrap(), "-o", "json"][..],
+            &NODE,
+        ]
+        .concat(),
+        "",
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["ready"], false);
+    assert_eq!(value["reason"], "TLSSecretSANsMismatch");
+    assert_eq!(
+        value["missingDNSNames"],
+        serde_json::json!(["rpc-0.rpc.sei.svc.cluster.local"])
+    );
+    assert!(
+        value["message"]
+            .as_str()
+            .unwrap()
+            .contains("it carries rpc.sei.svc.cluster.local"),
+        "{value}"
+    );
+}
+
+#[test]
+fn check_secret_at_a_later_instant_reports_expiry() {
+    let yaml = secret_yaml(&[
+        "rpc.sei.svc.cluster.local",
+        "rpc-0.rpc.sei.svc.cluster.local",
+    ]);
+    let out = run(
+        &[
+            &["check-secret", "-f", "-", "--at", "9000-01-01T00:00:00Z"][..],
+            &NODE,
+        ]
+        .concat(),
+        &yaml,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .starts_with("TLSSecretExpired: ")
+    );
+}
+
+#[test]
+fn check_secret_exits_2_on_unreadable_input_with_a_clear_message() {
+    let garbage = run(&[&["check-secret", "-f", "-"][..], &NODE].concat(), "{[");
+    assert_eq!(garbage.status.code(), Some(2));
+    assert!(
+        String::from_utf8(garbage.stderr)
+            .unwrap()
+            .starts_with("error: stdin is not a YAML or JSON document")
+    );
+
+    let missing = run(
+        &[
+            &["check-secret", "-f", "/nonexistent/secret.yaml"][..],
+            &NODE,
+        ]
+        .concat(),
+        "",
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    let stderr = String::from_utf8(missing.stderr).unwrap();
+    assert!(
+        stderr.contains("failed to read /nonexistent/secret.yaml: No such file"),
+        "{stderr}"
+    );
+
+    let configmap = run(
+        &[&["check-secret", "-f", "-"][..], &NODE].concat(),
+        "apiVersion: v1\nkind: ConfigMap\n",
+    );
+    assert_eq!(configmap.status.code(), Some(2));
+
+    let other_ns = secret_yaml(&["x"]).replace("namespace: sei", "namespace: other");
+    let out = run(
+        &[&["check-secret", "-f", "-"][..], &NODE].concat(),
+        &other_ns,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("can only use a Secret in its own namespace")
+    );
+
+    let bad_at = run(
+        &[&["check-secret", "-f", "-", "--at", "yesterday"][..], &NODE].concat(),
+        "",
+    );
+    assert_eq!(bad_at.status.code(), Some(2));
+}

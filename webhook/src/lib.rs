@@ -1,0 +1,1 @@
+//! Admission webhook for SeiNodes (see issue: built after the foundation and control plane).
