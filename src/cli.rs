@@ -1,11 +1,15 @@
 //! Command-line interface. Flags convert into plain config structs; the commands live in their
 //! own modules and never see clap.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
+use seinode_tls_controller::{ControllerConfig, LeaderElection};
+use seinode_tls_webhook::{GuardPolicy, SecretPolicy, WebhookConfig};
 
 use crate::offline::{self, CheckSecretArgs, OutputFormat};
 
@@ -38,8 +42,14 @@ pub enum Command {
     /// Exit status: 0 when the Secret meets the contract, 1 when it does not, 2 on a usage
     /// error or unreadable input.
     CheckSecret(CheckSecretCli),
-    /// Run a local control plane (etcd + kube-apiserver built from Go modules) with the SeiNode
-    /// CRD installed, until interrupted.
+    /// Serve the admission webhook (HTTPS), with health and metrics on a plain-HTTP port.
+    Webhook(WebhookCli),
+    /// Run the SeiNode controller, with health and metrics on a plain-HTTP port.
+    Controller(ControllerCli),
+    /// Run the webhook and the controller together (what the Helm chart deploys).
+    Run(RunCli),
+    /// Run the whole system on this machine: etcd and kube-apiserver built from Go modules, the
+    /// SeiNode CRD, and the webhook registered against them, until interrupted.
     Local(LocalCli),
 }
 
@@ -90,6 +100,159 @@ pub struct LocalCli {
     pub demo: bool,
 }
 
+/// Flags shared by the server commands.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Plain-HTTP address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "SEINODE_TLS_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    pub health_addr: SocketAddr,
+    /// Cluster DNS domain of the contract.
+    #[arg(long, env = "SEINODE_TLS_CLUSTER_DOMAIN", default_value = seinode_tls_crds::contract::DEFAULT_CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Webhook")]
+pub struct WebhookArgs {
+    /// HTTPS address of the admission endpoints.
+    #[arg(long, env = "SEINODE_TLS_LISTEN_ADDR", default_value = "0.0.0.0:8443")]
+    pub listen_addr: SocketAddr,
+    /// Serving certificate chain (PEM); reloaded when it changes on disk.
+    #[arg(long, env = "SEINODE_TLS_TLS_CERT_FILE", value_name = "FILE")]
+    pub tls_cert_file: PathBuf,
+    /// Serving private key (PEM); reloaded when it changes on disk.
+    #[arg(long, env = "SEINODE_TLS_TLS_KEY_FILE", value_name = "FILE")]
+    pub tls_key_file: PathBuf,
+    /// A new TLS SeiNode whose Secret exists but fails the contract: deny it, or admit it with a
+    /// warning (it then waits in Pending).
+    #[arg(long, env = "SEINODE_TLS_SECRET_POLICY", value_enum, default_value_t = SecretPolicyArg::Deny)]
+    pub secret_policy: SecretPolicyArg,
+    /// An update or deletion of a TLS Secret that breaks SeiNodes using it: warn, or deny it.
+    #[arg(long, env = "SEINODE_TLS_SECRET_GUARD_POLICY", value_enum, default_value_t = GuardPolicyArg::Warn)]
+    pub secret_guard_policy: GuardPolicyArg,
+    /// Every admission request is answered within this time; keep it below the webhook
+    /// configurations' timeoutSeconds (5s).
+    #[arg(long, env = "SEINODE_TLS_REQUEST_DEADLINE", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub request_deadline: Duration,
+    /// Time in-flight requests get to finish at shutdown.
+    #[arg(long, env = "SEINODE_TLS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Controller")]
+pub struct ControllerArgs {
+    /// Emit a Warning event this long before a node's certificate expires.
+    #[arg(long, env = "SEINODE_TLS_CERT_EXPIRY_WARNING", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub cert_expiry_warning: Duration,
+    /// Sidecar image for SeiNodes that do not set spec.sidecar.image.
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_IMAGE", default_value = seinode_tls_controller::config::DEFAULT_SIDECAR_IMAGE)]
+    pub sidecar_image: String,
+    /// kube-rbac-proxy image that terminates TLS in front of the sidecar.
+    #[arg(long, env = "SEINODE_TLS_RBAC_PROXY_IMAGE", default_value = seinode_tls_controller::config::DEFAULT_RBAC_PROXY_IMAGE)]
+    pub rbac_proxy_image: String,
+    /// Reconcile only while holding a coordination.k8s.io Lease (for several replicas).
+    #[arg(long, env = "SEINODE_TLS_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "SEINODE_TLS_LEADER_ELECTION_NAME",
+        default_value = "seinode-tls-controller"
+    )]
+    pub leader_election_name: String,
+    /// Namespace of the Lease (in a cluster: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_election_namespace: String,
+    /// This replica's identity in the Lease (in a cluster: the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    pub leader_election_identity: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WebhookCli {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ControllerCli {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub controller: ControllerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunCli {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
+    #[command(flatten)]
+    pub controller: ControllerArgs,
+}
+
+impl WebhookArgs {
+    pub fn into_config(self, serve: &ServeArgs) -> WebhookConfig {
+        let mut config = WebhookConfig::new(
+            self.listen_addr,
+            serve.health_addr,
+            self.tls_cert_file,
+            self.tls_key_file,
+        );
+        config.secret_policy = match self.secret_policy {
+            SecretPolicyArg::Deny => SecretPolicy::Deny,
+            SecretPolicyArg::Warn => SecretPolicy::Warn,
+        };
+        config.guard_policy = match self.secret_guard_policy {
+            GuardPolicyArg::Warn => GuardPolicy::Warn,
+            GuardPolicyArg::Deny => GuardPolicy::Deny,
+        };
+        config.cluster_domain = serve.cluster_domain.clone();
+        config.request_deadline = self.request_deadline;
+        config.shutdown_grace = self.shutdown_grace;
+        config
+    }
+}
+
+impl ControllerArgs {
+    pub fn into_config(self, serve: &ServeArgs) -> ControllerConfig {
+        let identity = self
+            .leader_election_identity
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("seinode-tls-{}", std::process::id()));
+        ControllerConfig {
+            cluster_domain: serve.cluster_domain.clone(),
+            cert_expiry_warning: self.cert_expiry_warning,
+            sidecar_image: self.sidecar_image,
+            rbac_proxy_image: self.rbac_proxy_image,
+            leader_election: self.leader_elect.then(|| LeaderElection {
+                lease_name: self.leader_election_name,
+                lease_namespace: self.leader_election_namespace,
+                identity,
+                lease_duration: Duration::from_secs(15),
+                renew_grace: Duration::from_secs(5),
+            }),
+            ..ControllerConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SecretPolicyArg {
+    Deny,
+    Warn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuardPolicyArg {
+    Warn,
+    Deny,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Text,
@@ -123,6 +286,15 @@ pub fn run(cli: Cli) -> ExitCode {
             at: args.at,
             output: args.output.into(),
         }),
+        Command::Webhook(args) => crate::serve::webhook_main(args.webhook.into_config(&args.serve)),
+        Command::Controller(args) => crate::serve::controller_main(
+            args.controller.into_config(&args.serve),
+            args.serve.health_addr,
+        ),
+        Command::Run(args) => crate::serve::run_main(
+            args.webhook.into_config(&args.serve),
+            args.controller.into_config(&args.serve),
+        ),
         Command::Local(args) => crate::local::main(crate::local::LocalConfig {
             dir: args.dir,
             demo: args.demo,

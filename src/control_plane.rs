@@ -555,7 +555,7 @@ fn prepare_dir(dir: &Path) -> Result<(), ControlPlaneError> {
 }
 
 /// Writes a file readable by its owner only (keys, kubeconfig).
-fn write_private(path: &Path, contents: &str) -> Result<(), ControlPlaneError> {
+pub fn write_private(path: &Path, contents: &str) -> Result<(), ControlPlaneError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| ControlPlaneError::Io {

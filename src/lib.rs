@@ -6,4 +6,5 @@ pub mod control_plane;
 pub mod local;
 pub mod offline;
 pub mod pki;
+pub mod serve;
 pub mod telemetry;

@@ -1,24 +1,37 @@
 //! `seinode-tls local`: the whole system on one machine, against an embedded control plane.
 //!
 //! Starts etcd and kube-apiserver (see [`crate::control_plane`]), installs the SeiNode CRD,
-//! prints one `ready: export KUBECONFIG=...` line on stdout and runs until SIGINT or SIGTERM,
-//! then stops everything and removes its directory. Progress and logs go to stderr.
+//! serves the webhook on loopback and registers it, runs the controller, prints one `ready: export KUBECONFIG=...`
+//! line on stdout and runs until SIGINT or SIGTERM, then stops everything and removes its
+//! directory. Progress and logs go to stderr.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta};
 use kube::runtime::watcher;
-use seinode_tls_crds::contract::{DEFAULT_CLUSTER_DOMAIN, required_dns_names};
+use prometheus_client::registry::Registry;
+use seinode_tls_controller::{Controller, ControllerConfig};
+use seinode_tls_crds::contract::{
+    DEFAULT_CLUSTER_DOMAIN, REQUIRED_DNS_NAMES_ANNOTATION, required_dns_names,
+};
 use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodeSpec, SidecarSpec, SidecarTls};
-use tokio::signal::unix::{SignalKind, signal};
+use seinode_tls_webhook::registration::{
+    Endpoint, mutating_configuration, validating_configuration,
+};
+use seinode_tls_webhook::{Webhook, WebhookConfig};
 
 use crate::control_plane::{self, ControlPlane, ControlPlaneConfig};
 use crate::offline::error_chain;
+use crate::serve::shutdown_signal;
 
 /// Namespace and names of the `--demo` objects.
 const DEMO_NAMESPACE: &str = "default";
@@ -34,33 +47,12 @@ pub struct LocalConfig {
 
 /// Runs `local` to completion and returns the exit code.
 pub fn main(config: LocalConfig) -> ExitCode {
-    crate::telemetry::init();
-    crate::telemetry::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: failed to start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", error_chain(e.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    crate::serve::run_to_exit(run(config))
 }
 
 async fn run(config: LocalConfig) -> anyhow::Result<()> {
-    // Registered first so a signal during start-up is not lost: it ends the run right after.
-    let mut sigint =
-        signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
-    let mut sigterm =
-        signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
+    // Installed first so a signal during start-up is not lost: it ends the run right after.
+    let shutdown = shutdown_signal();
 
     eprintln!(
         "starting etcd and kube-apiserver in {}",
@@ -78,6 +70,12 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     );
     control_plane::install_crd(&client).await?;
 
+    let mut registry = Registry::with_prefix(crate::serve::METRICS_PREFIX);
+    let controller = Controller::new(ControllerConfig::default(), &mut registry)?;
+    let webhook = start_webhook(&control_plane, client.clone(), registry).await?;
+    let controller = RunningController::start(controller, client.clone());
+    eprintln!("controller running");
+
     let demo = if config.demo {
         Some(start_demo(&control_plane, client.clone()).await?)
     } else {
@@ -88,17 +86,199 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
         "ready: export KUBECONFIG={}",
         control_plane.kubeconfig().display()
     );
-    tokio::select! {
-        _ = sigint.recv() => {}
-        _ = sigterm.recv() => {}
-    }
+    shutdown.await;
     eprintln!("shutting down");
     if let Some(demo) = demo {
         demo.abort();
     }
+    controller.stop().await;
+    webhook.stop().await;
     drop(control_plane);
     eprintln!("stopped");
     Ok(())
+}
+
+/// The in-process controller and how to stop it.
+pub struct RunningController {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), seinode_tls_controller::ControllerError>>,
+}
+
+impl RunningController {
+    /// Runs `controller` on the current runtime until [`RunningController::stop`].
+    pub fn start(controller: Controller, client: kube::Client) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(controller.run(client, async move {
+            let _ = stopped.await;
+        }));
+        Self { stop, task }
+    }
+
+    /// Stops reconciling and waits for the controller to finish.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("controller: {}", error_chain(&e)),
+            Err(e) => eprintln!("controller task failed: {e}"),
+        }
+    }
+}
+
+/// The in-process webhook and how to stop it.
+pub struct RunningWebhook {
+    /// Where the admission endpoints are served.
+    pub https: SocketAddr,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub health: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), seinode_tls_webhook::WebhookError>>,
+}
+
+impl RunningWebhook {
+    /// Stops the webhook gracefully and waits for it.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("webhook: {}", error_chain(&e)),
+            Err(e) => eprintln!("webhook task failed: {e}"),
+        }
+    }
+}
+
+/// Serves the webhook on loopback with a certificate from the control plane's CA, waits until
+/// its caches have synced, registers it with the API server and waits until the API server
+/// calls it.
+pub async fn start_webhook(
+    control_plane: &ControlPlane,
+    client: kube::Client,
+    mut registry: Registry,
+) -> anyhow::Result<RunningWebhook> {
+    let dir = control_plane.dir().join("webhook");
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let serving = control_plane.issue_serving_certificate("seinode-tls-webhook", &["localhost"])?;
+    let (cert_file, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert_file, &serving.cert_pem)
+        .context("failed to write the webhook certificate")?;
+    crate::control_plane::write_private(&key_file, &serving.key_pem)?;
+
+    let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let config = WebhookConfig::new(loopback(0), loopback(0), cert_file, key_file);
+    let webhook = Webhook::bind(config, &mut registry)?;
+    let (https, health) = (webhook.https_addr(), webhook.health_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(webhook.run(client.clone(), Arc::new(registry), async move {
+        let _ = stopped.await;
+    }));
+    let running = RunningWebhook {
+        https,
+        health,
+        stop,
+        task,
+    };
+
+    if let Err(e) = wait_until_ready(health).await {
+        running.stop().await;
+        return Err(e);
+    }
+    let endpoint = Endpoint::Url(format!("https://{https}"));
+    let ca = control_plane.ca().cert_pem();
+    let excluded = ["kube-system".to_owned()];
+    control_plane::apply(
+        &Api::all(client.clone()),
+        &validating_configuration(&endpoint, ca.as_bytes(), &excluded),
+    )
+    .await
+    .context("failed to register the validating webhooks")?;
+    control_plane::apply(
+        &Api::all(client.clone()),
+        &mutating_configuration(&endpoint, ca.as_bytes(), &excluded),
+    )
+    .await
+    .context("failed to register the mutating webhook")?;
+    wait_until_called(client).await?;
+    eprintln!(
+        "webhook serving on https://{https} (health and metrics: http://{health}/readyz, /metrics)"
+    );
+    Ok(running)
+}
+
+/// Polls the webhook's `/readyz` until it answers 200.
+async fn wait_until_ready(health: SocketAddr) -> anyhow::Result<()> {
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if http_status(health, "/readyz").await == Some(200) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "the webhook did not become ready within {TIMEOUT:?} (its caches did not sync)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the API server has picked up the registration: a server-side dry run of a TLS
+/// SeiNode comes back with the mutating webhook's annotation.
+async fn wait_until_called(client: kube::Client) -> anyhow::Result<()> {
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    let nodes: Api<SeiNode> = Api::namespaced(client, DEMO_NAMESPACE);
+    let probe = demo_node("seinode-tls-registration-probe");
+    let params = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(created) = nodes.create(&params, &probe).await
+            && created
+                .annotations()
+                .contains_key(REQUIRED_DNS_NAMES_ANNOTATION)
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("the API server did not start calling the webhook within {TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A TLS-enabled full node named `name` in the demo namespace, naming the demo Secret.
+fn demo_node(name: &str) -> SeiNode {
+    let mut node = SeiNode::new(
+        name,
+        SeiNodeSpec {
+            chain_id: "arctic-1".to_owned(),
+            image: "ghcr.io/sei-protocol/sei:v6.3.0".to_owned(),
+            sidecar: Some(SidecarSpec {
+                tls: Some(SidecarTls {
+                    secret_name: DEMO_SECRET.to_owned(),
+                }),
+                ..SidecarSpec::default()
+            }),
+            full_node: Some(serde_json::json!({})),
+            ..SeiNodeSpec::default()
+        },
+    );
+    node.metadata.namespace = Some(DEMO_NAMESPACE.to_owned());
+    node
+}
+
+/// The status code of a plain HTTP/1.0 GET, or `None` when the server cannot be reached.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
 /// Applies an example TLS Secret (issued for the node's contract) and a SeiNode naming it, and
@@ -144,22 +324,7 @@ async fn start_demo(
         names.join(", ")
     );
 
-    let mut node = SeiNode::new(
-        DEMO_NODE,
-        SeiNodeSpec {
-            chain_id: "arctic-1".to_owned(),
-            image: "ghcr.io/sei-protocol/sei:v6.3.0".to_owned(),
-            sidecar: Some(SidecarSpec {
-                tls: Some(SidecarTls {
-                    secret_name: DEMO_SECRET.to_owned(),
-                }),
-                ..SidecarSpec::default()
-            }),
-            full_node: Some(serde_json::json!({})),
-            ..SeiNodeSpec::default()
-        },
-    );
-    node.metadata.namespace = Some(DEMO_NAMESPACE.to_owned());
+    let node = demo_node(DEMO_NODE);
     let nodes: Api<SeiNode> = Api::namespaced(client, DEMO_NAMESPACE);
     control_plane::apply(&nodes, &node)
         .await

@@ -9,3 +9,15 @@ mod types;
 pub mod validation;
 
 pub use types::*;
+
+/// An error and its causes on one line: "failed to read x: No such file or directory".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -26,10 +26,11 @@ pub const TLS_IMMUTABLE_RULE: &str = "(has(oldSelf.sidecar) && has(oldSelf.sidec
      (has(self.sidecar) && has(self.sidecar.tls)) && \
      (!(has(self.sidecar) && has(self.sidecar.tls)) || self.sidecar.tls == oldSelf.sidecar.tls)";
 
-/// The message of [`TLS_IMMUTABLE_RULE`], shown by `kubectl` after `spec.sidecar.tls: Forbidden:`.
-pub const TLS_IMMUTABLE_MESSAGE: &str = "spec.sidecar.tls is immutable: TLS is fixed when a \
-     SeiNode is created and cannot be added, removed or changed; to change it, delete the SeiNode \
-     and recreate it, keeping its data volume through spec.dataVolume.import.pvcName";
+/// The message of [`TLS_IMMUTABLE_RULE`]; the API server reports it on the field, as
+/// `spec.sidecar.tls: Forbidden: <message>`.
+pub const TLS_IMMUTABLE_MESSAGE: &str = "TLS is fixed when a SeiNode is created: the block cannot \
+     be added, removed or changed; to change it, delete the SeiNode and recreate it, keeping its \
+     data volume through spec.dataVolume.import.pvcName";
 
 /// SeiNodeSpec defines the desired state of a standalone Sei node. Exactly one mode sub-spec
 /// (fullNode, archive, replayer, validator) must be set.
@@ -268,6 +269,10 @@ pub struct SeiNodeStatus {
     /// CurrentImage is the seid image observed running on the owned StatefulSet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_image: Option<String>,
+
+    /// ObservedGeneration is the metadata.generation the controller last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// The machine-readable TLS contract of one node.

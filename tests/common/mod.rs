@@ -115,3 +115,138 @@ pub fn temp_path(prefix: &str) -> std::path::PathBuf {
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()))
 }
+
+/// The webhook of this test binary, serving and registered with its control plane, running on
+/// its own thread and runtime for the life of the binary.
+pub fn webhook() -> &'static WebhookAddrs {
+    static WEBHOOK: OnceLock<WebhookAddrs> = OnceLock::new();
+    WEBHOOK.get_or_init(|| {
+        let cp = control_plane();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            runtime.block_on(async move {
+                let client = cp.client().await.expect("client");
+                let running = seinode_tls::local::start_webhook(cp, client, Default::default())
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("cannot start the webhook: {}", error_chain(e.as_ref()))
+                    });
+                tx.send(WebhookAddrs {
+                    https: running.https,
+                    health: running.health,
+                })
+                .expect("report");
+                // Serve until the test binary exits.
+                std::future::pending::<()>().await;
+                drop(running);
+            });
+        });
+        rx.recv().expect("webhook started")
+    })
+}
+
+/// Where the test webhook listens.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookAddrs {
+    pub https: std::net::SocketAddr,
+    pub health: std::net::SocketAddr,
+}
+
+/// Runs kubectl against the test control plane with `stdin` as its input.
+pub fn kubectl(args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = control_plane()
+        .kubectl()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("kubectl output")
+}
+
+/// Starts this test binary's controller (no leader election) on its own thread and runtime,
+/// once; it reconciles for the life of the binary.
+pub fn controller() {
+    static CONTROLLER: OnceLock<()> = OnceLock::new();
+    CONTROLLER.get_or_init(|| {
+        let cp = control_plane();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            runtime.block_on(async move {
+                let client = cp.client().await.expect("client");
+                let mut registry = prometheus_client::registry::Registry::default();
+                let controller = seinode_tls_controller::Controller::new(
+                    test_controller_config(),
+                    &mut registry,
+                )
+                .expect("controller config");
+                tx.send(()).expect("report");
+                controller
+                    .run(client, std::future::pending())
+                    .await
+                    .expect("controller runs");
+            });
+        });
+        rx.recv().expect("controller started");
+    });
+}
+
+/// The controller configuration the tests use: defaults, with a short expiry warning.
+pub fn test_controller_config() -> seinode_tls_controller::ControllerConfig {
+    seinode_tls_controller::ControllerConfig {
+        cert_expiry_warning: std::time::Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
+/// Plays the kubelet and the StatefulSet controller: reports StatefulSet `name` rolled out and
+/// ready at its current generation.
+pub async fn mark_stateful_set_ready(client: &Client, ns: &str, name: &str) {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use kube::api::{Patch, PatchParams};
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let sts = api.get(name).await.expect("StatefulSet exists");
+    let generation = sts.metadata.generation.unwrap_or(1);
+    let revision = format!("{name}-rev{generation}");
+    let status = serde_json::json!({"status": {
+        "replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1, "currentReplicas": 1,
+        "observedGeneration": generation, "currentRevision": revision, "updateRevision": revision,
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("write StatefulSet status");
+}
+
+/// Polls `get` every 50 ms until `check` accepts its value or `timeout` passes; returns the
+/// last value and whether it was accepted.
+pub async fn poll<T, F, Fut>(
+    timeout: std::time::Duration,
+    mut get: F,
+    check: impl Fn(&T) -> bool,
+) -> (T, bool)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let value = get().await;
+        if check(&value) {
+            return (value, true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return (value, false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,51 @@
+//! Plain configuration of the controller; the CLI converts its flags into this.
+
+use std::time::Duration;
+
+/// seictl sidecar image used when `spec.sidecar.image` is empty: the release upstream's samples pin.
+pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/sei-protocol/seictl@sha256:2cb320dd583000765520293d4e28ecc79fed4432c76760923d3aaa47803a4dbf";
+/// kube-rbac-proxy image that terminates TLS in front of the sidecar.
+pub const DEFAULT_RBAC_PROXY_IMAGE: &str = "quay.io/brancz/kube-rbac-proxy:v0.19.1";
+
+/// Everything the controller needs besides a Kubernetes client.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Cluster DNS domain of the contract.
+    pub cluster_domain: String,
+    /// Warn (event) this long before a node's certificate expires.
+    pub cert_expiry_warning: Duration,
+    /// Sidecar image for nodes that do not set `spec.sidecar.image`.
+    pub sidecar_image: String,
+    /// kube-rbac-proxy image for TLS nodes.
+    pub rbac_proxy_image: String,
+    /// Leader election; `None` reconciles without it (a single replica).
+    pub leader_election: Option<LeaderElection>,
+    /// Name under which events are reported.
+    pub reporter: String,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            cluster_domain: seinode_tls_crds::contract::DEFAULT_CLUSTER_DOMAIN.to_owned(),
+            cert_expiry_warning: Duration::from_secs(7 * 24 * 3600),
+            sidecar_image: DEFAULT_SIDECAR_IMAGE.to_owned(),
+            rbac_proxy_image: DEFAULT_RBAC_PROXY_IMAGE.to_owned(),
+            leader_election: None,
+            reporter: "seinode-tls".to_owned(),
+        }
+    }
+}
+
+/// Where the controller's Lease lives and who this replica is.
+#[derive(Debug, Clone)]
+pub struct LeaderElection {
+    pub lease_name: String,
+    pub lease_namespace: String,
+    /// Unique per replica (the pod name in a cluster).
+    pub identity: String,
+    /// How long a lease is valid without renewal.
+    pub lease_duration: Duration,
+    /// How long before expiry the holder renews.
+    pub renew_grace: Duration,
+}

@@ -1,0 +1,232 @@
+//! Prometheus metrics of the controller.
+//!
+//! Reconcile counters carry only fixed label sets. The per-node TLS figures are computed at
+//! scrape time from what the last reconcile of each node found, so "seconds until expiry" is
+//! exact whenever it is read; they carry the node's namespace and name (a bounded set: one
+//! series per TLS node, dropped when the node goes).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use jiff::Timestamp;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+use seinode_tls_crds::validation::Reason;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReconcileOutcome {
+    success,
+    /// A transient error: retried with backoff.
+    error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: ReconcileOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NodeLabels {
+    namespace: String,
+    seinode: String,
+}
+
+/// What the last reconcile of a TLS node found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeTls {
+    pub reason: Reason,
+    pub not_after: Option<Timestamp>,
+}
+
+/// TLS state per node `(namespace, name)`, shared by the reconciler and the collector.
+#[derive(Debug, Default)]
+pub struct TlsState {
+    nodes: Mutex<HashMap<(String, String), NodeTls>>,
+}
+
+impl TlsState {
+    pub fn set(&self, namespace: &str, name: &str, tls: NodeTls) {
+        self.lock()
+            .insert((namespace.to_owned(), name.to_owned()), tls);
+    }
+
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.lock().remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Keeps only the nodes for which `exists` holds (deleted nodes are never reconciled again).
+    pub fn retain(&self, exists: impl Fn(&str, &str) -> bool) {
+        self.lock().retain(|(ns, name), _| exists(ns, name));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), NodeTls>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug)]
+struct TlsCollector {
+    state: Arc<TlsState>,
+}
+
+impl Collector for TlsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let nodes = self.state.lock().clone();
+        let by_reason = Family::<ReasonLabels, Gauge>::default();
+        for reason in Reason::ALL {
+            by_reason
+                .get_or_create(&ReasonLabels {
+                    reason: reason.as_str().to_owned(),
+                })
+                .set(0);
+        }
+        let expiry = Family::<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let now = Timestamp::now();
+        for ((namespace, seinode), tls) in &nodes {
+            by_reason
+                .get_or_create(&ReasonLabels {
+                    reason: tls.reason.as_str().to_owned(),
+                })
+                .inc();
+            if let Some(not_after) = tls.not_after {
+                let seconds = not_after.duration_since(now).as_secs_f64();
+                expiry
+                    .get_or_create(&NodeLabels {
+                        namespace: namespace.clone(),
+                        seinode: seinode.clone(),
+                    })
+                    .set(seconds);
+            }
+        }
+        let metric = encoder.encode_descriptor(
+            "controller_seinodes_by_tls_reason",
+            "TLS-enabled SeiNodes by the reason of their SidecarTLSSecretReady condition",
+            None,
+            MetricType::Gauge,
+        )?;
+        by_reason.encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "controller_tls_certificate_expiry_seconds",
+            "Seconds until the certificate in each TLS SeiNode's Secret expires (negative once expired)",
+            None,
+            <Gauge<f64, std::sync::atomic::AtomicU64> as TypedMetric>::TYPE,
+        )?;
+        expiry.encode(metric)
+    }
+}
+
+/// The controller's metrics.
+#[derive(Debug)]
+pub struct ControllerMetrics {
+    pub reconciles: Family<OutcomeLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub tls: Arc<TlsState>,
+}
+
+impl ControllerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let reconciles = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "controller_reconciles",
+            "Reconciles of SeiNodes by outcome",
+            reconciles.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "controller_reconcile_duration_seconds",
+            "Time spent in one reconcile of a SeiNode",
+            reconcile_duration.clone(),
+        );
+        let tls = Arc::new(TlsState::default());
+        registry.register_collector(Box::new(TlsCollector { state: tls.clone() }));
+        Self {
+            reconciles,
+            reconcile_duration,
+            tls,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_node_expiry_and_reason_counts_are_computed_at_scrape_time() {
+        let mut registry = Registry::with_prefix("seinode_tls");
+        let metrics = ControllerMetrics::register(&mut registry);
+        let in_a_day = Timestamp::now() + jiff::SignedDuration::from_hours(24);
+        metrics.tls.set(
+            "sei",
+            "rpc",
+            NodeTls {
+                reason: Reason::Ready,
+                not_after: Some(in_a_day),
+            },
+        );
+        metrics.tls.set(
+            "sei",
+            "archive",
+            NodeTls {
+                reason: Reason::NotFound,
+                not_after: None,
+            },
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            text.contains(
+                r#"seinode_tls_controller_seinodes_by_tls_reason{reason="TLSSecretReady"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"seinode_tls_controller_seinodes_by_tls_reason{reason="TLSSecretNotFound"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"seinode_tls_controller_seinodes_by_tls_reason{reason="TLSSecretExpired"} 0"#
+            ),
+            "{text}"
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(r#"seinode_tls_controller_tls_certificate_expiry_seconds{namespace="sei",seinode="rpc"}"#))
+            .unwrap_or_else(|| panic!("{text}"));
+        let seconds: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("a number");
+        assert!((86_000.0..=86_400.0).contains(&seconds), "{seconds}");
+        assert!(
+            !text.contains(r#"seinode="archive""#),
+            "no certificate, no expiry series"
+        );
+
+        metrics.tls.retain(|_, name| name != "rpc");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            !text.contains(r#"seinode="rpc""#),
+            "a deleted node's series goes: {text}"
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! The `SidecarTLSSecretReady` condition and the status bookkeeping around it.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use seinode_tls_crds::SIDECAR_TLS_SECRET_READY;
+use seinode_tls_crds::validation::SecretVerdict;
+
+/// The condition for `verdict`. `lastTransitionTime` is kept from `existing` unless the status
+/// flips; `observedGeneration` is the node's generation.
+pub fn tls_condition(
+    verdict: &SecretVerdict,
+    generation: Option<i64>,
+    existing: Option<&Condition>,
+    now: Timestamp,
+) -> Condition {
+    let status = if verdict.is_ready() { "True" } else { "False" };
+    let last_transition_time = match existing {
+        Some(existing) if existing.status == status => existing.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    Condition {
+        type_: SIDECAR_TLS_SECRET_READY.to_owned(),
+        status: status.to_owned(),
+        reason: verdict.reason.as_str().to_owned(),
+        message: verdict.message.clone(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Whether going from `existing` to `new` is a flip worth an event (including first report).
+pub fn flipped(existing: Option<&Condition>, new: &Condition) -> bool {
+    existing.is_none_or(|existing| existing.status != new.status)
+}
+
+/// Replaces the condition of `condition.type_` in `conditions`, keeping the others.
+pub fn set_condition(conditions: &mut Vec<Condition>, condition: Condition) {
+    match conditions.iter_mut().find(|c| c.type_ == condition.type_) {
+        Some(slot) => *slot = condition,
+        None => conditions.push(condition),
+    }
+}
+
+/// Removes the condition of `type_`.
+pub fn remove_condition(conditions: &mut Vec<Condition>, type_: &str) {
+    conditions.retain(|c| c.type_ != type_);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seinode_tls_crds::validation::Reason;
+
+    fn verdict(reason: Reason) -> SecretVerdict {
+        SecretVerdict {
+            reason,
+            message: format!("{reason} message"),
+            not_after: None,
+            missing_dns_names: vec![],
+        }
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(seconds).expect("valid")
+    }
+
+    #[test]
+    fn condition_is_true_only_when_ready() {
+        let ready = tls_condition(&verdict(Reason::Ready), Some(2), None, at(10));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "TLSSecretReady")
+        );
+        assert_eq!(ready.observed_generation, Some(2));
+        for reason in Reason::ALL.into_iter().filter(|r| !r.is_ready()) {
+            let c = tls_condition(&verdict(reason), Some(2), None, at(10));
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", reason.as_str())
+            );
+            assert_eq!(c.message, format!("{reason} message"));
+        }
+    }
+
+    #[test]
+    fn last_transition_time_moves_only_when_the_status_flips() {
+        let first = tls_condition(&verdict(Reason::NotFound), Some(1), None, at(10));
+        assert_eq!(first.last_transition_time, Time(at(10)));
+        // Another False reason: same status, time kept.
+        let second = tls_condition(
+            &verdict(Reason::SansMismatch),
+            Some(1),
+            Some(&first),
+            at(20),
+        );
+        assert_eq!(second.last_transition_time, Time(at(10)));
+        assert_eq!(second.reason, "TLSSecretSANsMismatch");
+        assert!(!flipped(Some(&first), &second));
+        // False -> True: time moves.
+        let third = tls_condition(&verdict(Reason::Ready), Some(1), Some(&second), at(30));
+        assert_eq!(third.last_transition_time, Time(at(30)));
+        assert!(flipped(Some(&second), &third));
+        assert!(flipped(None, &first), "the first report counts as a flip");
+    }
+
+    #[test]
+    fn set_and_remove_keep_other_conditions() {
+        let other = Condition {
+            type_: "SidecarReady".to_owned(),
+            ..tls_condition(&verdict(Reason::Ready), None, None, at(1))
+        };
+        let mut conditions = vec![other.clone()];
+        set_condition(
+            &mut conditions,
+            tls_condition(&verdict(Reason::NotFound), None, None, at(1)),
+        );
+        set_condition(
+            &mut conditions,
+            tls_condition(&verdict(Reason::Ready), None, None, at(2)),
+        );
+        assert_eq!(conditions.len(), 2);
+        assert_eq!(conditions[1].reason, "TLSSecretReady");
+        remove_condition(&mut conditions, SIDECAR_TLS_SECRET_READY);
+        assert_eq!(conditions, vec![other]);
+    }
+}

@@ -1,0 +1,171 @@
+//! The long-running server commands against a real cluster: `webhook`, `controller` and `run`
+//! (both co-processes in one process, sharing nothing but the API server and the metrics).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures::FutureExt;
+use prometheus_client::registry::Registry;
+use seinode_tls_controller::{Controller, ControllerConfig};
+use seinode_tls_webhook::{Webhook, WebhookConfig};
+
+use crate::offline::error_chain;
+
+/// Prefix of every metric this binary exports.
+pub const METRICS_PREFIX: &str = "seinode_tls";
+
+/// Runs the webhook until SIGINT or SIGTERM.
+pub fn webhook_main(config: WebhookConfig) -> ExitCode {
+    run_to_exit(async move {
+        let client = kube_client().await?;
+        let mut registry = Registry::with_prefix(METRICS_PREFIX);
+        let webhook = Webhook::bind(config, &mut registry)?;
+        webhook
+            .run(client, Arc::new(registry), shutdown_signal())
+            .await?;
+        Ok(())
+    })
+}
+
+/// Runs the controller until SIGINT or SIGTERM, with `/healthz`, `/readyz` and `/metrics` on
+/// `health_addr`.
+pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAddr) -> ExitCode {
+    run_to_exit(async move {
+        let client = kube_client().await?;
+        let mut registry = Registry::with_prefix(METRICS_PREFIX);
+        let controller = Controller::new(config, &mut registry)?;
+        let shutdown = shutdown_signal().shared();
+        let listener = tokio::net::TcpListener::bind(health_addr)
+            .await
+            .with_context(|| format!("failed to bind {health_addr}"))?;
+        let health = axum::serve(listener, health_router(Arc::new(registry)))
+            .with_graceful_shutdown(shutdown.clone());
+        let health = tokio::spawn(async move { health.await });
+        controller.run(client, shutdown).await?;
+        health
+            .await
+            .context("health server task")?
+            .context("health server")?;
+        Ok(())
+    })
+}
+
+/// Runs the webhook and the controller side by side until SIGINT or SIGTERM. Every replica
+/// serves the webhook; with leader election only the leader reconciles.
+pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCode {
+    run_to_exit(async move {
+        let client = kube_client().await?;
+        let mut registry = Registry::with_prefix(METRICS_PREFIX);
+        let webhook = Webhook::bind(webhook, &mut registry)?;
+        let controller = Controller::new(controller, &mut registry)?;
+        let registry = Arc::new(registry);
+        let shutdown = shutdown_signal().shared();
+        // If either co-process fails, stop the other too.
+        let (failed_tx, failed_rx) = tokio::sync::watch::channel(false);
+        let stop = {
+            let shutdown = shutdown.clone();
+            async move {
+                let mut failed_rx = failed_rx;
+                tokio::select! {
+                    () = shutdown => {}
+                    _ = failed_rx.wait_for(|failed| *failed) => {}
+                }
+            }
+            .shared()
+        };
+        let webhook_task = {
+            let (client, registry, stop, failed_tx) = (
+                client.clone(),
+                registry.clone(),
+                stop.clone(),
+                failed_tx.clone(),
+            );
+            tokio::spawn(async move {
+                let result = webhook.run(client, registry, stop).await;
+                let _ = failed_tx.send(result.is_err());
+                result
+            })
+        };
+        let controller_result = controller.run(client, stop).await;
+        if controller_result.is_err() {
+            let _ = failed_tx.send(true);
+        }
+        let webhook_result = webhook_task.await.context("webhook task")?;
+        webhook_result?;
+        controller_result?;
+        Ok(())
+    })
+}
+
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")
+}
+
+/// `/healthz`, `/readyz` and `/metrics` for the controller alone (the webhook has its own,
+/// which also covers the controller's metrics under `run`).
+fn health_router(registry: Arc<Registry>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (axum::http::StatusCode::OK, text),
+                        Err(_) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+                    }
+                }
+            }),
+        )
+}
+
+/// Sets up logging and the runtime, runs `main` and turns its error into exit status 1.
+pub fn run_to_exit(main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    crate::telemetry::init();
+    crate::telemetry::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM. Handlers are installed when this is called, so a
+/// signal that arrives before the future is polled is not lost.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        match (interrupt, terminate) {
+            (Ok(mut interrupt), Ok(mut terminate)) => {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::error!(%error, "failed to install signal handlers; stopping now");
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! With leader election only the Lease holder reconciles, and a follower takes over when the
+//! leader stops. Its own test binary (and so its own control plane).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use prometheus_client::registry::Registry;
+use seinode_tls::local::RunningController;
+use seinode_tls_controller::{Controller, ControllerConfig, LeaderElection};
+use seinode_tls_crds::SeiNode;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn plain_node(ns: &str, name: &str) -> SeiNode {
+    serde_json::from_value(json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {}},
+    }))
+    .unwrap()
+}
+
+fn start(client: &Client, config: ControllerConfig) -> (RunningController, Arc<Registry>) {
+    let mut registry = Registry::default();
+    let controller = Controller::new(config, &mut registry).unwrap();
+    (
+        RunningController::start(controller, client.clone()),
+        Arc::new(registry),
+    )
+}
+
+fn reconciles(registry: &Registry) -> u64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("controller_reconciles_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "ha-leader").await;
+    let lease_name = format!("seinode-tls-{ns}");
+    let config = |identity: &str| ControllerConfig {
+        leader_election: Some(LeaderElection {
+            lease_name: lease_name.clone(),
+            lease_namespace: ns.clone(),
+            identity: identity.to_owned(),
+            lease_duration: Duration::from_secs(4),
+            renew_grace: Duration::from_secs(2),
+        }),
+        ..common::test_controller_config()
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let holder = || async {
+        leases
+            .get_opt(&lease_name)
+            .await
+            .unwrap()
+            .and_then(|l| l.spec?.holder_identity)
+            .unwrap_or_default()
+    };
+
+    let (first, first_metrics) = start(&client, config("first"));
+    let (who, ok) = common::poll(WAIT, holder, |h| h == "first").await;
+    assert!(ok, "first never took the lease (holder {who:?})");
+    let (second, second_metrics) = start(&client, config("second"));
+
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
+    nodes
+        .create(&PostParams::default(), &plain_node(&ns, "one"))
+        .await
+        .unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let (_, acted) = common::poll(
+        WAIT,
+        || async { services.get_opt("one").await.unwrap() },
+        Option::is_some,
+    )
+    .await;
+    assert!(acted, "the leader reconciled the node");
+    assert!(
+        reconciles(&first_metrics) > 0,
+        "the leader counted its reconciles"
+    );
+    assert_eq!(
+        reconciles(&second_metrics),
+        0,
+        "the follower did not reconcile"
+    );
+    assert_eq!(holder().await, "first");
+
+    // The leader stops (releasing the lease); the follower takes over and acts.
+    first.stop().await;
+    let (who, ok) = common::poll(WAIT, holder, |h| h == "second").await;
+    assert!(ok, "second never took the lease (holder {who:?})");
+    nodes
+        .create(&PostParams::default(), &plain_node(&ns, "two"))
+        .await
+        .unwrap();
+    let (_, acted) = common::poll(
+        WAIT,
+        || async { services.get_opt("two").await.unwrap() },
+        Option::is_some,
+    )
+    .await;
+    assert!(acted, "the new leader reconciled the new node");
+    assert!(reconciles(&second_metrics) > 0);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cms.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .all(|c| !c
+                .metadata
+                .name
+                .as_deref()
+                .unwrap_or_default()
+                .ends_with("rbac-proxy-config"))
+    );
+    second.stop().await;
+}

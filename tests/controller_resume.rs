@@ -1,0 +1,100 @@
+//! A restarted controller resumes a recorded plan where it stopped. Its own test binary (and so
+//! its own control plane), so no other controller touches the node.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use prometheus_client::registry::Registry;
+use seinode_tls::local::RunningController;
+use seinode_tls_controller::{Controller, ControllerConfig};
+use seinode_tls_crds::{SeiNode, SeiNodePhase};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn plain_node(ns: &str, name: &str) -> SeiNode {
+    serde_json::from_value(json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {}},
+    }))
+    .unwrap()
+}
+
+fn start(client: &Client, config: ControllerConfig) -> RunningController {
+    let controller = Controller::new(config, &mut Registry::default()).unwrap();
+    RunningController::start(controller, client.clone())
+}
+
+async fn wait_phase(api: &Api<SeiNode>, name: &str, phase: SeiNodePhase) {
+    let (node, ok) = common::poll(
+        WAIT,
+        || async { api.get(name).await.unwrap() },
+        |n| n.status.as_ref().and_then(|s| s.phase) == Some(phase),
+    )
+    .await;
+    assert!(ok, "{name} never reached {phase:?}: {:#?}", node.status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_resumes_the_plan_without_repeating_finished_tasks() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "ha-resume").await;
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
+    nodes
+        .create(&PostParams::default(), &plain_node(&ns, "rpc"))
+        .await
+        .unwrap();
+    // What a controller that stopped after ApplyService left behind in status.
+    let status = json!({"status": {
+        "phase": "Initializing",
+        "observedGeneration": 1,
+        "plan": {"id": "init-1", "phase": "Active", "targetPhase": "Running", "tasks": [
+            {"type": "ApplyService", "status": "Complete"},
+            {"type": "ApplyStatefulSet", "status": "Pending"},
+            {"type": "AwaitStatefulSetReady", "status": "Pending"},
+        ]},
+    }});
+    nodes
+        .patch_status("rpc", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+
+    let controller = start(&client, common::test_controller_config());
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let (_, applied) = common::poll(
+        WAIT,
+        || async { sts.get_opt("rpc").await.unwrap() },
+        Option::is_some,
+    )
+    .await;
+    assert!(applied, "the pending ApplyStatefulSet ran");
+    // ApplyService was recorded Complete, so it did not run again: no Service exists.
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        services.get_opt("rpc").await.unwrap().is_none(),
+        "a finished task was repeated"
+    );
+    common::mark_stateful_set_ready(&client, &ns, "rpc").await;
+    wait_phase(&nodes, "rpc", SeiNodePhase::Running).await;
+    let plan = nodes
+        .get("rpc")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .plan
+        .unwrap();
+    assert_eq!(
+        plan.id, "init-1",
+        "the recorded plan was resumed, not replaced"
+    );
+    controller.stop().await;
+}

@@ -1,0 +1,76 @@
+//! Plain configuration of the webhook; the CLI converts its flags into this.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What happens when a new TLS SeiNode names a Secret that exists but fails the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SecretPolicy {
+    /// Refuse the SeiNode (the default: the node could never start).
+    #[default]
+    Deny,
+    /// Admit it with a warning; the node waits in Pending until the Secret is fixed.
+    Warn,
+}
+
+/// What happens when a change to a TLS Secret would break SeiNodes that use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuardPolicy {
+    /// Admit the change with a warning naming the affected SeiNodes (the default).
+    #[default]
+    Warn,
+    /// Refuse the change.
+    Deny,
+}
+
+/// Everything the webhook needs besides a Kubernetes client.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// HTTPS address of the admission endpoints.
+    pub listen_addr: SocketAddr,
+    /// Plain-HTTP address of `/healthz`, `/readyz` and `/metrics`.
+    pub health_addr: SocketAddr,
+    /// Serving certificate chain (PEM); reloaded when it changes on disk.
+    pub tls_cert_file: PathBuf,
+    /// Serving private key (PEM); reloaded when it changes on disk.
+    pub tls_key_file: PathBuf,
+    pub secret_policy: SecretPolicy,
+    pub guard_policy: GuardPolicy,
+    /// Cluster DNS domain of the contract.
+    pub cluster_domain: String,
+    /// Every admission decision is answered within this time (keep it below the webhook
+    /// configurations' `timeoutSeconds`).
+    pub request_deadline: Duration,
+    /// Requests still in flight at shutdown get this long to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl WebhookConfig {
+    /// A configuration with the defaults of the command line for the given files and addresses.
+    pub fn new(
+        listen_addr: SocketAddr,
+        health_addr: SocketAddr,
+        tls_cert_file: PathBuf,
+        tls_key_file: PathBuf,
+    ) -> Self {
+        Self {
+            listen_addr,
+            health_addr,
+            tls_cert_file,
+            tls_key_file,
+            secret_policy: SecretPolicy::default(),
+            guard_policy: GuardPolicy::default(),
+            cluster_domain: seinode_tls_crds::contract::DEFAULT_CLUSTER_DOMAIN.to_owned(),
+            request_deadline: DEFAULT_REQUEST_DEADLINE,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Default internal deadline: well below the 5-second `timeoutSeconds` the configurations use,
+/// so the API server always gets our answer rather than its own timeout.
+pub const DEFAULT_REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// `timeoutSeconds` of the webhook configurations this project registers.
+pub const WEBHOOK_TIMEOUT_SECONDS: i32 = 5;

@@ -1,0 +1,143 @@
+//! Prometheus metrics of the webhook. Labels come from small fixed sets; never object names.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::admission::{Outcome, WebhookKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum WebhookLabel {
+    validate_seinodes,
+    mutate_seinodes,
+    validate_secrets,
+    floor,
+}
+
+impl From<WebhookKind> for WebhookLabel {
+    fn from(kind: WebhookKind) -> Self {
+        match kind {
+            WebhookKind::ValidateSeiNode => WebhookLabel::validate_seinodes,
+            WebhookKind::MutateSeiNode => WebhookLabel::mutate_seinodes,
+            WebhookKind::GuardSecret => WebhookLabel::validate_secrets,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum OperationLabel {
+    CREATE,
+    UPDATE,
+    DELETE,
+    CONNECT,
+    /// The request could not be read.
+    unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum OutcomeLabel {
+    allowed,
+    warned,
+    patched,
+    denied,
+    /// HTTP 400: malformed, oversized or unsupported request.
+    bad_request,
+}
+
+impl From<Outcome> for OutcomeLabel {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Allowed => OutcomeLabel::allowed,
+            Outcome::AllowedWithWarnings => OutcomeLabel::warned,
+            Outcome::Patched => OutcomeLabel::patched,
+            Outcome::Denied => OutcomeLabel::denied,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub webhook: WebhookLabel,
+    pub operation: OperationLabel,
+    pub outcome: OutcomeLabel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub webhook: WebhookLabel,
+}
+
+/// The webhook's metrics, registered under the registry's prefix.
+#[derive(Debug)]
+pub struct WebhookMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<LatencyLabels, Histogram>,
+    pub serving_cert_not_after: Gauge<i64, AtomicI64>,
+    pub serving_cert_reloads: Family<ReloadLabels, Counter>,
+    pub in_flight: Gauge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: ReloadResult,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadResult {
+    success,
+    failure,
+}
+
+impl WebhookMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "webhook_requests",
+            "Admission requests by webhook, operation and outcome",
+            requests.clone(),
+        );
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
+            // 50 µs to about 1.6 s.
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+        });
+        registry.register(
+            "webhook_request_duration_seconds",
+            "Time from receiving an admission request to answering it",
+            latency.clone(),
+        );
+        let serving_cert_not_after = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "webhook_serving_certificate_not_after_timestamp_seconds",
+            "notAfter of the webhook's serving certificate, as a Unix time",
+            serving_cert_not_after.clone(),
+        );
+        let serving_cert_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "webhook_serving_certificate_reloads",
+            "Reloads of the serving certificate from disk, by result",
+            serving_cert_reloads.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "webhook_requests_in_flight",
+            "Admission requests being handled now",
+            in_flight.clone(),
+        );
+        Self {
+            requests,
+            latency,
+            serving_cert_not_after,
+            serving_cert_reloads,
+            in_flight,
+        }
+    }
+}

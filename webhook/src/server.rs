@@ -1,0 +1,540 @@
+//! HTTP: the admission router (HTTPS, axum over rustls) and the health router (plain HTTP).
+//!
+//! [`admission_router`] and [`health_router`] are public so tests call them directly with
+//! `tower::ServiceExt::oneshot`, without a socket; [`Webhook`] binds and serves them.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use jiff::Timestamp;
+use kube::Client;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use prometheus_client::registry::Registry;
+use thiserror::Error;
+use tracing::Instrument;
+
+use crate::admission::{AdmissionContext, Decision, WebhookKind, decide};
+use crate::cache::{Caches, NodeCache, SecretCache};
+use crate::config::{GuardPolicy, SecretPolicy, WebhookConfig};
+use crate::metrics::{
+    LatencyLabels, OperationLabel, OutcomeLabel, RequestLabels, WebhookLabel, WebhookMetrics,
+};
+use crate::tls::{ServingCertificate, TlsError};
+
+/// Largest AdmissionReview accepted. A Secret is at most 1 MiB; an UPDATE carries it twice,
+/// base64-encoded, plus JSON around it.
+pub const MAX_BODY_BYTES: usize = 6 << 20;
+
+/// The only AdmissionReview version served.
+const ADMISSION_V1: &str = "admission.k8s.io/v1";
+
+/// Paths of the admission endpoints (used by the registrations here, in `local` and the chart).
+pub const VALIDATE_SEINODES_PATH: &str = "/validate/seinodes";
+pub const MUTATE_SEINODES_PATH: &str = "/mutate/seinodes";
+pub const VALIDATE_SECRETS_PATH: &str = "/validate/secrets";
+/// A constant-allow endpoint, only routed when `floor_endpoint` is set (the load benchmark's
+/// baseline: everything but the decision).
+pub const FLOOR_PATH: &str = "/floor";
+
+#[derive(Debug, Error)]
+pub enum WebhookError {
+    #[error("failed to bind {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to load the serving certificate")]
+    Tls(#[from] TlsError),
+    #[error("the {what} server failed")]
+    Serve {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the admission handlers share.
+pub struct AdmissionState {
+    pub secrets: Arc<SecretCache>,
+    pub nodes: NodeCache,
+    pub secret_policy: SecretPolicy,
+    pub guard_policy: GuardPolicy,
+    pub cluster_domain: String,
+    pub request_deadline: Duration,
+    pub metrics: Arc<WebhookMetrics>,
+}
+
+impl AdmissionState {
+    pub fn from_config(
+        config: &WebhookConfig,
+        secrets: Arc<SecretCache>,
+        nodes: NodeCache,
+        metrics: Arc<WebhookMetrics>,
+    ) -> Self {
+        Self {
+            secrets,
+            nodes,
+            secret_policy: config.secret_policy,
+            guard_policy: config.guard_policy,
+            cluster_domain: config.cluster_domain.clone(),
+            request_deadline: config.request_deadline,
+            metrics,
+        }
+    }
+
+    /// Whether the caches have synced, and if not, which.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut waiting = Vec::new();
+        if !self.secrets.is_synced() {
+            waiting.push("Secret cache not synced");
+        }
+        if !self.nodes.is_synced() {
+            waiting.push("SeiNode cache not synced");
+        }
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            Err(waiting.join(", "))
+        }
+    }
+}
+
+// === Routers ===
+
+/// The admission endpoints.
+pub fn admission_router(state: Arc<AdmissionState>, floor_endpoint: bool) -> Router {
+    let route = |kind: WebhookKind| {
+        post(
+            move |State(state): State<Arc<AdmissionState>>, request: Request| {
+                admit(state, kind, request)
+            },
+        )
+    };
+    let mut router = Router::new()
+        .route(VALIDATE_SEINODES_PATH, route(WebhookKind::ValidateSeiNode))
+        .route(MUTATE_SEINODES_PATH, route(WebhookKind::MutateSeiNode))
+        .route(VALIDATE_SECRETS_PATH, route(WebhookKind::GuardSecret));
+    if floor_endpoint {
+        router = router.route(FLOOR_PATH, post(floor));
+    }
+    router.with_state(state)
+}
+
+/// `/healthz` (the process serves), `/readyz` (caches synced; the serving certificate is loaded
+/// before anything is served) and `/metrics`.
+pub fn health_router(state: Arc<AdmissionState>, registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let state = state.clone();
+                async move {
+                    match state.readiness() {
+                        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+                        Err(waiting) => (StatusCode::SERVICE_UNAVAILABLE, waiting),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            text,
+                        )
+                            .into_response(),
+                        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    }
+                }
+            }),
+        )
+}
+
+// === Admission handler ===
+
+/// Reads, decides, answers. A body that is not a v1 AdmissionReview is a 400 with a message;
+/// a decision is always HTTP 200 with the request's uid.
+async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) -> Response {
+    let started = Instant::now();
+    let _in_flight = InFlight::enter(&state.metrics);
+    let webhook = WebhookLabel::from(kind);
+    let span = tracing::info_span!(
+        "admission",
+        webhook = kind.as_str(),
+        uid = tracing::field::Empty,
+        kind = tracing::field::Empty,
+        namespace = tracing::field::Empty,
+        name = tracing::field::Empty,
+        operation = tracing::field::Empty,
+        dry_run = tracing::field::Empty,
+        decision = tracing::field::Empty,
+    );
+    let deadline = state.request_deadline;
+    let result = async {
+        let body = match tokio::time::timeout(deadline, read_body(request.into_body())).await {
+            Ok(body) => body?,
+            Err(_) => {
+                return Err(format!(
+                    "the request body did not arrive within {deadline:?}"
+                ));
+            }
+        };
+        let admission = parse_review(&body)?;
+        let span = tracing::Span::current();
+        span.record("uid", admission.uid.as_str());
+        span.record("kind", admission.kind.kind.as_str());
+        span.record(
+            "namespace",
+            admission.namespace.as_deref().unwrap_or_default(),
+        );
+        span.record("name", admission.name.as_str());
+        span.record("operation", operation_label(&admission.operation));
+        span.record("dry_run", admission.dry_run);
+        let ctx = AdmissionContext {
+            secrets: &state.secrets,
+            nodes: &state.nodes,
+            secret_policy: state.secret_policy,
+            guard_policy: state.guard_policy,
+            cluster_domain: &state.cluster_domain,
+            now: Timestamp::now(),
+        };
+        let decision = decide(kind, &admission, &ctx);
+        span.record("decision", decision.outcome.as_str());
+        if decision.outcome == crate::admission::Outcome::Denied {
+            tracing::info!(message = %decision.response.result.message, "denied");
+        } else {
+            tracing::debug!("admitted");
+        }
+        Ok((operation_of(&admission), decision))
+    }
+    .instrument(span)
+    .await;
+
+    let (operation, outcome, response) = match result {
+        Ok((operation, Decision { response, outcome })) => (
+            operation,
+            OutcomeLabel::from(outcome),
+            review_response(response),
+        ),
+        Err(message) => {
+            tracing::warn!(webhook = kind.as_str(), %message, "bad admission request");
+            (
+                OperationLabel::unknown,
+                OutcomeLabel::bad_request,
+                bad_request(message),
+            )
+        }
+    };
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            webhook,
+            operation,
+            outcome,
+        })
+        .inc();
+    state
+        .metrics
+        .latency
+        .get_or_create(&LatencyLabels { webhook })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Counts a request in `webhook_requests_in_flight` until dropped (also when the client goes
+/// away and the handler is cancelled).
+struct InFlight<'a>(&'a WebhookMetrics);
+
+impl<'a> InFlight<'a> {
+    fn enter(metrics: &'a WebhookMetrics) -> Self {
+        metrics.in_flight.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// The benchmark's floor: read and parse the review exactly like [`admit`], then allow.
+async fn floor(State(state): State<Arc<AdmissionState>>, request: Request) -> Response {
+    let started = Instant::now();
+    let response = match read_body(request.into_body())
+        .await
+        .and_then(|body| parse_review(&body))
+    {
+        Ok(admission) => review_response(AdmissionResponse::from(&admission)),
+        Err(message) => bad_request(message),
+    };
+    state
+        .metrics
+        .latency
+        .get_or_create(&LatencyLabels {
+            webhook: WebhookLabel::floor,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn read_body(body: Body) -> Result<Bytes, String> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            {
+                format!("request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+            } else {
+                format!("failed to read the request body: {e}")
+            }
+        })
+}
+
+fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
+    // The envelope first, so a wrong version is reported as such rather than as a parse error.
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Envelope {
+        api_version: Option<String>,
+        kind: Option<String>,
+    }
+    let envelope: Envelope = serde_json::from_slice(body)
+        .map_err(|e| format!("the body is not a JSON AdmissionReview: {e}"))?;
+    match (envelope.api_version.as_deref(), envelope.kind.as_deref()) {
+        (Some(ADMISSION_V1), Some("AdmissionReview")) => {}
+        (version, kind) => {
+            return Err(format!(
+                "expected kind AdmissionReview in apiVersion {ADMISSION_V1}, got kind {} in apiVersion {}; \
+                 register this webhook with admissionReviewVersions: [v1]",
+                kind.unwrap_or("(none)"),
+                version.unwrap_or("(none)")
+            ));
+        }
+    }
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| format!("malformed AdmissionReview: {e}"))?;
+    let request: AdmissionRequest<DynamicObject> = review
+        .try_into()
+        .map_err(|_| "the AdmissionReview has no request".to_owned())?;
+    if request.uid.is_empty() {
+        return Err("the AdmissionReview request has no uid".to_owned());
+    }
+    Ok(request)
+}
+
+/// The review as JSON, with the patch base64-encoded as the API documents it (kube-core's type
+/// holds the patch as bytes, which serde would write as an array of numbers).
+fn review_response(mut response: AdmissionResponse) -> Response {
+    let patch = response.patch.take();
+    let mut review = match serde_json::to_value(response.into_review()) {
+        Ok(review) => review,
+        Err(e) => return bad_request(format!("failed to encode the response: {e}")),
+    };
+    if let (Some(patch), Some(body)) = (
+        patch,
+        review.get_mut("response").and_then(|r| r.as_object_mut()),
+    ) {
+        body.insert(
+            "patch".to_owned(),
+            serde_json::Value::String(BASE64.encode(patch)),
+        );
+    }
+    axum::Json(review).into_response()
+}
+
+fn bad_request(message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        message + "\n",
+    )
+        .into_response()
+}
+
+fn operation_of<T: kube::Resource>(request: &AdmissionRequest<T>) -> OperationLabel {
+    match request.operation {
+        Operation::Create => OperationLabel::CREATE,
+        Operation::Update => OperationLabel::UPDATE,
+        Operation::Delete => OperationLabel::DELETE,
+        Operation::Connect => OperationLabel::CONNECT,
+    }
+}
+
+fn operation_label(operation: &Operation) -> &'static str {
+    match operation {
+        Operation::Create => "CREATE",
+        Operation::Update => "UPDATE",
+        Operation::Delete => "DELETE",
+        Operation::Connect => "CONNECT",
+    }
+}
+
+// === Serving ===
+
+/// A webhook with its ports bound and its certificate loaded, ready to [`Webhook::run`].
+pub struct Webhook {
+    config: WebhookConfig,
+    metrics: Arc<WebhookMetrics>,
+    certificate: Arc<ServingCertificate>,
+    https: TcpListener,
+    health: TcpListener,
+    floor_endpoint: bool,
+}
+
+impl Webhook {
+    /// Registers metrics, loads the serving certificate and binds both ports.
+    pub fn bind(config: WebhookConfig, registry: &mut Registry) -> Result<Self, WebhookError> {
+        let metrics = Arc::new(WebhookMetrics::register(registry));
+        let certificate = Arc::new(ServingCertificate::load(
+            config.tls_cert_file.clone(),
+            config.tls_key_file.clone(),
+            metrics.clone(),
+        )?);
+        let bind = |addr: SocketAddr| {
+            let listener =
+                TcpListener::bind(addr).map_err(|source| WebhookError::Bind { addr, source })?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|source| WebhookError::Bind { addr, source })?;
+            Ok::<_, WebhookError>(listener)
+        };
+        let https = bind(config.listen_addr)?;
+        let health = bind(config.health_addr)?;
+        Ok(Self {
+            config,
+            metrics,
+            certificate,
+            https,
+            health,
+            floor_endpoint: false,
+        })
+    }
+
+    /// Also route the constant-allow [`FLOOR_PATH`] (for the load benchmark only).
+    pub fn with_floor_endpoint(mut self) -> Self {
+        self.floor_endpoint = true;
+        self
+    }
+
+    /// The metrics the webhook registered (to build an [`AdmissionState`] for [`Webhook::serve`]).
+    pub fn metrics(&self) -> Arc<WebhookMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The configuration it was bound with.
+    pub fn config(&self) -> &WebhookConfig {
+        &self.config
+    }
+
+    /// The bound HTTPS address (useful with port 0).
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https.local_addr().unwrap_or(self.config.listen_addr)
+    }
+
+    /// The bound health address.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health.local_addr().unwrap_or(self.config.health_addr)
+    }
+
+    /// Watches Secrets and SeiNodes, serves until `shutdown` resolves, then drains in-flight
+    /// requests for up to the configured grace period.
+    pub async fn run(
+        self,
+        client: Client,
+        registry: Arc<Registry>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), WebhookError> {
+        let (caches, watch) = Caches::watch(client);
+        let state = Arc::new(AdmissionState::from_config(
+            &self.config,
+            caches.secrets,
+            caches.nodes,
+            self.metrics.clone(),
+        ));
+        self.serve(state, registry, watch, shutdown).await
+    }
+
+    /// Serves with caches the caller feeds (tests, benchmarks).
+    pub async fn serve(
+        self,
+        state: Arc<AdmissionState>,
+        registry: Arc<Registry>,
+        watch: impl Future<Output = ()> + Send + 'static,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), WebhookError> {
+        let handle = axum_server::Handle::new();
+        let grace = self.config.shutdown_grace;
+        let https_addr = self.https_addr();
+        let health_addr = self.health_addr();
+
+        let admission = admission_router(state.clone(), self.floor_endpoint);
+        let https = axum_server::from_tcp_rustls(self.https, self.certificate.rustls_config())
+            .map_err(|source| WebhookError::Serve {
+                what: "admission",
+                source,
+            })?
+            .handle(handle.clone())
+            .serve(admission.into_make_service());
+        let health_listener = tokio::net::TcpListener::from_std(self.health).map_err(|source| {
+            WebhookError::Serve {
+                what: "health",
+                source,
+            }
+        })?;
+        let (health_stop_tx, health_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let health = axum::serve(health_listener, health_router(state, registry))
+            .with_graceful_shutdown(async move {
+                let _ = health_stop_rx.await;
+            });
+
+        let watch_task = tokio::spawn(watch);
+        let reload_task = tokio::spawn(self.certificate.clone().watch());
+        let shutdown_handle = handle.clone();
+        let shutdown_task = tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!(
+                ?grace,
+                "shutting down the webhook; draining in-flight requests"
+            );
+            shutdown_handle.graceful_shutdown(Some(grace));
+        });
+        tracing::info!(%https_addr, %health_addr, "webhook serving");
+
+        let health_task = tokio::spawn(async move { health.await });
+        let result = https.await.map_err(|source| WebhookError::Serve {
+            what: "admission",
+            source,
+        });
+        let _ = health_stop_tx.send(());
+        let _ = health_task.await;
+        watch_task.abort();
+        reload_task.abort();
+        shutdown_task.abort();
+        tracing::info!("webhook stopped");
+        result
+    }
+}

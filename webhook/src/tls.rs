@@ -1,0 +1,212 @@
+//! The serving certificate: loaded from PEM files, TLS 1.2 and 1.3 only, reloaded when the
+//! files change. Kubernetes updates a mounted Secret by swapping a symlink in its directory, so
+//! the directories are watched rather than the files. A bad new pair is logged and counted, and
+//! the last good one keeps serving.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsConfig;
+use notify::{RecursiveMode, Watcher};
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+use x509_parser::prelude::FromDer;
+
+use crate::metrics::{ReloadLabels, ReloadResult, WebhookMetrics};
+
+/// How often the files are re-read even without a change notification (a safety net for
+/// file systems that do not deliver events).
+const POLL_INTERVAL: Duration = Duration::from_secs(30);
+/// Settle time after a change notification: a Secret update touches several entries.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("failed to read {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} holds no PEM CERTIFICATE", .path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)", .path.display())]
+    NoKey { path: PathBuf },
+    #[error("{} does not hold a parsable X.509 certificate", .path.display())]
+    BadCertificate { path: PathBuf },
+    #[error("the serving certificate and key are not usable together")]
+    Rustls(#[source] rustls::Error),
+    #[error("failed to watch {} for certificate changes", .path.display())]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// A loaded serving certificate and the axum-server configuration that serves it.
+pub struct ServingCertificate {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    config: RustlsConfig,
+    /// Hash of the PEM files last loaded, to skip no-op reloads.
+    loaded_hash: AtomicU64,
+    metrics: Arc<WebhookMetrics>,
+}
+
+impl ServingCertificate {
+    /// Loads the pair; fails when it is unusable (nothing to serve yet).
+    pub fn load(
+        cert_file: PathBuf,
+        key_file: PathBuf,
+        metrics: Arc<WebhookMetrics>,
+    ) -> Result<Self, TlsError> {
+        let loaded = load_pair(&cert_file, &key_file)?;
+        metrics.serving_cert_not_after.set(loaded.not_after);
+        Ok(Self {
+            cert_file,
+            key_file,
+            config: RustlsConfig::from_config(loaded.config),
+            loaded_hash: AtomicU64::new(loaded.hash),
+            metrics,
+        })
+    }
+
+    pub fn rustls_config(&self) -> RustlsConfig {
+        self.config.clone()
+    }
+
+    /// Re-reads the files; swaps the served pair when they changed and are good.
+    pub fn reload(&self) {
+        let result = match load_pair(&self.cert_file, &self.key_file) {
+            Ok(loaded) if loaded.hash == self.loaded_hash.load(Ordering::Acquire) => return,
+            Ok(loaded) => {
+                self.config.reload_from_config(loaded.config);
+                self.loaded_hash.store(loaded.hash, Ordering::Release);
+                self.metrics.serving_cert_not_after.set(loaded.not_after);
+                tracing::info!(cert = %self.cert_file.display(), "reloaded the serving certificate");
+                ReloadResult::success
+            }
+            Err(error) => {
+                tracing::error!(error = %seinode_tls_crds::error_chain(&error), "new serving certificate is unusable; keeping the previous one");
+                ReloadResult::failure
+            }
+        };
+        self.metrics
+            .serving_cert_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    /// Watches the files' directories and reloads on change, until the future is dropped.
+    pub async fn watch(self: Arc<Self>) -> Result<(), TlsError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut watcher =
+            notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+                // A full channel already holds a pending reload.
+                let _ = tx.try_send(());
+            })
+            .map_err(|source| TlsError::Watch {
+                path: self.cert_file.clone(),
+                source,
+            })?;
+        for dir in watched_dirs(&self.cert_file, &self.key_file) {
+            watcher
+                .watch(&dir, RecursiveMode::NonRecursive)
+                .map_err(|source| TlsError::Watch {
+                    path: dir.clone(),
+                    source,
+                })?;
+        }
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.tick().await;
+        loop {
+            tokio::select! {
+                event = rx.recv() => {
+                    if event.is_none() {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while rx.try_recv().is_ok() {}
+                }
+                _ = poll.tick() => {}
+            }
+            self.reload();
+        }
+    }
+}
+
+fn watched_dirs(cert: &Path, key: &Path) -> Vec<PathBuf> {
+    let dir = |p: &Path| match p.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut dirs = vec![dir(cert), dir(key)];
+    dirs.dedup();
+    dirs
+}
+
+struct LoadedPair {
+    config: Arc<ServerConfig>,
+    not_after: i64,
+    hash: u64,
+}
+
+fn load_pair(cert_file: &Path, key_file: &Path) -> Result<LoadedPair, TlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let cert_pem = read(cert_file)?;
+    let key_pem = read(key_file)?;
+    let mut hasher = DefaultHasher::new();
+    (&cert_pem, &key_pem).hash(&mut hasher);
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|_| TlsError::NoCertificate {
+            path: cert_file.to_owned(),
+        })?;
+    let Some(leaf) = chain.first() else {
+        return Err(TlsError::NoCertificate {
+            path: cert_file.to_owned(),
+        });
+    };
+    let not_after = x509_parser::certificate::X509Certificate::from_der(leaf)
+        .map(|(_, cert)| cert.validity().not_after.timestamp())
+        .map_err(|_| TlsError::BadCertificate {
+            path: cert_file.to_owned(),
+        })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
+        path: key_file.to_owned(),
+    })?;
+
+    Ok(LoadedPair {
+        config: server_config(chain, key)?,
+        not_after,
+        hash: hasher.finish(),
+    })
+}
+
+/// TLS 1.2 and 1.3 with the ring provider; HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Rustls)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(TlsError::Rustls)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,410 @@
+//! The webhook over a real TLS socket: protocol versions, a real request, certificate rotation
+//! under load (the way Kubernetes updates a mounted Secret), a bad rotation, graceful shutdown.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use seinode_tls_webhook::cache::{NodeCache, SecretCache};
+use seinode_tls_webhook::server::{AdmissionState, VALIDATE_SEINODES_PATH};
+use seinode_tls_webhook::{Webhook, WebhookConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const REVIEW: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{
+  "uid":"0d5c2a4e-7d0b-4e36-9d55-1f7c2d7c1a01",
+  "kind":{"group":"sei.io","version":"v1alpha1","kind":"SeiNode"},
+  "resource":{"group":"sei.io","version":"v1alpha1","resource":"seinodes"},
+  "name":"plain","namespace":"sei","operation":"CREATE","userInfo":{"username":"tester"},
+  "object":{"apiVersion":"sei.io/v1alpha1","kind":"SeiNode","metadata":{"name":"plain","namespace":"sei"},
+            "spec":{"chainId":"arctic-1","image":"sei:v1","fullNode":{}}},
+  "oldObject":null,"dryRun":false}}"#;
+
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "webhook test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Self {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    /// A serving certificate for `localhost`; returns (cert PEM, key PEM, leaf DER).
+    fn issue(&self, serial: u8) -> (String, String, Vec<u8>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("webhook {serial}"));
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+
+    fn client(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.issuer.pem().as_bytes()).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+/// A directory laid out like a mounted Secret: `tls.crt -> ..data/tls.crt`, `..data -> ..<n>`.
+/// Updating it swaps the `..data` symlink atomically, as the kubelet does.
+struct SecretVolume {
+    dir: PathBuf,
+    version: usize,
+}
+
+impl SecretVolume {
+    fn new(cert: &str, key: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "webhook-tls-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut volume = Self { dir, version: 0 };
+        volume.update(cert, key);
+        std::os::unix::fs::symlink("..data/tls.crt", volume.dir.join("tls.crt")).unwrap();
+        std::os::unix::fs::symlink("..data/tls.key", volume.dir.join("tls.key")).unwrap();
+        volume
+    }
+
+    fn update(&mut self, cert: &str, key: &str) {
+        self.version += 1;
+        let version_dir = format!("..{}", self.version);
+        std::fs::create_dir(self.dir.join(&version_dir)).unwrap();
+        std::fs::write(self.dir.join(&version_dir).join("tls.crt"), cert).unwrap();
+        std::fs::write(self.dir.join(&version_dir).join("tls.key"), key).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&version_dir, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        if self.version > 1 {
+            std::fs::remove_dir_all(self.dir.join(format!("..{}", self.version - 1))).unwrap();
+        }
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.join("tls.crt")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.join("tls.key")
+    }
+}
+
+impl Drop for SecretVolume {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), seinode_tls_webhook::WebhookError>>,
+}
+
+fn start(cert: &Path, key: &Path) -> Server {
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let mut config = WebhookConfig::new(loopback, loopback, cert.to_owned(), key.to_owned());
+    config.shutdown_grace = Duration::from_secs(5);
+    let mut registry = Registry::default();
+    let webhook = Webhook::bind(config, &mut registry).expect("bind");
+    let addr = webhook.https_addr();
+    let secrets = Arc::new(SecretCache::new());
+    secrets.mark_synced();
+    let (reader, _writer) = kube::runtime::reflector::store();
+    let nodes = NodeCache::new(reader);
+    nodes.mark_synced();
+    let state = Arc::new(AdmissionState::from_config(
+        webhook.config(),
+        secrets,
+        nodes,
+        webhook.metrics(),
+    ));
+    let registry = Arc::new(registry);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(webhook.serve(
+        state,
+        registry.clone(),
+        std::future::pending(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Server {
+        addr,
+        registry,
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// One request on a fresh TLS connection: (HTTP status, response body, served leaf DER).
+async fn request(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> Result<(u16, String, Vec<u8>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    let head = format!(
+        "POST {VALIDATE_SEINODES_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{REVIEW}",
+        REVIEW.len()
+    );
+    tls.write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    tls.read_to_end(&mut response)
+        .await
+        .map_err(|e| e.to_string())?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status: {response}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body, leaf))
+}
+
+fn metrics_text(registry: &Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_over_tls_1_2_and_1_3() {
+    let ca = Ca::new();
+    let (cert, key, leaf) = ca.issue(1);
+    let volume = SecretVolume::new(&cert, &key);
+    let server = start(&volume.cert(), &volume.key());
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let (status, body, served) = request(&ca.client(&[version]), server.addr)
+            .await
+            .expect("request");
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains(r#""uid":"0d5c2a4e-7d0b-4e36-9d55-1f7c2d7c1a01""#),
+            "{body}"
+        );
+        assert!(body.contains(r#""allowed":true"#), "{body}");
+        assert_eq!(served, leaf);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_certificate_under_load_fails_no_request_and_serves_the_new_one() {
+    let ca = Ca::new();
+    let (cert_a, key_a, leaf_a) = ca.issue(1);
+    let (cert_b, key_b, leaf_b) = ca.issue(2);
+    let mut volume = SecretVolume::new(&cert_a, &key_a);
+    let server = Arc::new(start(&volume.cert(), &volume.key()));
+
+    // Clients keep sending, each request on a new connection so it sees the current certificate.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let served_b = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (connector, addr) = (
+            ca.client(&[&rustls::version::TLS13, &rustls::version::TLS12]),
+            server.addr,
+        );
+        let (stop, failures, served_b, sent, leaf_b) = (
+            stop.clone(),
+            failures.clone(),
+            served_b.clone(),
+            sent.clone(),
+            leaf_b.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            // Bounded: at most 20 s or 20 000 requests per client.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                match request(&connector, addr).await {
+                    Ok((200, body, leaf)) if body.contains(r#""allowed":true"#) => {
+                        if leaf == leaf_b {
+                            served_b.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok((status, body, _)) => {
+                        failures.lock().unwrap().push(format!("{status}: {body}"))
+                    }
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+            }
+        }));
+    }
+
+    let wait = |what: &str, condition: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("requests on the first certificate", &|| {
+        sent.load(Ordering::Relaxed) > 20
+    });
+    volume.update(&cert_b, &key_b);
+    wait("the new certificate to be served", &|| {
+        served_b.load(Ordering::Relaxed) > 20
+    });
+
+    // A bad pair (certificate B with key A) is refused; B keeps serving.
+    volume.update(&cert_b, &key_a);
+    wait("the failed reload to be counted", &|| {
+        metrics_text(&server.registry)
+            .contains(r#"webhook_serving_certificate_reloads_total{result="failure"} 1"#)
+    });
+    let before = served_b.load(Ordering::Relaxed);
+    wait("more requests after the bad pair", &|| {
+        served_b.load(Ordering::Relaxed) > before + 20
+    });
+
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        sent.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    let (_, _, served) = request(&ca.client(&[&rustls::version::TLS13]), server.addr)
+        .await
+        .unwrap();
+    assert_ne!(served, leaf_a, "the old certificate is no longer served");
+    assert_eq!(served, leaf_b);
+    let text = metrics_text(&server.registry);
+    assert!(
+        text.contains(r#"webhook_serving_certificate_reloads_total{result="success"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_the_request_in_flight_and_refuses_new_connections() {
+    let ca = Ca::new();
+    let (cert, key, _) = ca.issue(1);
+    let volume = SecretVolume::new(&cert, &key);
+    let mut server = start(&volume.cert(), &volume.key());
+    let connector = ca.client(&[&rustls::version::TLS13]);
+
+    // A request in flight: headers and half of the body sent.
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let head = format!(
+        "POST {VALIDATE_SEINODES_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        REVIEW.len()
+    );
+    let (first, rest) = REVIEW.split_at(REVIEW.len() / 2);
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(first.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics_text(&server.registry).contains("webhook_requests_in_flight 1") {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the handler"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    server.stop.take().unwrap().send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while request(&connector, server.addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "still accepting new connections after shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    tls.write_all(rest.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tls.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains(r#""allowed":true"#), "{response}");
+
+    let result = tokio::time::timeout(Duration::from_secs(10), server.task)
+        .await
+        .expect("stops in time");
+    assert!(result.unwrap().is_ok());
+}
+
+#[test]
+fn an_unusable_serving_certificate_is_a_clear_error_at_start() {
+    let ca = Ca::new();
+    let (cert, _, _) = ca.issue(1);
+    let (_, other_key, _) = ca.issue(2);
+    let volume = SecretVolume::new(&cert, &other_key);
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let config = WebhookConfig::new(loopback, loopback, volume.cert(), volume.key());
+    let err = match Webhook::bind(config, &mut Registry::default()) {
+        Ok(_) => panic!("a mismatched pair must not load"),
+        Err(e) => seinode_tls_crds::error_chain(&e),
+    };
+    assert!(
+        err.contains("failed to load the serving certificate"),
+        "{err}"
+    );
+    assert!(err.contains("not usable together"), "{err}");
+}
