@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta};
@@ -325,26 +326,76 @@ async fn start_demo(
     );
 
     let node = demo_node(DEMO_NODE);
-    let nodes: Api<SeiNode> = Api::namespaced(client, DEMO_NAMESPACE);
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
     control_plane::apply(&nodes, &node)
         .await
         .context("failed to apply the demo SeiNode")?;
     eprintln!("demo: applied SeiNode {DEMO_NAMESPACE}/{DEMO_NODE}");
 
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
     Ok(tokio::spawn(async move {
-        let config = watcher::Config::default().fields(&format!("metadata.name={DEMO_NODE}"));
-        let mut last = String::new();
-        let mut events = watcher::watcher(nodes, config).boxed();
-        while let Some(event) = events.next().await {
-            if let Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) = event {
-                let line = describe(&node);
-                if line != last {
-                    eprintln!("demo: {line}");
-                    last = line;
+        let by_name = || watcher::Config::default().fields(&format!("metadata.name={DEMO_NODE}"));
+        let progress = async {
+            let mut last = String::new();
+            let mut events = watcher::watcher(nodes, by_name()).boxed();
+            while let Some(event) = events.next().await {
+                if let Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) = event {
+                    let line = describe(&node);
+                    if line != last {
+                        eprintln!("demo: {line}");
+                        last = line;
+                    }
                 }
             }
-        }
+        };
+        // There is no kubelet here: play it for the demo node, so its plan can finish.
+        let kubelet = async {
+            let mut events = watcher::watcher(sets.clone(), by_name()).boxed();
+            while let Some(event) = events.next().await {
+                if let Ok(watcher::Event::Apply(sts) | watcher::Event::InitApply(sts)) = event
+                    && !seinode_tls_controller::resources::stateful_set_ready(&sts)
+                {
+                    eprintln!(
+                        "demo: no kubelet here; reporting StatefulSet {DEMO_NAMESPACE}/{DEMO_NODE} ready as one would"
+                    );
+                    if let Err(e) =
+                        mark_stateful_set_ready(&client, DEMO_NAMESPACE, DEMO_NODE).await
+                    {
+                        eprintln!("demo: {}", error_chain(e.as_ref()));
+                    }
+                }
+            }
+        };
+        futures::future::join(progress, kubelet).await;
     }))
+}
+
+/// Plays the kubelet and the StatefulSet controller, which `local` and the tests do not have:
+/// reports StatefulSet `namespace/name` rolled out with one ready replica at its generation.
+pub async fn mark_stateful_set_ready(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let sts = api
+        .get(name)
+        .await
+        .with_context(|| format!("failed to read StatefulSet {namespace}/{name}"))?;
+    let generation = sts.metadata.generation.unwrap_or(1);
+    let revision = format!("{name}-rev{generation}");
+    let status = serde_json::json!({"status": {
+        "replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1, "currentReplicas": 1,
+        "observedGeneration": generation, "currentRevision": revision, "updateRevision": revision,
+    }});
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .with_context(|| format!("failed to write the status of StatefulSet {namespace}/{name}"))?;
+    Ok(())
 }
 
 /// One line on a node's progress: phase and TLS condition.

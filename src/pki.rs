@@ -26,6 +26,11 @@ impl PkiError {
     }
 }
 
+/// Lifetime of issued leaf certificates, like a typical cert-manager Certificate.
+const LEAF_VALIDITY_DAYS: i64 = 90;
+/// Lifetime of the CA.
+const CA_VALIDITY_DAYS: i64 = 3650;
+
 /// A certificate and its private key, PEM-encoded.
 #[derive(Clone)]
 pub struct Issued {
@@ -69,6 +74,9 @@ impl CertificateAuthority {
             .distinguished_name
             .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(CA_VALIDITY_DAYS);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -105,6 +113,10 @@ impl CertificateAuthority {
         for ip in spec.ip_addresses {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
         }
+        // Realistic lifetimes (rcgen's default runs to the year 4096).
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(LEAF_VALIDITY_DAYS);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if spec.server {
             params

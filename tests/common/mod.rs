@@ -209,20 +209,9 @@ pub fn test_controller_config() -> seinode_tls_controller::ControllerConfig {
     }
 }
 
-/// Plays the kubelet and the StatefulSet controller: reports StatefulSet `name` rolled out and
-/// ready at its current generation.
+/// Plays the kubelet: reports StatefulSet `name` rolled out and ready at its generation.
 pub async fn mark_stateful_set_ready(client: &Client, ns: &str, name: &str) {
-    use k8s_openapi::api::apps::v1::StatefulSet;
-    use kube::api::{Patch, PatchParams};
-    let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    let sts = api.get(name).await.expect("StatefulSet exists");
-    let generation = sts.metadata.generation.unwrap_or(1);
-    let revision = format!("{name}-rev{generation}");
-    let status = serde_json::json!({"status": {
-        "replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1, "currentReplicas": 1,
-        "observedGeneration": generation, "currentRevision": revision, "updateRevision": revision,
-    }});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+    seinode_tls::local::mark_stateful_set_ready(client, ns, name)
         .await
         .expect("write StatefulSet status");
 }
