@@ -62,8 +62,8 @@ pub enum ControlPlaneError {
     )]
     Build { script: PathBuf, status: ExitStatus },
     #[error(
-        "{} has no executable {name}; set {BIN_DIR_ENV} to a directory with etcd, kube-apiserver \
-         and kubectl, or unset it to build them", .dir.display()
+        "{} has no executable {name}; set {BIN_DIR_ENV} to a directory with etcd, kube-apiserver, \
+         kubectl and helm, or unset it to build them", .dir.display()
     )]
     MissingBinary { dir: PathBuf, name: &'static str },
     #[error(
@@ -126,6 +126,8 @@ pub struct Binaries {
     pub etcd: PathBuf,
     pub kube_apiserver: PathBuf,
     pub kubectl: PathBuf,
+    /// Renders and lints the chart in tests.
+    pub helm: PathBuf,
 }
 
 impl Binaries {
@@ -157,6 +159,7 @@ impl Binaries {
             etcd: find("etcd")?,
             kube_apiserver: find("kube-apiserver")?,
             kubectl: find("kubectl")?,
+            helm: find("helm")?,
         })
     }
 }

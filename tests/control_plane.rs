@@ -25,6 +25,7 @@ fn binaries_with_fake_apiserver(dir: &Path, script: &str) -> Binaries {
     std::fs::create_dir_all(dir).unwrap();
     std::os::unix::fs::symlink(&real.etcd, dir.join("etcd")).unwrap();
     std::os::unix::fs::symlink(&real.kubectl, dir.join("kubectl")).unwrap();
+    std::os::unix::fs::symlink(&real.helm, dir.join("helm")).unwrap();
     let fake = dir.join("kube-apiserver");
     std::fs::write(&fake, format!("#!/bin/sh\n{script}\n")).unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();

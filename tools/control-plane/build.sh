@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kubectl and etcd from Go modules into a cache outside the repo and
-# prints the directory that holds them. Reuses a complete earlier build. The first build
-# compiles Kubernetes from source: expect 10-25 minutes on two cores.
+# Builds kube-apiserver, kubectl and etcd (this module) and helm (../helm, for the chart tests)
+# from Go modules into a cache outside the repo and prints the directory that holds them.
+# Reuses a complete earlier build. The first build compiles Kubernetes and Helm from source:
+# expect about 5-10 minutes on two cores.
 #
 #   SEINODE_TLS_CACHE_DIR   cache root (default: ${XDG_CACHE_HOME:-~/.cache}/seinode-tls)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 version="$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes \(v[^ ]*\).*/\1/p' "$here/go.mod")"
-sum="$(cat "$here/go.mod" "$here/go.sum" "$here/etcd/main.go" "$0" | sha256sum | cut -c1-12)"
+helm_dir="$(cd "$here/../helm" && pwd)"
+sum="$(cat "$here/go.mod" "$here/go.sum" "$here/etcd/main.go" "$helm_dir/go.mod" "$helm_dir/go.sum" "$0" | sha256sum | cut -c1-12)"
 cache_root="${SEINODE_TLS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/seinode-tls}"
 out="$cache_root/control-plane/${version}-${sum}"
 
 reuse_if_built() {
-  if [[ -x "$out/kube-apiserver" && -x "$out/kubectl" && -x "$out/etcd" ]]; then
+  if [[ -x "$out/kube-apiserver" && -x "$out/kubectl" && -x "$out/etcd" && -x "$out/helm" ]]; then
     echo "$out"
     exit 0
   fi
@@ -30,7 +32,7 @@ if ! command -v go >/dev/null 2>&1; then
   exit 1
 fi
 
-echo "building kube-apiserver, kubectl and etcd ${version} into ${out}" >&2
+echo "building kube-apiserver, kubectl, etcd ${version} and helm into ${out}" >&2
 echo "(first build compiles Kubernetes from source; this takes many minutes)" >&2
 tmp="$(mktemp -d "${cache_root}/control-plane/.build-XXXXXX")"
 chmod 755 "$tmp"
@@ -51,6 +53,9 @@ for target in k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
   go build -ldflags "$ldflags" -o "$tmp/$name" "$target"
   echo "  built ${name} ($((SECONDS - start))s so far)" >&2
 done
+echo "  go build helm ..." >&2
+(cd "$helm_dir" && go build -ldflags "-s -w" -o "$tmp/helm" helm.sh/helm/v4/cmd/helm)
+echo "  built helm ($((SECONDS - start))s so far)" >&2
 mkdir -p "$(dirname "$out")"
 rm -rf "$out"
 mv "$tmp" "$out"

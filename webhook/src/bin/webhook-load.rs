@@ -70,7 +70,7 @@ struct Args {
     #[arg(long, env = "WEBHOOK_LOAD_MAX_REQUESTS", default_value_t = 1_000_000)]
     max_requests: u64,
     /// Measured phases per endpoint; they alternate floor, validate, floor, validate, ...
-    #[arg(long, env = "WEBHOOK_LOAD_ROUNDS", default_value_t = 2)]
+    #[arg(long, env = "WEBHOOK_LOAD_ROUNDS", default_value_t = 4)]
     rounds: u32,
     /// Log filter of the in-process webhook; `info` is what `seinode-tls webhook` runs with,
     /// so the request span costs what it costs in production. `off` removes the subscriber.
@@ -126,11 +126,13 @@ fn run(args: &Args) -> anyhow::Result<Summary> {
         .thread_name("load-client")
         .build()
         .context("failed to start the client runtime")?;
+    let load_before = load_average();
     let report = client.block_on(drive(args, &pki, server.addr, reviews.clone()));
+    let load_after = load_average();
     drop(client);
     server.stop()?;
     let report = report?;
-    report.print(args, &reviews);
+    report.print(args, &reviews, [&load_before, &load_after]);
     Ok(Summary {
         errors: report.floor.errors + report.validate.errors,
     })
@@ -797,7 +799,7 @@ async fn tls_version(
 // === Output ===
 
 impl Report {
-    fn print(&self, args: &Args, reviews: &Reviews) {
+    fn print(&self, args: &Args, reviews: &Reviews, [load_before, load_after]: [&str; 2]) {
         let cores = std::thread::available_parallelism().map_or(0, usize::from);
         println!(
             "webhook-load: {} keep-alive HTTP/1.1 connections over {}, AdmissionReview of {} bytes \
@@ -818,6 +820,7 @@ impl Report {
             "  client and server in one process on {cores} cores, each with its own runtime of {cores} workers: \
              they compete for the same CPUs"
         );
+        println!("  load average (1, 5, 15 min) before {load_before}, after {load_after}");
         println!();
         let header = format!(
             "{:<10} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -877,6 +880,19 @@ impl Report {
             "errors": {"validate": self.validate.errors, "floor": self.floor.errors},
         })
     }
+}
+
+/// The machine's load average, to judge how much other work skewed a run.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".to_owned(),
+        |text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
 }
 
 fn verdict(met: bool) -> &'static str {

@@ -1,0 +1,450 @@
+//! The Helm chart against a real API server: it renders (with Helm itself), lints, and applies
+//! with a server-side dry run; its RBAC allows exactly what the code does (proven by running the
+//! controller and the webhook's caches as the chart's ServiceAccount, and by `kubectl auth can-i`
+//! for what must stay denied); its admission policy reserves `seinodes/status` for the controller.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use prometheus_client::registry::Registry;
+use seinode_tls::local::RunningController;
+use seinode_tls::pki::{CertificateAuthority, LeafSpec};
+use seinode_tls_controller::{Controller, LeaderElection};
+use seinode_tls_crds::{SeiNode, SeiNodePhase};
+use serde_json::json;
+
+/// Release name and namespace of the chart in these tests.
+const RELEASE: &str = "seinode-tls";
+const RELEASE_NS: &str = "seinode-tls-system";
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:seinode-tls-system:seinode-tls";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn chart_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/seinode-tls")
+}
+
+fn helm(args: &[&str]) -> Output {
+    let bin = &common::control_plane().binaries().helm;
+    let home = std::env::temp_dir().join(format!("helm-home-{}", std::process::id()));
+    Command::new(bin)
+        .args(args)
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run helm")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Values for the "own certificate" mode: no cert-manager, a Secret and CA bundle we supply.
+fn own_cert_values() -> Vec<String> {
+    let ca = CertificateAuthority::new("chart test CA").unwrap();
+    let ca_file = std::env::temp_dir().join(format!("chart-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    vec![
+        "--set".into(),
+        "tls.certManager.enabled=false".into(),
+        "--set".into(),
+        "tls.secretName=seinode-tls-webhook".into(),
+        "--set-file".into(),
+        format!("tls.caBundle={}", ca_file.display()),
+    ]
+}
+
+fn render(extra: &[String]) -> String {
+    let chart = chart_dir();
+    let mut args = vec![
+        "template",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "--namespace",
+        RELEASE_NS,
+        "--include-crds",
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    let out = helm(&args);
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// The rendered documents of the given kinds.
+fn documents_of(rendered: &str, kinds: &[&str]) -> String {
+    rendered
+        .split("\n---")
+        .filter(|doc| {
+            kinds
+                .iter()
+                .any(|k| doc.contains(&format!("\nkind: {k}\n")))
+        })
+        .map(|doc| format!("---{doc}\n"))
+        .collect()
+}
+
+/// Open-schema stand-ins for the CRDs of cert-manager and the Prometheus Operator, so the
+/// chart's optional objects can be dry-run applied here.
+fn install_stub_crds() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let mut yaml = String::new();
+        for (group, kind, plural) in [
+            ("cert-manager.io", "Certificate", "certificates"),
+            ("cert-manager.io", "Issuer", "issuers"),
+            ("monitoring.coreos.com", "ServiceMonitor", "servicemonitors"),
+            ("monitoring.coreos.com", "PrometheusRule", "prometheusrules"),
+        ] {
+            yaml.push_str(&format!(
+                "---\napiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: {plural}.{group}\n\
+                 spec:\n  group: {group}\n  scope: Namespaced\n  names: {{kind: {kind}, plural: {plural}}}\n  versions:\n  \
+                 - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        \
+                 x-kubernetes-preserve-unknown-fields: true\n"
+            ));
+        }
+        let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        for crd in ["certificates.cert-manager.io", "servicemonitors.monitoring.coreos.com"] {
+            let out = common::kubectl(&["wait", "--for=condition=Established", &format!("crd/{crd}"), "--timeout=30s"], "");
+            assert!(out.status.success(), "{}", text(&out.stderr));
+        }
+    });
+}
+
+fn ensure_namespace(ns: &str) {
+    let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n");
+    let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Installs, for real, the chart's ServiceAccount, RBAC and status policy (not the Deployment:
+/// there is no kubelet), once per test binary; waits until the policy is enforced.
+fn install_rbac_and_policy() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        ensure_namespace(RELEASE_NS);
+        let rendered = render(&own_cert_values());
+        let objects = documents_of(
+            &rendered,
+            &[
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
+            ],
+        );
+        let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &objects);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    });
+}
+
+/// A client that acts as the chart's ServiceAccount (impersonation by the admin).
+async fn service_account_client() -> Client {
+    seinode_tls::telemetry::install_crypto_provider();
+    let kubeconfig = Kubeconfig::read_from(common::control_plane().kubeconfig()).unwrap();
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.auth_info.impersonate = Some(SERVICE_ACCOUNT.to_owned());
+    Client::try_from(config).unwrap()
+}
+
+fn can_i(args: &[&str]) -> bool {
+    let mut all = vec!["auth", "can-i"];
+    all.extend_from_slice(args);
+    let as_sa = format!("--as={SERVICE_ACCOUNT}");
+    all.push(&as_sa);
+    let out = common::kubectl(&all, "");
+    text(&out.stdout).trim() == "yes"
+}
+
+#[test]
+fn the_chart_lints_and_renders_with_helm() {
+    for values in [vec![], own_cert_values()] {
+        let mut args = vec!["lint".to_owned(), chart_dir().to_str().unwrap().to_owned()];
+        args.extend(values.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = helm(&args);
+        assert!(
+            out.status.success(),
+            "helm lint: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    let rendered = render(&[]);
+    for kind in [
+        "CustomResourceDefinition",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "ValidatingWebhookConfiguration",
+        "MutatingWebhookConfiguration",
+        "Certificate",
+        "Issuer",
+        "ValidatingAdmissionPolicy",
+    ] {
+        assert!(
+            rendered.contains(&format!("\nkind: {kind}\n")),
+            "renders a {kind}"
+        );
+    }
+    assert!(rendered.contains("cert-manager.io/inject-ca-from: seinode-tls-system/seinode-tls"));
+    assert!(
+        rendered.contains("failurePolicy: Ignore"),
+        "the Secret guard fails open"
+    );
+    assert!(
+        rendered.contains("readOnlyRootFilesystem: true")
+            && rendered.contains("runAsNonRoot: true")
+    );
+    // The chart's CRD is the generated one.
+    let crd = std::fs::read_to_string(chart_dir().join("crds/sei.io_seinodes.yaml")).unwrap();
+    assert_eq!(crd, seinode_tls_crds::crd::crd_yaml().unwrap());
+}
+
+#[test]
+fn the_rendered_chart_applies_with_a_server_side_dry_run_in_both_certificate_modes() {
+    install_stub_crds();
+    ensure_namespace(RELEASE_NS);
+    let monitoring = [
+        "--set",
+        "monitoring.serviceMonitor.enabled=true",
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+    ];
+    for mut values in [vec![], own_cert_values()] {
+        values.extend(monitoring.iter().map(|s| (*s).to_owned()));
+        let rendered = render(&values);
+        let out = common::kubectl(
+            &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+            &rendered,
+        );
+        assert!(
+            out.status.success(),
+            "dry run failed: {}\n{}",
+            text(&out.stderr),
+            text(&out.stdout)
+        );
+        let stdout = text(&out.stdout);
+        for object in [
+            "deployment.apps/seinode-tls",
+            "validatingwebhookconfiguration",
+            "prometheusrule",
+        ] {
+            assert!(stdout.contains(object), "{object} in {stdout}");
+        }
+    }
+}
+
+#[test]
+fn the_service_account_may_do_exactly_what_the_code_does() {
+    install_rbac_and_policy();
+    let allowed: &[&[&str]] = &[
+        &["get", "seinodes.sei.io", "-A"],
+        &["list", "seinodes.sei.io", "-A"],
+        &["watch", "seinodes.sei.io", "-A"],
+        &["patch", "seinodes.sei.io", "--subresource=status", "-A"],
+        &["get", "secrets", "-A"],
+        &["list", "secrets", "-A"],
+        &["watch", "secrets", "-A"],
+        &["create", "configmaps", "-A"],
+        &["patch", "services", "-A"],
+        &["watch", "services", "-A"],
+        &["create", "statefulsets.apps", "-A"],
+        &["patch", "statefulsets.apps", "-A"],
+        &["get", "statefulsets.apps", "-A"],
+        &["create", "events.events.k8s.io", "-A"],
+        &["patch", "events.events.k8s.io", "-A"],
+        &["get", "leases.coordination.k8s.io", "-n", RELEASE_NS],
+        &["create", "leases.coordination.k8s.io", "-n", RELEASE_NS],
+        &["patch", "leases.coordination.k8s.io", "-n", RELEASE_NS],
+    ];
+    for args in allowed {
+        assert!(can_i(args), "the chart must allow: {}", args.join(" "));
+    }
+    let denied: &[&[&str]] = &[
+        &["create", "secrets", "-A"],
+        &["update", "secrets", "-A"],
+        &["patch", "secrets", "-A"],
+        &["delete", "secrets", "-A"],
+        &["create", "seinodes.sei.io", "-A"],
+        &["update", "seinodes.sei.io", "-A"],
+        &["delete", "seinodes.sei.io", "-A"],
+        &["delete", "statefulsets.apps", "-A"],
+        &["get", "pods", "-A"],
+        &["create", "deployments.apps", "-A"],
+        &["get", "leases.coordination.k8s.io", "-n", "kube-system"],
+        &["create", "clusterroles.rbac.authorization.k8s.io"],
+    ];
+    for args in denied {
+        assert!(!can_i(args), "the chart must not allow: {}", args.join(" "));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_and_the_webhook_caches_work_as_the_service_account() {
+    install_rbac_and_policy();
+    let admin = common::client().await;
+    let sa = service_account_client().await;
+
+    // The webhook's caches sync (list/watch of Secrets and SeiNodes).
+    let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(sa.clone());
+    let watch = tokio::spawn(watch);
+    let (_, synced) = common::poll(WAIT, || async { caches.is_synced() }, |s| *s).await;
+    assert!(
+        synced,
+        "the webhook's caches did not sync as the ServiceAccount"
+    );
+    watch.abort();
+
+    // The controller, with leader election in the release namespace, takes a TLS node to Running.
+    let config = seinode_tls_controller::ControllerConfig {
+        leader_election: Some(LeaderElection {
+            lease_name: "seinode-tls".to_owned(),
+            lease_namespace: RELEASE_NS.to_owned(),
+            identity: "chart-test".to_owned(),
+            lease_duration: Duration::from_secs(10),
+            renew_grace: Duration::from_secs(3),
+        }),
+        ..common::test_controller_config()
+    };
+    let controller = RunningController::start(
+        Controller::new(config, &mut Registry::default()).unwrap(),
+        sa.clone(),
+    );
+
+    let ns = common::namespace(&admin, "chart-sa").await;
+    let dns = [
+        format!("rpc.{ns}.svc.cluster.local"),
+        format!("rpc-0.rpc.{ns}.svc.cluster.local"),
+    ];
+    let leaf = CertificateAuthority::new("issuer")
+        .unwrap()
+        .issue(&LeafSpec {
+            common_name: "rpc",
+            dns_names: &[&dns[0], &dns[1]],
+            server: true,
+            ..LeafSpec::default()
+        })
+        .unwrap();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("rpc-tls".into()),
+            namespace: Some(ns.clone()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [
+                ("tls.crt".to_owned(), ByteString(leaf.cert_pem.into_bytes())),
+                ("tls.key".to_owned(), ByteString(leaf.key_pem.into_bytes())),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let node: SeiNode = serde_json::from_value(json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode", "metadata": {"name": "rpc", "namespace": ns},
+        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {},
+                 "sidecar": {"tls": {"secretName": "rpc-tls"}}},
+    }))
+    .unwrap();
+    let nodes: Api<SeiNode> = Api::namespaced(admin.clone(), &ns);
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let sts: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(admin.clone(), &ns);
+    let (_, applied) = common::poll(
+        WAIT,
+        || async { sts.get_opt("rpc").await.unwrap() },
+        Option::is_some,
+    )
+    .await;
+    assert!(
+        applied,
+        "the controller, as the ServiceAccount, applied the StatefulSet"
+    );
+    common::mark_stateful_set_ready(&admin, &ns, "rpc").await;
+    let (node, running) = common::poll(
+        WAIT,
+        || async { nodes.get("rpc").await.unwrap() },
+        |n| n.status.as_ref().and_then(|s| s.phase) == Some(SeiNodePhase::Running),
+    )
+    .await;
+    assert!(running, "not Running: {:#?}", node.status);
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_controller_may_write_seinode_status() {
+    install_rbac_and_policy();
+    let admin = common::client().await;
+    let ns = common::namespace(&admin, "chart-status").await;
+    let node: SeiNode = serde_json::from_value(json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode", "metadata": {"name": "rpc", "namespace": ns},
+        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {}},
+    }))
+    .unwrap();
+    let admin_nodes: Api<SeiNode> = Api::namespaced(admin.clone(), &ns);
+    admin_nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+    let forged = json!({"status": {"phase": "Running"}});
+
+    // The policy takes effect shortly after it is created: wait for the first refusal.
+    let (result, refused) = common::poll(
+        WAIT,
+        || async {
+            admin_nodes
+                .patch_status("rpc", &PatchParams::default(), &Patch::Merge(&forged))
+                .await
+        },
+        Result::is_err,
+    )
+    .await;
+    assert!(
+        refused,
+        "a status write by another identity was accepted: {result:?}"
+    );
+    let message = result.unwrap_err().to_string();
+    assert!(
+        message.contains("only the seinode-tls controller may write seinodes/status"),
+        "{message}"
+    );
+    assert!(message.contains("seinode-tls-admin may not"), "{message}");
+
+    let sa_nodes: Api<SeiNode> = Api::namespaced(service_account_client().await, &ns);
+    let status =
+        json!({"apiVersion": "sei.io/v1alpha1", "kind": "SeiNode", "status": {"phase": "Pending"}});
+    sa_nodes
+        .patch_status(
+            "rpc",
+            &PatchParams::apply("seinode-tls-controller").force(),
+            &Patch::Apply(&status),
+        )
+        .await
+        .expect("the controller's ServiceAccount may write status");
+}
