@@ -151,6 +151,19 @@ pub struct ControllerArgs {
     /// kube-rbac-proxy image that terminates TLS in front of the sidecar.
     #[arg(long, env = "SEINODE_TLS_RBAC_PROXY_IMAGE", default_value = seinode_tls_controller::config::DEFAULT_RBAC_PROXY_IMAGE)]
     pub rbac_proxy_image: String,
+    /// How often a Running node's sidecar is called through its front door (SidecarReady).
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_PROBE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sidecar_probe_interval: Duration,
+    /// Timeout of each sidecar probe.
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_PROBE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub sidecar_probe_timeout: Duration,
+    /// PEM CA bundle trusted for sidecars whose Secret has no ca.crt; without either, the
+    /// certificate served must be exactly the Secret's leaf.
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_CA_BUNDLE", value_name = "FILE")]
+    pub sidecar_ca_bundle: Option<PathBuf>,
+    /// ServiceAccount token sent as a bearer token to kube-rbac-proxy (re-read on every probe).
+    #[arg(long, env = "SEINODE_TLS_TOKEN_FILE", value_name = "FILE", default_value = seinode_tls_controller::config::DEFAULT_TOKEN_FILE)]
+    pub token_file: PathBuf,
     /// Reconcile only while holding a coordination.k8s.io Lease (for several replicas).
     #[arg(long, env = "SEINODE_TLS_LEADER_ELECT")]
     pub leader_elect: bool,
@@ -236,6 +249,10 @@ impl ControllerArgs {
                 lease_duration: Duration::from_secs(15),
                 renew_grace: Duration::from_secs(5),
             }),
+            sidecar_probe_interval: self.sidecar_probe_interval,
+            sidecar_probe_timeout: self.sidecar_probe_timeout,
+            sidecar_ca_bundle: self.sidecar_ca_bundle,
+            token_file: Some(self.token_file),
             ..ControllerConfig::default()
         }
     }

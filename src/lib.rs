@@ -7,4 +7,5 @@ pub mod local;
 pub mod offline;
 pub mod pki;
 pub mod serve;
+pub mod standin;
 pub mod telemetry;

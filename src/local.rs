@@ -20,6 +20,7 @@ use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta};
 use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
+use seinode_tls_controller::probe::SidecarAddresses;
 use seinode_tls_controller::{Controller, ControllerConfig};
 use seinode_tls_crds::contract::{
     DEFAULT_CLUSTER_DOMAIN, REQUIRED_DNS_NAMES_ANNOTATION, required_dns_names,
@@ -33,6 +34,7 @@ use seinode_tls_webhook::{Webhook, WebhookConfig};
 use crate::control_plane::{self, ControlPlane, ControlPlaneConfig};
 use crate::offline::error_chain;
 use crate::serve::shutdown_signal;
+use crate::standin::StandInSidecar;
 
 /// Namespace and names of the `--demo` objects.
 const DEMO_NAMESPACE: &str = "default";
@@ -72,13 +74,19 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     control_plane::install_crd(&client).await?;
 
     let mut registry = Registry::with_prefix(crate::serve::METRICS_PREFIX);
-    let controller = Controller::new(ControllerConfig::default(), &mut registry)?;
+    // No cluster DNS here: the demo's stand-in pod is reached through an address override.
+    let sidecar_addresses = SidecarAddresses::default();
+    let controller_config = ControllerConfig {
+        sidecar_addresses: sidecar_addresses.clone(),
+        ..ControllerConfig::default()
+    };
+    let controller = Controller::new(controller_config, &mut registry)?;
     let webhook = start_webhook(&control_plane, client.clone(), registry).await?;
     let controller = RunningController::start(controller, client.clone());
     eprintln!("controller running");
 
     let demo = if config.demo {
-        Some(start_demo(&control_plane, client.clone()).await?)
+        Some(start_demo(&control_plane, client.clone(), &sidecar_addresses).await?)
     } else {
         None
     };
@@ -287,10 +295,19 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
 async fn start_demo(
     control_plane: &ControlPlane,
     client: kube::Client,
+    sidecar_addresses: &SidecarAddresses,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let names = required_dns_names(DEMO_NODE, DEMO_NAMESPACE, DEFAULT_CLUSTER_DOMAIN);
     let dns: Vec<&str> = names.iter().map(String::as_str).collect();
     let issued = control_plane.issue_serving_certificate(DEMO_NODE, &dns)?;
+    // The demo pod's front door: serves the Secret's certificate, as kube-rbac-proxy would.
+    let stand_in = StandInSidecar::start(&issued.cert_pem, &issued.key_pem).await?;
+    sidecar_addresses.set(&names[1], stand_in.addr());
+    eprintln!(
+        "demo: a stand-in for pod {} serves its sidecar on https://{}",
+        names[1],
+        stand_in.addr()
+    );
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(DEMO_SECRET.to_owned()),
@@ -334,6 +351,7 @@ async fn start_demo(
 
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
     Ok(tokio::spawn(async move {
+        let _stand_in = stand_in;
         let by_name = || watcher::Config::default().fields(&format!("metadata.name={DEMO_NODE}"));
         let progress = async {
             let mut last = String::new();
@@ -411,5 +429,14 @@ fn describe(node: &SeiNode) -> String {
             || "(not reported yet)".to_owned(),
             |c| format!("{} {}", c.status, c.reason),
         );
-    format!("SeiNode {DEMO_NAMESPACE}/{DEMO_NODE}: phase {phase}, {SIDECAR_TLS_SECRET_READY} {tls}")
+    let sidecar = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "SidecarReady"))
+        .map_or_else(
+            || "(not probed yet)".to_owned(),
+            |c| format!("{} {}", c.status, c.reason),
+        );
+    format!(
+        "SeiNode {DEMO_NAMESPACE}/{DEMO_NODE}: phase {phase}, {SIDECAR_TLS_SECRET_READY} {tls}, SidecarReady {sidecar}"
+    )
 }

@@ -1,6 +1,12 @@
 //! Plain configuration of the controller; the CLI converts its flags into this.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::probe::SidecarAddresses;
+
+/// Where Kubernetes mounts the pod's ServiceAccount token.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 /// seictl sidecar image used when `spec.sidecar.image` is empty: the release upstream's samples pin.
 pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/sei-protocol/seictl@sha256:2cb320dd583000765520293d4e28ecc79fed4432c76760923d3aaa47803a4dbf";
@@ -22,6 +28,17 @@ pub struct ControllerConfig {
     pub leader_election: Option<LeaderElection>,
     /// Name under which events are reported.
     pub reporter: String,
+    /// How often a Running node's sidecar is probed.
+    pub sidecar_probe_interval: Duration,
+    /// Timeout of each probe (connect, handshake and answer).
+    pub sidecar_probe_timeout: Duration,
+    /// PEM CA bundle file trusted for sidecars whose Secret has no `ca.crt` (else the leaf is
+    /// pinned); read once at start.
+    pub sidecar_ca_bundle: Option<PathBuf>,
+    /// Bearer token sent to kube-rbac-proxy, re-read on every probe; none when the file is absent.
+    pub token_file: Option<PathBuf>,
+    /// Connect to these addresses instead of resolving the pod's DNS name (tests and `local`).
+    pub sidecar_addresses: SidecarAddresses,
 }
 
 impl Default for ControllerConfig {
@@ -33,6 +50,11 @@ impl Default for ControllerConfig {
             rbac_proxy_image: DEFAULT_RBAC_PROXY_IMAGE.to_owned(),
             leader_election: None,
             reporter: "seinode-tls".to_owned(),
+            sidecar_probe_interval: Duration::from_secs(30),
+            sidecar_probe_timeout: Duration::from_secs(5),
+            sidecar_ca_bundle: None,
+            token_file: Some(PathBuf::from(DEFAULT_TOKEN_FILE)),
+            sidecar_addresses: SidecarAddresses::default(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod image;
 pub mod index;
 pub mod metrics;
 pub mod plan;
+pub mod probe;
 pub mod reconcile;
 pub mod resources;
 pub mod secrets;
@@ -51,6 +52,7 @@ pub enum ControllerError {
 /// The controller, with its metrics registered.
 pub struct Controller {
     config: ControllerConfig,
+    ca_bundle: Option<Vec<u8>>,
     metrics: Arc<ControllerMetrics>,
 }
 
@@ -65,8 +67,28 @@ impl Controller {
             flag: "--rbac-proxy-image",
             reason,
         })?;
+        let ca_bundle = match &config.sidecar_ca_bundle {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| ControllerError::Config {
+                    flag: "--sidecar-ca-bundle",
+                    reason: format!("failed to read {}: {e}", path.display()),
+                })?;
+                if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                    return Err(ControllerError::Config {
+                        flag: "--sidecar-ca-bundle",
+                        reason: format!("{} holds no PEM CERTIFICATE", path.display()),
+                    });
+                }
+                Some(pem)
+            }
+            None => None,
+        };
         let metrics = Arc::new(ControllerMetrics::register(registry));
-        Ok(Self { config, metrics })
+        Ok(Self {
+            config,
+            ca_bundle,
+            metrics,
+        })
     }
 
     /// Reconciles until `shutdown` resolves. With leader election, waits for the Lease and
@@ -77,7 +99,7 @@ impl Controller {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ControllerError> {
         let Some(election) = self.config.leader_election.clone() else {
-            run_controller(client, self.config, self.metrics, shutdown).await;
+            run_controller(client, self.config, self.ca_bundle, self.metrics, shutdown).await;
             return Ok(());
         };
         let error = |source| ControllerError::LeaderElection {
@@ -111,6 +133,7 @@ impl Controller {
             let controller = tokio::spawn(run_controller(
                 client.clone(),
                 self.config.clone(),
+                self.ca_bundle.clone(),
                 self.metrics.clone(),
                 async move {
                     let _ = stop_rx.await;
@@ -137,6 +160,7 @@ impl Controller {
 async fn run_controller(
     client: Client,
     config: ControllerConfig,
+    ca_bundle: Option<Vec<u8>>,
     metrics: Arc<ControllerMetrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -184,6 +208,7 @@ async fn run_controller(
     let ctx = Arc::new(Context::new(
         client.clone(),
         config,
+        ca_bundle,
         recorder,
         metrics,
         reader.clone(),

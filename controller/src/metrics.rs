@@ -129,10 +129,17 @@ impl Collector for TlsCollector {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ProbeLabels {
+    /// The `SidecarReady` reason (a fixed set).
+    pub result: &'static str,
+}
+
 /// The controller's metrics.
 #[derive(Debug)]
 pub struct ControllerMetrics {
     pub reconciles: Family<OutcomeLabels, Counter>,
+    pub probes: Family<ProbeLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub tls: Arc<TlsState>,
 }
@@ -151,10 +158,17 @@ impl ControllerMetrics {
             "Time spent in one reconcile of a SeiNode",
             reconcile_duration.clone(),
         );
+        let probes = Family::<ProbeLabels, Counter>::default();
+        registry.register(
+            "controller_sidecar_probes",
+            "Probes of sidecars through their front door, by result",
+            probes.clone(),
+        );
         let tls = Arc::new(TlsState::default());
         registry.register_collector(Box::new(TlsCollector { state: tls.clone() }));
         Self {
             reconciles,
+            probes,
             reconcile_duration,
             tls,
         }

@@ -13,8 +13,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
+use seinode_tls_crds::DEFAULT_SIDECAR_PORT;
 use seinode_tls_crds::contract::required_dns_names;
-use seinode_tls_crds::validation::SecretVerdict;
+use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate, SecretVerdict};
 use seinode_tls_crds::{
     PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus, SidecarTlsStatus,
     TaskStatus,
@@ -24,11 +25,14 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::config::ControllerConfig;
-use crate::metrics::{ControllerMetrics, NodeTls, OutcomeLabels, ReconcileOutcome};
+use crate::metrics::{ControllerMetrics, NodeTls, OutcomeLabels, ProbeLabels, ReconcileOutcome};
 use crate::plan::{Gate, Task, desired_plan, gate, next_task};
+use crate::probe::SidecarProber;
 use crate::resources;
 use crate::secrets::SecretJudge;
-use crate::status::{flipped, remove_condition, set_condition, tls_condition};
+use crate::status::{
+    SIDECAR_READY, condition, flipped, remove_condition, set_condition, tls_condition,
+};
 
 /// Field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = "seinode-tls-controller";
@@ -75,6 +79,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
     pub secrets: SecretJudge,
+    pub prober: SidecarProber,
     /// The reflector's view of SeiNodes (to forget metrics of deleted nodes).
     pub store: Store<SeiNode>,
     failures: Mutex<HashMap<String, u32>>,
@@ -85,16 +90,24 @@ impl Context {
     pub fn new(
         client: Client,
         config: ControllerConfig,
+        ca_bundle: Option<Vec<u8>>,
         recorder: Recorder,
         metrics: Arc<ControllerMetrics>,
         store: Store<SeiNode>,
     ) -> Self {
+        let prober = SidecarProber::new(
+            config.sidecar_addresses.clone(),
+            ca_bundle,
+            config.token_file.clone(),
+            config.sidecar_probe_timeout,
+        );
         Self {
             client,
             config,
             recorder,
             metrics,
             secrets: SecretJudge::default(),
+            prober,
             store,
             failures: Mutex::default(),
             expiry_warned: Mutex::default(),
@@ -188,14 +201,19 @@ async fn reconcile_node(node: &SeiNode, ctx: &Context) -> Result<Action, Error> 
 
     // 1. The contract and the condition.
     let mut flip: Option<(bool, String)> = None;
+    let mut secret_leaf: Option<LeafCertificate> = None;
     let tls_enabled = node.sidecar_tls().is_some();
     let mut conditions = status.conditions.take().unwrap_or_default();
     if let Some(tls) = node.sidecar_tls() {
         let required = required_dns_names(&name, &namespace, &ctx.config.cluster_domain);
-        let verdict = ctx
+        let (verdict, inspected) = ctx
             .secrets
             .verdict(&ctx.client, &namespace, &tls.secret_name, &required, now)
             .await;
+        secret_leaf = match inspected.as_deref() {
+            Some(InspectedSecret::Usable(leaf)) => Some(leaf.clone()),
+            _ => None,
+        };
         status.sidecar_tls = Some(SidecarTlsStatus {
             secret_name: tls.secret_name.clone(),
             required_dns_names: required,
@@ -258,10 +276,90 @@ async fn reconcile_node(node: &SeiNode, ctx: &Context) -> Result<Action, Error> 
             Ok(requeue.action())
         }
         Gate::Open => {
-            advance_plan(node, ctx, status, now).await?;
+            let status = advance_plan(node, ctx, status, now).await?;
+            let settled = !status
+                .plan
+                .as_ref()
+                .is_some_and(|p| p.phase == PlanPhase::Active);
+            if status.phase == Some(SeiNodePhase::Running) && settled {
+                probe_sidecar(node, ctx, status, secret_leaf.as_ref(), now).await?;
+                requeue.at_most(ctx.config.sidecar_probe_interval);
+            }
             Ok(requeue.action())
         }
     }
+}
+
+/// Calls the sidecar through its front door and keeps the `SidecarReady` condition, with events
+/// when it flips. A TLS node whose Secret is unusable has nothing to verify against: the
+/// condition is left as it is until the Secret is back.
+async fn probe_sidecar(
+    node: &SeiNode,
+    ctx: &Context,
+    mut status: SeiNodeStatus,
+    leaf: Option<&LeafCertificate>,
+    now: Timestamp,
+) -> Result<(), Error> {
+    let namespace = node.namespace().unwrap_or_default();
+    let name = node.name_any();
+    let pod_host = format!(
+        "{name}-0.{name}.{namespace}.svc.{}",
+        ctx.config.cluster_domain
+    );
+    let result = match (node.sidecar_tls(), leaf) {
+        (Some(_), Some(leaf)) => {
+            let port = u16::try_from(resources::TLS_PORT).unwrap_or(8443);
+            ctx.prober
+                .probe_tls(&pod_host, port, &leaf.der, leaf.ca_crt.as_deref())
+                .await
+        }
+        (Some(_), None) => return Ok(()),
+        (None, _) => {
+            let port = node
+                .spec
+                .sidecar
+                .as_ref()
+                .map_or(DEFAULT_SIDECAR_PORT, |s| s.port);
+            ctx.prober
+                .probe_plain(&pod_host, u16::try_from(port).unwrap_or_default())
+                .await
+        }
+    };
+    ctx.metrics
+        .probes
+        .get_or_create(&ProbeLabels {
+            result: result.reason(),
+        })
+        .inc();
+    let before = status.clone();
+    let mut conditions = status.conditions.take().unwrap_or_default();
+    let existing = conditions
+        .iter()
+        .find(|c| c.type_ == SIDECAR_READY)
+        .cloned();
+    let ready = condition(
+        SIDECAR_READY,
+        result.is_healthy(),
+        result.reason(),
+        result.message(),
+        node.metadata.generation,
+        existing.as_ref(),
+        now,
+    );
+    let flip = flipped(existing.as_ref(), &ready);
+    set_condition(&mut conditions, ready);
+    status.conditions = Some(conditions);
+    write_status(ctx, node, &before, &status).await?;
+    if flip {
+        let (type_, reason) = if result.is_healthy() {
+            (EventType::Normal, "SidecarReady")
+        } else {
+            (EventType::Warning, "SidecarNotReady")
+        };
+        let note = format!("{}: {}", result.reason(), result.message());
+        publish(ctx, node, type_, reason, "ProbeSidecar", note).await;
+    }
+    Ok(())
 }
 
 /// Requeues for expiry (to report `TLSSecretExpired` on time) and the expiry warning window;
@@ -317,15 +415,16 @@ async fn schedule_tls_checks(
     }
 }
 
-/// Runs pending tasks in order, recording each in status, until one must wait or fails.
+/// Runs pending tasks in order, recording each in status, until one must wait or fails;
+/// returns the status as written.
 async fn advance_plan(
     node: &SeiNode,
     ctx: &Context,
     mut status: SeiNodeStatus,
     now: Timestamp,
-) -> Result<(), Error> {
+) -> Result<SeiNodeStatus, Error> {
     let Some(mut plan) = status.plan.clone() else {
-        return Ok(());
+        return Ok(status);
     };
     while let Some((index, task)) = next_task(&plan) {
         let before = status.clone();
@@ -337,7 +436,7 @@ async fn advance_plan(
             )),
         };
         match outcome {
-            TaskOutcome::Waiting => return Ok(()),
+            TaskOutcome::Waiting => return Ok(status),
             TaskOutcome::Done => {
                 plan.tasks[index].status = TaskStatus::Complete;
                 plan.tasks[index].error = None;
@@ -374,7 +473,7 @@ async fn advance_plan(
         status.plan = Some(plan.clone());
         write_status(ctx, node, &before, &status).await?;
     }
-    Ok(())
+    Ok(status)
 }
 
 enum TaskOutcome {

@@ -19,7 +19,8 @@ pub struct SecretJudge {
 impl SecretJudge {
     /// Reads `namespace/name` from the API server (authoritative: a Secret of another type is
     /// reported as malformed, not as missing) and judges it against `required` at `now`. A
-    /// failed read is `TLSSecretUnavailable`, never `TLSSecretNotFound`.
+    /// failed read is `TLSSecretUnavailable`, never `TLSSecretNotFound`. Also returns the
+    /// inspection, whose leaf the sidecar probe trusts.
     pub async fn verdict(
         &self,
         client: &Client,
@@ -27,20 +28,24 @@ impl SecretJudge {
         name: &str,
         required: &[String],
         now: Timestamp,
-    ) -> SecretVerdict {
+    ) -> (SecretVerdict, Option<Arc<InspectedSecret>>) {
         let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
         match api.get_opt(name).await {
             Ok(Some(secret)) => {
                 let inspected = self.inspect(&secret);
-                judge(
+                let verdict = judge(
                     namespace,
                     name,
                     SecretLookup::Found(&inspected),
                     required,
                     now,
-                )
+                );
+                (verdict, Some(inspected))
             }
-            Ok(None) => judge(namespace, name, SecretLookup::NotFound, required, now),
+            Ok(None) => (
+                judge(namespace, name, SecretLookup::NotFound, required, now),
+                None,
+            ),
             Err(error) => {
                 let cause = match &error {
                     kube::Error::Api(status) => {
@@ -48,12 +53,15 @@ impl SecretJudge {
                     }
                     other => other.to_string(),
                 };
-                judge(
-                    namespace,
-                    name,
-                    SecretLookup::Unavailable(&cause),
-                    required,
-                    now,
+                (
+                    judge(
+                        namespace,
+                        name,
+                        SecretLookup::Unavailable(&cause),
+                        required,
+                        now,
+                    ),
+                    None,
                 )
             }
         }

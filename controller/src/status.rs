@@ -5,27 +5,52 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use seinode_tls_crds::SIDECAR_TLS_SECRET_READY;
 use seinode_tls_crds::validation::SecretVerdict;
 
-/// The condition for `verdict`. `lastTransitionTime` is kept from `existing` unless the status
-/// flips; `observedGeneration` is the node's generation.
+/// Condition type reporting whether the sidecar answers through its front door.
+pub const SIDECAR_READY: &str = "SidecarReady";
+
+/// A condition of `type_`. `lastTransitionTime` is kept from `existing` unless the status flips;
+/// `observedGeneration` is the node's generation.
+pub fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    existing: Option<&Condition>,
+    now: Timestamp,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = match existing {
+        Some(existing) if existing.status == status => existing.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// The `SidecarTLSSecretReady` condition for `verdict`.
 pub fn tls_condition(
     verdict: &SecretVerdict,
     generation: Option<i64>,
     existing: Option<&Condition>,
     now: Timestamp,
 ) -> Condition {
-    let status = if verdict.is_ready() { "True" } else { "False" };
-    let last_transition_time = match existing {
-        Some(existing) if existing.status == status => existing.last_transition_time.clone(),
-        _ => Time(now),
-    };
-    Condition {
-        type_: SIDECAR_TLS_SECRET_READY.to_owned(),
-        status: status.to_owned(),
-        reason: verdict.reason.as_str().to_owned(),
-        message: verdict.message.clone(),
-        observed_generation: generation,
-        last_transition_time,
-    }
+    let (reason, message) = (verdict.reason.as_str(), verdict.message.as_str());
+    condition(
+        SIDECAR_TLS_SECRET_READY,
+        verdict.is_ready(),
+        reason,
+        message,
+        generation,
+        existing,
+        now,
+    )
 }
 
 /// Whether going from `existing` to `new` is a flip worth an event (including first report).

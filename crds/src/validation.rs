@@ -124,12 +124,29 @@ pub enum InspectedSecret {
 }
 
 /// What the time- and node-dependent checks need to know about the leaf certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct LeafCertificate {
     pub not_before: Timestamp,
     pub not_after: Timestamp,
     /// The DNS names of the subjectAltName extension, as written in the certificate.
     pub dns_names: Vec<String>,
+    /// The leaf in DER: what the sidecar's proxy must serve (pinned when there is no CA).
+    pub der: Vec<u8>,
+    /// The Secret's `ca.crt` (PEM), when present: the trust anchor for reaching the sidecar.
+    pub ca_crt: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for LeafCertificate {
+    // Sizes, not bytes: the certificate is public, but byte dumps make logs unreadable.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeafCertificate")
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .field("dns_names", &self.dns_names)
+            .field("der_len", &self.der.len())
+            .field("ca_crt_len", &self.ca_crt.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 /// The Secret as a cache or an API call found it.
@@ -370,10 +387,18 @@ fn inspect(secret: &Secret) -> Result<LeafCertificate, Defect> {
     let validity = leaf.validity();
     let not_before = timestamp(validity.not_before.timestamp())?;
     let not_after = timestamp(validity.not_after.timestamp())?;
+    let ca_crt = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get("ca.crt"))
+        .filter(|ca| !ca.0.is_empty())
+        .map(|ca| ca.0.clone());
     Ok(LeafCertificate {
         not_before,
         not_after,
         dns_names,
+        der: chain[0].clone(),
+        ca_crt,
     })
 }
 

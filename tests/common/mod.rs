@@ -201,10 +201,14 @@ pub fn controller() {
     });
 }
 
-/// The controller configuration the tests use: defaults, with a short expiry warning.
+/// The controller configuration the tests use: defaults, with a short expiry warning and
+/// short sidecar probes.
 pub fn test_controller_config() -> seinode_tls_controller::ControllerConfig {
     seinode_tls_controller::ControllerConfig {
         cert_expiry_warning: std::time::Duration::from_secs(3600),
+        // Pods never run here: probes of them fail fast instead of holding reconciles.
+        sidecar_probe_timeout: std::time::Duration::from_secs(1),
+        token_file: None,
         ..Default::default()
     }
 }

@@ -1127,13 +1127,16 @@ fn reports_expired_before_wrong_names() {
 #[test]
 fn inspection_keeps_no_key_material() {
     let key = Key::rsa_pkcs1();
-    let usable = Case::tls(contract_leaf(&key), &key).inspect();
+    let leaf = contract_leaf(&key);
+    let usable = Case::tls(leaf.clone(), &key).inspect();
     assert_eq!(
         usable,
         InspectedSecret::Usable(LeafCertificate {
             not_before: now() - days(30),
             not_after: now() + days(60),
             dns_names: vec![SERVICE_NAME.to_owned(), POD_NAME.to_owned()],
+            der: pem::parse(&leaf).expect("leaf PEM").into_contents(),
+            ca_crt: None,
         })
     );
 

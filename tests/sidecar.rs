@@ -1,0 +1,370 @@
+//! The TLS path end to end: the controller's own client calls the sidecar through its front
+//! door. There is no kubelet, so each pod is played by a stand-in HTTPS server on loopback that
+//! serves the certificate under test; the controller reaches it through an address override
+//! while the pod's DNS name still drives SNI and verification.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::Client;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use prometheus_client::registry::Registry;
+use rustls::pki_types::pem::PemObject;
+use seinode_tls::pki::{CertificateAuthority, Issued, LeafSpec};
+use seinode_tls::standin::StandInSidecar;
+use seinode_tls_controller::probe::SidecarAddresses;
+use seinode_tls_crds::SeiNode;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Shared {
+    addresses: SidecarAddresses,
+    token_file: PathBuf,
+}
+
+/// This binary's controller: probes every second, with a token file and address overrides.
+fn controller() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let cp = common::control_plane();
+        let addresses = SidecarAddresses::default();
+        let token_file = std::env::temp_dir().join(format!("sidecar-token-{}", std::process::id()));
+        std::fs::write(&token_file, "token-one\n").unwrap();
+        let config = seinode_tls_controller::ControllerConfig {
+            sidecar_addresses: addresses.clone(),
+            sidecar_probe_interval: Duration::from_secs(1),
+            sidecar_probe_timeout: Duration::from_secs(2),
+            token_file: Some(token_file.clone()),
+            ..common::test_controller_config()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let client = cp.client().await.unwrap();
+                let controller =
+                    seinode_tls_controller::Controller::new(config, &mut Registry::default())
+                        .unwrap();
+                tx.send(()).unwrap();
+                controller
+                    .run(client, std::future::pending())
+                    .await
+                    .unwrap();
+            });
+        });
+        rx.recv().unwrap();
+        Shared {
+            addresses,
+            token_file,
+        }
+    })
+}
+
+fn pod_host(ns: &str) -> String {
+    format!("rpc-0.rpc.{ns}.svc.cluster.local")
+}
+
+fn issue(ca: &CertificateAuthority, names: &[&str]) -> Issued {
+    ca.issue(&LeafSpec {
+        common_name: "rpc",
+        dns_names: names,
+        server: true,
+        ..LeafSpec::default()
+    })
+    .unwrap()
+}
+
+fn contract_cert(ca: &CertificateAuthority, ns: &str) -> Issued {
+    let service = format!("rpc.{ns}.svc.cluster.local");
+    issue(ca, &[&service, &pod_host(ns)])
+}
+
+fn secret(ns: &str, leaf: &Issued, ca_crt: Option<&str>) -> Secret {
+    let mut data = vec![
+        (
+            "tls.crt".to_owned(),
+            ByteString(leaf.cert_pem.clone().into_bytes()),
+        ),
+        (
+            "tls.key".to_owned(),
+            ByteString(leaf.key_pem.clone().into_bytes()),
+        ),
+    ];
+    if let Some(ca) = ca_crt {
+        data.push(("ca.crt".to_owned(), ByteString(ca.as_bytes().to_vec())));
+    }
+    Secret {
+        metadata: ObjectMeta {
+            name: Some("rpc-tls".into()),
+            namespace: Some(ns.into()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data.into_iter().collect()),
+        ..Secret::default()
+    }
+}
+
+async fn put_secret(client: &Client, secret: &Secret) {
+    let api: Api<Secret> = Api::namespaced(
+        client.clone(),
+        secret.metadata.namespace.as_deref().unwrap(),
+    );
+    api.patch(
+        "rpc-tls",
+        &PatchParams::apply("sidecar-test").force(),
+        &Patch::Apply(secret),
+    )
+    .await
+    .unwrap();
+}
+
+/// A Running TLS node `rpc` whose Secret holds `leaf` (and `ca_crt`), reached at `addr`.
+async fn running_node(
+    client: &Client,
+    ns: &str,
+    leaf: &Issued,
+    ca_crt: Option<&str>,
+    addr: std::net::SocketAddr,
+) -> Api<SeiNode> {
+    controller().addresses.set(&pod_host(ns), addr);
+    put_secret(client, &secret(ns, leaf, ca_crt)).await;
+    let node: SeiNode = serde_json::from_value(json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode", "metadata": {"name": "rpc", "namespace": ns},
+        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {},
+                 "sidecar": {"tls": {"secretName": "rpc-tls"}}},
+    }))
+    .unwrap();
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), ns);
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let sts: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(client.clone(), ns);
+    let (_, applied) = common::poll(
+        WAIT,
+        || async { sts.get_opt("rpc").await.unwrap() },
+        Option::is_some,
+    )
+    .await;
+    assert!(applied, "the plan applied the StatefulSet");
+    common::mark_stateful_set_ready(client, ns, "rpc").await;
+    nodes
+}
+
+fn sidecar_ready(node: &SeiNode) -> Option<(String, String, String)> {
+    let c = node
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "SidecarReady")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn wait_sidecar(nodes: &Api<SeiNode>, status: &str, reason: &str) -> String {
+    let (node, ok) = common::poll(
+        WAIT,
+        || async { nodes.get("rpc").await.unwrap() },
+        |n| sidecar_ready(n).is_some_and(|(s, r, _)| s == status && r == reason),
+    )
+    .await;
+    assert!(
+        ok,
+        "SidecarReady never became {status} {reason}: {:?}",
+        sidecar_ready(&node)
+    );
+    sidecar_ready(&node).unwrap().2
+}
+
+/// Whether the node's condition was set after the Secret held `leaf` (its TLS message names the
+/// new notAfter), so a True from before the rotation does not count.
+fn nodes_leaf_is(node: &SeiNode, leaf: &Issued) -> bool {
+    let not_after = x509_not_after(&leaf.cert_pem);
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "SidecarTLSSecretReady" && c.message.contains(&not_after))
+        })
+}
+
+fn x509_not_after(cert_pem: &str) -> String {
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    jiff::Timestamp::from_second(cert.validity().not_after.timestamp())
+        .unwrap()
+        .to_string()
+}
+
+async fn setup(prefix: &str) -> (Client, String) {
+    controller();
+    let client = common::client().await;
+    let ns = common::namespace(&client, prefix).await;
+    (client, ns)
+}
+
+#[tokio::test]
+async fn a_healthy_sidecar_behind_the_secrets_certificate_is_ready_and_gets_the_token() {
+    let (client, ns) = setup("sc-healthy").await;
+    let ca = CertificateAuthority::new("fleet issuer").unwrap();
+    let leaf = contract_cert(&ca, &ns);
+    let stand_in = StandInSidecar::start(&leaf.cert_pem, &leaf.key_pem)
+        .await
+        .unwrap();
+    // Pinned: no ca.crt in the Secret and no bundle configured.
+    let nodes = running_node(&client, &ns, &leaf, None, stand_in.addr()).await;
+    let message = wait_sidecar(&nodes, "True", "SidecarHealthy").await;
+    assert!(
+        message.contains(&format!("https://{}:", pod_host(&ns))),
+        "{message}"
+    );
+    assert_eq!(stand_in.last_token().as_deref(), Some("token-one"));
+    // Tokens rotate: the next probe reads the file again.
+    std::fs::write(&controller().token_file, "token-two\n").unwrap();
+    let (_, rotated) = common::poll(
+        WAIT,
+        || async { stand_in.last_token() },
+        |t| t.as_deref() == Some("token-two"),
+    )
+    .await;
+    assert!(rotated, "the new token was never sent");
+
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let (found, ok) = common::poll(
+        WAIT,
+        || async { events.list(&ListParams::default()).await.unwrap().items },
+        |items| {
+            items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("SidecarReady"))
+        },
+    )
+    .await;
+    assert!(ok, "no SidecarReady event: {found:?}");
+}
+
+#[tokio::test]
+async fn a_server_presenting_another_certificate_is_a_certificate_mismatch() {
+    let (client, ns) = setup("sc-mismatch").await;
+    let ca = CertificateAuthority::new("fleet issuer").unwrap();
+    let in_secret = contract_cert(&ca, &ns);
+    // Same names, same issuer, but not the Secret's leaf: say, the pre-rotation certificate.
+    let old = contract_cert(&ca, &ns);
+    let stand_in = StandInSidecar::start(&old.cert_pem, &old.key_pem)
+        .await
+        .unwrap();
+    let nodes = running_node(&client, &ns, &in_secret, None, stand_in.addr()).await;
+    let message = wait_sidecar(&nodes, "False", "SidecarCertificateMismatch").await;
+    assert!(
+        message.contains("not the leaf in the node's Secret"),
+        "{message}"
+    );
+
+    // With ca.crt the handshake verifies, and the leaf comparison still reports the mismatch.
+    put_secret(&client, &secret(&ns, &in_secret, Some(&ca.cert_pem()))).await;
+    let (node, ok) = common::poll(
+        WAIT,
+        || async { nodes.get("rpc").await.unwrap() },
+        |n| {
+            sidecar_ready(n).is_some_and(|(s, r, m)| {
+                s == "False"
+                    && r == "SidecarCertificateMismatch"
+                    && m.contains("answered 200 with a certificate that is not the leaf")
+            })
+        },
+    )
+    .await;
+    assert!(ok, "with ca.crt: {:?}", sidecar_ready(&node));
+}
+
+#[tokio::test]
+async fn no_server_is_unreachable_and_an_http_500_is_unhealthy() {
+    let (client, ns) = setup("sc-down").await;
+    let ca = CertificateAuthority::new("fleet issuer").unwrap();
+    let leaf = contract_cert(&ca, &ns);
+    let stand_in = StandInSidecar::start(&leaf.cert_pem, &leaf.key_pem)
+        .await
+        .unwrap();
+    stand_in.set_status(500);
+    let nodes = running_node(&client, &ns, &leaf, None, stand_in.addr()).await;
+    let message = wait_sidecar(&nodes, "False", "SidecarUnhealthy").await;
+    assert!(message.contains("answered HTTP 500"), "{message}");
+
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    controller().addresses.set(&pod_host(&ns), closed);
+    let message = wait_sidecar(&nodes, "False", "SidecarUnreachable").await;
+    assert!(message.contains("is unreachable"), "{message}");
+}
+
+#[tokio::test]
+async fn a_certificate_without_the_pod_name_fails_the_handshake() {
+    let (client, ns) = setup("sc-name").await;
+    let ca = CertificateAuthority::new("fleet issuer").unwrap();
+    let leaf = contract_cert(&ca, &ns);
+    let service_only = issue(&ca, &[&format!("rpc.{ns}.svc.cluster.local")]);
+    let stand_in = StandInSidecar::start(&service_only.cert_pem, &service_only.key_pem)
+        .await
+        .unwrap();
+    for ca_crt in [Some(ca.cert_pem()), None] {
+        let nodes = if ca_crt.is_some() {
+            running_node(&client, &ns, &leaf, ca_crt.as_deref(), stand_in.addr()).await
+        } else {
+            put_secret(&client, &secret(&ns, &leaf, None)).await;
+            Api::namespaced(client.clone(), &ns)
+        };
+        let message = wait_sidecar(&nodes, "False", "SidecarTLSHandshakeFailed").await;
+        assert!(message.contains("TLS handshake with"), "{message}");
+        assert!(
+            message.to_lowercase().contains("not valid for name"),
+            "{message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rotating_the_secret_and_the_served_certificate_together_returns_to_ready() {
+    let (client, ns) = setup("sc-rotate").await;
+    let ca = CertificateAuthority::new("fleet issuer").unwrap();
+    let first = contract_cert(&ca, &ns);
+    let stand_in = StandInSidecar::start(&first.cert_pem, &first.key_pem)
+        .await
+        .unwrap();
+    let nodes = running_node(&client, &ns, &first, None, stand_in.addr()).await;
+    wait_sidecar(&nodes, "True", "SidecarHealthy").await;
+
+    let second = contract_cert(&ca, &ns);
+    stand_in
+        .set_certificate(&second.cert_pem, &second.key_pem)
+        .await
+        .unwrap();
+    put_secret(&client, &secret(&ns, &second, None)).await;
+    // A probe may land between the two changes (a mismatch); the end state is healthy again.
+    let (node, ok) = common::poll(
+        WAIT,
+        || async { nodes.get("rpc").await.unwrap() },
+        |n| {
+            let leaf_now = nodes_leaf_is(n, &second);
+            leaf_now
+                && sidecar_ready(n).is_some_and(|(s, r, _)| s == "True" && r == "SidecarHealthy")
+        },
+    )
+    .await;
+    assert!(
+        ok,
+        "not back to ready after the rotation: {:?}",
+        sidecar_ready(&node)
+    );
+}
