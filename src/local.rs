@@ -13,11 +13,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, ObjectMeta};
+use kube::api::Api;
 use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
 use seinode_tls_controller::probe::SidecarAddresses;
@@ -308,32 +306,14 @@ async fn start_demo(
         names[1],
         stand_in.addr()
     );
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(DEMO_SECRET.to_owned()),
-            namespace: Some(DEMO_NAMESPACE.to_owned()),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".to_owned()),
-        data: Some(
-            [
-                (
-                    "tls.crt".to_owned(),
-                    ByteString(issued.cert_pem.into_bytes()),
-                ),
-                (
-                    "tls.key".to_owned(),
-                    ByteString(issued.key_pem.into_bytes()),
-                ),
-                (
-                    "ca.crt".to_owned(),
-                    ByteString(control_plane.ca().cert_pem().into_bytes()),
-                ),
-            ]
-            .into(),
-        ),
-        ..Secret::default()
-    };
+    let ca = control_plane.ca().cert_pem();
+    let secret = crate::pki::tls_secret(
+        DEMO_NAMESPACE,
+        DEMO_SECRET,
+        &issued.cert_pem,
+        &issued.key_pem,
+        Some(&ca),
+    );
     control_plane::apply(&Api::namespaced(client.clone(), DEMO_NAMESPACE), &secret)
         .await
         .context("failed to apply the demo Secret")?;

@@ -135,3 +135,37 @@ impl CertificateAuthority {
         })
     }
 }
+
+/// A `kubernetes.io/tls` Secret holding `cert_pem` and `key_pem`, and `ca_pem` as `ca.crt`.
+pub fn tls_secret(
+    namespace: &str,
+    name: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: Option<&str>,
+) -> k8s_openapi::api::core::v1::Secret {
+    use k8s_openapi::ByteString;
+    let mut data = std::collections::BTreeMap::from([
+        (
+            "tls.crt".to_owned(),
+            ByteString(cert_pem.as_bytes().to_vec()),
+        ),
+        (
+            "tls.key".to_owned(),
+            ByteString(key_pem.as_bytes().to_vec()),
+        ),
+    ]);
+    if let Some(ca) = ca_pem {
+        data.insert("ca.crt".to_owned(), ByteString(ca.as_bytes().to_vec()));
+    }
+    k8s_openapi::api::core::v1::Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        },
+        type_: Some(seinode_tls_crds::validation::TLS_SECRET_TYPE.to_owned()),
+        data: Some(data),
+        ..Default::default()
+    }
+}

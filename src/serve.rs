@@ -115,13 +115,7 @@ fn health_router(registry: Arc<Registry>) -> axum::Router {
             "/metrics",
             get(move || {
                 let registry = registry.clone();
-                async move {
-                    let mut text = String::new();
-                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                        Ok(()) => (axum::http::StatusCode::OK, text),
-                        Err(_) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, String::new()),
-                    }
-                }
+                async move { seinode_tls_webhook::server::metrics_response(&registry) }
             }),
         )
 }

@@ -12,9 +12,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use prometheus_client::registry::Registry;
@@ -347,22 +346,7 @@ async fn the_controller_and_the_webhook_caches_work_as_the_service_account() {
             ..LeafSpec::default()
         })
         .unwrap();
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("rpc-tls".into()),
-            namespace: Some(ns.clone()),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(
-            [
-                ("tls.crt".to_owned(), ByteString(leaf.cert_pem.into_bytes())),
-                ("tls.key".to_owned(), ByteString(leaf.key_pem.into_bytes())),
-            ]
-            .into(),
-        ),
-        ..Secret::default()
-    };
+    let secret = seinode_tls::pki::tls_secret(&ns, "rpc-tls", &leaf.cert_pem, &leaf.key_pem, None);
     Api::<Secret>::namespaced(admin.clone(), &ns)
         .create(&PostParams::default(), &secret)
         .await

@@ -8,12 +8,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use rcgen::{CertificateParams, KeyPair};
 use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, TaskStatus};
 use serde_json::json;
@@ -61,28 +60,7 @@ fn valid_cert(ns: &str, node: &str) -> Cert {
 }
 
 fn secret(ns: &str, name: &str, cert_pem: &str, key_pem: &str) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(ns.to_owned()),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".to_owned()),
-        data: Some(
-            [
-                (
-                    "tls.crt".to_owned(),
-                    ByteString(cert_pem.as_bytes().to_vec()),
-                ),
-                (
-                    "tls.key".to_owned(),
-                    ByteString(key_pem.as_bytes().to_vec()),
-                ),
-            ]
-            .into(),
-        ),
-        ..Secret::default()
-    }
+    seinode_tls::pki::tls_secret(ns, name, cert_pem, key_pem, None)
 }
 
 async fn put_secret(client: &Client, secret: &Secret) {

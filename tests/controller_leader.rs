@@ -16,18 +16,8 @@ use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
 use seinode_tls_controller::{Controller, ControllerConfig, LeaderElection};
 use seinode_tls_crds::SeiNode;
-use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn plain_node(ns: &str, name: &str) -> SeiNode {
-    serde_json::from_value(json!({
-        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {}},
-    }))
-    .unwrap()
-}
 
 fn start(client: &Client, config: ControllerConfig) -> (RunningController, Arc<Registry>) {
     let mut registry = Registry::default();
@@ -79,7 +69,7 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
 
     let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
     nodes
-        .create(&PostParams::default(), &plain_node(&ns, "one"))
+        .create(&PostParams::default(), &common::plain_node(&ns, "one"))
         .await
         .unwrap();
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -90,10 +80,10 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
     )
     .await;
     assert!(acted, "the leader reconciled the node");
-    assert!(
-        reconciles(&first_metrics) > 0,
-        "the leader counted its reconciles"
-    );
+    // The counter moves when the reconcile ends, a moment after the Service appeared.
+    let (_, counted) =
+        common::poll(WAIT, || async { reconciles(&first_metrics) }, |n| *n > 0).await;
+    assert!(counted, "the leader counted its reconciles");
     assert_eq!(
         reconciles(&second_metrics),
         0,
@@ -106,7 +96,7 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
     let (who, ok) = common::poll(WAIT, holder, |h| h == "second").await;
     assert!(ok, "second never took the lease (holder {who:?})");
     nodes
-        .create(&PostParams::default(), &plain_node(&ns, "two"))
+        .create(&PostParams::default(), &common::plain_node(&ns, "two"))
         .await
         .unwrap();
     let (_, acted) = common::poll(
@@ -116,7 +106,9 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
     )
     .await;
     assert!(acted, "the new leader reconciled the new node");
-    assert!(reconciles(&second_metrics) > 0);
+    let (_, counted) =
+        common::poll(WAIT, || async { reconciles(&second_metrics) }, |n| *n > 0).await;
+    assert!(counted, "the new leader counted its reconciles");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     assert!(
         cms.list(&Default::default())

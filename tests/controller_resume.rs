@@ -19,15 +19,6 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn plain_node(ns: &str, name: &str) -> SeiNode {
-    serde_json::from_value(json!({
-        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {}},
-    }))
-    .unwrap()
-}
-
 fn start(client: &Client, config: ControllerConfig) -> RunningController {
     let controller = Controller::new(config, &mut Registry::default()).unwrap();
     RunningController::start(controller, client.clone())
@@ -49,7 +40,7 @@ async fn a_restarted_controller_resumes_the_plan_without_repeating_finished_task
     let ns = common::namespace(&client, "ha-resume").await;
     let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
     nodes
-        .create(&PostParams::default(), &plain_node(&ns, "rpc"))
+        .create(&PostParams::default(), &common::plain_node(&ns, "rpc"))
         .await
         .unwrap();
     // What a controller that stopped after ApplyService left behind in status.

@@ -11,11 +11,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject;
 use seinode_tls::pki::{CertificateAuthority, Issued, LeafSpec};
@@ -89,29 +88,7 @@ fn contract_cert(ca: &CertificateAuthority, ns: &str) -> Issued {
 }
 
 fn secret(ns: &str, leaf: &Issued, ca_crt: Option<&str>) -> Secret {
-    let mut data = vec![
-        (
-            "tls.crt".to_owned(),
-            ByteString(leaf.cert_pem.clone().into_bytes()),
-        ),
-        (
-            "tls.key".to_owned(),
-            ByteString(leaf.key_pem.clone().into_bytes()),
-        ),
-    ];
-    if let Some(ca) = ca_crt {
-        data.push(("ca.crt".to_owned(), ByteString(ca.as_bytes().to_vec())));
-    }
-    Secret {
-        metadata: ObjectMeta {
-            name: Some("rpc-tls".into()),
-            namespace: Some(ns.into()),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(data.into_iter().collect()),
-        ..Secret::default()
-    }
+    seinode_tls::pki::tls_secret(ns, "rpc-tls", &leaf.cert_pem, &leaf.key_pem, ca_crt)
 }
 
 async fn put_secret(client: &Client, secret: &Secret) {

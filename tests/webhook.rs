@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, PostParams};
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use seinode_tls::pki::{CertificateAuthority, LeafSpec};
@@ -27,30 +26,14 @@ fn node_manifest(ns: &str, name: &str, secret: &str) -> String {
 
 fn tls_secret(ns: &str, name: &str, dns_names: &[&str]) -> Secret {
     let ca = CertificateAuthority::new("test issuer").unwrap();
-    let leaf = ca
-        .issue(&LeafSpec {
-            common_name: "sidecar",
-            dns_names,
-            server: true,
-            ..LeafSpec::default()
-        })
-        .unwrap();
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(ns.to_owned()),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".to_owned()),
-        data: Some(
-            [
-                ("tls.crt".to_owned(), ByteString(leaf.cert_pem.into_bytes())),
-                ("tls.key".to_owned(), ByteString(leaf.key_pem.into_bytes())),
-            ]
-            .into(),
-        ),
-        ..Secret::default()
-    }
+    let leaf_spec = LeafSpec {
+        common_name: "sidecar",
+        dns_names,
+        server: true,
+        ..LeafSpec::default()
+    };
+    let leaf = ca.issue(&leaf_spec).unwrap();
+    seinode_tls::pki::tls_secret(ns, name, &leaf.cert_pem, &leaf.key_pem, None)
 }
 
 fn contract(ns: &str, name: &str) -> [String; 2] {

@@ -243,3 +243,13 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A full node `name` in `ns` without TLS.
+pub fn plain_node(ns: &str, name: &str) -> seinode_tls_crds::SeiNode {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {}},
+    }))
+    .unwrap()
+}
