@@ -263,6 +263,7 @@ fn the_service_account_may_do_exactly_what_the_code_does() {
         &["list", "seinodes.sei.io", "-A"],
         &["watch", "seinodes.sei.io", "-A"],
         &["patch", "seinodes.sei.io", "--subresource=status", "-A"],
+        &["get", "seinodes.sei.io", "--subresource=sidecar", "-A"],
         &["get", "secrets", "-A"],
         &["list", "secrets", "-A"],
         &["watch", "secrets", "-A"],

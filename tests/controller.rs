@@ -295,7 +295,7 @@ async fn a_tls_node_waits_for_its_secret_then_runs_as_soon_as_it_appears() {
             secret_volume.secret_name.as_deref(),
             secret_volume.default_mode
         ),
-        (Some("rpc-tls"), Some(0o400))
+        (Some("rpc-tls"), Some(0o440))
     );
 }
 
@@ -571,4 +571,30 @@ async fn an_invalid_image_fails_the_plan_with_a_clear_error_until_the_spec_is_fi
         .await
         .unwrap();
     bring_to_running(&client, &api, &ns, "rpc").await;
+}
+
+#[tokio::test]
+async fn a_resource_the_api_server_refuses_fails_the_plan_instead_of_retrying_forever() {
+    let (client, ns) = setup("ctl-refused").await;
+    // A valid SeiNode name, but not a valid Service name (a dot): the API server refuses the
+    // Service with 422, which no retry can fix.
+    let api = create_node(&client, &node(&ns, "rpc.one", None)).await;
+    let failed = wait_node(&api, "rpc.one", "phase Failed", |n| {
+        phase(n) == Some(SeiNodePhase::Failed)
+    })
+    .await;
+    let plan = failed.status.unwrap().plan.unwrap();
+    let task = plan
+        .tasks
+        .iter()
+        .find(|t| t.status == TaskStatus::Failed)
+        .unwrap();
+    assert_eq!(task.r#type, "ApplyService");
+    let error = task.error.as_deref().unwrap();
+    assert!(
+        error.contains(&format!("the API server refused Service {ns}/rpc.one")),
+        "{error}"
+    );
+    assert!(error.contains("HTTP 422"), "{error}");
+    wait_event(&client, &ns, "PlanFailed").await;
 }

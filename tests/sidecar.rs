@@ -319,7 +319,9 @@ async fn rotating_the_secret_and_the_served_certificate_together_returns_to_read
     let stand_in = StandInSidecar::start(&first.cert_pem, &first.key_pem)
         .await
         .unwrap();
-    let nodes = running_node(&client, &ns, &first, None, stand_in.addr()).await;
+    // With ca.crt (trust by CA): a rotation keeps the trust anchor, so only the leaf tells.
+    let ca_pem = ca.cert_pem();
+    let nodes = running_node(&client, &ns, &first, Some(&ca_pem), stand_in.addr()).await;
     wait_sidecar(&nodes, "True", "SidecarHealthy").await;
 
     let second = contract_cert(&ca, &ns);
@@ -327,7 +329,7 @@ async fn rotating_the_secret_and_the_served_certificate_together_returns_to_read
         .set_certificate(&second.cert_pem, &second.key_pem)
         .await
         .unwrap();
-    put_secret(&client, &secret(&ns, &second, None)).await;
+    put_secret(&client, &secret(&ns, &second, Some(&ca_pem))).await;
     // A probe may land between the two changes (a mismatch); the end state is healthy again.
     let (node, ok) = common::poll(
         WAIT,

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use crate::probe::SidecarAddresses;
 
-/// Where Kubernetes mounts the pod's ServiceAccount token.
-pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// Where the chart mounts the controller's projected token for the sidecars' kube-rbac-proxy.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/seinode-tls/sidecar/token";
+/// The audience of that token, and the only one kube-rbac-proxy accepts (`--auth-token-audiences`):
+/// a token a sidecar receives is useless against the API server.
+pub const SIDECAR_TOKEN_AUDIENCE: &str = "seinode-sidecar";
 
 /// seictl sidecar image used when `spec.sidecar.image` is empty: the release upstream's samples pin.
 pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/sei-protocol/seictl@sha256:2cb320dd583000765520293d4e28ecc79fed4432c76760923d3aaa47803a4dbf";
@@ -39,6 +42,9 @@ pub struct ControllerConfig {
     pub token_file: Option<PathBuf>,
     /// Connect to these addresses instead of resolving the pod's DNS name (tests and `local`).
     pub sidecar_addresses: SidecarAddresses,
+    /// ServiceAccount of the node pods (kube-rbac-proxy runs as it and needs TokenReview and
+    /// SubjectAccessReview); the namespace's default when `None`.
+    pub node_service_account: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -55,6 +61,7 @@ impl Default for ControllerConfig {
             sidecar_ca_bundle: None,
             token_file: Some(PathBuf::from(DEFAULT_TOKEN_FILE)),
             sidecar_addresses: SidecarAddresses::default(),
+            node_service_account: None,
         }
     }
 }

@@ -45,6 +45,8 @@ pub enum ControllerError {
         #[source]
         source: kube_lease_manager::LeaseManagerError,
     },
+    #[error("leader election on Lease {name} stopped")]
+    LeaseLost { name: String },
     #[error("invalid {flag}: {reason}")]
     Config { flag: &'static str, reason: String },
 }
@@ -124,7 +126,9 @@ impl Controller {
             while !*leading.borrow_and_update() {
                 tracing::info!(identity = %election.identity, "waiting for the leader lease");
                 tokio::select! {
-                    changed = leading.changed() => if changed.is_err() { break },
+                    changed = leading.changed() => if changed.is_err() {
+                        return Err(ControllerError::LeaseLost { name: election.lease_name.clone() });
+                    },
                     () = shutdown.clone() => { drop(leading); let _ = lease_task.await; return Ok(()) }
                 }
             }
@@ -145,6 +149,8 @@ impl Controller {
             };
             let _ = stop_tx.send(());
             let _ = controller.await;
+            // A follower exports no per-node figures: the leader's are the current ones.
+            self.metrics.tls.retain(|_, _| false);
             if stopping {
                 // Dropping the receiver makes the lease task release the Lease.
                 drop(leading);
@@ -213,6 +219,16 @@ async fn run_controller(
         metrics,
         reader.clone(),
     ));
+    let pruning = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                ctx.prune();
+            }
+        })
+    };
     Runtime::for_stream(node_stream, reader)
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
@@ -232,5 +248,6 @@ async fn run_controller(
         })
         .await;
     relay.abort();
+    pruning.abort();
     tracing::info!("controller stopped");
 }

@@ -114,7 +114,7 @@ pub fn gate(tls_enabled: bool, conditions: &[Condition]) -> Gate {
 }
 
 /// The plan the node should have now, given its spec and (already updated) status:
-/// the active plan if any; a fresh init plan for a node that never reached Running; an update
+/// the active plan if any (rebuilt when the spec changed under it); a fresh init plan for a node that never reached Running; an update
 /// plan when a Running node's image differs from what runs; a failed plan is rebuilt only once
 /// the spec changed (`spec_changed`), so a permanent failure waits for a fix.
 pub fn desired_plan(
@@ -133,7 +133,13 @@ pub fn desired_plan(
         }
     };
     match &status.plan {
-        Some(plan) if plan.phase == PlanPhase::Active => Some(plan.clone()),
+        // A spec change under an active plan (say, a fixed image while init is stuck) restarts
+        // it, so it applies what the spec says now; a restart of the controller does not.
+        Some(plan) if plan.phase == PlanPhase::Active => Some(if spec_changed {
+            rebuild()
+        } else {
+            plan.clone()
+        }),
         Some(plan) if plan.phase == PlanPhase::Failed => Some(if spec_changed {
             rebuild()
         } else {
@@ -274,10 +280,24 @@ mod tests {
             ..SeiNodeStatus::default()
         };
         assert_eq!(
-            desired_plan(&node(true), &status, true),
+            desired_plan(&node(true), &status, false),
             Some(recorded.clone())
         );
         assert_eq!(next_task(&recorded), Some((1, Some(Task::ApplyService))));
+    }
+
+    #[test]
+    fn a_spec_change_under_an_active_plan_restarts_it() {
+        let mut recorded = init_plan(1, false);
+        recorded.tasks[0].status = TaskStatus::Complete;
+        recorded.tasks[1].status = TaskStatus::Complete;
+        let status = SeiNodeStatus {
+            plan: Some(recorded),
+            ..SeiNodeStatus::default()
+        };
+        let restarted = desired_plan(&node(false), &status, true).expect("plan");
+        assert_eq!(restarted.id, "init-3");
+        assert_eq!(next_task(&restarted), Some((0, Some(Task::ApplyService))));
     }
 
     #[test]

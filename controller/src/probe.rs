@@ -56,6 +56,8 @@ pub enum ProbeResult {
     /// The served certificate is not the Secret's leaf.
     CertificateMismatch(String),
     Unhealthy(String),
+    /// Nothing to verify against: the node's TLS Secret is not usable.
+    NotProbed(String),
 }
 
 impl ProbeResult {
@@ -66,6 +68,7 @@ impl ProbeResult {
             ProbeResult::HandshakeFailed(_) => "SidecarTLSHandshakeFailed",
             ProbeResult::CertificateMismatch(_) => "SidecarCertificateMismatch",
             ProbeResult::Unhealthy(_) => "SidecarUnhealthy",
+            ProbeResult::NotProbed(_) => "SidecarNotProbed",
         }
     }
 
@@ -75,7 +78,8 @@ impl ProbeResult {
             | ProbeResult::Unreachable(m)
             | ProbeResult::HandshakeFailed(m)
             | ProbeResult::CertificateMismatch(m)
-            | ProbeResult::Unhealthy(m) => m,
+            | ProbeResult::Unhealthy(m)
+            | ProbeResult::NotProbed(m) => m,
         }
     }
 
@@ -97,6 +101,9 @@ type HttpsClient =
     Client<hyper_rustls::HttpsConnector<HttpConnector<OverrideResolver>>, Empty<Bytes>>;
 type PlainClient = Client<HttpConnector<OverrideResolver>, Empty<Bytes>>;
 
+/// A client per pod host, trust anchor and expected leaf.
+type ClientKey = (String, Trust, Vec<u8>);
+
 struct TlsEntry {
     client: HttpsClient,
     /// The leaf the last handshake of this client presented.
@@ -109,7 +116,7 @@ pub struct SidecarProber {
     ca_bundle: Option<Vec<u8>>,
     token_file: Option<PathBuf>,
     timeout: Duration,
-    tls: Mutex<HashMap<(String, Trust), Arc<TlsEntry>>>,
+    tls: Mutex<HashMap<ClientKey, Arc<TlsEntry>>>,
     plain: PlainClient,
 }
 
@@ -144,12 +151,12 @@ impl SidecarProber {
             Some(pem) => Trust::Roots(pem.to_vec()),
             None => Trust::Pinned(leaf_der.to_vec()),
         };
-        let entry = match self.tls_entry(host, trust) {
+        let entry = match self.tls_entry(host, trust, leaf_der) {
             Ok(entry) => entry,
             Err(message) => return ProbeResult::HandshakeFailed(message),
         };
         let url = format!("https://{host}:{}/healthz", self.port_for(host, port));
-        let result = self.get(&entry.client, &url).await;
+        let result = self.get(&entry.client, &url, true).await;
         let seen = entry.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let served_other = seen.as_deref().is_some_and(|served| served != leaf_der);
         match result {
@@ -176,10 +183,11 @@ impl SidecarProber {
         }
     }
 
-    /// `GET http://host:port/healthz` on a sidecar without TLS.
+    /// `GET http://host:port/healthz` on a sidecar without TLS (no credentials sent).
     pub async fn probe_plain(&self, host: &str, port: u16) -> ProbeResult {
         let url = format!("http://{host}:{}/healthz", self.port_for(host, port));
-        match self.get(&self.plain, &url).await {
+        // Never a token over plain HTTP.
+        match self.get(&self.plain, &url, false).await {
             Ok(status) if (200..300).contains(&status) => {
                 ProbeResult::Healthy(format!("{url} answered {status}"))
             }
@@ -195,14 +203,21 @@ impl SidecarProber {
         self.addresses.get(host).map_or(port, |addr| addr.port())
     }
 
-    fn tls_entry(&self, host: &str, trust: Trust) -> Result<Arc<TlsEntry>, String> {
+    /// The client for `host` under `trust`, for the Secret holding `leaf_der`: a new leaf (a
+    /// rotation) gets a new client, so no pooled connection from before it is reused.
+    fn tls_entry(
+        &self,
+        host: &str,
+        trust: Trust,
+        leaf_der: &[u8],
+    ) -> Result<Arc<TlsEntry>, String> {
         let mut clients = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (host.to_owned(), trust.clone());
+        let key = (host.to_owned(), trust.clone(), leaf_der.to_vec());
         if let Some(entry) = clients.get(&key) {
             return Ok(entry.clone());
         }
         // A rotation replaces the trust: drop the host's old clients and their connections.
-        clients.retain(|(h, _), _| h != host);
+        clients.retain(|(h, _, _), _| h != host);
         let seen = Arc::new(Mutex::new(None));
         let verifier = Arc::new(RecordingVerifier::new(&trust, seen.clone())?);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -223,12 +238,17 @@ impl SidecarProber {
         Ok(entry)
     }
 
-    async fn get<C>(&self, client: &Client<C, Empty<Bytes>>, url: &str) -> Result<u16, Failure>
+    async fn get<C>(
+        &self,
+        client: &Client<C, Empty<Bytes>>,
+        url: &str,
+        with_token: bool,
+    ) -> Result<u16, Failure>
     where
         C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
     {
         let mut request = hyper::Request::get(url);
-        if let Some(token) = self.read_token() {
+        if let Some(token) = self.read_token().filter(|_| with_token) {
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let request = request
@@ -250,7 +270,9 @@ impl SidecarProber {
         Ok(status)
     }
 
-    /// The ServiceAccount token, re-read every time (tokens rotate). Never logged.
+    /// The token for kube-rbac-proxy, re-read every time (projected tokens rotate). Never logged.
+    /// It should be a projected ServiceAccount token with the sidecar audience only, so that a
+    /// sidecar image chosen by a SeiNode author cannot replay it against the API server.
     fn read_token(&self) -> Option<String> {
         let path = self.token_file.as_ref()?;
         match std::fs::read_to_string(path) {
@@ -455,5 +477,15 @@ impl tower_service::Service<Name> for OverrideResolver {
         }
         let lookup = self.gai.call(name);
         Box::pin(async move { Ok(Box::new(lookup.await?) as Addrs) })
+    }
+}
+
+impl SidecarProber {
+    /// Forgets clients of hosts `keep` rejects (deleted nodes).
+    pub fn retain_hosts(&self, keep: impl Fn(&str) -> bool) {
+        self.tls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(host, _, _), _| keep(host));
     }
 }

@@ -27,7 +27,7 @@ use thiserror::Error;
 use crate::config::ControllerConfig;
 use crate::metrics::{ControllerMetrics, NodeTls, OutcomeLabels, ProbeLabels, ReconcileOutcome};
 use crate::plan::{Gate, Task, desired_plan, gate, next_task};
-use crate::probe::SidecarProber;
+use crate::probe::{ProbeResult, SidecarProber};
 use crate::resources;
 use crate::secrets::SecretJudge;
 use crate::status::{
@@ -84,6 +84,40 @@ pub struct Context {
     pub store: Store<SeiNode>,
     failures: Mutex<HashMap<String, u32>>,
     expiry_warned: Mutex<HashSet<(String, i64)>>,
+}
+
+impl Context {
+    /// Forgets what is kept per node and per Secret for nodes that are gone (run periodically,
+    /// so memory follows the fleet rather than its history).
+    pub fn prune(&self) {
+        let nodes = self.store.state();
+        let uids: HashSet<String> = nodes.iter().map(|n| uid(n)).collect();
+        let hosts: HashSet<String> = nodes
+            .iter()
+            .map(|n| {
+                let (ns, name) = (n.namespace().unwrap_or_default(), n.name_any());
+                format!("{name}-0.{name}.{ns}.svc.{}", self.config.cluster_domain)
+            })
+            .collect();
+        let secrets: HashSet<(String, String)> = nodes
+            .iter()
+            .filter_map(|n| Some((n.namespace()?, n.sidecar_tls()?.secret_name.clone())))
+            .collect();
+        self.metrics
+            .tls
+            .retain(|ns, name| self.store.get(&ObjectRef::new(name).within(ns)).is_some());
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|u, _| uids.contains(u));
+        self.expiry_warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(u, _)| uids.contains(u));
+        self.prober.retain_hosts(|host| hosts.contains(host));
+        self.secrets
+            .retain(|ns, name| secrets.contains(&(ns.to_owned(), name.to_owned())));
+    }
 }
 
 impl Context {
@@ -195,9 +229,6 @@ async fn reconcile_node(node: &SeiNode, ctx: &Context) -> Result<Action, Error> 
     let old = node.status.clone().unwrap_or_default();
     let mut status = old.clone();
     let mut requeue = Requeue(None);
-    ctx.metrics
-        .tls
-        .retain(|ns, n| ctx.store.get(&ObjectRef::new(n).within(ns)).is_some());
 
     // 1. The contract and the condition.
     let mut flip: Option<(bool, String)> = None;
@@ -214,6 +245,10 @@ async fn reconcile_node(node: &SeiNode, ctx: &Context) -> Result<Action, Error> 
             Some(InspectedSecret::Usable(leaf)) => Some(leaf.clone()),
             _ => None,
         };
+        if let Some(leaf) = &secret_leaf {
+            // A certificate not valid yet becomes valid without any event: look again then.
+            requeue.at(leaf.not_before, now);
+        }
         status.sidecar_tls = Some(SidecarTlsStatus {
             secret_name: tls.secret_name.clone(),
             required_dns_names: required,
@@ -313,7 +348,9 @@ async fn probe_sidecar(
                 .probe_tls(&pod_host, port, &leaf.der, leaf.ca_crt.as_deref())
                 .await
         }
-        (Some(_), None) => return Ok(()),
+        (Some(_), None) => ProbeResult::NotProbed(
+            "not probed: the node's TLS Secret does not meet the contract (see SidecarTLSSecretReady)".to_owned(),
+        ),
         (None, _) => {
             let port = node
                 .spec
@@ -440,7 +477,10 @@ async fn advance_plan(
             TaskOutcome::Done => {
                 plan.tasks[index].status = TaskStatus::Complete;
                 plan.tasks[index].error = None;
-                if status.phase == Some(SeiNodePhase::Pending) {
+                if matches!(
+                    status.phase,
+                    Some(SeiNodePhase::Pending | SeiNodePhase::Failed)
+                ) {
                     set_phase(&mut status, SeiNodePhase::Initializing, now);
                 }
             }
@@ -484,6 +524,25 @@ enum TaskOutcome {
 }
 
 async fn run_task(node: &SeiNode, ctx: &Context, task: Task) -> Result<TaskOutcome, Error> {
+    match run_task_inner(node, ctx, task).await {
+        // The API server refused what we built (say, a name that is not a valid Service name):
+        // retrying cannot help, the spec must change.
+        Err(Error::Apply {
+            kind,
+            namespace,
+            name,
+            source: kube::Error::Api(status),
+        }) if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) => {
+            Ok(TaskOutcome::Failed(format!(
+                "the API server refused {kind} {namespace}/{name}: {} (HTTP {})",
+                status.message, status.code
+            )))
+        }
+        other => other,
+    }
+}
+
+async fn run_task_inner(node: &SeiNode, ctx: &Context, task: Task) -> Result<TaskOutcome, Error> {
     let namespace = node.namespace().unwrap_or_default();
     match task {
         Task::ApplyRbacProxyConfig => {

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe,
-    SecretVolumeSource, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SecretVolumeSource, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -32,6 +32,9 @@ const TLS_MOUNT: &str = "/etc/sidecar-tls";
 const PROXY_CONFIG_MOUNT: &str = "/etc/kube-rbac-proxy";
 /// Home (data directory) of seid.
 const SEI_HOME: &str = "/sei";
+/// Group that owns mounted volumes (the TLS key among them); kube-rbac-proxy's image runs as
+/// UID/GID 65532.
+const NODE_FS_GROUP: i64 = 65532;
 /// Size of the data volume the StatefulSet claims when no PVC is imported.
 const DEFAULT_DATA_SIZE: &str = "500Gi";
 
@@ -75,7 +78,8 @@ fn sidecar_port(node: &SeiNode) -> i32 {
 }
 
 /// kube-rbac-proxy's authorization config: a caller may use the sidecar of node N when it may
-/// `get seinodes/sidecar` named N in N's namespace (SubjectAccessReview by the proxy).
+/// `get seinodes/sidecar` named N in N's namespace (SubjectAccessReview by the proxy, which
+/// needs the node pods' ServiceAccount bound to `system:auth-delegator`).
 pub fn rbac_proxy_config_map(node: &SeiNode) -> ConfigMap {
     let config = format!(
         "authorization:\n  resourceAttributes:\n    namespace: {ns}\n    apiGroup: sei.io\n    \
@@ -216,6 +220,10 @@ pub fn stateful_set(node: &SeiNode, config: &ControllerConfig) -> Result<Statefu
                 format!("--tls-cert-file={TLS_MOUNT}/tls.crt"),
                 format!("--tls-private-key-file={TLS_MOUNT}/tls.key"),
                 "--tls-min-version=VersionTLS12".to_owned(),
+                format!(
+                    "--auth-token-audiences={}",
+                    crate::config::SIDECAR_TOKEN_AUDIENCE
+                ),
                 format!("--config-file={PROXY_CONFIG_MOUNT}/config.yaml"),
             ]),
             ports: Some(vec![ContainerPort {
@@ -245,7 +253,8 @@ pub fn stateful_set(node: &SeiNode, config: &ControllerConfig) -> Result<Statefu
             name: "sidecar-tls".to_owned(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(tls.secret_name.clone()),
-                default_mode: Some(0o400),
+                // Read-only for the owner and the pod's fsGroup: the proxy runs as non-root.
+                default_mode: Some(0o440),
                 ..SecretVolumeSource::default()
             }),
             ..Volume::default()
@@ -318,6 +327,11 @@ pub fn stateful_set(node: &SeiNode, config: &ControllerConfig) -> Result<Statefu
                 spec: Some(PodSpec {
                     containers,
                     volumes: (!volumes.is_empty()).then_some(volumes),
+                    service_account_name: config.node_service_account.clone(),
+                    security_context: Some(PodSecurityContext {
+                        fs_group: Some(NODE_FS_GROUP),
+                        ..PodSecurityContext::default()
+                    }),
                     ..PodSpec::default()
                 }),
             },

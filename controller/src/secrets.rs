@@ -10,10 +10,14 @@ use seinode_tls_crds::validation::{
     InspectedSecret, SecretLookup, SecretVerdict, inspect_tls_secret, judge,
 };
 
-/// Inspections by Secret uid and resourceVersion; an entry is replaced when the version moves.
+type SecretKey = (String, String);
+type ResourceVersion = String;
+
+/// Inspections by Secret namespace/name, with the resourceVersion they were made from; an entry
+/// is replaced when the version moves and pruned when no node names the Secret any more.
 #[derive(Default)]
 pub struct SecretJudge {
-    parsed: Mutex<HashMap<String, (String, Arc<InspectedSecret>)>>,
+    parsed: Mutex<HashMap<SecretKey, (ResourceVersion, Arc<InspectedSecret>)>>,
 }
 
 impl SecretJudge {
@@ -68,28 +72,29 @@ impl SecretJudge {
     }
 
     fn inspect(&self, secret: &Secret) -> Arc<InspectedSecret> {
-        let uid = secret.metadata.uid.clone().unwrap_or_default();
+        let key = (
+            secret.metadata.namespace.clone().unwrap_or_default(),
+            secret.metadata.name.clone().unwrap_or_default(),
+        );
         let version = secret.metadata.resource_version.clone().unwrap_or_default();
         let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cached_version, inspected)) = parsed.get(&uid)
+        if let Some((cached_version, inspected)) = parsed.get(&key)
             && !version.is_empty()
             && *cached_version == version
         {
             return inspected.clone();
         }
         let inspected = Arc::new(inspect_tls_secret(secret));
-        if !uid.is_empty() {
-            parsed.insert(uid, (version, inspected.clone()));
-        }
+        parsed.insert(key, (version, inspected.clone()));
         inspected
     }
 
-    /// Forgets Secrets that are gone (called with the uids still referenced).
-    pub fn retain(&self, live: impl Fn(&str) -> bool) {
+    /// Keeps only the Secrets for which `keep(namespace, name)` holds.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
         self.parsed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|uid, _| live(uid));
+            .retain(|(ns, name), _| keep(ns, name));
     }
 
     pub fn len(&self) -> usize {

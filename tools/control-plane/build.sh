@@ -45,7 +45,7 @@ ldflags+=" -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=1970-01-01T00:00:00Z
 ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=${version}"
 
 cd "$here"
-export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=mod -trimpath"
+export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath"
 start=$SECONDS
 for target in k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl ./etcd; do
   name="$(basename "$target")"

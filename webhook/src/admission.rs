@@ -258,12 +258,15 @@ fn validate_create(
 
 // === SeiNode mutation ===
 
-/// CREATE of a TLS node: annotate it with the contract, so a server-side dry run shows it.
+/// CREATE or UPDATE of a TLS node: annotate it with the contract (so a server-side dry run shows
+/// it), unless it already carries exactly that.
 pub fn mutate_seinode(
     request: &AdmissionRequest<DynamicObject>,
     ctx: &AdmissionContext<'_>,
 ) -> Decision {
-    if request.operation != Operation::Create {
+    // UPDATE too: a later server-side apply that does not list the annotation removes it (the
+    // mutation was attributed to the applier), and this puts it back.
+    if !matches!(request.operation, Operation::Create | Operation::Update) {
         return Decision::allow(request);
     }
     let Some(object) = request.object.as_ref() else {
@@ -282,7 +285,16 @@ pub fn mutate_seinode(
     if check_satisfiable(&required).is_err() {
         return Decision::allow(request);
     }
-    let value = Value::String(required.join(","));
+    let expected = required.join(",");
+    let current = object
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REQUIRED_DNS_NAMES_ANNOTATION));
+    if current == Some(&expected) {
+        return Decision::allow(request);
+    }
+    let value = Value::String(expected);
     let operation = match object.metadata.annotations {
         Some(_) => AddOperation {
             path: PointerBuf::from_tokens([

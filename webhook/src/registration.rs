@@ -133,7 +133,8 @@ pub fn validating_configuration(
     }
 }
 
-/// The mutating configuration: SeiNode CREATE (failurePolicy Fail, no reinvocation needed).
+/// The mutating configuration: SeiNode CREATE and UPDATE (failurePolicy Fail, no reinvocation
+/// needed).
 pub fn mutating_configuration(
     endpoint: &Endpoint,
     ca_bundle: &[u8],
@@ -147,7 +148,7 @@ pub fn mutating_configuration(
         webhooks: Some(vec![MutatingWebhook {
             name: MUTATE_SEINODES_WEBHOOK.to_owned(),
             client_config: endpoint.client_config(MUTATE_SEINODES_PATH, ca_bundle),
-            rules: Some(vec![rule("sei.io", "seinodes", &["CREATE"])]),
+            rules: Some(vec![rule("sei.io", "seinodes", &["CREATE", "UPDATE"])]),
             failure_policy: Some("Fail".to_owned()),
             side_effects: "None".to_owned(),
             admission_review_versions: vec!["v1".to_owned()],

@@ -56,6 +56,8 @@ pub struct ServingCertificate {
     config: RustlsConfig,
     /// Hash of the PEM files last loaded, to skip no-op reloads.
     loaded_hash: AtomicU64,
+    /// Hash of the last pair that failed, so a bad pair is reported once, not every poll.
+    failed_hash: AtomicU64,
     metrics: Arc<WebhookMetrics>,
 }
 
@@ -73,6 +75,7 @@ impl ServingCertificate {
             key_file,
             config: RustlsConfig::from_config(loaded.config),
             loaded_hash: AtomicU64::new(loaded.hash),
+            failed_hash: AtomicU64::new(0),
             metrics,
         })
     }
@@ -83,17 +86,38 @@ impl ServingCertificate {
 
     /// Re-reads the files; swaps the served pair when they changed and are good.
     pub fn reload(&self) {
-        let result = match load_pair(&self.cert_file, &self.key_file) {
-            Ok(loaded) if loaded.hash == self.loaded_hash.load(Ordering::Acquire) => return,
-            Ok(loaded) => {
-                self.config.reload_from_config(loaded.config);
-                self.loaded_hash.store(loaded.hash, Ordering::Release);
-                self.metrics.serving_cert_not_after.set(loaded.not_after);
-                tracing::info!(cert = %self.cert_file.display(), "reloaded the serving certificate");
-                ReloadResult::success
+        let result = match read_pair(&self.cert_file, &self.key_file) {
+            // Unchanged, or the same bad pair as last time (already logged and counted).
+            Ok((_, _, hash))
+                if hash == self.loaded_hash.load(Ordering::Acquire)
+                    || hash == self.failed_hash.load(Ordering::Acquire) =>
+            {
+                return;
+            }
+            Ok((cert_pem, key_pem, hash)) => {
+                match parse_pair(&self.cert_file, &self.key_file, &cert_pem, &key_pem) {
+                    Ok((config, not_after)) => {
+                        self.config.reload_from_config(config);
+                        self.loaded_hash.store(hash, Ordering::Release);
+                        self.metrics.serving_cert_not_after.set(not_after);
+                        tracing::info!(cert = %self.cert_file.display(), "reloaded the serving certificate");
+                        ReloadResult::success
+                    }
+                    Err(error) => {
+                        self.failed_hash.store(hash, Ordering::Release);
+                        tracing::error!(
+                            error = %seinode_tls_crds::error_chain(&error),
+                            "new serving certificate is unusable; keeping the previous one"
+                        );
+                        ReloadResult::failure
+                    }
+                }
             }
             Err(error) => {
-                tracing::error!(error = %seinode_tls_crds::error_chain(&error), "new serving certificate is unusable; keeping the previous one");
+                tracing::error!(
+                    error = %seinode_tls_crds::error_chain(&error),
+                    "cannot read the serving certificate; keeping the previous one"
+                );
                 ReloadResult::failure
             }
         };
@@ -158,6 +182,17 @@ struct LoadedPair {
 }
 
 fn load_pair(cert_file: &Path, key_file: &Path) -> Result<LoadedPair, TlsError> {
+    let (cert_pem, key_pem, hash) = read_pair(cert_file, key_file)?;
+    let (config, not_after) = parse_pair(cert_file, key_file, &cert_pem, &key_pem)?;
+    Ok(LoadedPair {
+        config,
+        not_after,
+        hash,
+    })
+}
+
+/// The PEM files and a hash of both.
+fn read_pair(cert_file: &Path, key_file: &Path) -> Result<(Vec<u8>, Vec<u8>, u64), TlsError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| TlsError::Read {
             path: path.to_owned(),
@@ -168,8 +203,18 @@ fn load_pair(cert_file: &Path, key_file: &Path) -> Result<LoadedPair, TlsError> 
     let key_pem = read(key_file)?;
     let mut hasher = DefaultHasher::new();
     (&cert_pem, &key_pem).hash(&mut hasher);
+    let hash = hasher.finish();
+    Ok((cert_pem, key_pem, hash))
+}
 
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+/// The server configuration and the leaf's notAfter (Unix seconds).
+fn parse_pair(
+    cert_file: &Path,
+    key_file: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<(Arc<ServerConfig>, i64), TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|_| TlsError::NoCertificate {
             path: cert_file.to_owned(),
@@ -184,15 +229,10 @@ fn load_pair(cert_file: &Path, key_file: &Path) -> Result<LoadedPair, TlsError> 
         .map_err(|_| TlsError::BadCertificate {
             path: cert_file.to_owned(),
         })?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::NoKey {
         path: key_file.to_owned(),
     })?;
-
-    Ok(LoadedPair {
-        config: server_config(chain, key)?,
-        not_after,
-        hash: hasher.finish(),
-    })
+    Ok((server_config(chain, key)?, not_after))
 }
 
 /// TLS 1.2 and 1.3 with the ring provider; HTTP/2 and HTTP/1.1 by ALPN.

@@ -1106,16 +1106,26 @@ async fn mutating_create_without_tls_does_not_patch() {
 }
 
 #[tokio::test]
-async fn mutating_update_does_not_patch() {
+async fn mutating_update_restores_a_missing_annotation_and_leaves_a_correct_one_alone() {
     let webhook = setup().build();
+    // A later server-side apply dropped the annotation: the update puts it back.
     let new = with_image(tls_node(), "ghcr.io/sei-protocol/seid:v6.1.0");
+    let answer = webhook.mutate(&Review::update_node(tls_node(), new)).await;
+    assert!(answer.allowed(), "{}", answer.review);
+    let patch = answer.patch().expect("a patch");
+    assert_eq!(patch[0]["path"], "/metadata/annotations", "{patch}");
+
+    let mut annotated = with_image(tls_node(), "ghcr.io/sei-protocol/seid:v6.1.0");
+    annotated["metadata"]["annotations"] = json!({
+        "sei.io/sidecar-tls-required-dns-names": "rpc.sei.svc.cluster.local,rpc-0.rpc.sei.svc.cluster.local"
+    });
     webhook
-        .mutate(&Review::update_node(tls_node(), new))
+        .mutate(&Review::update_node(tls_node(), annotated))
         .await
         .assert_allowed_silently();
-    // Not even one that the validating webhook will refuse.
+    // No TLS, no annotation.
     webhook
-        .mutate(&Review::update_node(node(NODE, None), tls_node()))
+        .mutate(&Review::update_node(node(NODE, None), node(NODE, None)))
         .await
         .assert_allowed_silently();
 }

@@ -135,6 +135,8 @@ fn start(cert: &Path, key: &Path) -> Server {
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let mut config = WebhookConfig::new(loopback, loopback, cert.to_owned(), key.to_owned());
     config.shutdown_grace = Duration::from_secs(5);
+    // Generous: the graceful-shutdown test sends half a body, then the rest a moment later.
+    config.request_deadline = Duration::from_secs(30);
     let mut registry = Registry::default();
     let webhook = Webhook::bind(config, &mut registry).expect("bind");
     let addr = webhook.https_addr();

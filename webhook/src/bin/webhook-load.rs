@@ -15,7 +15,6 @@
 //! stdout, the last line being one JSON object; any failed request makes the exit status 1.
 //! See `docs/benchmarks.md`.
 
-use std::io::IsTerminal;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +50,9 @@ const SECRET_NAME: &str = "pacific-rpc-7-sidecar-tls";
 const DISTINCT_REVIEWS: usize = 64;
 /// Most failed requests quoted in the report.
 const ERRORS_QUOTED: usize = 5;
+/// How long past a phase's deadline a connection may still wait for an answer before it is
+/// abandoned (and counted as an error), so that a stuck server cannot hang the benchmark.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -107,9 +109,9 @@ fn run(args: &Args) -> anyhow::Result<Summary> {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log_filter))
             .with_writer(std::io::stderr)
-            // As `seinode-tls` sets it up: colours only on a terminal (never in a pod). Colours
-            // make every span field cost more, since the fmt layer styles each field name.
-            .with_ansi(std::io::stderr().is_terminal())
+            // No colours, as in a pod (`seinode-tls` colours only a terminal): the fmt layer
+            // styles every span field name, which would inflate the span's cost here.
+            .with_ansi(false)
             .try_init()
             .map_err(|e| anyhow::anyhow!("failed to install the log subscriber: {e}"))?;
     }
@@ -669,13 +671,20 @@ async fn phase(
         .collect();
     let mut live = Vec::new();
     let mut total = Sample::default();
-    for worker in workers {
-        match worker.await {
-            Ok((connection, sample)) => {
+    let give_up = tokio::time::Instant::from_std(deadline + STALL_LIMIT);
+    for mut worker in workers {
+        match tokio::time::timeout_at(give_up, &mut worker).await {
+            Ok(Ok((connection, sample))) => {
                 live.extend(connection);
                 total.merge(sample);
             }
-            Err(e) => total.record_error(format!("a client task failed: {e}")),
+            Ok(Err(e)) => total.record_error(format!("a client task failed: {e}")),
+            Err(_) => {
+                worker.abort();
+                total.record_error(format!(
+                    "no answer within {STALL_LIMIT:?} after the end of the phase; connection abandoned"
+                ));
+            }
         }
     }
     total.elapsed = started.elapsed();
@@ -844,6 +853,13 @@ impl Report {
         println!("  {}", line("validate", &self.validate));
         let (p99_ratio, rps_ratio) = self.ratios();
         println!();
+        // Figures of a run with failed requests compare unlike things; say so instead.
+        let valid = self.floor.errors + self.validate.errors == 0;
+        let verdict = |met: bool| match (valid, met) {
+            (false, _) => "not judged: requests failed",
+            (true, true) => "met",
+            (true, false) => "NOT met",
+        };
         println!(
             "validate/floor: p99 {p99_ratio:.3} (goal <= 1.2: {}), throughput {rps_ratio:.3} (goal >= 0.85: {})",
             verdict(p99_ratio <= 1.2),
@@ -893,10 +909,6 @@ fn load_average() -> String {
                 .join(" ")
         },
     )
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "NOT met" }
 }
 
 fn round1(x: f64) -> f64 {
