@@ -59,6 +59,9 @@ const STALL_LIMIT: Duration = Duration::from_secs(10);
     about = "Load benchmark: POST /validate/seinodes against the constant-allow /floor, over HTTPS"
 )]
 struct Args {
+    /// Passed by `cargo bench` to every bench target; nothing to do with it.
+    #[arg(long, hide = true)]
+    bench: bool,
     /// Keep-alive connections, each sending one request after another.
     #[arg(long, env = "WEBHOOK_LOAD_CONCURRENCY", default_value_t = 32)]
     concurrency: usize,
