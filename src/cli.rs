@@ -48,8 +48,8 @@ pub enum Command {
     Controller(ControllerCli),
     /// Run the webhook and the controller together (what the Helm chart deploys).
     Run(RunCli),
-    /// Run the whole system on this machine: etcd and kube-apiserver built from Go modules, the
-    /// SeiNode CRD, and the webhook registered against them, until interrupted.
+    /// Run the whole system on this machine until interrupted: etcd and kube-apiserver built from
+    /// Go modules, the SeiNode CRD, the webhook registered against them, and the controller.
     Local(LocalCli),
 }
 
