@@ -37,6 +37,8 @@ pub struct OutcomeLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
+    /// Whether the node had reached Running ("true"/"false"): alerts care about running ones.
+    running: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -50,6 +52,8 @@ struct NodeLabels {
 pub struct NodeTls {
     pub reason: Reason,
     pub not_after: Option<Timestamp>,
+    /// Whether the node had reached Running (its pod may be serving with this Secret).
+    pub running: bool,
 }
 
 /// TLS state per node `(namespace, name)`, shared by the reconciler and the collector.
@@ -88,11 +92,14 @@ impl Collector for TlsCollector {
         let nodes = self.state.lock().clone();
         let by_reason = Family::<ReasonLabels, Gauge>::default();
         for reason in Reason::ALL {
-            by_reason
-                .get_or_create(&ReasonLabels {
-                    reason: reason.as_str().to_owned(),
-                })
-                .set(0);
+            for running in ["true", "false"] {
+                by_reason
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.as_str().to_owned(),
+                        running: running.to_owned(),
+                    })
+                    .set(0);
+            }
         }
         let expiry = Family::<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let now = Timestamp::now();
@@ -100,6 +107,7 @@ impl Collector for TlsCollector {
             by_reason
                 .get_or_create(&ReasonLabels {
                     reason: tls.reason.as_str().to_owned(),
+                    running: tls.running.to_string(),
                 })
                 .inc();
             if let Some(not_after) = tls.not_after {
@@ -190,6 +198,7 @@ mod tests {
             NodeTls {
                 reason: Reason::Ready,
                 not_after: Some(in_a_day),
+                running: true,
             },
         );
         metrics.tls.set(
@@ -198,25 +207,26 @@ mod tests {
             NodeTls {
                 reason: Reason::NotFound,
                 not_after: None,
+                running: false,
             },
         );
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         assert!(
             text.contains(
-                r#"seinode_tls_controller_seinodes_by_tls_reason{reason="TLSSecretReady"} 1"#
+                r#"seinode_tls_controller_seinodes_by_tls_reason{reason="TLSSecretReady",running="true"} 1"#
             ),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"seinode_tls_controller_seinodes_by_tls_reason{reason="TLSSecretNotFound"} 1"#
+                r#"seinode_tls_controller_seinodes_by_tls_reason{reason="TLSSecretNotFound",running="false"} 1"#
             ),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"seinode_tls_controller_seinodes_by_tls_reason{reason="TLSSecretExpired"} 0"#
+                r#"seinode_tls_controller_seinodes_by_tls_reason{reason="TLSSecretExpired",running="true"} 0"#
             ),
             "{text}"
         );

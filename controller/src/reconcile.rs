@@ -84,9 +84,28 @@ pub struct Context {
     pub store: Store<SeiNode>,
     failures: Mutex<HashMap<String, u32>>,
     expiry_warned: Mutex<HashSet<(String, i64)>>,
+    /// The status last written per node, with the resourceVersion it was computed from.
+    written: Mutex<HashMap<String, WrittenStatus>>,
 }
 
+type WrittenStatus = (Option<String>, SeiNodeStatus);
+
 impl Context {
+    /// The node's status as this controller last left it: the reflector may still hand out the
+    /// version from before our own write (same resourceVersion), and diffing against that would
+    /// repeat a flip (a second event, a moved lastTransitionTime).
+    fn newest_status(&self, node: &SeiNode) -> SeiNodeStatus {
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        match written.get(&uid(node)) {
+            Some((version, status))
+                if version.is_some() && *version == node.metadata.resource_version =>
+            {
+                status.clone()
+            }
+            _ => node.status.clone().unwrap_or_default(),
+        }
+    }
+
     /// Forgets what is kept per node and per Secret for nodes that are gone (run periodically,
     /// so memory follows the fleet rather than its history).
     pub fn prune(&self) {
@@ -114,6 +133,10 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(u, _)| uids.contains(u));
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|u, _| uids.contains(u));
         self.prober.retain_hosts(|host| hosts.contains(host));
         self.secrets
             .retain(|ns, name| secrets.contains(&(ns.to_owned(), name.to_owned())));
@@ -145,6 +168,7 @@ impl Context {
             store,
             failures: Mutex::default(),
             expiry_warned: Mutex::default(),
+            written: Mutex::default(),
         }
     }
 }
@@ -226,7 +250,7 @@ async fn reconcile_node(node: &SeiNode, ctx: &Context) -> Result<Action, Error> 
     let name = node.name_any();
     let now = Timestamp::now();
     let generation = node.metadata.generation;
-    let old = node.status.clone().unwrap_or_default();
+    let old = ctx.newest_status(node);
     let mut status = old.clone();
     let mut requeue = Requeue(None);
 
@@ -268,6 +292,7 @@ async fn reconcile_node(node: &SeiNode, ctx: &Context) -> Result<Action, Error> 
             NodeTls {
                 reason: verdict.reason,
                 not_after: verdict.not_after,
+                running: old.phase == Some(SeiNodePhase::Running),
             },
         );
         schedule_tls_checks(node, ctx, &verdict, now, &mut requeue).await;
@@ -641,6 +666,13 @@ async fn write_status(
         name: node.name_any(),
         source,
     })?;
+    ctx.written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            uid(node),
+            (node.metadata.resource_version.clone(), new.clone()),
+        );
     Ok(())
 }
 
