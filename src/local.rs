@@ -105,52 +105,62 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The in-process controller and how to stop it.
-pub struct RunningController {
+/// A co-process (webhook or controller) running on the current runtime until stopped.
+pub struct Stoppable<E> {
+    name: &'static str,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), seinode_tls_controller::ControllerError>>,
+    task: tokio::task::JoinHandle<Result<(), E>>,
 }
 
-impl RunningController {
-    /// Runs `controller` on the current runtime until [`RunningController::stop`].
-    pub fn start(controller: Controller, client: kube::Client) -> Self {
+impl<E: std::error::Error + Send + 'static> Stoppable<E> {
+    /// Spawns `run`, handing it the future that resolves when [`Stoppable::stop`] is called.
+    fn spawn<F>(name: &'static str, run: impl FnOnce(StopSignal) -> F) -> Self
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+    {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(controller.run(client, async move {
+        let task = tokio::spawn(run(Box::pin(async move {
             let _ = stopped.await;
-        }));
-        Self { stop, task }
+        })));
+        Self { name, stop, task }
     }
 
-    /// Stops reconciling and waits for the controller to finish.
+    /// Stops it gracefully and waits for it; a failure is reported on stderr.
     pub async fn stop(self) {
         let _ = self.stop.send(());
         match self.task.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("controller: {}", error_chain(&e)),
-            Err(e) => eprintln!("controller task failed: {e}"),
+            Ok(Err(e)) => eprintln!("{}: {}", self.name, error_chain(&e)),
+            Err(e) => eprintln!("{} task failed: {e}", self.name),
         }
     }
 }
 
-/// The in-process webhook and how to stop it.
+type StopSignal = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The in-process controller.
+pub type RunningController = Stoppable<seinode_tls_controller::ControllerError>;
+
+impl RunningController {
+    /// Runs `controller` on the current runtime until [`Stoppable::stop`].
+    pub fn start(controller: Controller, client: kube::Client) -> Self {
+        Self::spawn("controller", |stop| controller.run(client, stop))
+    }
+}
+
+/// The in-process webhook: where it listens, and how to stop it.
 pub struct RunningWebhook {
     /// Where the admission endpoints are served.
     pub https: SocketAddr,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub health: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), seinode_tls_webhook::WebhookError>>,
+    task: Stoppable<seinode_tls_webhook::WebhookError>,
 }
 
 impl RunningWebhook {
     /// Stops the webhook gracefully and waits for it.
     pub async fn stop(self) {
-        let _ = self.stop.send(());
-        match self.task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("webhook: {}", error_chain(&e)),
-            Err(e) => eprintln!("webhook task failed: {e}"),
-        }
+        self.task.stop().await;
     }
 }
 
@@ -174,14 +184,13 @@ pub async fn start_webhook(
     let config = WebhookConfig::new(loopback(0), loopback(0), cert_file, key_file);
     let webhook = Webhook::bind(config, &mut registry)?;
     let (https, health) = (webhook.https_addr(), webhook.health_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(webhook.run(client.clone(), Arc::new(registry), async move {
-        let _ = stopped.await;
-    }));
+    let registry = Arc::new(registry);
+    let task = Stoppable::spawn("webhook", |stop| {
+        webhook.run(client.clone(), registry, stop)
+    });
     let running = RunningWebhook {
         https,
         health,
-        stop,
         task,
     };
 
