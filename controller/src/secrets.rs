@@ -96,12 +96,4 @@ impl SecretJudge {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(ns, name), _| keep(ns, name));
     }
-
-    pub fn len(&self) -> usize {
-        self.parsed.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

@@ -285,3 +285,52 @@ impl Caches {
         self.secrets.is_synced() && self.nodes.is_synced()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn secret(name: &str, resource_version: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some("sei".to_owned()),
+                resource_version: Some(resource_version.to_owned()),
+                ..ObjectMeta::default()
+            },
+            type_: Some(TLS_SECRET_TYPE.to_owned()),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn each_secret_version_is_parsed_once_across_events_and_relists() {
+        let cache = SecretCache::new();
+        cache.apply_event(&watcher::Event::Init);
+        cache.apply_event(&watcher::Event::InitApply(secret("a", "1")));
+        cache.apply_event(&watcher::Event::InitDone);
+        assert_eq!(cache.inspections(), 1);
+        // The same version again (a re-delivered event, a relist): no new parse.
+        cache.apply_event(&watcher::Event::Apply(secret("a", "1")));
+        cache.apply_event(&watcher::Event::Init);
+        cache.apply_event(&watcher::Event::InitApply(secret("a", "1")));
+        cache.apply_event(&watcher::Event::InitDone);
+        assert_eq!(cache.inspections(), 1);
+        assert!(matches!(cache.lookup("sei", "a"), CachedLookup::Found(_)));
+        // A new version is parsed; a deleted Secret is gone.
+        cache.apply_event(&watcher::Event::Apply(secret("a", "2")));
+        assert_eq!(cache.inspections(), 2);
+        cache.apply_event(&watcher::Event::Delete(secret("a", "2")));
+        assert!(matches!(cache.lookup("sei", "a"), CachedLookup::NotFound));
+    }
+
+    #[test]
+    fn lookups_before_the_first_list_are_unavailable_not_missing() {
+        let cache = SecretCache::new();
+        assert!(matches!(
+            cache.lookup("sei", "a"),
+            CachedLookup::Unavailable(NOT_SYNCED)
+        ));
+    }
+}
