@@ -172,6 +172,19 @@ async fn wait_event(client: &Client, ns: &str, reason: &str) -> Event {
     found.into_iter().next().unwrap()
 }
 
+/// Waits for phase Failed and returns the plan's failed task.
+async fn wait_failed_task(api: &Api<SeiNode>, name: &str) -> seinode_tls_crds::PlannedTask {
+    let failed = wait_node(api, name, "phase Failed", |n| {
+        phase(n) == Some(SeiNodePhase::Failed)
+    })
+    .await;
+    let plan = failed.status.and_then(|s| s.plan).expect("a plan");
+    plan.tasks
+        .into_iter()
+        .find(|t| t.status == TaskStatus::Failed)
+        .expect("a failed task")
+}
+
 async fn setup(prefix: &str) -> (Client, String) {
     common::controller();
     let client = common::client().await;
@@ -547,16 +560,7 @@ async fn an_invalid_image_fails_the_plan_with_a_clear_error_until_the_spec_is_fi
     let mut bad = node(&ns, "rpc", None);
     bad.spec.image = "ghcr.io/Sei/Sei:v1".to_owned();
     let api = create_node(&client, &bad).await;
-    let failed = wait_node(&api, "rpc", "phase Failed", |n| {
-        phase(n) == Some(SeiNodePhase::Failed)
-    })
-    .await;
-    let plan = failed.status.unwrap().plan.unwrap();
-    let task = plan
-        .tasks
-        .iter()
-        .find(|t| t.status == TaskStatus::Failed)
-        .unwrap();
+    let task = wait_failed_task(&api, "rpc").await;
     assert_eq!(task.r#type, "ApplyStatefulSet");
     assert!(
         task.error
@@ -579,16 +583,7 @@ async fn a_resource_the_api_server_refuses_fails_the_plan_instead_of_retrying_fo
     // A valid SeiNode name, but not a valid Service name (a dot): the API server refuses the
     // Service with 422, which no retry can fix.
     let api = create_node(&client, &node(&ns, "rpc.one", None)).await;
-    let failed = wait_node(&api, "rpc.one", "phase Failed", |n| {
-        phase(n) == Some(SeiNodePhase::Failed)
-    })
-    .await;
-    let plan = failed.status.unwrap().plan.unwrap();
-    let task = plan
-        .tasks
-        .iter()
-        .find(|t| t.status == TaskStatus::Failed)
-        .unwrap();
+    let task = wait_failed_task(&api, "rpc.one").await;
     assert_eq!(task.r#type, "ApplyService");
     let error = task.error.as_deref().unwrap();
     assert!(
