@@ -13,9 +13,6 @@ use seinode_tls_webhook::{GuardPolicy, SecretPolicy, WebhookConfig};
 
 use crate::offline::{self, CheckSecretArgs, OutputFormat};
 
-/// Exit code for a usage error or unreadable input.
-pub const EXIT_USAGE: u8 = 2;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "seinode-tls",
@@ -48,9 +45,17 @@ pub enum Command {
     Controller(ControllerCli),
     /// Run the webhook and the controller together (what the Helm chart deploys).
     Run(RunCli),
-    /// Run the whole system on this machine until interrupted: etcd and kube-apiserver built from
-    /// Go modules, the SeiNode CRD, the webhook registered against them, and the controller.
+    /// Run the whole system on this machine until interrupted: a one-machine cluster built from
+    /// Go modules (etcd, kube-apiserver, kube-controller-manager, kube-scheduler and, as root, a
+    /// process kubelet that runs Pods), the SeiNode CRD, the webhook registered against it, and
+    /// the controller.
+    #[cfg(feature = "local")]
     Local(LocalCli),
+    /// Stand-ins for the Sei images, run by the process kubelet of `local` and the tests in
+    /// place of the sidecar and seid containers.
+    #[cfg(feature = "local")]
+    #[command(subcommand, hide = true)]
+    StandIn(StandInCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,6 +95,7 @@ pub struct CheckSecretCli {
     pub output: Output,
 }
 
+#[cfg(feature = "local")]
 #[derive(Debug, clap::Args)]
 pub struct LocalCli {
     /// Directory for the control plane's state; the kubeconfig is written to DIR/kubeconfig.
@@ -98,6 +104,24 @@ pub struct LocalCli {
     /// Also apply an example TLS Secret and SeiNode and print the node's progress.
     #[arg(long)]
     pub demo: bool,
+}
+
+#[cfg(feature = "local")]
+#[derive(Debug, Subcommand)]
+pub enum StandInCommand {
+    /// The sidecar: plain HTTP on SEI_SIDECAR_LISTEN_ADDRESS (default 0.0.0.0:7777) answering
+    /// GET /healthz and GET /v0/status (with SEI_CHAIN_ID) until SIGTERM.
+    Sidecar,
+    /// seid: `start --home DIR` writes DIR/stand-in-seid.started, then waits for SIGTERM.
+    /// Arguments after `seid` (or after `--`) go to the stand-in unparsed.
+    Seid {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "SEID_ARGS"
+        )]
+        args: Vec<String>,
+    },
 }
 
 /// Flags shared by the server commands.
@@ -318,9 +342,57 @@ pub fn run(cli: Cli) -> ExitCode {
             args.webhook.into_config(&args.serve),
             args.controller.into_config(&args.serve),
         ),
+        #[cfg(feature = "local")]
         Command::Local(args) => crate::local::main(crate::local::LocalConfig {
             dir: args.dir,
             demo: args.demo,
         }),
+        #[cfg(feature = "local")]
+        Command::StandIn(StandInCommand::Sidecar) => {
+            crate::serve::run_to_exit(seinode_tls_devcluster::standin::run_sidecar())
+        }
+        #[cfg(feature = "local")]
+        Command::StandIn(StandInCommand::Seid { args }) => {
+            crate::serve::run_to_exit(seinode_tls_devcluster::standin::run_seid(args))
+        }
+    }
+}
+
+#[cfg(all(test, feature = "local"))]
+mod stand_in_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    fn stand_in(args: &[&str]) -> StandInCommand {
+        let argv = ["seinode-tls", "stand-in"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::StandIn(command) => command,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stand_in_seid_passes_its_arguments_through_unparsed() {
+        let expected = ["start", "--home", "/sei", "--trace", "-x"].map(str::to_owned);
+        for args in [
+            &["seid", "--", "start", "--home", "/sei", "--trace", "-x"][..],
+            &["seid", "start", "--home", "/sei", "--trace", "-x"],
+        ] {
+            match stand_in(args) {
+                StandInCommand::Seid { args } => assert_eq!(args, expected),
+                other => panic!("parsed as {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn stand_in_sidecar_takes_no_arguments_and_is_hidden_from_help() {
+        assert!(matches!(stand_in(&["sidecar"]), StandInCommand::Sidecar));
+        assert!(Cli::try_parse_from(["seinode-tls", "stand-in", "sidecar", "--port=1"]).is_err());
+        let help = Cli::command().render_help().to_string();
+        assert!(!help.contains("stand-in"), "{help}");
     }
 }

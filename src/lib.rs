@@ -1,11 +1,11 @@
-//! The `seinode-tls` binary's library: command line, offline commands, the embedded control
-//! plane and the `local` mode. Nothing below this crate knows about the command line.
+//! The `seinode-tls` binary's library: command line, offline commands, the server commands and
+//! (with the default `local` feature) `local` mode over the one-machine cluster in
+//! `seinode-tls-devcluster`. Nothing below this crate knows about the command line.
 
 pub mod cli;
-pub mod control_plane;
+pub mod exit;
+#[cfg(feature = "local")]
 pub mod local;
 pub mod offline;
-pub mod pki;
 pub mod serve;
-pub mod standin;
 pub mod telemetry;

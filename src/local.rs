@@ -1,43 +1,54 @@
-//! `seinode-tls local`: the whole system on one machine, against an embedded control plane.
+//! `seinode-tls local`: the whole system on one machine, a thin command over
+//! [`seinode_tls_devcluster`].
 //!
-//! Starts etcd and kube-apiserver (see [`crate::control_plane`]), installs the SeiNode CRD,
-//! serves the webhook on loopback and registers it, runs the controller, prints one `ready: export KUBECONFIG=...`
-//! line on stdout and runs until SIGINT or SIGTERM, then stops everything and removes its
-//! directory. Progress and logs go to stderr.
+//! Starts the one-machine cluster (control plane and, as root, the process kubelet), installs
+//! the SeiNode CRD, serves the webhook on loopback and registers it, runs the controller, prints
+//! one `ready: export KUBECONFIG=...` line on stdout and runs until SIGINT or SIGTERM, then
+//! stops everything and removes its directory. Progress and logs go to stderr. With `--demo`
+//! the node's Pod really runs: the real StatefulSet controller makes it, the scheduler binds it
+//! and the process kubelet runs kube-rbac-proxy in front of the sidecar stand-in.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
+use seinode_tls_controller::config::SIDECAR_TOKEN_AUDIENCE;
 use seinode_tls_controller::probe::SidecarAddresses;
 use seinode_tls_controller::{Controller, ControllerConfig};
 use seinode_tls_crds::contract::{
     DEFAULT_CLUSTER_DOMAIN, REQUIRED_DNS_NAMES_ANNOTATION, required_dns_names,
 };
 use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodeSpec, SidecarSpec, SidecarTls};
+use seinode_tls_devcluster::cluster::{Cluster, ClusterConfig, RunPods};
+use seinode_tls_devcluster::control_plane::{self, ControlPlane};
 use seinode_tls_webhook::registration::{
     Endpoint, mutating_configuration, validating_configuration,
 };
 use seinode_tls_webhook::{Webhook, WebhookConfig};
 
-use crate::control_plane::{self, ControlPlane, ControlPlaneConfig};
-use crate::offline::error_chain;
+use crate::exit::error_chain;
 use crate::serve::shutdown_signal;
-use crate::standin::StandInSidecar;
 
 /// Namespace and names of the `--demo` objects.
 const DEMO_NAMESPACE: &str = "default";
 const DEMO_NODE: &str = "demo";
 const DEMO_SECRET: &str = "demo-sidecar-tls";
+/// The controller's identity towards the node pods' kube-rbac-proxy, as the chart sets it up.
+const CONTROLLER_ACCOUNT: &str = "seinode-tls-controller";
+/// Lifetime of the controller's sidecar token; renewed at half of it.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Inputs of `local`.
 #[derive(Debug, Clone)]
@@ -56,14 +67,21 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
 
     eprintln!(
-        "starting etcd and kube-apiserver in {}",
+        "starting the one-machine cluster (etcd, kube-apiserver, kube-controller-manager, \
+         kube-scheduler, process kubelet) in {}",
         config.dir.display()
     );
-    let control_plane = ControlPlane::start(ControlPlaneConfig {
+    let cluster = Cluster::start(ClusterConfig {
         dir: Some(config.dir),
-        binaries: None,
+        run_pods: RunPods::IfPossible,
+        seinode_tls: std::env::current_exe().ok(),
+        ..ClusterConfig::default()
     })
     .await?;
+    if let Some(reason) = cluster.no_pods_reason() {
+        eprintln!("no process kubelet, so no Pod runs and SeiNodes stay Initializing: {reason}");
+    }
+    let control_plane = cluster.control_plane();
     let client = control_plane.client().await?;
     eprintln!(
         "API server ready at {}; installing the SeiNode CRD",
@@ -72,19 +90,27 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     control_plane::install_crd(&client).await?;
 
     let mut registry = Registry::with_prefix(crate::serve::METRICS_PREFIX);
-    // No cluster DNS here: the demo's stand-in pod is reached through an address override.
+    // The controller runs on the host, where cluster names do not resolve: Pod addresses are
+    // fed to it as the kubelet assigns them.
     let sidecar_addresses = SidecarAddresses::default();
+    let token_file = if cluster.runs_pods() {
+        Some(set_up_sidecar_access(&client, control_plane.dir()).await?)
+    } else {
+        None
+    };
     let controller_config = ControllerConfig {
         sidecar_addresses: sidecar_addresses.clone(),
+        token_file,
         ..ControllerConfig::default()
     };
     let controller = Controller::new(controller_config, &mut registry)?;
-    let webhook = start_webhook(&control_plane, client.clone(), registry).await?;
+    let webhook = start_webhook(control_plane, client.clone(), registry).await?;
     let controller = RunningController::start(controller, client.clone());
+    let addresses = tokio::spawn(feed_pod_addresses(client.clone(), sidecar_addresses));
     eprintln!("controller running");
 
     let demo = if config.demo {
-        Some(start_demo(&control_plane, client.clone(), &sidecar_addresses).await?)
+        Some(start_demo(control_plane, client.clone()).await?)
     } else {
         None
     };
@@ -98,9 +124,10 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     if let Some(demo) = demo {
         demo.abort();
     }
+    addresses.abort();
     controller.stop().await;
     webhook.stop().await;
-    drop(control_plane);
+    drop(cluster);
     eprintln!("stopped");
     Ok(())
 }
@@ -178,7 +205,7 @@ pub async fn start_webhook(
     let (cert_file, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
     std::fs::write(&cert_file, &serving.cert_pem)
         .context("failed to write the webhook certificate")?;
-    crate::control_plane::write_private(&key_file, &serving.key_pem)?;
+    control_plane::write_private(&key_file, &serving.key_pem)?;
 
     let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let config = WebhookConfig::new(loopback(0), loopback(0), cert_file, key_file);
@@ -297,26 +324,157 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// Gives the controller what the chart gives it in a cluster: a ServiceAccount that may `get
+/// seinodes/sidecar`, and a token of it with the sidecar audience, renewed in the background;
+/// and lets the node pods' kube-rbac-proxy (the `default` ServiceAccount) review tokens.
+/// Returns the token file.
+async fn set_up_sidecar_access(client: &kube::Client, dir: &Path) -> anyhow::Result<PathBuf> {
+    let meta = |name: &str| ObjectMeta {
+        name: Some(name.to_owned()),
+        ..ObjectMeta::default()
+    };
+    let account = |namespace: &str, name: &str| Subject {
+        kind: "ServiceAccount".to_owned(),
+        name: name.to_owned(),
+        namespace: Some(namespace.to_owned()),
+        ..Subject::default()
+    };
+    let role_ref = |name: &str| RoleRef {
+        api_group: Some("rbac.authorization.k8s.io".to_owned()),
+        kind: "ClusterRole".to_owned(),
+        name: name.to_owned(),
+    };
+    let mut service_account = ServiceAccount {
+        metadata: meta(CONTROLLER_ACCOUNT),
+        ..ServiceAccount::default()
+    };
+    service_account.metadata.namespace = Some(DEMO_NAMESPACE.to_owned());
+    control_plane::apply(
+        &Api::namespaced(client.clone(), DEMO_NAMESPACE),
+        &service_account,
+    )
+    .await
+    .context("failed to create the controller's ServiceAccount")?;
+    let role = ClusterRole {
+        metadata: meta("seinode-tls-local-sidecar"),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["sei.io".to_owned()]),
+            resources: Some(vec!["seinodes/sidecar".to_owned()]),
+            verbs: vec!["get".to_owned()],
+            ..PolicyRule::default()
+        }]),
+        ..ClusterRole::default()
+    };
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    control_plane::apply(&roles, &role)
+        .await
+        .context("failed to create the sidecar ClusterRole")?;
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    for binding in [
+        ClusterRoleBinding {
+            metadata: meta("seinode-tls-local-sidecar"),
+            role_ref: role_ref("seinode-tls-local-sidecar"),
+            subjects: Some(vec![account(DEMO_NAMESPACE, CONTROLLER_ACCOUNT)]),
+        },
+        ClusterRoleBinding {
+            metadata: meta("seinode-tls-local-node-pods"),
+            role_ref: role_ref("system:auth-delegator"),
+            subjects: Some(vec![account(DEMO_NAMESPACE, "default")]),
+        },
+    ] {
+        control_plane::apply(&bindings, &binding)
+            .await
+            .context("failed to bind the sidecar ClusterRoles")?;
+    }
+
+    let token_file = dir.join("controller").join("sidecar-token");
+    if let Some(parent) = token_file.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("failed to create {}", parent.display()))?;
+    }
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
+    write_sidecar_token(&accounts, &token_file).await?;
+    tokio::spawn({
+        let token_file = token_file.clone();
+        async move {
+            loop {
+                tokio::time::sleep(TOKEN_LIFETIME / 2).await;
+                if let Err(e) = write_sidecar_token(&accounts, &token_file).await {
+                    eprintln!("{}", error_chain(e.as_ref()));
+                }
+            }
+        }
+    });
+    Ok(token_file)
+}
+
+/// Requests a token of the controller's ServiceAccount for the sidecar audience and writes it.
+async fn write_sidecar_token(
+    accounts: &Api<ServiceAccount>,
+    token_file: &Path,
+) -> anyhow::Result<()> {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![SIDECAR_TOKEN_AUDIENCE.to_owned()]),
+            expiration_seconds: Some(TOKEN_LIFETIME.as_secs().try_into().unwrap_or(3600)),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    let issued = accounts
+        .create_token_request(CONTROLLER_ACCOUNT, &PostParams::default(), &request)
+        .await
+        .context("failed to request the controller's sidecar token")?;
+    let token = issued.status.and_then(|s| s.token).unwrap_or_default();
+    control_plane::write_private(token_file, &token)?;
+    Ok(())
+}
+
+/// Keeps `addresses` in step with the Pods: each Pod with a hostname and subdomain maps its
+/// cluster DNS name to its address and sidecar port (what cluster DNS does inside Pods).
+async fn feed_pod_addresses(client: kube::Client, addresses: SidecarAddresses) {
+    let pods: Api<Pod> = Api::all(client);
+    let mut events = watcher::watcher(pods, watcher::Config::default()).boxed();
+    while let Some(event) = events.next().await {
+        let Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) = event else {
+            continue;
+        };
+        if let Some((name, addr)) = sidecar_address(&pod) {
+            addresses.set(&name, addr);
+        }
+    }
+}
+
+/// `<hostname>.<subdomain>.<ns>.svc.<domain>` and the address of the Pod's sidecar port.
+fn sidecar_address(pod: &Pod) -> Option<(String, SocketAddr)> {
+    let spec = pod.spec.as_ref()?;
+    let ip: Ipv4Addr = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+    let name = format!(
+        "{}.{}.{}.svc.{DEFAULT_CLUSTER_DOMAIN}",
+        spec.hostname.as_ref()?,
+        spec.subdomain.as_ref()?,
+        pod.namespace()?
+    );
+    let port = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| matches!(p.name.as_deref(), Some("sidecar-https" | "sidecar-http")))?
+        .container_port;
+    Some((name, SocketAddr::from((ip, u16::try_from(port).ok()?))))
+}
+
 /// Applies an example TLS Secret (issued for the node's contract) and a SeiNode naming it, and
-/// prints the node's progress as its status changes.
+/// prints the progress of the node and of its Pod as they change.
 async fn start_demo(
     control_plane: &ControlPlane,
     client: kube::Client,
-    sidecar_addresses: &SidecarAddresses,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let names = required_dns_names(DEMO_NODE, DEMO_NAMESPACE, DEFAULT_CLUSTER_DOMAIN);
     let dns: Vec<&str> = names.iter().map(String::as_str).collect();
     let issued = control_plane.issue_serving_certificate(DEMO_NODE, &dns)?;
-    // The demo pod's front door: serves the Secret's certificate, as kube-rbac-proxy would.
-    let stand_in = StandInSidecar::start(&issued.cert_pem, &issued.key_pem).await?;
-    sidecar_addresses.set(&names[1], stand_in.addr());
-    eprintln!(
-        "demo: a stand-in for pod {} serves its sidecar on https://{}",
-        names[1],
-        stand_in.addr()
-    );
     let ca = control_plane.ca().cert_pem();
-    let secret = crate::pki::tls_secret(
+    let secret = seinode_tls_testkit::tls_secret(
         DEMO_NAMESPACE,
         DEMO_SECRET,
         &issued.cert_pem,
@@ -338,71 +496,64 @@ async fn start_demo(
         .context("failed to apply the demo SeiNode")?;
     eprintln!("demo: applied SeiNode {DEMO_NAMESPACE}/{DEMO_NODE}");
 
-    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(client, DEMO_NAMESPACE);
     Ok(tokio::spawn(async move {
-        let _stand_in = stand_in;
-        let by_name = || watcher::Config::default().fields(&format!("metadata.name={DEMO_NODE}"));
-        let progress = async {
-            let mut last = String::new();
-            let mut events = watcher::watcher(nodes, by_name()).boxed();
-            while let Some(event) = events.next().await {
-                if let Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) = event {
-                    let line = describe(&node);
-                    if line != last {
-                        eprintln!("demo: {line}");
-                        last = line;
-                    }
-                }
-            }
-        };
-        // There is no kubelet here: play it for the demo node, so its plan can finish.
-        let kubelet = async {
-            let mut events = watcher::watcher(sets.clone(), by_name()).boxed();
-            while let Some(event) = events.next().await {
-                if let Ok(watcher::Event::Apply(sts) | watcher::Event::InitApply(sts)) = event
-                    && !seinode_tls_controller::resources::stateful_set_ready(&sts)
-                {
-                    eprintln!(
-                        "demo: no kubelet here; reporting StatefulSet {DEMO_NAMESPACE}/{DEMO_NODE} ready as one would"
-                    );
-                    if let Err(e) =
-                        mark_stateful_set_ready(&client, DEMO_NAMESPACE, DEMO_NODE).await
-                    {
-                        eprintln!("demo: {}", error_chain(e.as_ref()));
-                    }
-                }
-            }
-        };
-        futures::future::join(progress, kubelet).await;
+        let node_progress = print_changes(nodes, format!("metadata.name={DEMO_NODE}"), describe);
+        let pod_progress =
+            print_changes(pods, format!("metadata.name={DEMO_NODE}-0"), describe_pod);
+        futures::future::join(node_progress, pod_progress).await;
     }))
 }
 
-/// Plays the kubelet and the StatefulSet controller, which `local` and the tests do not have:
-/// reports StatefulSet `namespace/name` rolled out with one ready replica at its generation.
-pub async fn mark_stateful_set_ready(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-) -> anyhow::Result<()> {
-    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
-    let sts = api
-        .get(name)
-        .await
-        .with_context(|| format!("failed to read StatefulSet {namespace}/{name}"))?;
-    let generation = sts.metadata.generation.unwrap_or(1);
-    let revision = format!("{name}-rev{generation}");
-    let status = serde_json::json!({"status": {
-        "replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1, "currentReplicas": 1,
-        "observedGeneration": generation, "currentRevision": revision, "updateRevision": revision,
-    }});
-    api.patch_status(
-        name,
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(&status),
+/// Prints `describe(object)` on stderr each time it changes, for the objects `fields` selects.
+async fn print_changes<K>(api: Api<K>, fields: String, describe: fn(&K) -> String)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let mut last = String::new();
+    let mut events = watcher::watcher(api, watcher::Config::default().fields(&fields)).boxed();
+    while let Some(event) = events.next().await {
+        if let Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) = event {
+            let line = describe(&object);
+            if line != last {
+                eprintln!("demo: {line}");
+                last = line;
+            }
+        }
+    }
+}
+
+/// One line on the demo Pod: phase, ready containers and restarts, as `kubectl get pods`.
+fn describe_pod(pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    let phase = status
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Pending".to_owned());
+    let containers = status
+        .and_then(|s| s.container_statuses.clone())
+        .unwrap_or_default();
+    let total = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+    let ready = containers.iter().filter(|c| c.ready).count();
+    let restarts: i32 = containers.iter().map(|c| c.restart_count).sum();
+    let waiting: BTreeMap<String, String> = containers
+        .iter()
+        .filter_map(|c| {
+            let reason = c.state.as_ref()?.waiting.as_ref()?.reason.clone()?;
+            Some((c.name.clone(), reason))
+        })
+        .collect();
+    let ip = status
+        .and_then(|s| s.pod_ip.clone())
+        .unwrap_or_else(|| "(none yet)".to_owned());
+    let waiting = if waiting.is_empty() {
+        String::new()
+    } else {
+        format!(", waiting {waiting:?}")
+    };
+    format!(
+        "Pod {DEMO_NAMESPACE}/{}: {phase}, {ready}/{total} ready, {restarts} restarts, IP {ip}{waiting}",
+        pod.name_any()
     )
-    .await
-    .with_context(|| format!("failed to write the status of StatefulSet {namespace}/{name}"))?;
-    Ok(())
 }
 
 /// One line on a node's progress: phase and TLS condition.

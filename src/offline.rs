@@ -15,7 +15,7 @@ use seinode_tls_crds::validation::{SecretVerdict, validate_tls_secret};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::cli::EXIT_USAGE;
+use crate::exit::{EXIT_USAGE, error_chain};
 
 /// Exit code when the Secret does not meet the contract.
 const EXIT_NOT_READY: u8 = 1;
@@ -251,8 +251,6 @@ fn usage_error(message: &str) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_USAGE)
 }
-
-pub use seinode_tls_crds::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 use seinode_tls_controller::{Controller, ControllerConfig};
 use seinode_tls_webhook::{Webhook, WebhookConfig};
 
-use crate::offline::error_chain;
+use crate::exit::error_chain;
 
 /// Prefix of every metric this binary exports.
 pub const METRICS_PREFIX: &str = "seinode_tls";

@@ -18,9 +18,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
-use seinode_tls::pki::{CertificateAuthority, LeafSpec};
 use seinode_tls_controller::{Controller, LeaderElection};
 use seinode_tls_crds::{SeiNode, SeiNodePhase};
+use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use serde_json::json;
 
 /// Release name and namespace of the chart in these tests.
@@ -347,7 +347,8 @@ async fn the_controller_and_the_webhook_caches_work_as_the_service_account() {
             ..LeafSpec::default()
         })
         .unwrap();
-    let secret = seinode_tls::pki::tls_secret(&ns, "rpc-tls", &leaf.cert_pem, &leaf.key_pem, None);
+    let secret =
+        seinode_tls_testkit::tls_secret(&ns, "rpc-tls", &leaf.cert_pem, &leaf.key_pem, None);
     Api::<Secret>::namespaced(admin.clone(), &ns)
         .create(&PostParams::default(), &secret)
         .await
@@ -371,7 +372,7 @@ async fn the_controller_and_the_webhook_caches_work_as_the_service_account() {
         applied,
         "the controller, as the ServiceAccount, applied the StatefulSet"
     );
-    common::mark_stateful_set_ready(&admin, &ns, "rpc").await;
+    common::wait_stateful_set_ready(&admin, &ns, "rpc").await;
     let (node, running) = common::poll(
         WAIT,
         || async { nodes.get("rpc").await.unwrap() },
@@ -432,4 +433,51 @@ async fn only_the_controller_may_write_seinode_status() {
         )
         .await
         .expect("the controller's ServiceAccount may write status");
+}
+
+/// The container args of the rendered Deployment.
+fn deployment_args(rendered: &str) -> Vec<String> {
+    let deployment = documents_of(rendered, &["Deployment"]);
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_saphyr::from_str(deployment.trim_start_matches("---\n")).expect("Deployment parses");
+    let containers = deployment.spec.unwrap().template.spec.unwrap().containers;
+    assert_eq!(containers.len(), 1, "one container");
+    containers[0].args.clone().unwrap_or_default()
+}
+
+#[test]
+fn the_deployment_passes_each_flag_once_and_the_binary_accepts_its_args() {
+    let set = |pairs: &[&str]| -> Vec<String> {
+        pairs
+            .iter()
+            .flat_map(|pair| ["--set".to_owned(), (*pair).to_owned()])
+            .collect()
+    };
+    let every_controller_value = set(&[
+        "controller.nodeServiceAccount=sei-node",
+        "controller.sidecarImage=ghcr.io/sei-protocol/seictl:v1",
+        "controller.rbacProxyImage=quay.io/brancz/kube-rbac-proxy:v0.19.1",
+        "webhook.secretPolicy=warn",
+        "webhook.secretGuardPolicy=deny",
+    ]);
+    for values in [vec![], own_cert_values(), every_controller_value] {
+        let args = deployment_args(&render(&values));
+        // The image's entrypoint is the binary; `args` start with the subcommand.
+        assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
+        let mut seen = std::collections::BTreeSet::new();
+        for arg in &args[1..] {
+            let flag = arg.split('=').next().unwrap();
+            assert!(seen.insert(flag), "{flag} is passed twice: {args:?}");
+        }
+        let argv = std::iter::once("seinode-tls").chain(args.iter().map(String::as_str));
+        if let Err(error) = <seinode_tls::cli::Cli as clap::Parser>::try_parse_from(argv) {
+            panic!("seinode-tls refuses the chart's args {args:?}:\n{error}");
+        }
+        if values
+            .iter()
+            .any(|v| v.starts_with("controller.nodeServiceAccount"))
+        {
+            assert!(args.contains(&"--node-service-account=sei-node".to_owned()));
+        }
+    }
 }

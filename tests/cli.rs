@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use seinode_tls::pki::{CertificateAuthority, LeafSpec};
+use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use serde_json::Value;
 
 fn run(args: &[&str], stdin: &str) -> Output {

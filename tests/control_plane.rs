@@ -8,7 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use seinode_tls::control_plane::{Binaries, ControlPlane, ControlPlaneConfig, ControlPlaneError};
+use seinode_tls_devcluster::control_plane::{
+    Binaries, ControlPlane, ControlPlaneConfig, ControlPlaneError,
+};
 
 fn runtime() -> tokio::runtime::Runtime {
     seinode_tls::telemetry::install_crypto_provider();
@@ -19,13 +21,14 @@ fn real_binaries() -> Binaries {
     Binaries::locate().expect("control-plane binaries (see tools/control-plane/build.sh)")
 }
 
-/// A binaries directory with the real etcd and kubectl and a fake kube-apiserver script.
+/// A binaries directory with the real binaries but a fake kube-apiserver script.
 fn binaries_with_fake_apiserver(dir: &Path, script: &str) -> Binaries {
     let real = real_binaries();
+    let real_dir = real.etcd.parent().unwrap();
     std::fs::create_dir_all(dir).unwrap();
-    std::os::unix::fs::symlink(&real.etcd, dir.join("etcd")).unwrap();
-    std::os::unix::fs::symlink(&real.kubectl, dir.join("kubectl")).unwrap();
-    std::os::unix::fs::symlink(&real.helm, dir.join("helm")).unwrap();
+    for name in Binaries::NAMES.iter().filter(|n| **n != "kube-apiserver") {
+        std::os::unix::fs::symlink(real_dir.join(name), dir.join(name)).unwrap();
+    }
     let fake = dir.join("kube-apiserver");
     std::fs::write(&fake, format!("#!/bin/sh\n{script}\n")).unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -39,16 +42,16 @@ fn dropping_the_control_plane_stops_its_processes_and_removes_its_directory() {
     let cp = rt
         .block_on(ControlPlane::start(ControlPlaneConfig {
             dir: Some(dir.clone()),
-            binaries: None,
+            ..ControlPlaneConfig::default()
         }))
         .expect("control plane starts");
     let dir = cp.dir().to_owned();
     let needle = dir.display().to_string();
     let pids = cp.pids();
-    // Two components plus the watchdog mention the directory.
+    assert_eq!(pids.len(), 4, "four components");
     assert!(
-        common::processes_mentioning(&needle).len() >= 2,
-        "etcd and kube-apiserver run"
+        common::processes_mentioning(&needle).len() >= 4,
+        "etcd, kube-apiserver, kube-controller-manager and kube-scheduler run"
     );
 
     // It answers: the kubeconfig works for kubectl.
@@ -85,6 +88,7 @@ fn an_api_server_that_dies_at_start_is_reported_with_its_last_log_lines() {
         .block_on(ControlPlane::start(ControlPlaneConfig {
             dir: Some(dir.clone()),
             binaries: Some(binaries),
+            ..ControlPlaneConfig::default()
         }))
         .expect_err("the fake kube-apiserver exits");
     let text = err.to_string();
@@ -125,6 +129,7 @@ fn a_port_that_stays_taken_is_reported_as_a_port_clash() {
         .block_on(ControlPlane::start(ControlPlaneConfig {
             dir: None,
             binaries: Some(binaries),
+            ..ControlPlaneConfig::default()
         }))
         .expect_err("the port is always taken");
     let text = err.to_string();
@@ -163,6 +168,7 @@ fn a_directory_that_is_not_a_control_planes_is_never_wiped() {
         .block_on(ControlPlane::start(ControlPlaneConfig {
             dir: Some(dir.clone()),
             binaries: Some(real_binaries()),
+            ..ControlPlaneConfig::default()
         }))
         .expect_err("foreign directory");
     assert!(matches!(err, ControlPlaneError::ForeignDir { .. }), "{err}");

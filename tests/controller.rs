@@ -60,7 +60,7 @@ fn valid_cert(ns: &str, node: &str) -> Cert {
 }
 
 fn secret(ns: &str, name: &str, cert_pem: &str, key_pem: &str) -> Secret {
-    seinode_tls::pki::tls_secret(ns, name, cert_pem, key_pem, None)
+    seinode_tls_testkit::tls_secret(ns, name, cert_pem, key_pem, None)
 }
 
 async fn put_secret(client: &Client, secret: &Secret) {
@@ -148,7 +148,7 @@ async fn bring_to_running(client: &Client, api: &Api<SeiNode>, ns: &str, name: &
     )
     .await;
     assert!(found, "the plan never applied StatefulSet {ns}/{name}");
-    common::mark_stateful_set_ready(client, ns, name).await;
+    common::wait_stateful_set_ready(client, ns, name).await;
     wait_node(api, name, "phase Running", |n| {
         phase(n) == Some(SeiNodePhase::Running)
     })
@@ -505,7 +505,7 @@ async fn an_image_change_waits_for_a_valid_secret_then_rolls() {
         "StatefulSet never got the new image: {:?}",
         image(&rolled)
     );
-    common::mark_stateful_set_ready(&client, &ns, "rpc").await;
+    common::wait_stateful_set_ready(&client, &ns, "rpc").await;
     wait_node(&api, "rpc", "currentImage v6.4.0", |n| {
         n.status.as_ref().and_then(|s| s.current_image.as_deref())
             == Some("ghcr.io/sei-protocol/sei:v6.4.0")

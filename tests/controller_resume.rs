@@ -73,7 +73,7 @@ async fn a_restarted_controller_resumes_the_plan_without_repeating_finished_task
         services.get_opt("rpc").await.unwrap().is_none(),
         "a finished task was repeated"
     );
-    common::mark_stateful_set_ready(&client, &ns, "rpc").await;
+    common::wait_stateful_set_ready(&client, &ns, "rpc").await;
     wait_phase(&nodes, "rpc", SeiNodePhase::Running).await;
     let plan = nodes
         .get("rpc")

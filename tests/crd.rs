@@ -1,21 +1,80 @@
-//! The SeiNode CRD as the API server enforces it: upstream samples, the CEL rules, the status
-//! subresource and the printer columns.
+//! The SeiNode CRD as the API server enforces it: the project's example manifests, the CEL
+//! rules, the status subresource and the printer columns.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 
+use kube::CustomResourceExt as _;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use seinode_tls_crds::{SeiNode, TLS_IMMUTABLE_MESSAGE};
 use serde_json::{Value, json};
 
-const SAMPLES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/reference/upstream-967f153"
-);
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+
+/// Every field upstream's sample SeiNodes set (sei-protocol's `config/samples` at 967f153:
+/// full node, state syncer, snapshotter, shadow replayer), except `metadata.namespace`, which the
+/// examples leave to `kubectl -n`. `[]` is an array's items, `.*` the values of a map.
+const UPSTREAM_SAMPLE_FIELDS: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "metadata.name",
+    "spec.chainId",
+    "spec.image",
+    "spec.sidecar.image",
+    "spec.overrides.*",
+    "spec.genesis.s3.uri",
+    "spec.genesis.s3.region",
+    "spec.storage.retainOnDelete",
+    "spec.peers[].ec2Tags.region",
+    "spec.peers[].ec2Tags.tags.*",
+    "spec.fullNode.snapshot.s3.targetHeight",
+    "spec.fullNode.snapshot.stateSync",
+    "spec.fullNode.snapshot.trustPeriod",
+    "spec.fullNode.snapshotGeneration.tendermint.keepRecent",
+    "spec.fullNode.snapshotGeneration.tendermint.publish",
+    "spec.archive.snapshotGeneration.tendermint.keepRecent",
+    "spec.archive.snapshotGeneration.tendermint.publish",
+    "spec.replayer.snapshot.s3.targetHeight",
+    "spec.replayer.snapshot.bootstrapImage",
+    "spec.replayer.snapshot.trustPeriod",
+    "spec.replayer.resultExport.shadowResult.canonicalRpc",
+];
+
+/// Upstream's names for the fields inside the parts of the spec this CRD keeps open
+/// (`x-kubernetes-preserve-unknown-fields`: the mode sub-specs, the peer sources, `genesis`,
+/// `storage`), from upstream's CRD at 967f153 and, for `genesis` and `storage`, its samples. The
+/// API server accepts anything there, so this list is what catches a misspelt field in an
+/// example. Add upstream's name here when an example needs one more.
+const UPSTREAM_OPEN_FIELDS: &[&str] = &[
+    "spec.genesis.s3.uri",
+    "spec.genesis.s3.region",
+    "spec.storage.retainOnDelete",
+    "spec.peers[].ec2Tags.region",
+    "spec.peers[].ec2Tags.tags.*",
+    "spec.peers[].label.namespace",
+    "spec.peers[].label.selector.*",
+    "spec.peers[].static.addresses[]",
+    "spec.fullNode.snapshot.s3.targetHeight",
+    "spec.fullNode.snapshot.stateSync",
+    "spec.fullNode.snapshot.trustPeriod",
+    "spec.fullNode.snapshot.bootstrapImage",
+    "spec.fullNode.snapshot.backfillBlocks",
+    "spec.fullNode.snapshotGeneration.tendermint.keepRecent",
+    "spec.fullNode.snapshotGeneration.tendermint.publish",
+    "spec.archive.snapshotGeneration.tendermint.keepRecent",
+    "spec.archive.snapshotGeneration.tendermint.publish",
+    "spec.replayer.snapshot.s3.targetHeight",
+    "spec.replayer.snapshot.stateSync",
+    "spec.replayer.snapshot.trustPeriod",
+    "spec.replayer.snapshot.bootstrapImage",
+    "spec.replayer.snapshot.backfillBlocks",
+    "spec.replayer.resultExport.shadowResult.canonicalRpc",
+];
 
 fn seinode_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk("sei.io", "v1alpha1", "SeiNode"))
@@ -73,39 +132,266 @@ fn assert_tls_immutable<T: std::fmt::Debug>(result: Result<T, kube::Error>) {
     }
 }
 
-#[tokio::test]
-async fn every_upstream_sample_is_accepted_unchanged_by_server_side_apply() {
-    let client = common::client().await;
-    let ns = common::namespace(&client, "samples").await;
-    let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &seinode_resource());
-    let mut applied = 0;
-    for entry in std::fs::read_dir(SAMPLES).expect("shared/reference is beside the checkout") {
+/// The SeiNode examples (`examples/seinode-*.yaml`, one SeiNode each), by file name.
+fn seinode_examples() -> Vec<(String, Value)> {
+    let mut examples = Vec::new();
+    for entry in std::fs::read_dir(EXAMPLES).expect("examples/ is in the checkout") {
         let path = entry.unwrap().path();
         let file_name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if !(file_name.starts_with("pacific-1-") && file_name.ends_with(".yaml")) {
+        if !(file_name.starts_with("seinode-") && file_name.ends_with(".yaml")) {
             continue;
         }
-        let mut object: DynamicObject =
-            serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap())
-                .expect("sample parses");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let object: Value = serde_saphyr::from_str(&text)
+            .unwrap_or_else(|e| panic!("{file_name} does not parse: {e}"));
+        assert_eq!(object["kind"], "SeiNode", "{file_name}");
+        examples.push((file_name, object));
+    }
+    examples.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        examples.len(),
+        5,
+        "expected the five SeiNode examples in {EXAMPLES}"
+    );
+    examples
+}
+
+/// The fields a manifest uses, checked against the CRD's schema: `used` holds every leaf path
+/// (in the notation of [`UPSTREAM_SAMPLE_FIELDS`]), `unknown` the paths neither the schema nor,
+/// inside its open parts, [`UPSTREAM_OPEN_FIELDS`] knows.
+#[derive(Debug, Default)]
+struct FieldUse {
+    used: BTreeSet<String>,
+    unknown: BTreeSet<String>,
+}
+
+impl FieldUse {
+    fn of(manifest: &Value) -> Self {
+        let crd = serde_json::to_value(SeiNode::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let mut fields = Self::default();
+        let Value::Object(top) = manifest else {
+            panic!("a manifest is an object: {manifest}");
+        };
+        for (key, value) in top {
+            match key.as_str() {
+                // The API server's own fields, not the CRD's.
+                "apiVersion" | "kind" => {
+                    fields.used.insert(key.clone());
+                }
+                "metadata" => {
+                    for name in value.as_object().unwrap().keys() {
+                        fields.used.insert(format!("metadata.{name}"));
+                    }
+                }
+                _ => fields.typed(value, &schema["properties"][key.as_str()], key.clone()),
+            }
+        }
+        fields
+    }
+
+    /// Walks `value` along the structural `schema` of the CRD.
+    fn typed(&mut self, value: &Value, schema: &Value, path: String) {
+        if schema.is_null() {
+            self.unknown.insert(path);
+            return;
+        }
+        match value {
+            Value::Object(map) if schema.get("properties").is_some() || !map.is_empty() => {
+                for (key, child) in map {
+                    if let Some(property) = schema["properties"].get(key) {
+                        self.typed(child, property, format!("{path}.{key}"));
+                    } else if schema["additionalProperties"].is_object() {
+                        self.typed(child, &schema["additionalProperties"], format!("{path}.*"));
+                    } else if schema["x-kubernetes-preserve-unknown-fields"] == true {
+                        self.open(child, format!("{path}.{key}"));
+                    } else {
+                        self.unknown.insert(format!("{path}.{key}"));
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    self.typed(item, &schema["items"], format!("{path}[]"));
+                }
+            }
+            _ => {
+                self.used.insert(path);
+            }
+        }
+    }
+
+    /// Walks `value` inside an open part of the schema, against upstream's names.
+    fn open(&mut self, value: &Value, path: String) {
+        let map_path = format!("{path}.*");
+        if UPSTREAM_OPEN_FIELDS.contains(&map_path.as_str()) {
+            self.used.insert(map_path);
+            return;
+        }
+        match value {
+            Value::Object(map) if !map.is_empty() => {
+                for (key, child) in map {
+                    self.open(child, format!("{path}.{key}"));
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    self.open(item, format!("{path}[]"));
+                }
+            }
+            _ => {
+                if !UPSTREAM_OPEN_FIELDS.contains(&path.as_str()) {
+                    self.unknown.insert(path.clone());
+                }
+                self.used.insert(path);
+            }
+        }
+    }
+}
+
+#[test]
+fn examples_use_no_field_the_crd_or_upstream_does_not_know() {
+    let mut unknown = Vec::new();
+    for (file_name, example) in seinode_examples() {
+        for path in FieldUse::of(&example).unknown {
+            unknown.push(format!("{file_name}: {path}"));
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "fields neither the CRD nor upstream's API knows:\n{}",
+        unknown.join("\n")
+    );
+}
+
+#[test]
+fn the_field_check_catches_misspelt_fields_in_typed_and_open_parts() {
+    let manifest = json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode", "metadata": {"name": "typo"},
+        "spec": {
+            "chainId": "arctic-1", "image": "i",
+            "sidecar": {"tsl": {"secretName": "s"}, "resources": {"requests": {"cpu": "1"}}},
+            "overrides": {"any.key": "v"},
+            "peers": [{"ec2Tags": {"region": "r", "tags": {"Any": "v"}}}],
+            "fullNode": {"snapshot": {"s3": {"targetHieght": 1}, "stateSync": {}}},
+            "replicas": 2,
+        },
+    });
+    let fields = FieldUse::of(&manifest);
+    assert_eq!(
+        fields.unknown,
+        BTreeSet::from([
+            "spec.fullNode.snapshot.s3.targetHieght".to_owned(),
+            "spec.replicas".to_owned(),
+            "spec.sidecar.tsl".to_owned(),
+        ])
+    );
+    for path in [
+        "spec.sidecar.resources.requests.*",
+        "spec.overrides.*",
+        "spec.peers[].ec2Tags.tags.*",
+        "spec.fullNode.snapshot.stateSync",
+    ] {
+        assert!(fields.used.contains(path), "{path} in {:?}", fields.used);
+    }
+}
+
+#[test]
+fn examples_together_use_every_field_of_upstreams_samples() {
+    let used: BTreeSet<String> = seinode_examples()
+        .iter()
+        .flat_map(|(_, example)| FieldUse::of(example).used)
+        .collect();
+    let missing: Vec<&str> = UPSTREAM_SAMPLE_FIELDS
+        .iter()
+        .copied()
+        .filter(|field| !used.contains(*field))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "no example uses these fields of upstream's samples: {missing:?}"
+    );
+}
+
+#[test]
+fn the_tls_example_names_a_secret_and_the_others_have_no_tls() {
+    for (file_name, example) in seinode_examples() {
+        let node: SeiNode = serde_json::from_value(example).unwrap();
+        let tls = node.sidecar_tls().map(|tls| tls.secret_name.as_str());
+        if file_name == "seinode-tls-full-node.yaml" {
+            assert_eq!(tls, Some("atlantic-2-rpc-sidecar-tls"), "{file_name}");
+        } else {
+            assert_eq!(tls, None, "{file_name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_example_is_accepted_unchanged_by_strict_server_side_apply() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "examples").await;
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &seinode_resource());
+    for (file_name, example) in seinode_examples() {
+        let mut object: DynamicObject = serde_json::from_value(example).unwrap();
         object.metadata.namespace = Some(ns.clone());
         let name = object.metadata.name.clone().unwrap();
         // Strict field validation, as `kubectl apply --server-side` does by default: an unknown
         // field would fail here rather than be pruned silently.
-        let params = PatchParams::apply("samples-test").validation_strict();
+        let params = PatchParams::apply("examples-test").validation_strict();
         let result = api.patch(&name, &params, &Patch::Apply(&object)).await;
-        assert!(
-            result.is_ok(),
-            "{}: {:?}",
-            Path::new(&file_name).display(),
-            result.err()
-        );
-        applied += 1;
+        assert!(result.is_ok(), "{file_name}: {:?}", result.err());
     }
-    assert_eq!(
-        applied, 4,
-        "expected the four pacific-1 samples in {SAMPLES}"
+}
+
+#[tokio::test]
+async fn the_examples_directory_applies_as_its_readme_says_with_a_server_dry_run() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "examples-dir").await;
+    let examples = PathBuf::from(EXAMPLES);
+    let out = common::kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--validate=strict",
+            "-n",
+            &ns,
+            "-f",
+            examples.to_str().unwrap(),
+        ],
+        "",
     );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut expected: Vec<String> = seinode_examples()
+        .into_iter()
+        .map(|(_, example)| {
+            format!(
+                "seinode.sei.io/{}",
+                example["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    expected.extend(
+        [
+            "serviceaccount/sei-node",
+            "serviceaccount/sidecar-client",
+            "clusterrolebinding.rbac.authorization.k8s.io/sei-node-auth-delegator",
+            "clusterrole.rbac.authorization.k8s.io/seinode-sidecar-caller",
+            "rolebinding.rbac.authorization.k8s.io/sidecar-client-seinode-sidecar-caller",
+        ]
+        .map(str::to_owned),
+    );
+    for object in expected {
+        assert!(
+            stdout.contains(&format!("{object} serverside-applied (server dry run)")),
+            "{object} in:\n{stdout}"
+        );
+    }
 }
 
 #[tokio::test]

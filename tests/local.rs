@@ -1,4 +1,5 @@
-//! `seinode-tls local` as a user runs it: it comes up, answers kubectl, and leaves nothing behind.
+//! `seinode-tls local` as a user runs it: it comes up, answers kubectl, runs the demo node's Pod
+//! for real, and leaves nothing behind (processes, network namespaces, bridge, directory).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -10,9 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use seinode_tls::control_plane::Binaries;
+use seinode_tls_devcluster::control_plane::Binaries;
 
 const START_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long the demo node gets to reach Running with its sidecar probed through the proxy.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(120);
 
 struct Local {
     child: Child,
@@ -131,18 +134,136 @@ fn local_comes_up_answers_kubectl_and_leaves_nothing_after_sigterm() {
     assert!(!dir_abs.exists(), "state directory removed");
 }
 
-#[test]
-fn local_killed_outright_still_leaves_no_process_behind() {
-    let dir = common::temp_path("local-sigkill");
-    let mut local = start_local(&dir, &[]);
-    let needle = std::fs::canonicalize(&local.dir)
+/// `jsonpath` output of `kubectl get` as text ("" when kubectl fails).
+fn get(kubeconfig: &str, args: &[&str]) -> String {
+    let out = kubectl(kubeconfig, args);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Waits until the demo node is Running with `SidecarReady=True` and its Pod has every
+/// container ready; returns the Pod's address.
+fn wait_for_demo(kubeconfig: &str) -> String {
+    let sidecar_ready =
+        "jsonpath={.status.phase} {.status.conditions[?(@.type==\"SidecarReady\")].status}";
+    let mut node = String::new();
+    let ok = common::wait_until(DEMO_TIMEOUT, || {
+        node = get(kubeconfig, &["get", "snode", "demo", "-o", sidecar_ready]);
+        node == "Running True"
+    });
+    let pods = get(kubeconfig, &["get", "pods", "-o", "wide"]);
+    assert!(ok, "demo node: {node:?}; pods:\n{pods}");
+    let ready = get(
+        kubeconfig,
+        &[
+            "get",
+            "pod",
+            "demo-0",
+            "-o",
+            "jsonpath={.status.containerStatuses[*].ready}",
+        ],
+    );
+    assert_eq!(ready, "true true true", "pods:\n{pods}");
+    get(
+        kubeconfig,
+        &["get", "pod", "demo-0", "-o", "jsonpath={.status.podIP}"],
+    )
+}
+
+/// The Pod network index of a Pod address (`198.18.<index>.x`).
+fn network_index(pod_ip: &str) -> String {
+    let octets: Vec<&str> = pod_ip.split('.').collect();
+    assert!(
+        octets.len() == 4 && octets[..2] == ["198", "18"],
+        "a Pod address in 198.18.0.0/16: {pod_ip:?}"
+    );
+    octets[2].to_owned()
+}
+
+/// Network namespaces and the bridge of Pod network `index` that still exist.
+fn network_left(index: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let prefix = format!("sntls{index}-");
+    let mut left: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|ns| ns.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    let bridge = format!("sntls{index}");
+    if Command::new("ip")
+        .args(["link", "show", &bridge])
+        .output()
         .unwrap()
-        .display()
-        .to_string();
-    assert!(common::processes_mentioning(&needle).len() >= 2);
+        .status
+        .success()
+    {
+        left.push(bridge);
+    }
+    left
+}
+
+#[test]
+fn local_demo_runs_the_node_pod_behind_the_real_proxy_and_leaves_nothing_after_sigint() {
+    let dir = common::temp_path("local-demo");
+    let mut local = start_local(&dir, &["--demo"]);
+    let dir_abs = std::fs::canonicalize(&local.dir).unwrap();
+    let kubeconfig = dir_abs.join("kubeconfig").display().to_string();
+    let pod_ip = wait_for_demo(&kubeconfig);
+    let index = network_index(&pod_ip);
+    assert!(!network_left(&index).is_empty(), "the Pod has a namespace");
+
+    // The real kube-rbac-proxy answers on :8443 in the Pod: TLS with the demo Secret's
+    // certificate, and 401 without a token.
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("https://{pod_ip}:8443/healthz"))
+        .output()
+        .expect("run curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "401",
+        "kube-rbac-proxy answers"
+    );
+
+    signal(&local.child, "INT");
+    let mut status = None;
+    assert!(common::wait_until(Duration::from_secs(60), || {
+        status = local.child.try_wait().unwrap();
+        status.is_some()
+    }));
+    assert!(status.unwrap().success(), "exit status {status:?}");
+    assert_eq!(
+        network_left(&index),
+        Vec::<String>::new(),
+        "network removed"
+    );
+    let needle = dir_abs.display().to_string();
+    assert!(
+        common::processes_mentioning(&needle).is_empty(),
+        "no process left"
+    );
+    assert!(!dir_abs.exists(), "state directory removed");
+}
+
+#[test]
+fn local_killed_outright_still_leaves_no_process_or_network_behind() {
+    let dir = common::temp_path("local-sigkill");
+    let mut local = start_local(&dir, &["--demo"]);
+    let dir_abs = std::fs::canonicalize(&local.dir).unwrap();
+    let needle = dir_abs.display().to_string();
+    let kubeconfig = dir_abs.join("kubeconfig").display().to_string();
+    let pod_ip = wait_for_demo(&kubeconfig);
+    let index = network_index(&pod_ip);
+    assert!(common::processes_mentioning(&needle).len() >= 4);
     signal(&local.child, "KILL");
     local.child.wait().unwrap();
-    // The watchdog notices its parent is gone and stops etcd and kube-apiserver.
+    // The watchdogs notice their parent is gone: they stop the control plane, kill what runs
+    // in the Pods' namespaces and remove them and the bridge.
+    assert!(
+        common::wait_until(Duration::from_secs(30), || network_left(&index).is_empty()),
+        "network left: {:?}",
+        network_left(&index)
+    );
     assert!(
         common::wait_until(Duration::from_secs(30), || common::processes_mentioning(
             &needle

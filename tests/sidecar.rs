@@ -17,10 +17,10 @@ use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject;
-use seinode_tls::pki::{CertificateAuthority, Issued, LeafSpec};
-use seinode_tls::standin::StandInSidecar;
 use seinode_tls_controller::probe::SidecarAddresses;
 use seinode_tls_crds::SeiNode;
+use seinode_tls_devcluster::standin::StandInSidecar;
+use seinode_tls_testkit::{CertificateAuthority, Issued, LeafSpec};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -88,7 +88,7 @@ fn contract_cert(ca: &CertificateAuthority, ns: &str) -> Issued {
 }
 
 fn secret(ns: &str, leaf: &Issued, ca_crt: Option<&str>) -> Secret {
-    seinode_tls::pki::tls_secret(ns, "rpc-tls", &leaf.cert_pem, &leaf.key_pem, ca_crt)
+    seinode_tls_testkit::tls_secret(ns, "rpc-tls", &leaf.cert_pem, &leaf.key_pem, ca_crt)
 }
 
 async fn put_secret(client: &Client, secret: &Secret) {
@@ -131,7 +131,7 @@ async fn running_node(
     )
     .await;
     assert!(applied, "the plan applied the StatefulSet");
-    common::mark_stateful_set_ready(client, ns, "rpc").await;
+    common::wait_stateful_set_ready(client, ns, "rpc").await;
     nodes
 }
 

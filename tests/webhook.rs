@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
-use seinode_tls::pki::{CertificateAuthority, LeafSpec};
+use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn node_manifest(ns: &str, name: &str, secret: &str) -> String {
@@ -33,7 +33,7 @@ fn tls_secret(ns: &str, name: &str, dns_names: &[&str]) -> Secret {
         ..LeafSpec::default()
     };
     let leaf = ca.issue(&leaf_spec).unwrap();
-    seinode_tls::pki::tls_secret(ns, name, &leaf.cert_pem, &leaf.key_pem, None)
+    seinode_tls_testkit::tls_secret(ns, name, &leaf.cert_pem, &leaf.key_pem, None)
 }
 
 fn contract(ns: &str, name: &str) -> [String; 2] {

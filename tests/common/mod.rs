@@ -1,6 +1,8 @@
-//! Shared set-up for the tests that run against a real kube-apiserver and etcd.
+//! Shared set-up for the tests that run against the one-machine cluster: etcd,
+//! kube-apiserver, kube-controller-manager, kube-scheduler and the process kubelet, which runs
+//! the Pods (so the tests need root, as CI has).
 //!
-//! One control plane per test binary, started on first use and stopped by its watchdog when the
+//! One cluster per test binary, started on first use and stopped by its watchdogs when the
 //! binary exits; one namespace per test.
 
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
@@ -10,37 +12,47 @@ use std::sync::OnceLock;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
-use seinode_tls::control_plane::{self, ControlPlane, ControlPlaneConfig};
-use seinode_tls::offline::error_chain;
+use seinode_tls_crds::error_chain;
+use seinode_tls_devcluster::cluster::{Cluster, ClusterConfig, RunPods};
+use seinode_tls_devcluster::control_plane::{self, ControlPlane};
 
-static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 /// The test binary's control plane, with the SeiNode CRD installed.
 pub fn control_plane() -> &'static ControlPlane {
-    CONTROL_PLANE.get_or_init(|| {
+    cluster().control_plane()
+}
+
+/// The test binary's cluster, Pods running, with the SeiNode CRD installed.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
         // Started on its own thread and runtime: tests call this from inside their runtimes,
         // and the processes outlive whichever runtime started them.
         std::thread::spawn(|| {
             seinode_tls::telemetry::install_crypto_provider();
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             runtime.block_on(async {
-                let cp = ControlPlane::start(ControlPlaneConfig::default())
-                    .await
-                    .unwrap_or_else(|e| {
-                        panic!(
-                            "cannot start the test control plane: {}\n\
-                         The tests need kube-apiserver, kubectl and etcd: either let \
+                let cluster = Cluster::start(ClusterConfig {
+                    run_pods: RunPods::Required,
+                    seinode_tls: Some(env!("CARGO_BIN_EXE_seinode-tls").into()),
+                    ..ClusterConfig::default()
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot start the test cluster: {}\n\
+                         The tests need the control-plane binaries: either let \
                          tools/control-plane/build.sh build them (needs Go and the Go module \
                          proxy) or point SEINODE_TLS_CONTROL_PLANE_BIN_DIR at a directory that \
-                         holds them.",
-                            error_chain(&e)
-                        )
-                    });
-                let client = cp.client().await.expect("client");
+                         holds them; and root, for the Pods' network namespaces.",
+                        error_chain(&e)
+                    )
+                });
+                let client = cluster.control_plane().client().await.expect("client");
                 control_plane::install_crd(&client)
                     .await
                     .expect("install the SeiNode CRD");
-                cp
+                cluster
             })
         })
         .join()
@@ -206,18 +218,38 @@ pub fn controller() {
 pub fn test_controller_config() -> seinode_tls_controller::ControllerConfig {
     seinode_tls_controller::ControllerConfig {
         cert_expiry_warning: std::time::Duration::from_secs(3600),
-        // Pods never run here: probes of them fail fast instead of holding reconciles.
+        // Cluster names do not resolve on the host: probes of them fail fast instead of holding
+        // reconciles (tests/sidecar.rs maps them to addresses).
         sidecar_probe_timeout: std::time::Duration::from_secs(1),
         token_file: None,
         ..Default::default()
     }
 }
 
-/// Plays the kubelet: reports StatefulSet `name` rolled out and ready at its generation.
-pub async fn mark_stateful_set_ready(client: &Client, ns: &str, name: &str) {
-    seinode_tls::local::mark_stateful_set_ready(client, ns, name)
-        .await
-        .expect("write StatefulSet status");
+/// Waits until the StatefulSet controller reports StatefulSet `name` rolled out and ready:
+/// its Pod was scheduled and runs under the process kubelet.
+pub async fn wait_stateful_set_ready(client: &Client, ns: &str, name: &str) {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let (last, ready) = poll(
+        TIMEOUT,
+        || async { api.get_opt(name).await.ok().flatten() },
+        |sts| {
+            sts.as_ref()
+                .is_some_and(seinode_tls_controller::resources::stateful_set_ready)
+        },
+    )
+    .await;
+    if !ready {
+        let pods = kubectl(&["get", "pods", "-n", ns, "-o", "wide"], "");
+        panic!(
+            "StatefulSet {ns}/{name} not ready within {TIMEOUT:?}: {:?}\npods:\n{}{}",
+            last.and_then(|s| s.status),
+            String::from_utf8_lossy(&pods.stdout),
+            String::from_utf8_lossy(&pods.stderr)
+        );
+    }
 }
 
 /// Polls `get` every 50 ms until `check` accepts its value or `timeout` passes; returns the

@@ -1,5 +1,6 @@
-//! A throwaway certificate authority for the local control plane and the webhooks it calls.
-//! Everything here is for `local` and tests; production certificates come from the cluster.
+//! Test and `local` fixtures: a throwaway certificate authority, the certificates it issues and
+//! the `kubernetes.io/tls` Secrets that hold them. Never part of the shipped binary.
+//! Production certificates come from the cluster (cert-manager or the platform's own PKI).
 
 use std::net::IpAddr;
 

@@ -1,20 +1,23 @@
-//! An embedded Kubernetes control plane: etcd and kube-apiserver on loopback.
+//! The control plane of the one-machine cluster: etcd, kube-apiserver, kube-controller-manager
+//! and kube-scheduler on loopback, with the flags a real cluster uses.
 //!
 //! Used by `seinode-tls local` and by the tests under `tests/`, so both exercise a real API
-//! server (CRD schema and CEL rules, webhook registration, RBAC) rather than a mock. The
-//! binaries are built from Go modules by `tools/control-plane/build.sh` into a cache outside the
-//! repository; there is no kubelet, so pods never run.
+//! server (CRD schema and CEL rules, webhook registration through a Service, RBAC), real
+//! controllers (StatefulSet, garbage collector, token and root-CA publishers, EndpointSlices,
+//! namespace deletion) and a real scheduler rather than mocks. The binaries are built from Go
+//! modules by `tools/control-plane/build.sh` into a cache outside the repository.
 //!
 //! Processes are `std::process` children so that a `ControlPlane` can outlive the async runtime
-//! that started it (tests share one per test binary). They are stopped on drop, and a small
-//! watchdog process stops them too if this process dies without dropping it (SIGKILL, or a
-//! test binary exiting with the control plane in a static).
+//! that started it (tests share one per test binary). They are stopped on drop, and a watchdog
+//! process stops them too if this process dies without dropping it (SIGKILL, or a test binary
+//! exiting with the control plane in a static).
 
 use std::fs;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -28,9 +31,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::pki::{CertificateAuthority, Issued, LeafSpec, PkiError};
+use seinode_tls_testkit::{CertificateAuthority, Issued, LeafSpec, PkiError};
 
-/// Directory holding prebuilt `etcd`, `kube-apiserver` and `kubectl`; skips the build.
+use crate::watchdog::Watchdog;
+
+/// Directory holding the prebuilt binaries (see [`Binaries`]); skips the build.
 pub const BIN_DIR_ENV: &str = "SEINODE_TLS_CONTROL_PLANE_BIN_DIR";
 /// Field manager for everything this project applies.
 pub const FIELD_MANAGER: &str = "seinode-tls";
@@ -46,7 +51,7 @@ const LOG_TAIL_LINES: usize = 25;
 #[derive(Debug, Error)]
 pub enum ControlPlaneError {
     #[error(
-        "kube-apiserver, kubectl and etcd are not built, and {} is not there to build them; set \
+        "the control-plane binaries are not built, and {} is not there to build them; set \
          {BIN_DIR_ENV} to a directory that holds them", .script.display()
     )]
     NoBuildScript { script: PathBuf },
@@ -62,8 +67,8 @@ pub enum ControlPlaneError {
     )]
     Build { script: PathBuf, status: ExitStatus },
     #[error(
-        "{} has no executable {name}; set {BIN_DIR_ENV} to a directory with etcd, kube-apiserver, \
-         kubectl and helm, or unset it to build them", .dir.display()
+        "{} has no executable {name}; set {BIN_DIR_ENV} to a directory with {}, or unset it to \
+         build them", .dir.display(), Binaries::NAMES.join(", ")
     )]
     MissingBinary { dir: PathBuf, name: &'static str },
     #[error(
@@ -116,21 +121,45 @@ pub enum ControlPlaneError {
     Kube(#[from] kube::Error),
     #[error("the SeiNode CRD was not Established within {0:?}")]
     CrdNotEstablished(Duration),
+    #[error(
+        "kube-controller-manager did not publish the default ServiceAccount and the \
+         kube-root-ca.crt ConfigMap within {timeout:?}; last lines of {}:\n{tail}", .log.display()
+    )]
+    ControllersNotReady {
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
 }
 
 // === Binaries ===
 
-/// Paths of the control-plane executables.
+/// Paths of the executables built from Go modules.
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub etcd: PathBuf,
     pub kube_apiserver: PathBuf,
+    pub kube_controller_manager: PathBuf,
+    pub kube_scheduler: PathBuf,
     pub kubectl: PathBuf,
-    /// Renders and lints the chart in tests.
+    /// The node pods' TLS front door, run by the process kubelet for its image.
+    pub kube_rbac_proxy: PathBuf,
+    /// Renders, lints and installs the chart in tests.
     pub helm: PathBuf,
 }
 
 impl Binaries {
+    /// The file names a binaries directory holds.
+    pub const NAMES: [&str; 7] = [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubectl",
+        "kube-rbac-proxy",
+        "helm",
+    ];
+
     /// Finds the binaries: `$SEINODE_TLS_CONTROL_PLANE_BIN_DIR` if set, otherwise the build
     /// cache, building them first when missing (many minutes the first time; progress goes to
     /// stderr).
@@ -142,7 +171,7 @@ impl Binaries {
         Self::in_dir(&dir)
     }
 
-    /// The binaries in `dir`, which must hold all three.
+    /// The binaries in `dir`, which must hold all of [`Binaries::NAMES`].
     pub fn in_dir(dir: &Path) -> Result<Self, ControlPlaneError> {
         let find = |name: &'static str| {
             let path = dir.join(name);
@@ -158,7 +187,10 @@ impl Binaries {
         Ok(Self {
             etcd: find("etcd")?,
             kube_apiserver: find("kube-apiserver")?,
+            kube_controller_manager: find("kube-controller-manager")?,
+            kube_scheduler: find("kube-scheduler")?,
             kubectl: find("kubectl")?,
+            kube_rbac_proxy: find("kube-rbac-proxy")?,
             helm: find("helm")?,
         })
     }
@@ -166,7 +198,8 @@ impl Binaries {
 
 /// Runs `tools/control-plane/build.sh`, which prints the cache directory on stdout.
 fn build_binaries() -> Result<PathBuf, ControlPlaneError> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/control-plane/build.sh");
+    // The workspace root holds `tools/`; this crate sits one level below it.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/control-plane/build.sh");
     if !script.is_file() {
         return Err(ControlPlaneError::NoBuildScript { script });
     }
@@ -198,18 +231,29 @@ pub struct ControlPlaneConfig {
     pub dir: Option<PathBuf>,
     /// The executables; located (and built if needed) when `None`.
     pub binaries: Option<Binaries>,
+    /// Where Pods reach the API server (the Pod network's gateway): its serving certificate
+    /// then covers this address too, and it is the `kubernetes` Service's endpoint. Loopback
+    /// when `None`.
+    pub advertise_address: Option<Ipv4Addr>,
+    /// ClusterIP range of Services; [`DEFAULT_SERVICE_RANGE`] when `None`. Nothing routes it
+    /// (there is no kube-proxy): names resolve to endpoints instead.
+    pub service_cluster_ip_range: Option<String>,
 }
 
-/// A running etcd + kube-apiserver pair. Stops both and removes its directory on drop.
+/// ClusterIP range when none is given: part of RFC 2544's test range, never a real network.
+pub const DEFAULT_SERVICE_RANGE: &str = "198.19.255.0/24";
+
+/// A running control plane. Stops every component and removes its directory on drop.
 pub struct ControlPlane {
     dir: PathBuf,
     binaries: Binaries,
     kubeconfig: PathBuf,
     server: String,
+    port: u16,
     ca: CertificateAuthority,
-    etcd: Child,
-    apiserver: Child,
-    watchdog: Option<(Child, ChildStdin)>,
+    /// In start order; stopped in reverse.
+    components: Vec<(&'static str, Child)>,
+    watchdog: Option<Watchdog>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -222,7 +266,9 @@ impl std::fmt::Debug for ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts etcd and kube-apiserver and waits until the API server reports ready.
+    /// Starts etcd, kube-apiserver, kube-controller-manager and kube-scheduler, and waits until
+    /// the API server reports ready and the controllers have published the default
+    /// ServiceAccount and `kube-root-ca.crt`.
     pub async fn start(config: ControlPlaneConfig) -> Result<Self, ControlPlaneError> {
         let binaries = match config.binaries {
             Some(binaries) => binaries,
@@ -245,7 +291,11 @@ impl ControlPlane {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let error = match Self::start_once(&dir, &binaries).await {
+            let network = (
+                config.advertise_address,
+                config.service_cluster_ip_range.as_deref(),
+            );
+            let error = match Self::start_once(&dir, &binaries, network).await {
                 Ok(cp) => return Ok(cp),
                 Err(ControlPlaneError::Died {
                     component,
@@ -274,7 +324,11 @@ impl ControlPlane {
         }
     }
 
-    async fn start_once(dir: &Path, binaries: &Binaries) -> Result<Self, ControlPlaneError> {
+    async fn start_once(
+        dir: &Path,
+        binaries: &Binaries,
+        (advertise, service_range): (Option<Ipv4Addr>, Option<&str>),
+    ) -> Result<Self, ControlPlaneError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| ControlPlaneError::Io { path, source }
@@ -282,6 +336,9 @@ impl ControlPlane {
         let pki = dir.join("pki");
         fs::create_dir_all(&pki).map_err(io(&pki))?;
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let advertise = advertise.unwrap_or(Ipv4Addr::LOCALHOST);
+        let service_range = service_range.unwrap_or(DEFAULT_SERVICE_RANGE);
+        let serving_ips = [loopback, IpAddr::V4(advertise)];
 
         let ca = CertificateAuthority::new("seinode-tls local control plane CA")?;
         let serving = ca.issue(&LeafSpec {
@@ -291,14 +348,25 @@ impl ControlPlane {
                 "kubernetes",
                 "kubernetes.default",
                 "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
             ],
-            ip_addresses: &[loopback],
+            ip_addresses: &serving_ips,
             server: true,
             ..LeafSpec::default()
         })?;
         let admin = ca.issue(&LeafSpec {
             common_name: "seinode-tls-admin",
             organizations: &["system:masters"],
+            client: true,
+            ..LeafSpec::default()
+        })?;
+        let controller_manager = ca.issue(&LeafSpec {
+            common_name: "system:kube-controller-manager",
+            client: true,
+            ..LeafSpec::default()
+        })?;
+        let scheduler = ca.issue(&LeafSpec {
+            common_name: "system:kube-scheduler",
             client: true,
             ..LeafSpec::default()
         })?;
@@ -318,12 +386,14 @@ impl ControlPlane {
         let etcd_client_port = free_port(dir)?;
         let etcd_peer_port = free_port(dir)?;
         let apiserver_port = free_port(dir)?;
+        let controller_manager_port = free_port(dir)?;
+        let scheduler_port = free_port(dir)?;
         let etcd_url = format!("http://127.0.0.1:{etcd_client_port}");
         let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
         let etcd_dir = dir.join("etcd");
         let _ = fs::remove_dir_all(&etcd_dir);
         let etcd_log = dir.join("etcd.log");
-        let mut etcd = spawn(
+        let etcd = spawn(
             "etcd",
             Command::new(&binaries.etcd)
                 .arg("--name=seinode-tls")
@@ -337,14 +407,34 @@ impl ControlPlane {
                 .arg("--log-level=warn"),
             &etcd_log,
         )?;
+        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let kubeconfig = dir.join("kubeconfig");
+        // From here on, dropping `started` stops what runs (on any error below).
+        let mut started = Self {
+            dir: dir.to_owned(),
+            binaries: binaries.clone(),
+            kubeconfig: kubeconfig.clone(),
+            server: server.clone(),
+            port: apiserver_port,
+            ca,
+            components: Vec::new(),
+            watchdog: Watchdog::spawn(),
+        };
+        if let Some(w) = started.watchdog.as_mut() {
+            w.watch_dir(dir);
+        }
+        started.add(Ok(etcd))?;
 
         let apiserver_log = dir.join("kube-apiserver.log");
-        let apiserver = spawn(
+        started.add(spawn(
             "kube-apiserver",
             Command::new(&binaries.kube_apiserver)
                 .arg(format!("--etcd-servers={etcd_url}"))
                 .arg("--bind-address=127.0.0.1")
-                .arg("--advertise-address=127.0.0.1")
+                .arg(format!("--advertise-address={advertise}"))
+                // Webhooks and aggregated APIs that name a Service are called at its endpoints
+                // (there is no kube-proxy to route a ClusterIP).
+                .arg("--enable-aggregator-routing=true")
                 .arg(format!("--secure-port={apiserver_port}"))
                 .arg(format!("--cert-dir={}", pki.display()))
                 .arg(format!("--tls-cert-file={}", serving_cert.display()))
@@ -357,50 +447,168 @@ impl ControlPlane {
                     "--service-account-signing-key-file={}",
                     sa_key.display()
                 ))
-                .arg("--service-cluster-ip-range=10.96.0.0/16")
+                .arg(format!("--service-cluster-ip-range={service_range}"))
                 .arg("--profiling=false")
                 .arg("--v=1"),
             &apiserver_log,
-        );
-        let mut apiserver = match apiserver {
-            Ok(child) => child,
-            Err(e) => {
-                stop(&mut etcd);
+        ))?;
+        let ca_pem = started.ca.cert_pem();
+        write_private(&kubeconfig, &kubeconfig_yaml(&server, &ca_pem, &admin))?;
+        started
+            .wait_ready(&[etcd_log, apiserver_log.clone()])
+            .await?;
+
+        // The controllers and the scheduler, each with its own identity, as kubeadm runs them.
+        let controller_manager_kubeconfig = dir.join("kube-controller-manager.kubeconfig");
+        write_private(
+            &controller_manager_kubeconfig,
+            &kubeconfig_yaml(&started.server, &ca_pem, &controller_manager),
+        )?;
+        let scheduler_kubeconfig = dir.join("kube-scheduler.kubeconfig");
+        write_private(
+            &scheduler_kubeconfig,
+            &kubeconfig_yaml(&started.server, &ca_pem, &scheduler),
+        )?;
+        let controller_manager_log = dir.join("kube-controller-manager.log");
+        let kubeconfig_arg = |path: &Path| format!("--kubeconfig={}", path.display());
+        started.add(spawn(
+            "kube-controller-manager",
+            Command::new(&binaries.kube_controller_manager)
+                .arg(kubeconfig_arg(&controller_manager_kubeconfig))
+                .arg(format!(
+                    "--authentication-kubeconfig={}",
+                    controller_manager_kubeconfig.display()
+                ))
+                .arg(format!(
+                    "--authorization-kubeconfig={}",
+                    controller_manager_kubeconfig.display()
+                ))
+                .arg("--bind-address=127.0.0.1")
+                .arg(format!("--secure-port={controller_manager_port}"))
+                .arg(format!("--cert-dir={}", pki.join("kcm").display()))
+                .arg(format!("--client-ca-file={}", ca_file.display()))
+                .arg("--controllers=*")
+                .arg("--leader-elect=false")
+                .arg(format!("--root-ca-file={}", ca_file.display()))
+                .arg(format!(
+                    "--service-account-private-key-file={}",
+                    sa_key.display()
+                ))
+                .arg("--use-service-account-credentials=true")
+                .arg("--profiling=false")
+                .arg("--v=1"),
+            &controller_manager_log,
+        ))?;
+        let scheduler_log = dir.join("kube-scheduler.log");
+        started.add(spawn(
+            "kube-scheduler",
+            Command::new(&binaries.kube_scheduler)
+                .arg(kubeconfig_arg(&scheduler_kubeconfig))
+                .arg(format!(
+                    "--authentication-kubeconfig={}",
+                    scheduler_kubeconfig.display()
+                ))
+                .arg(format!(
+                    "--authorization-kubeconfig={}",
+                    scheduler_kubeconfig.display()
+                ))
+                .arg("--bind-address=127.0.0.1")
+                .arg(format!("--secure-port={scheduler_port}"))
+                .arg(format!("--cert-dir={}", pki.join("scheduler").display()))
+                .arg("--leader-elect=false")
+                .arg("--profiling=false")
+                .arg("--v=1"),
+            &scheduler_log,
+        ))?;
+        started
+            .wait_controllers(&[controller_manager_log, scheduler_log])
+            .await?;
+        Ok(started)
+    }
+
+    /// Takes a freshly spawned component under management (stopped on drop, watched).
+    fn add(
+        &mut self,
+        child: Result<(&'static str, Child), ControlPlaneError>,
+    ) -> Result<(), ControlPlaneError> {
+        let (name, child) = child?;
+        if let Some(w) = self.watchdog.as_mut() {
+            w.watch_pid(child.id());
+        }
+        self.components.push((name, child));
+        Ok(())
+    }
+
+    /// A component that exited, with its log's tail, as an error.
+    fn exited(&mut self, logs: &[PathBuf]) -> Option<ControlPlaneError> {
+        for ((component, child), log) in self.components.iter_mut().rev().zip(logs.iter().rev()) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(ControlPlaneError::Died {
+                    component,
+                    status,
+                    log: log.clone(),
+                    tail: log_tail(log),
+                });
+            }
+        }
+        None
+    }
+
+    /// Waits for the API server's `/readyz`; `logs` are the components' so far, in order.
+    async fn wait_ready(&mut self, logs: &[PathBuf]) -> Result<(), ControlPlaneError> {
+        let client = client_from_kubeconfig(&self.kubeconfig).await?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(e) = self.exited(logs) {
                 return Err(e);
             }
-        };
-
-        let server = format!("https://127.0.0.1:{apiserver_port}");
-        let kubeconfig = dir.join("kubeconfig");
-        write_private(
-            &kubeconfig,
-            &kubeconfig_yaml(&server, &ca.cert_pem(), &admin),
-        )?;
-
-        if let Err(e) = wait_ready(
-            &kubeconfig,
-            &mut etcd,
-            &etcd_log,
-            &mut apiserver,
-            &apiserver_log,
-        )
-        .await
-        {
-            stop(&mut apiserver);
-            stop(&mut etcd);
-            return Err(e);
+            let request = http::Request::get("/readyz").body(Vec::new());
+            if let Ok(request) = request
+                && let Ok(body) = client.request_text(request).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ControlPlaneError::NotReady {
+                    timeout: READY_TIMEOUT,
+                    log: logs.last().cloned().unwrap_or_default(),
+                    tail: logs.last().map(|l| log_tail(l)).unwrap_or_default(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let watchdog = spawn_watchdog(&[etcd.id(), apiserver.id()], dir);
-        Ok(Self {
-            dir: dir.to_owned(),
-            binaries: binaries.clone(),
-            kubeconfig,
-            server,
-            ca,
-            etcd,
-            apiserver,
-            watchdog,
-        })
+    }
+
+    /// Waits until kube-controller-manager runs: its ServiceAccount controller made `default`
+    /// in `default`, and its root-CA publisher made `kube-root-ca.crt` there. `logs` are those
+    /// of the components started after the API server.
+    async fn wait_controllers(&mut self, logs: &[PathBuf]) -> Result<(), ControlPlaneError> {
+        use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+        let client = client_from_kubeconfig(&self.kubeconfig).await?;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+        let config_maps: Api<ConfigMap> = Api::namespaced(client, "default");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            // The logs line up with the last components, which `exited` walks from the end.
+            if let Some(e) = self.exited(logs) {
+                return Err(e);
+            }
+            if matches!(accounts.get_opt("default").await, Ok(Some(_)))
+                && matches!(config_maps.get_opt("kube-root-ca.crt").await, Ok(Some(_)))
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let log = logs.first().cloned().unwrap_or_default();
+                return Err(ControlPlaneError::ControllersNotReady {
+                    timeout: READY_TIMEOUT,
+                    tail: log_tail(&log),
+                    log,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// The admin kubeconfig (client certificate in `system:masters`).
@@ -416,6 +624,11 @@ impl ControlPlane {
     /// The API server's URL.
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// The API server's port (on loopback, and on the advertise address when forwarded).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn binaries(&self) -> &Binaries {
@@ -454,21 +667,20 @@ impl ControlPlane {
         })?)
     }
 
-    /// Process ids of etcd and kube-apiserver.
-    pub fn pids(&self) -> [u32; 2] {
-        [self.etcd.id(), self.apiserver.id()]
+    /// Process ids of the components, in start order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.components.iter().map(|(_, c)| c.id()).collect()
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        if let Some((mut watchdog, stdin)) = self.watchdog.take() {
-            let _ = watchdog.kill();
-            let _ = watchdog.wait();
-            drop(stdin);
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.disarm();
         }
-        stop(&mut self.apiserver);
-        stop(&mut self.etcd);
+        for (_, child) in self.components.iter_mut().rev() {
+            stop(child);
+        }
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             tracing::warn!(error = %e, dir = %self.dir.display(), "failed to remove control-plane directory");
         }
@@ -591,18 +803,22 @@ fn spawn(
     component: &'static str,
     command: &mut Command,
     log: &Path,
-) -> Result<Child, ControlPlaneError> {
+) -> Result<(&'static str, Child), ControlPlaneError> {
     let io = |source| ControlPlaneError::Io {
         path: log.to_owned(),
         source,
     };
     let out = fs::File::create(log).map_err(io)?;
     let err = out.try_clone().map_err(io)?;
+    // A group of its own: a terminal's Ctrl-C reaches only the owner, which stops the
+    // components in order (the kubelet still needs the API server while it stops Pods).
     command
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
+        .process_group(0)
         .spawn()
+        .map(|child| (component, child))
         .map_err(|source| ControlPlaneError::Spawn { component, source })
 }
 
@@ -625,72 +841,6 @@ fn stop(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Starts a shell that waits for its stdin to close (this process exiting, however it exits),
-/// then stops `pids` and removes `dir`. Dropping the `ControlPlane` kills it first.
-fn spawn_watchdog(pids: &[u32], dir: &Path) -> Option<(Child, ChildStdin)> {
-    const SCRIPT: &str = r#"dir="$1"; shift
-cat >/dev/null
-kill -TERM "$@" 2>/dev/null
-for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$@" 2>/dev/null || break; sleep 0.5; done
-kill -KILL "$@" 2>/dev/null
-rm -rf -- "$dir""#;
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg("seinode-tls-watchdog")
-        .arg(dir)
-        .args(pids.iter().map(u32::to_string))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| tracing::warn!(error = %e, "failed to start the control-plane watchdog"))
-        .ok()?;
-    let stdin = child.stdin.take()?;
-    Some((child, stdin))
-}
-
-async fn wait_ready(
-    kubeconfig: &Path,
-    etcd: &mut Child,
-    etcd_log: &Path,
-    apiserver: &mut Child,
-    apiserver_log: &Path,
-) -> Result<(), ControlPlaneError> {
-    let client = client_from_kubeconfig(kubeconfig).await?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        for (component, child, log) in [
-            ("etcd", &mut *etcd, etcd_log),
-            ("kube-apiserver", &mut *apiserver, apiserver_log),
-        ] {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(ControlPlaneError::Died {
-                    component,
-                    status,
-                    log: log.to_owned(),
-                    tail: log_tail(log),
-                });
-            }
-        }
-        let request = http::Request::get("/readyz").body(Vec::new());
-        if let Ok(request) = request
-            && let Ok(body) = client.request_text(request).await
-            && body.trim() == "ok"
-        {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(ControlPlaneError::NotReady {
-                timeout: READY_TIMEOUT,
-                log: apiserver_log.to_owned(),
-                tail: log_tail(apiserver_log),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// The last lines of a log file, for error messages.

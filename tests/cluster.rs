@@ -1,0 +1,530 @@
+//! The one-machine cluster itself: the real StatefulSet controller, scheduler and garbage
+//! collector, and the process kubelet running Pods from their specs (probes, restarts with
+//! back-off, volumes updated in place, projected tokens), and the API server calling a webhook
+//! through a Service's endpoints. Each test can fail: it looks at what runs, from inside the
+//! container where it matters (`nsenter` into the container's mount namespace and root).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use seinode_tls_crds::SeiNode;
+use seinode_tls_crds::contract::{DEFAULT_CLUSTER_DOMAIN, required_dns_names};
+use seinode_tls_devcluster::cluster::{PROJECT_IMAGE, SEID_IMAGE, SIDECAR_IMAGE};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// `kubectl apply --server-side` of `yaml` in `ns`.
+fn apply(ns: &str, yaml: &str) {
+    let out = common::kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=test",
+            "-n",
+            ns,
+            "-f",
+            "-",
+        ],
+        yaml,
+    );
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until Pod `name` satisfies `check`; panics with the Pod's status otherwise.
+async fn wait_pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Pod) -> bool,
+) -> Pod {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let (pod, ok) = common::poll(
+        TIMEOUT,
+        || async { api.get_opt(name).await.ok().flatten() },
+        |pod| pod.as_ref().is_some_and(&check),
+    )
+    .await;
+    assert!(
+        ok,
+        "Pod {ns}/{name} never {what}: {:#?}",
+        pod.and_then(|p| p.status)
+    );
+    pod.unwrap()
+}
+
+fn running(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|cs| {
+            !cs.is_empty()
+                && cs
+                    .iter()
+                    .all(|c| c.state.as_ref().and_then(|s| s.running.as_ref()).is_some())
+        })
+}
+
+/// Process id of `container` in `pod` (the kubelet reports `devcluster://<pid>`).
+fn container_pid(pod: &Pod, container: &str) -> String {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .unwrap();
+    let status = statuses.iter().find(|c| c.name == container).unwrap();
+    let id = status.container_id.as_deref().expect("a container id");
+    id.strip_prefix("devcluster://")
+        .expect("devcluster://<pid>")
+        .to_owned()
+}
+
+/// Runs `args` inside the container's mount namespace and root, as `kubectl exec` would.
+fn exec(pid: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", pid, "-m", "-r", "--"])
+        .args(args)
+        .output()
+        .expect("run nsenter");
+    assert!(
+        out.status.success(),
+        "{args:?} in container: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stateful_sets_pod_is_scheduled_runs_and_becomes_ready_through_its_probes() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cluster-sts").await;
+    apply(
+        &ns,
+        &format!(
+            r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: web}}
+spec:
+  serviceName: web
+  replicas: 1
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      containers:
+      - name: sidecar
+        image: {SIDECAR_IMAGE}:v1
+        env: [{{name: SEI_SIDECAR_LISTEN_ADDRESS, value: "0.0.0.0:7777"}}]
+        ports: [{{name: http, containerPort: 7777}}]
+        readinessProbe: {{httpGet: {{path: /healthz, port: http}}, periodSeconds: 1}}
+        livenessProbe: {{tcpSocket: {{port: 7777}}, periodSeconds: 2}}
+"#
+        ),
+    );
+    common::wait_stateful_set_ready(&client, &ns, "web").await;
+    let pod = wait_pod(&client, &ns, "web-0", "became Ready", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+    .await;
+    let status = pod.status.unwrap();
+    assert_eq!(
+        pod.spec.unwrap().node_name.as_deref(),
+        Some("devcluster"),
+        "bound by the scheduler"
+    );
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    let ip = status.pod_ip.expect("a Pod address");
+    assert!(ip.starts_with("198.18."), "{ip}");
+    // The sidecar stand-in really serves in the Pod's network namespace.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://{ip}:7777/healthz"))
+        .output()
+        .expect("run curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashing_container_shows_crash_loop_back_off_with_a_growing_restart_count() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cluster-crash").await;
+    apply(
+        &ns,
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: crash}}
+spec:
+  containers:
+  - name: app
+    image: {PROJECT_IMAGE}:v1
+    args: [no-such-command]
+"#
+        ),
+    );
+    let restarts = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .map_or(0, |c| c.restart_count)
+    };
+    let pod = wait_pod(&client, &ns, "crash", "restarted twice", |p| {
+        restarts(p) >= 2
+    })
+    .await;
+    let status = &pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0];
+    let last = status
+        .last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .expect("last state terminated");
+    assert_eq!(last.exit_code, 2, "seinode-tls' usage error exit code");
+    // What a person sees.
+    let mut table = String::new();
+    let seen = common::wait_until(TIMEOUT, || {
+        let out = common::kubectl(&["get", "pod", "crash", "-n", &ns], "");
+        table = String::from_utf8_lossy(&out.stdout).into_owned();
+        table.contains("CrashLoopBackOff")
+    });
+    assert!(seen, "kubectl get pod shows CrashLoopBackOff:\n{table}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_secret_reaches_the_mounted_file_through_an_atomic_swap() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cluster-secret").await;
+    apply(
+        &ns,
+        &format!(
+            r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: greeting}}
+stringData: {{message: hello}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reader}}
+spec:
+  containers:
+  - name: seid
+    image: {SEID_IMAGE}:v1
+    command: [seid, start, --home, /sei]
+    volumeMounts: [{{name: greeting, mountPath: /etc/greeting, readOnly: true}}, {{name: home, mountPath: /sei}}]
+  volumes:
+  - {{name: greeting, secret: {{secretName: greeting, defaultMode: 0440}}}}
+  - {{name: home, emptyDir: {{}}}}
+"#
+        ),
+    );
+    let pod = wait_pod(&client, &ns, "reader", "ran", running).await;
+    let pid = container_pid(&pod, "seid");
+    assert_eq!(exec(&pid, &["cat", "/etc/greeting/message"]), "hello");
+    assert!(
+        exec(&pid, &["readlink", "/etc/greeting/..data"]).starts_with(".."),
+        "..data is a symlink to a timestamped directory"
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .patch(
+            "greeting",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"stringData": {"message": "world"}})),
+        )
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let updated = common::wait_until(TIMEOUT, || {
+        seen = exec(&pid, &["cat", "/etc/greeting/message"]);
+        seen == "world"
+    });
+    assert!(updated, "the mounted file still says {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_projected_token_carries_the_audience_asked_for_and_is_bound_to_its_pod() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cluster-token").await;
+    apply(
+        &ns,
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: tok}}
+spec:
+  containers:
+  - name: seid
+    image: {SEID_IMAGE}:v1
+    volumeMounts: [{{name: token, mountPath: /var/run/secrets/tokens}}]
+  volumes:
+  - name: token
+    projected:
+      sources:
+      - serviceAccountToken: {{audience: devcluster-test, expirationSeconds: 600, path: token}}
+"#
+        ),
+    );
+    let pod = wait_pod(&client, &ns, "tok", "ran", running).await;
+    let token = exec(
+        &container_pid(&pod, "seid"),
+        &["cat", "/var/run/secrets/tokens/token"],
+    );
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    assert_eq!(
+        claims["aud"],
+        serde_json::json!(["devcluster-test"]),
+        "{claims}"
+    );
+    assert_eq!(claims["kubernetes.io"]["pod"]["name"], "tok", "{claims}");
+
+    // The API server accepts it for that audience only.
+    let reviews: Api<TokenReview> = Api::all(client.clone());
+    let review = |audience: &str| TokenReview {
+        spec: TokenReviewSpec {
+            token: token.clone(),
+            audiences: Some(vec![audience.to_owned()]),
+        },
+        ..TokenReview::default()
+    };
+    let ok = reviews
+        .create(&PostParams::default(), &review("devcluster-test"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status.and_then(|s| s.authenticated), Some(true));
+    let other = reviews
+        .create(&PostParams::default(), &review("another"))
+        .await
+        .unwrap();
+    assert_ne!(other.status.and_then(|s| s.authenticated), Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_seinode_garbage_collects_its_service_config_map_stateful_set_and_pod() {
+    let client = common::client().await;
+    common::controller();
+    let ns = common::namespace(&client, "cluster-gc").await;
+    let names = required_dns_names("gc", &ns, DEFAULT_CLUSTER_DOMAIN);
+    let dns: Vec<&str> = names.iter().map(String::as_str).collect();
+    let cp = common::control_plane();
+    let leaf = cp.issue_serving_certificate("gc", &dns).unwrap();
+    let secret =
+        seinode_tls_testkit::tls_secret(&ns, "gc-tls", &leaf.cert_pem, &leaf.key_pem, None);
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    apply(
+        &ns,
+        r#"
+apiVersion: sei.io/v1alpha1
+kind: SeiNode
+metadata: {name: gc}
+spec:
+  chainId: arctic-1
+  image: ghcr.io/sei-protocol/sei:v6.3.0
+  fullNode: {}
+  sidecar: {tls: {secretName: gc-tls}}
+"#,
+    );
+    common::wait_stateful_set_ready(&client, &ns, "gc").await;
+    wait_pod(&client, &ns, "gc-0", "ran", running).await;
+
+    Api::<SeiNode>::namespaced(client.clone(), &ns)
+        .delete("gc", &DeleteParams::default())
+        .await
+        .unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let (left, gone) = common::poll(
+        TIMEOUT,
+        || async {
+            let mut left = Vec::new();
+            if services.get_opt("gc").await.unwrap().is_some() {
+                left.push("Service gc");
+            }
+            if maps
+                .get_opt("gc-rbac-proxy-config")
+                .await
+                .unwrap()
+                .is_some()
+            {
+                left.push("ConfigMap gc-rbac-proxy-config");
+            }
+            if sets.get_opt("gc").await.unwrap().is_some() {
+                left.push("StatefulSet gc");
+            }
+            if pods.get_opt("gc-0").await.unwrap().is_some() {
+                left.push("Pod gc-0");
+            }
+            left
+        },
+        Vec::is_empty,
+    )
+    .await;
+    assert!(gone, "still there: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_calls_a_webhook_registered_by_service_at_its_endpoints() {
+    use seinode_tls_webhook::registration::{Endpoint, mutating_configuration};
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cluster-webhook").await;
+    let cp = common::control_plane();
+    let service_name = format!("webhook.{ns}.svc");
+    let serving = cp
+        .issue_serving_certificate("webhook", &[service_name.as_str()])
+        .unwrap();
+    let secret = seinode_tls_testkit::tls_secret(
+        &ns,
+        "webhook-tls",
+        &serving.cert_pem,
+        &serving.key_pem,
+        None,
+    );
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    // The webhook's caches list Secrets and SeiNodes cluster-wide as its ServiceAccount.
+    apply(
+        &ns,
+        &format!(
+            r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: webhook}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {ns}-webhook}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view-for-webhook-{ns}}}
+subjects: [{{kind: ServiceAccount, name: webhook, namespace: {ns}}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: view-for-webhook-{ns}}}
+rules:
+- {{apiGroups: [""], resources: [secrets], verbs: [get, list, watch]}}
+- {{apiGroups: [sei.io], resources: [seinodes], verbs: [get, list, watch]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: webhook}}
+spec:
+  selector: {{app: webhook}}
+  ports: [{{port: 443, targetPort: 8443}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: webhook, labels: {{app: webhook}}}}
+spec:
+  serviceAccountName: webhook
+  containers:
+  - name: webhook
+    image: {PROJECT_IMAGE}:v1
+    args: [webhook, --listen-addr=0.0.0.0:8443, --health-addr=0.0.0.0:8080, --tls-cert-file=/tls/tls.crt, --tls-key-file=/tls/tls.key]
+    ports: [{{containerPort: 8443}}, {{name: health, containerPort: 8080}}]
+    readinessProbe: {{httpGet: {{path: /readyz, port: health}}, periodSeconds: 1}}
+    volumeMounts: [{{name: tls, mountPath: /tls, readOnly: true}}]
+  volumes:
+  - {{name: tls, secret: {{secretName: webhook-tls}}}}
+"#
+        ),
+    );
+    wait_pod(&client, &ns, "webhook", "became Ready", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+    .await;
+
+    let endpoint = Endpoint::Service {
+        namespace: ns.clone(),
+        name: "webhook".to_owned(),
+        port: 443,
+    };
+    let mut registration = mutating_configuration(&endpoint, cp.ca().cert_pem().as_bytes(), &[]);
+    registration.metadata.name = Some(format!("{ns}-by-service"));
+    for hook in registration.webhooks.iter_mut().flatten() {
+        hook.namespace_selector = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: Some([("kubernetes.io/metadata.name".to_owned(), ns.clone())].into()),
+                ..Default::default()
+            },
+        );
+    }
+    seinode_tls_devcluster::control_plane::apply(&Api::all(client.clone()), &registration)
+        .await
+        .unwrap();
+
+    // A server-side dry run of a TLS SeiNode comes back with the annotation only the webhook adds.
+    let node: SeiNode = serde_json::from_value(serde_json::json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
+        "metadata": {"name": "probe", "namespace": ns},
+        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {},
+                 "sidecar": {"tls": {"secretName": "probe-tls"}}},
+    }))
+    .unwrap();
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let (created, called) = common::poll(
+        TIMEOUT,
+        || async { nodes.create(&params, &node).await },
+        |r| {
+            r.as_ref().is_ok_and(|n| {
+                n.metadata.annotations.as_ref().is_some_and(|a| {
+                    a.contains_key(seinode_tls_crds::contract::REQUIRED_DNS_NAMES_ANNOTATION)
+                })
+            })
+        },
+    )
+    .await;
+    assert!(
+        called,
+        "the webhook Pod was not called through Service {ns}/webhook: {created:?}"
+    );
+}
