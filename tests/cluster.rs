@@ -291,6 +291,7 @@ spec:
   containers:
   - name: seid
     image: {SEID_IMAGE}:v1
+    command: [seid, start, --home, /tmp]
     volumeMounts: [{{name: token, mountPath: /var/run/secrets/tokens}}]
   volumes:
   - name: token

@@ -803,6 +803,9 @@ async fn run_container(
         if let Ok(mut pids) = run.shared.pids.lock() {
             pids.insert(pid);
         }
+        // Running means the command runs: wait until the script has built the root and
+        // chrooted into it (or the process is gone), as a runtime reports a started container.
+        runtime::wait_for_root(pid).await;
         let started_at = Timestamp::now();
         let started_instant = Instant::now();
         tracing::info!(container = %container.name, namespace = %run.namespace, pod = %run.name, pid, "container started");

@@ -142,6 +142,20 @@ pub fn spawn(spec: &ProcessSpec) -> io::Result<Child> {
     command.spawn()
 }
 
+/// Waits until process `pid` has left the host's root (the script's `chroot`, right before
+/// the container's command), or is gone; at most 10 s.
+pub async fn wait_for_root(pid: u32) {
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        match std::fs::read_link(&root) {
+            Ok(path) if path != std::path::Path::new("/") => return,
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            Err(_) => return,
+        }
+    }
+}
+
 /// Sends `signal` to the process group `pid` leads; a group already gone is fine.
 pub fn signal_group(pid: u32, signal: Signal) {
     let Ok(raw) = i32::try_from(pid) else { return };
