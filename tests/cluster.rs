@@ -67,6 +67,13 @@ async fn wait_pod(
     pod.unwrap()
 }
 
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 fn running(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -137,13 +144,7 @@ spec:
         ),
     );
     common::wait_stateful_set_ready(&client, &ns, "web").await;
-    let pod = wait_pod(&client, &ns, "web-0", "became Ready", |p| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    })
-    .await;
+    let pod = wait_pod(&client, &ns, "web-0", "became Ready", ready).await;
     let status = pod.status.unwrap();
     assert_eq!(
         pod.spec.unwrap().node_name.as_deref(),
@@ -472,13 +473,7 @@ spec:
 "#
         ),
     );
-    wait_pod(&client, &ns, "webhook", "became Ready", |p| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    })
-    .await;
+    wait_pod(&client, &ns, "webhook", "became Ready", ready).await;
 
     let endpoint = Endpoint::Service {
         namespace: ns.clone(),

@@ -82,9 +82,11 @@ pub struct Cluster {
     pods: Option<PodHost>,
     /// Why Pods do not run, when they do not.
     no_pods: Option<String>,
+    // Dropped in this order (see `Drop`): keep the watchdog last.
     control_plane: ControlPlane,
     network: Option<Arc<PodNetwork>>,
-    watchdog: Option<Watchdog>,
+    // Held for its drop: it stands by until the rest has cleaned up.
+    _watchdog: Option<Watchdog>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -114,7 +116,9 @@ impl Cluster {
         };
         let mut watchdog = None;
         if let Some(network) = &network {
-            watchdog = Watchdog::spawn();
+            // It holds the range's lock until it is done, so no new cluster claims the range
+            // while it still cleans up after a dead owner.
+            watchdog = Watchdog::spawn(network.lock().ok());
             if let Some(w) = watchdog.as_mut() {
                 w.watch_network(network.index());
             }
@@ -131,7 +135,7 @@ impl Cluster {
             no_pods,
             control_plane,
             network,
-            watchdog,
+            _watchdog: watchdog,
         };
         if let Some(network) = cluster.network.clone() {
             let images = images(&binaries, config.seinode_tls.as_deref());
@@ -183,15 +187,12 @@ impl Cluster {
 }
 
 impl Drop for Cluster {
+    /// Pods first, while the API server still answers; then, as the fields drop in order, the
+    /// control plane, the network, and last the watchdog, which stands by until all is done.
     fn drop(&mut self) {
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.disarm();
-        }
-        // Pods first, while the API server still answers; the network last.
         if let Some(pods) = self.pods.take() {
             pods.stop();
         }
-        self.network.take();
     }
 }
 

@@ -393,7 +393,23 @@ impl ControlPlane {
         let etcd_dir = dir.join("etcd");
         let _ = fs::remove_dir_all(&etcd_dir);
         let etcd_log = dir.join("etcd.log");
-        let etcd = spawn(
+        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let kubeconfig = dir.join("kubeconfig");
+        // From here on, dropping `started` stops what runs (on any error below).
+        let mut started = Self {
+            dir: dir.to_owned(),
+            binaries: binaries.clone(),
+            kubeconfig: kubeconfig.clone(),
+            server: server.clone(),
+            port: apiserver_port,
+            ca,
+            components: Vec::new(),
+            watchdog: Watchdog::spawn(None),
+        };
+        if let Some(w) = started.watchdog.as_mut() {
+            w.watch_dir(dir);
+        }
+        started.add(spawn(
             "etcd",
             Command::new(&binaries.etcd)
                 .arg("--name=seinode-tls")
@@ -406,24 +422,7 @@ impl ControlPlane {
                 .arg("--unsafe-no-fsync=true")
                 .arg("--log-level=warn"),
             &etcd_log,
-        )?;
-        let server = format!("https://127.0.0.1:{apiserver_port}");
-        let kubeconfig = dir.join("kubeconfig");
-        // From here on, dropping `started` stops what runs (on any error below).
-        let mut started = Self {
-            dir: dir.to_owned(),
-            binaries: binaries.clone(),
-            kubeconfig: kubeconfig.clone(),
-            server: server.clone(),
-            port: apiserver_port,
-            ca,
-            components: Vec::new(),
-            watchdog: Watchdog::spawn(),
-        };
-        if let Some(w) = started.watchdog.as_mut() {
-            w.watch_dir(dir);
-        }
-        started.add(Ok(etcd))?;
+        ))?;
 
         let apiserver_log = dir.join("kube-apiserver.log");
         started.add(spawn(
@@ -675,9 +674,6 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.disarm();
-        }
         for (_, child) in self.components.iter_mut().rev() {
             stop(child);
         }

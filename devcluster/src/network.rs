@@ -21,7 +21,8 @@ use thiserror::Error;
 
 /// Directory of the per-range lock files.
 const LOCK_DIR: &str = "/run/seinode-tls";
-/// Prefix of bridges, namespaces and veths made here (bridge `sntls<i>`, netns `sntls<i>-<n>`).
+/// Prefix of the bridges and namespaces made here (bridge `sntls<i>`, netns `sntls<i>-<n>`;
+/// the host ends of the veths are `snv<i>-<n>`).
 pub const NAME_PREFIX: &str = "sntls";
 
 #[derive(Debug, Error)]
@@ -109,6 +110,12 @@ impl PodNetwork {
         self.index
     }
 
+    /// Another handle on the range's lock: whoever holds it keeps the range from being
+    /// claimed (the watchdog holds it until it has cleaned up after a dead owner).
+    pub fn lock(&self) -> std::io::Result<File> {
+        self._lock.try_clone()
+    }
+
     /// The bridge's address on the host: where Pods reach the host (and the API server).
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.index, 1)
@@ -135,6 +142,12 @@ impl PodNetwork {
         ip(&["link", "add", &bridge, "type", "bridge"])?;
         ip(&["addr", "add", &gateway, "dev", &bridge])?;
         ip(&["link", "set", &bridge, "up"])?;
+        // Never route for the Pods, whatever the host's global setting.
+        let forwarding = format!("/proc/sys/net/ipv4/conf/{bridge}/forwarding");
+        std::fs::write(&forwarding, "0").map_err(|e| NetworkError::Ip {
+            args: format!("(write 0 to {forwarding})"),
+            message: e.to_string(),
+        })?;
         // Lower priority than the bridge's own route; it remains when the bridge is gone.
         for range in [self.subnet(), self.service_range()] {
             ip(&["route", "replace", "unreachable", &range, "metric", "4000"])?;
@@ -213,10 +226,10 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Deletes the namespace (its veth goes with it) and frees the address. Call once every
-    /// process in it has exited; safe to call twice.
+    /// Kills whatever still runs in the namespace, deletes it (its veth goes with it) and frees
+    /// the address. Safe to call twice.
     pub fn remove(&self) {
-        let _ = ip(&["netns", "del", &self.netns]);
+        remove_netns(&self.netns);
         let _ = ip(&["link", "del", &self.host_veth]);
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(octet) = self.ip.octets().get(3) {
@@ -235,16 +248,7 @@ fn clean_up(index: u8) {
             .filter_map(|l| l.split_whitespace().next())
             .filter(|ns| ns.starts_with(&prefix))
         {
-            if let Ok(pids) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                let pids: Vec<String> = String::from_utf8_lossy(&pids.stdout)
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect();
-                if !pids.is_empty() {
-                    let _ = Command::new("kill").arg("-KILL").args(&pids).status();
-                }
-            }
-            let _ = ip(&["netns", "del", ns]);
+            remove_netns(ns);
         }
     }
     let _ = ip(&["link", "del", &format!("{NAME_PREFIX}{index}")]);
@@ -254,6 +258,22 @@ fn clean_up(index: u8) {
     ] {
         let _ = ip(&["route", "del", "unreachable", &range, "metric", "4000"]);
     }
+}
+
+/// Kills every process in network namespace `ns` (a namespace that only loses its name would
+/// hide them from every later clean-up), then deletes it.
+fn remove_netns(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let _ = ip(&["netns", "del", ns]);
 }
 
 /// The shell form of [`clean_up`], for the watchdog: `$1` is the index.

@@ -5,7 +5,7 @@
 //! (SIGKILL, a test binary exiting with the cluster in a static, a panic); the watchdog then
 //! stops the processes (SIGTERM, 5 s, SIGKILL), removes the Pod namespaces and bridge of each
 //! network index (killing whatever still runs in them) and removes the directories. An owner
-//! that cleans up itself calls [`Watchdog::disarm`] first.
+//! that cleans up itself drops the watchdog last, once it is done: dropping ends it unused.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -25,7 +25,11 @@ ${line#dir }" ;;
 done
 if [ -n "$pids" ]; then
   kill -TERM $pids 2>/dev/null
-  for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 $pids 2>/dev/null || break; sleep 0.5; done
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    alive=""; for p in $pids; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ -z "$alive" ] && break
+    sleep 0.5
+  done
   kill -KILL $pids 2>/dev/null
 fi
 for net in $nets; do clean_net "$net"; done
@@ -39,15 +43,16 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts the watchdog; `None` (with a warning) when `sh` cannot be started.
-    pub fn spawn() -> Option<Self> {
+    /// Starts the watchdog; `None` (with a warning) when `sh` cannot be started. `hold`, when
+    /// given, stays open in the watchdog until it exits (a lock it keeps while it cleans up).
+    pub fn spawn(hold: Option<std::fs::File>) -> Option<Self> {
         let script = format!("clean_net() {{\n{CLEAN_UP_SCRIPT}\n}}\n{SCRIPT}");
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(script)
             .arg("seinode-tls-watchdog")
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(hold.map_or_else(Stdio::null, Stdio::from))
             .stderr(Stdio::null())
             // Not in the owner's process group: a Ctrl-C meant for the owner must not end it.
             .process_group(0)
@@ -68,9 +73,15 @@ impl Watchdog {
         self.send(&format!("net {index}"));
     }
 
-    /// Removes `dir` if the owner dies (after the processes are stopped).
+    /// Removes `dir` if the owner dies (after the processes are stopped). A path with a line
+    /// break cannot be told to the watchdog; it is left out, with a warning.
     pub fn watch_dir(&mut self, dir: &Path) {
-        self.send(&format!("dir {}", dir.display()));
+        let dir = dir.display().to_string();
+        if dir.contains('\n') {
+            tracing::warn!(dir, "not watching a directory whose name has a line break");
+            return;
+        }
+        self.send(&format!("dir {dir}"));
     }
 
     fn send(&mut self, line: &str) {
@@ -80,24 +91,14 @@ impl Watchdog {
             tracing::warn!(error = %e, "the clean-up watchdog is gone");
         }
     }
-
-    /// Ends the watchdog without cleaning up: the owner does it.
-    pub fn disarm(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.stdin.take();
-    }
 }
 
 impl Drop for Watchdog {
-    /// Dropping without [`Watchdog::disarm`] (a panic during start-up) cleans up.
+    /// Ends the watchdog without cleaning up: the owner has done it (or, during a failed
+    /// start, the parts it started clean up after themselves as they drop).
     fn drop(&mut self) {
-        if self.stdin.take().is_some() {
-            let _ = self.child.wait();
-        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stdin.take();
     }
 }

@@ -624,6 +624,23 @@ async fn claim_path(run: &PodRun, claim: &str) -> Result<PathBuf, ConfigError> {
              kubelet mounts only those"
         ))
     })?;
+    // Only what this kubelet's provisioner made: a PersistentVolume must never hand a Pod a
+    // directory of the host.
+    let own = run.shared.config.dir.join("volumes");
+    if dir.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::RootDir
+        )
+    }) || !dir.starts_with(&own)
+    {
+        return Err(ConfigError(format!(
+            "persistentvolume \"{bound}\" points at {}, outside {}: the devcluster kubelet \
+             mounts only the volumes its provisioner made",
+            dir.display(),
+            own.display()
+        )));
+    }
     std::fs::create_dir_all(&dir)
         .map_err(|e| ConfigError(format!("failed to create {}: {e}", dir.display())))?;
     Ok(dir)
@@ -799,7 +816,13 @@ async fn run_container(
                 continue;
             }
         };
-        let Some(pid) = child.id() else { continue };
+        let Some(pid) = child.id() else {
+            // Reaped already: it exited at once; the back-off below applies as for any exit.
+            tracing::warn!(container = %container.name, "container exited before it could be tracked");
+            tokio::time::sleep(backoff(base, failures)).await;
+            failures += 1;
+            continue;
+        };
         if let Ok(mut pids) = run.shared.pids.lock() {
             pids.insert(pid);
         }
@@ -1281,13 +1304,12 @@ fn mounts(
                         container.name
                     )));
                 }
-                let path = base.join(&sub);
-                if !*always_read_only && !path.exists() {
-                    std::fs::create_dir_all(&path).map_err(|e| {
-                        ConfigError(format!("failed to create subPath {}: {e}", path.display()))
-                    })?;
-                }
-                path
+                sub_path(base, &sub, !*always_read_only).map_err(|e| {
+                    ConfigError(format!(
+                        "container {}: subPath {sub:?}: {e}",
+                        container.name
+                    ))
+                })?
             }
             None => base.clone(),
         };
@@ -1353,5 +1375,48 @@ mod tests {
             ..Pod::default()
         };
         assert_eq!(pod_hostname(&pod), "web-7d9");
+    }
+}
+
+/// `base/sub` for a subPath mount, never leaving `base`: every existing component must be a
+/// plain directory or file (no symlink, which a container could have planted to reach the
+/// host); missing directories are created when `create` is set.
+fn sub_path(base: &Path, sub: &str, create: bool) -> Result<PathBuf, String> {
+    let mut path = base.to_path_buf();
+    for component in Path::new(sub).components() {
+        let std::path::Component::Normal(part) = component else {
+            return Err("must be relative, without '..'".to_owned());
+        };
+        path.push(part);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(format!("{} is a symbolic link", path.display()));
+            }
+            Ok(_) => {}
+            Err(_) if create => std::fs::create_dir(&path)
+                .map_err(|e| format!("failed to create {}: {e}", path.display()))?,
+            Err(_) => return Err(format!("{} does not exist", path.display())),
+        }
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod sub_path_tests {
+    use super::sub_path;
+
+    #[test]
+    fn a_sub_path_through_a_symlink_is_refused() {
+        let base = std::env::temp_dir().join(format!("subpath-{}", std::process::id()));
+        std::fs::create_dir_all(base.join("data")).unwrap();
+        std::os::unix::fs::symlink("/", base.join("escape")).unwrap();
+        assert!(sub_path(&base, "escape/etc", true).is_err());
+        assert!(sub_path(&base, "../x", true).is_err());
+        assert_eq!(
+            sub_path(&base, "data/new", true).unwrap(),
+            base.join("data/new")
+        );
+        assert!(base.join("data/new").is_dir());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

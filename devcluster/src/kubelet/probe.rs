@@ -77,11 +77,7 @@ pub fn plan(
     };
     let action = if let Some(tcp) = &probe.tcp_socket {
         let port = resolve_port(&tcp.port, container)?;
-        let ip = tcp
-            .host
-            .as_deref()
-            .and_then(|h| h.parse().ok())
-            .unwrap_or(IpAddr::V4(pod_ip));
+        let ip = probe_target(tcp.host.as_deref(), pod_ip, container)?;
         ProbeAction::Tcp {
             addr: SocketAddr::new(ip, port),
         }
@@ -97,6 +93,37 @@ pub fn plan(
     Ok(ProbePlan { action, timing })
 }
 
+/// Where a probe or hook connects: the Pod itself unless `host` says otherwise, and then only
+/// an address of this cluster's Pod network or loopback: a Pod spec never makes the host send
+/// traffic anywhere else.
+fn probe_target(
+    host: Option<&str>,
+    pod_ip: Ipv4Addr,
+    container: &Container,
+) -> Result<IpAddr, ConfigError> {
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return Ok(IpAddr::V4(pod_ip));
+    };
+    let ip: IpAddr = host.parse().map_err(|_| {
+        ConfigError(format!(
+            "probe host {host:?} of container {} is not an IP address; the devcluster kubelet \
+             probes addresses only",
+            container.name
+        ))
+    })?;
+    let [a, b, c, _] = pod_ip.octets();
+    let allowed = ip.is_loopback() || matches!(ip, IpAddr::V4(v4) if v4.octets()[..3] == [a, b, c]);
+    if allowed {
+        Ok(ip)
+    } else {
+        Err(ConfigError(format!(
+            "probe host {ip} of container {} is outside the Pod network ({a}.{b}.{c}.0/24) and \
+             loopback; the devcluster kubelet sends no traffic elsewhere",
+            container.name
+        )))
+    }
+}
+
 /// An `httpGet` action (probes and lifecycle hooks).
 pub fn http_action(
     http: &HTTPGetAction,
@@ -104,11 +131,7 @@ pub fn http_action(
     pod_ip: Ipv4Addr,
 ) -> Result<ProbeAction, ConfigError> {
     let port = resolve_port(&http.port, container)?;
-    let ip = http
-        .host
-        .as_deref()
-        .and_then(|h| h.parse().ok())
-        .unwrap_or(IpAddr::V4(pod_ip));
+    let ip = probe_target(http.host.as_deref(), pod_ip, container)?;
     let https = match http.scheme.as_deref() {
         None | Some("HTTP") => false,
         Some("HTTPS") => true,
@@ -133,6 +156,18 @@ pub fn http_action(
         Some(p) => format!("/{p}"),
         None => "/".to_owned(),
     };
+    // Each goes into the request as written: no line breaks that would add request lines.
+    let texts = [path.as_str(), host.as_str()]
+        .into_iter()
+        .chain(headers.iter().flat_map(|(n, v)| [n.as_str(), v.as_str()]));
+    for text in texts {
+        if text.contains(['\r', '\n']) {
+            return Err(ConfigError(format!(
+                "httpGet of container {} has a line break in its path, host or headers",
+                container.name
+            )));
+        }
+    }
     Ok(ProbeAction::Http {
         addr: SocketAddr::new(ip, port),
         https,
@@ -297,6 +332,26 @@ impl ServerCertVerifier for NoVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    #[test]
+    fn probes_reach_only_the_pod_network_and_loopback() {
+        let pod = Ipv4Addr::new(198, 18, 3, 7);
+        let container = Container::default();
+        assert_eq!(
+            probe_target(None, pod, &container).unwrap(),
+            IpAddr::V4(pod)
+        );
+        assert!(probe_target(Some("198.18.3.9"), pod, &container).is_ok());
+        assert!(probe_target(Some("127.0.0.1"), pod, &container).is_ok());
+        assert!(probe_target(Some("1.1.1.1"), pod, &container).is_err());
+        assert!(probe_target(Some("10.0.0.1"), pod, &container).is_err());
+        assert!(probe_target(Some("example.com"), pod, &container).is_err());
     }
 }
 

@@ -17,12 +17,18 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+/// The launcher's own `PATH` (`ip`, `mount`, `chroot`, `setpriv` from the host), never the Pod's.
+const HOST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Where the hosts directory is bind-mounted; `/etc/hosts` becomes a symlink into it, so the
 /// kubelet's atomic renames are seen by running containers.
 const HOSTS_MOUNT: &str = "/run/devcluster-hosts";
 
 /// Builds the container's root and execs its command; `$1..$8` are fixed parameters, then
-/// `3 × $8` mount arguments (source, target, `ro`|`rw`), then the command line.
+/// `3 × $8` mount arguments (source, target, `ro`|`rw`), then the container's environment as
+/// `NAME=VALUE` words, then the command line. The script itself runs with the host's `PATH`
+/// only; the environment reaches the command alone (`env -i`), which runs with no capability
+/// and no way to gain one, whatever its user.
 const SCRIPT: &str = r#"set -eu
 s=$1 hosts=$2 hn=$3 uid=$4 gid=$5 groups=$6 wd=$7 n=$8
 shift 8
@@ -51,10 +57,10 @@ while [ "$n" -gt 0 ]; do
   if [ "$mode" = ro ]; then mount -o remount,bind,ro "$dst"; fi
 done
 hostname "$hn"
-if [ -n "$wd" ]; then set -- /bin/sh -c 'cd -- "$0" && exec "$@"' "$wd" "$@"; fi
-if [ "$uid" != 0 ]; then set -- --inh-caps=-all -- "$@"; else set -- -- "$@"; fi
+if [ -n "$wd" ]; then set -- -C "$wd" -- "$@"; else set -- -- "$@"; fi
 if [ -n "$groups" ]; then g="--groups=$groups"; else g=--clear-groups; fi
-exec chroot "$r" setpriv --reuid="$uid" --regid="$gid" "$g" "$@"
+exec chroot "$r" setpriv --reuid="$uid" --regid="$gid" "$g" --no-new-privs \
+  --bounding-set=-all --inh-caps=-all -- env -i "$@"
 "#;
 
 /// A bind mount into the container's root.
@@ -105,6 +111,7 @@ pub fn script_args(spec: &ProcessSpec) -> Vec<String> {
         args.push(mount.target.clone());
         args.push(if mount.read_only { "ro" } else { "rw" }.to_owned());
     }
+    args.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
     args.extend(spec.argv.iter().cloned());
     args
 }
@@ -133,7 +140,7 @@ pub fn spawn(spec: &ProcessSpec) -> io::Result<Child> {
         .arg(script)
         .args(script_args(spec))
         .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env("PATH", HOST_PATH)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -173,10 +180,20 @@ pub fn exec_in(pid: u32, uid: u32, gid: u32, argv: &[String], env: &[(String, St
     let mut command = Command::new("nsenter");
     command
         .args(["-t", &pid.to_string(), "-a", "-r", "-w"])
-        .args(["-S", &uid.to_string(), "-G", &gid.to_string(), "--"])
+        .args([
+            "-S",
+            &uid.to_string(),
+            "-G",
+            &gid.to_string(),
+            "--",
+            "env",
+            "-i",
+            "--",
+        ])
+        .args(env.iter().map(|(k, v)| format!("{k}={v}")))
         .args(argv)
         .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("PATH", HOST_PATH)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -229,9 +246,8 @@ mod tests {
         );
     }
 
-    /// Needs root, iproute2 and overlayfs: `cargo test -p seinode-tls-devcluster -- --ignored`.
+    /// Needs root, iproute2 and overlayfs, as every cluster test does.
     #[tokio::test]
-    #[ignore = "needs root: creates a network namespace and mounts inside it"]
     async fn container_runs_as_its_user_with_volumes_hosts_and_hostname() {
         let network = crate::network::PodNetwork::create().unwrap();
         let sandbox = network.sandbox("runtime-test").unwrap();
