@@ -338,36 +338,69 @@ spec:
     assert_ne!(other.status.and_then(|s| s.authenticated), Some(true));
 }
 
+/// Creates a TLS SeiNode `name` with a Secret that meets its contract, and waits until its Pod
+/// runs (the controller, the StatefulSet controller, the scheduler and the kubelet all at work).
+async fn run_tls_node(client: &Client, ns: &str, name: &str) -> Pod {
+    let names = required_dns_names(name, ns, DEFAULT_CLUSTER_DOMAIN);
+    let dns: Vec<&str> = names.iter().map(String::as_str).collect();
+    let leaf = common::control_plane()
+        .issue_serving_certificate(name, &dns)
+        .unwrap();
+    let secret_name = format!("{name}-tls");
+    let secret =
+        seinode_tls_testkit::tls_secret(ns, &secret_name, &leaf.cert_pem, &leaf.key_pem, None);
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    apply(
+        ns,
+        &format!(
+            r#"
+apiVersion: sei.io/v1alpha1
+kind: SeiNode
+metadata: {{name: {name}}}
+spec:
+  chainId: arctic-1
+  image: ghcr.io/sei-protocol/sei:v6.3.0
+  fullNode: {{}}
+  sidecar: {{tls: {{secretName: {secret_name}}}}}
+"#
+        ),
+    );
+    common::wait_stateful_set_ready(client, ns, name).await;
+    wait_pod(client, ns, &format!("{name}-0"), "ran", running).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_node_pod_gives_a_service_account_token_to_kube_rbac_proxy_alone() {
+    let client = common::client().await;
+    common::controller();
+    let ns = common::namespace(&client, "cluster-token-scope").await;
+    let pod = run_tls_node(&client, &ns, "scoped").await;
+    let token = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+    for container in ["seid", "sidecar"] {
+        let pid = container_pid(&pod, container);
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &pid, "-m", "-r", "--", "test", "-e", token])
+            .status()
+            .unwrap();
+        assert!(!out.success(), "{container} has no ServiceAccount token");
+    }
+    let proxy = exec(&container_pid(&pod, "kube-rbac-proxy"), &["cat", token]);
+    assert_eq!(
+        proxy.split('.').count(),
+        3,
+        "kube-rbac-proxy has its token (a JWT)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_a_seinode_garbage_collects_its_service_config_map_stateful_set_and_pod() {
     let client = common::client().await;
     common::controller();
     let ns = common::namespace(&client, "cluster-gc").await;
-    let names = required_dns_names("gc", &ns, DEFAULT_CLUSTER_DOMAIN);
-    let dns: Vec<&str> = names.iter().map(String::as_str).collect();
-    let cp = common::control_plane();
-    let leaf = cp.issue_serving_certificate("gc", &dns).unwrap();
-    let secret =
-        seinode_tls_testkit::tls_secret(&ns, "gc-tls", &leaf.cert_pem, &leaf.key_pem, None);
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-    apply(
-        &ns,
-        r#"
-apiVersion: sei.io/v1alpha1
-kind: SeiNode
-metadata: {name: gc}
-spec:
-  chainId: arctic-1
-  image: ghcr.io/sei-protocol/sei:v6.3.0
-  fullNode: {}
-  sidecar: {tls: {secretName: gc-tls}}
-"#,
-    );
-    common::wait_stateful_set_ready(&client, &ns, "gc").await;
-    wait_pod(&client, &ns, "gc-0", "ran", running).await;
+    run_tls_node(&client, &ns, "gc").await;
 
     Api::<SeiNode>::namespaced(client.clone(), &ns)
         .delete("gc", &DeleteParams::default())

@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SecretVolumeSource, Service, ServicePort, ServiceSpec, TCPSocketAction,
-    Volume, VolumeMount, VolumeResourceRequirements,
+    ConfigMap, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
+    DownwardAPIProjection, DownwardAPIVolumeFile, EnvVar, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecretVolumeSource,
+    Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, TCPSocketAction, Volume,
+    VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -35,6 +37,11 @@ const SEI_HOME: &str = "/sei";
 /// Group that owns mounted volumes (the TLS key among them); kube-rbac-proxy's image runs as
 /// UID/GID 65532.
 const NODE_FS_GROUP: i64 = 65532;
+/// Where in-cluster clients look for the ServiceAccount token, CA and namespace.
+const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Lifetime of kube-rbac-proxy's token, as the API server's own automount uses (the kubelet
+/// renews it at 80 %).
+const PROXY_TOKEN_SECONDS: i64 = 3607;
 /// Size of the data volume the StatefulSet claims when no PVC is imported.
 const DEFAULT_DATA_SIZE: &str = "500Gi";
 
@@ -246,6 +253,12 @@ pub fn stateful_set(node: &SeiNode, config: &ControllerConfig) -> Result<Statefu
                     read_only: Some(true),
                     ..VolumeMount::default()
                 },
+                VolumeMount {
+                    name: "rbac-proxy-api-access".to_owned(),
+                    mount_path: SERVICE_ACCOUNT_MOUNT.to_owned(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
             ]),
             ..Container::default()
         });
@@ -267,6 +280,7 @@ pub fn stateful_set(node: &SeiNode, config: &ControllerConfig) -> Result<Statefu
             }),
             ..Volume::default()
         });
+        volumes.push(proxy_api_access());
     }
 
     let imported = node
@@ -328,6 +342,10 @@ pub fn stateful_set(node: &SeiNode, config: &ControllerConfig) -> Result<Statefu
                     containers,
                     volumes: (!volumes.is_empty()).then_some(volumes),
                     service_account_name: config.node_service_account.clone(),
+                    // Only kube-rbac-proxy talks to the API server (TokenReview and
+                    // SubjectAccessReview); seid and the sidecar, whose images the SeiNode's
+                    // author chooses, get no token (`rbac-proxy-api-access` is the proxy's).
+                    automount_service_account_token: Some(false),
                     security_context: Some(PodSecurityContext {
                         fs_group: Some(NODE_FS_GROUP),
                         ..PodSecurityContext::default()
@@ -340,6 +358,53 @@ pub fn stateful_set(node: &SeiNode, config: &ControllerConfig) -> Result<Statefu
         }),
         ..StatefulSet::default()
     })
+}
+
+/// What the API server's automount would give every container, for kube-rbac-proxy alone: a
+/// token of the pod's ServiceAccount (default audience), the cluster's CA and the namespace.
+fn proxy_api_access() -> Volume {
+    Volume {
+        name: "rbac-proxy-api-access".to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o444),
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".to_owned(),
+                        expiration_seconds: Some(PROXY_TOKEN_SECONDS),
+                        audience: None,
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: "kube-root-ca.crt".to_owned(),
+                        items: Some(vec![KeyToPath {
+                            key: "ca.crt".to_owned(),
+                            path: "ca.crt".to_owned(),
+                            mode: None,
+                        }]),
+                        optional: None,
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "namespace".to_owned(),
+                            field_ref: Some(ObjectFieldSelector {
+                                api_version: Some("v1".to_owned()),
+                                field_path: "metadata.namespace".to_owned(),
+                            }),
+                            ..DownwardAPIVolumeFile::default()
+                        }]),
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
+        }),
+        ..Volume::default()
+    }
 }
 
 /// Whether a StatefulSet has rolled out: its controller saw the current spec, a replica is
@@ -370,4 +435,73 @@ pub fn stateful_set_image(sts: &StatefulSet) -> Option<String> {
         .find(|c| c.name == "seid")?
         .image
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(tls: bool) -> SeiNode {
+        let mut value = serde_json::json!({
+            "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
+            "metadata": {"name": "rpc", "namespace": "pacific-1", "uid": "u"},
+            "spec": {"chainId": "pacific-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {}},
+        });
+        if tls {
+            value["spec"]["sidecar"] = serde_json::json!({"tls": {"secretName": "rpc-tls"}});
+        }
+        serde_json::from_value(value).unwrap_or_else(|e| panic!("node: {e}"))
+    }
+
+    fn pod_spec(node: &SeiNode) -> PodSpec {
+        stateful_set(node, &ControllerConfig::default())
+            .ok()
+            .and_then(|s| s.spec)
+            .and_then(|s| s.template.spec)
+            .unwrap_or_default()
+    }
+
+    fn mounts_token(container: &Container) -> bool {
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == SERVICE_ACCOUNT_MOUNT)
+    }
+
+    #[test]
+    fn only_kube_rbac_proxy_gets_a_service_account_token() {
+        let spec = pod_spec(&node(true));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let with_token: Vec<&str> = spec
+            .containers
+            .iter()
+            .filter(|c| mounts_token(c))
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(with_token, ["kube-rbac-proxy"]);
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "rbac-proxy-api-access")
+            .and_then(|v| v.projected.clone())
+            .unwrap_or_default();
+        let token = volume
+            .sources
+            .iter()
+            .flatten()
+            .find_map(|s| s.service_account_token.clone());
+        assert!(
+            token.is_some_and(|t| t.audience.is_none()),
+            "a token for the API server itself (TokenReview, SubjectAccessReview)"
+        );
+    }
+
+    #[test]
+    fn a_node_without_tls_gets_no_token_at_all() {
+        let spec = pod_spec(&node(false));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert!(!spec.containers.iter().any(mounts_token));
+    }
 }

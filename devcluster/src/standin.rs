@@ -1,9 +1,10 @@
 //! Stand-ins for what runs in a node's pod, so the system can be exercised without Sei's images.
 //!
-//! - [`StandInSidecar`]: in-process, for `local --demo` and the tests that run without a kubelet:
-//!   an HTTPS server on loopback that answers `/healthz` the way kube-rbac-proxy in front of a
-//!   healthy sidecar would, with the certificate and key of the node's Secret. Its certificate and
-//!   answer can be changed while it runs, and it records the bearer token it was sent.
+//! - [`StandInSidecar`]: in-process, for the sidecar-probe tests (`tests/sidecar.rs`) that need
+//!   to change what the server presents at will: an HTTPS server on loopback that answers
+//!   `/healthz` the way kube-rbac-proxy in front of a healthy sidecar would, with the certificate
+//!   and key of the node's Secret. Its certificate and answer can be changed while it runs, and it
+//!   records the bearer token it was sent. (`local --demo` runs the real kube-rbac-proxy.)
 //! - [`run_sidecar`] and [`run_seid`]: processes (`seinode-tls stand-in sidecar|seid`) that the
 //!   process kubelet runs in real Pods in place of the sidecar and seid images. They read what the
 //!   controller puts in the pod spec (`SEI_SIDECAR_LISTEN_ADDRESS`, `SEI_CHAIN_ID`,
