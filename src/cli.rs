@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use seinode_tls_controller::{ControllerConfig, LeaderElection};
 use seinode_tls_webhook::{GuardPolicy, SecretPolicy, WebhookConfig};
 
-use crate::offline::{self, CheckSecretArgs, OutputFormat};
+use crate::offline::{self, CertificateSpec, CheckSecretArgs, ContractFormat, OutputFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -75,9 +75,51 @@ pub struct NodeArgs {
 pub struct ContractCli {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Output format: one name per line, or {"requiredDNSNames": [...]}.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-    pub output: Output,
+    /// Output format: one name per line, {"requiredDNSNames": [...]}, or a cert-manager
+    /// Certificate (cert-manager.io/v1) that issues the node's Secret for exactly those names.
+    #[arg(long, short = 'o', value_enum, default_value_t = ContractOutput::Text)]
+    pub output: ContractOutput,
+    #[command(flatten)]
+    pub certificate: CertificateCli,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ContractOutput {
+    Text,
+    Json,
+    Certificate,
+}
+
+/// The cert-manager Certificate that `contract --output certificate` prints.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "With --output certificate")]
+pub struct CertificateCli {
+    /// Issuer of the Certificate (required with --output certificate).
+    #[arg(long, value_name = "NAME", required_if_eq("output", "certificate"))]
+    pub issuer: Option<String>,
+    /// Kind of the issuer.
+    #[arg(long, value_enum, default_value_t = IssuerKind::Issuer)]
+    pub issuer_kind: IssuerKind,
+    /// Secret the Certificate writes (the SeiNode's spec.sidecar.tls.secretName); default
+    /// <SEINODE>-sidecar-tls.
+    #[arg(long, value_name = "NAME")]
+    pub secret_name: Option<String>,
+    /// Lifetime of the certificate (cert-manager's default when absent: 90 days).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// How long before expiry cert-manager renews it (its default when absent: a third of the
+    /// lifetime).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub renew_before: Option<Duration>,
+}
+
+/// Spelled as cert-manager's `issuerRef.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IssuerKind {
+    #[value(name = "Issuer")]
+    Issuer,
+    #[value(name = "ClusterIssuer")]
+    ClusterIssuer,
 }
 
 #[derive(Debug, clap::Args)]
@@ -306,6 +348,37 @@ pub enum Output {
     Json,
 }
 
+impl ContractCli {
+    /// The output asked for; the Certificate's flags only go with `--output certificate`.
+    fn contract_format(&self) -> Result<ContractFormat, String> {
+        let c = &self.certificate;
+        let certificate_flags = c.issuer.is_some()
+            || c.secret_name.is_some()
+            || c.duration.is_some()
+            || c.renew_before.is_some()
+            || c.issuer_kind != IssuerKind::Issuer;
+        match self.output {
+            ContractOutput::Text | ContractOutput::Json if certificate_flags => Err(
+                "--issuer, --issuer-kind, --secret-name, --duration and --renew-before go with \
+                 --output certificate"
+                    .to_owned(),
+            ),
+            ContractOutput::Text => Ok(ContractFormat::Text),
+            ContractOutput::Json => Ok(ContractFormat::Json),
+            ContractOutput::Certificate => Ok(ContractFormat::Certificate(CertificateSpec {
+                issuer: c.issuer.clone().unwrap_or_default(),
+                cluster_issuer: c.issuer_kind == IssuerKind::ClusterIssuer,
+                secret_name: c
+                    .secret_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-sidecar-tls", self.node.seinode)),
+                duration: c.duration,
+                renew_before: c.renew_before,
+            })),
+        }
+    }
+}
+
 impl From<Output> for OutputFormat {
     fn from(output: Output) -> Self {
         match output {
@@ -319,12 +392,18 @@ impl From<Output> for OutputFormat {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Crd => offline::print_crd(),
-        Command::Contract(args) => offline::print_contract(
-            &args.node.seinode,
-            &args.node.namespace,
-            &args.node.cluster_domain,
-            args.output.into(),
-        ),
+        Command::Contract(args) => {
+            let format = match args.contract_format() {
+                Ok(format) => format,
+                Err(message) => return offline::usage_error(&message),
+            };
+            offline::print_contract(
+                &args.node.seinode,
+                &args.node.namespace,
+                &args.node.cluster_domain,
+                &format,
+            )
+        }
         Command::CheckSecret(args) => offline::check_secret(&CheckSecretArgs {
             file: args.file,
             seinode: args.node.seinode,

@@ -28,6 +28,32 @@ pub enum OutputFormat {
     Json,
 }
 
+/// What `contract` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContractFormat {
+    /// One name per line.
+    Text,
+    /// `{"requiredDNSNames": [...]}`.
+    Json,
+    /// A cert-manager Certificate for exactly those names.
+    Certificate(CertificateSpec),
+}
+
+/// The choices in a cert-manager Certificate that are not the contract's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSpec {
+    pub issuer: String,
+    /// `ClusterIssuer` rather than `Issuer`.
+    pub cluster_issuer: bool,
+    /// The Secret it writes: the SeiNode's `spec.sidecar.tls.secretName`.
+    pub secret_name: String,
+    pub duration: Option<std::time::Duration>,
+    pub renew_before: Option<std::time::Duration>,
+}
+
+/// cert-manager refuses a shorter certificate lifetime.
+const MIN_CERTIFICATE_DURATION: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Inputs of `check-secret`.
 #[derive(Debug, Clone)]
 pub struct CheckSecretArgs {
@@ -71,7 +97,7 @@ pub fn print_contract(
     seinode: &str,
     namespace: &str,
     cluster_domain: &str,
-    output: OutputFormat,
+    output: &ContractFormat,
 ) -> ExitCode {
     let names = required_dns_names(seinode, namespace, cluster_domain);
     if let Err(e) = check_satisfiable(&names) {
@@ -80,12 +106,87 @@ pub fn print_contract(
         ));
     }
     let text = match output {
-        OutputFormat::Text => names.iter().map(|n| format!("{n}\n")).collect(),
-        OutputFormat::Json => json_line(&ContractJson {
+        ContractFormat::Text => names.iter().map(|n| format!("{n}\n")).collect(),
+        ContractFormat::Json => json_line(&ContractJson {
             required_dns_names: &names,
         }),
+        ContractFormat::Certificate(spec) => match certificate_yaml(namespace, &names, spec) {
+            Ok(yaml) => yaml,
+            Err(message) => return usage_error(&message),
+        },
     };
     write_stdout(&text)
+}
+
+/// A `cert-manager.io/v1` Certificate, named like the Secret it writes, whose `dnsNames` are
+/// `names` (the contract) and whose key usages are what kube-rbac-proxy serves with.
+pub fn certificate_yaml(
+    namespace: &str,
+    names: &[String],
+    spec: &CertificateSpec,
+) -> Result<String, String> {
+    if spec.issuer.is_empty() {
+        return Err("--issuer names the cert-manager issuer and may not be empty".to_owned());
+    }
+    if spec.secret_name.is_empty() {
+        return Err("--secret-name may not be empty".to_owned());
+    }
+    if let Some(duration) = spec.duration
+        && duration < MIN_CERTIFICATE_DURATION
+    {
+        return Err(format!(
+            "--duration {} is shorter than the 1h cert-manager accepts",
+            humantime::format_duration(duration)
+        ));
+    }
+    if let Some(renew_before) = spec.renew_before
+        && renew_before
+            >= spec
+                .duration
+                .unwrap_or(std::time::Duration::from_secs(90 * 86_400))
+    {
+        return Err(format!(
+            "--renew-before {} must be shorter than the certificate's lifetime ({})",
+            humantime::format_duration(renew_before),
+            spec.duration.map_or_else(
+                || "90 days, cert-manager's default".to_owned(),
+                |d| humantime::format_duration(d).to_string()
+            )
+        ));
+    }
+    let mut certificate_spec = serde_json::json!({
+        "secretName": spec.secret_name,
+        "dnsNames": names,
+        "usages": ["digital signature", "server auth"],
+        "issuerRef": {
+            "group": "cert-manager.io",
+            "kind": if spec.cluster_issuer { "ClusterIssuer" } else { "Issuer" },
+            "name": spec.issuer,
+        },
+        // A new key with every renewal: a leaked key ages out with its certificate.
+        "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+    });
+    if let Some(duration) = spec.duration {
+        certificate_spec["duration"] = go_duration(duration).into();
+    }
+    if let Some(renew_before) = spec.renew_before {
+        certificate_spec["renewBefore"] = go_duration(renew_before).into();
+    }
+    let certificate = serde_json::json!({
+        "apiVersion": "cert-manager.io/v1",
+        "kind": "Certificate",
+        "metadata": {"name": spec.secret_name, "namespace": namespace},
+        "spec": certificate_spec,
+    });
+    serde_saphyr::to_string(&certificate)
+        .map(|yaml| format!("---\n{yaml}"))
+        .map_err(|e| format!("failed to render the Certificate: {e}"))
+}
+
+/// A duration as Go's `time.ParseDuration` (which cert-manager uses) reads it: `2160h0m0s`.
+fn go_duration(duration: std::time::Duration) -> String {
+    let secs = duration.as_secs();
+    format!("{}h{}m{}s", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
 pub fn check_secret(args: &CheckSecretArgs) -> ExitCode {
@@ -247,7 +348,8 @@ fn write_stdout(text: &str) -> ExitCode {
     }
 }
 
-fn usage_error(message: &str) -> ExitCode {
+/// Prints `error: message` and returns the usage-error exit code.
+pub fn usage_error(message: &str) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_USAGE)
 }
@@ -255,6 +357,92 @@ fn usage_error(message: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec() -> CertificateSpec {
+        CertificateSpec {
+            issuer: "sei-ca".to_owned(),
+            cluster_issuer: false,
+            secret_name: "rpc-sidecar-tls".to_owned(),
+            duration: None,
+            renew_before: None,
+        }
+    }
+
+    fn certificate(spec: &CertificateSpec) -> serde_json::Value {
+        let names = required_dns_names("rpc", "pacific-1", "cluster.local");
+        let yaml = certificate_yaml("pacific-1", &names, spec).unwrap();
+        serde_saphyr::from_str(&yaml).unwrap()
+    }
+
+    #[test]
+    fn the_certificate_carries_exactly_the_contract_and_writes_the_nodes_secret() {
+        let c = certificate(&spec());
+        assert_eq!(c["apiVersion"], "cert-manager.io/v1");
+        assert_eq!(c["kind"], "Certificate");
+        assert_eq!(c["metadata"]["namespace"], "pacific-1");
+        assert_eq!(c["spec"]["secretName"], "rpc-sidecar-tls");
+        assert_eq!(
+            c["spec"]["dnsNames"],
+            serde_json::json!([
+                "rpc.pacific-1.svc.cluster.local",
+                "rpc-0.rpc.pacific-1.svc.cluster.local"
+            ])
+        );
+        assert_eq!(c["spec"]["issuerRef"]["kind"], "Issuer");
+        assert_eq!(c["spec"]["issuerRef"]["name"], "sei-ca");
+        let usages = c["spec"]["usages"].as_array().cloned().unwrap_or_default();
+        assert!(usages.contains(&"server auth".into()), "{usages:?}");
+        assert!(
+            c["spec"].get("duration").is_none(),
+            "cert-manager's default"
+        );
+    }
+
+    #[test]
+    fn durations_are_written_as_go_reads_them_and_a_cluster_issuer_is_named_so() {
+        let c = certificate(&CertificateSpec {
+            cluster_issuer: true,
+            duration: Some(std::time::Duration::from_secs(2160 * 3600)),
+            renew_before: Some(std::time::Duration::from_secs(360 * 3600 + 90)),
+            ..spec()
+        });
+        assert_eq!(c["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+        assert_eq!(c["spec"]["duration"], "2160h0m0s");
+        assert_eq!(c["spec"]["renewBefore"], "360h1m30s");
+    }
+
+    #[test]
+    fn certificate_choices_cert_manager_would_refuse_are_usage_errors() {
+        let names = required_dns_names("rpc", "pacific-1", "cluster.local");
+        let hour = std::time::Duration::from_secs(3600);
+        for (bad, expected) in [
+            (
+                CertificateSpec {
+                    issuer: String::new(),
+                    ..spec()
+                },
+                "--issuer",
+            ),
+            (
+                CertificateSpec {
+                    duration: Some(hour / 2),
+                    ..spec()
+                },
+                "shorter than the 1h",
+            ),
+            (
+                CertificateSpec {
+                    duration: Some(hour * 2),
+                    renew_before: Some(hour * 2),
+                    ..spec()
+                },
+                "must be shorter than the certificate's lifetime",
+            ),
+        ] {
+            let err = certificate_yaml("pacific-1", &names, &bad).unwrap_err();
+            assert!(err.contains(expected), "{err}");
+        }
+    }
 
     #[test]
     fn string_data_is_folded_into_data_and_wins() {

@@ -98,15 +98,15 @@ fn documents_of(rendered: &str, kinds: &[&str]) -> String {
         .collect()
 }
 
-/// Open-schema stand-ins for the CRDs of cert-manager and the Prometheus Operator, so the
-/// chart's optional objects can be dry-run applied here.
-fn install_stub_crds() {
+/// cert-manager's real CRDs (its Issuer and Certificate schemas check the chart's), and
+/// open-schema stand-ins for the Prometheus Operator's, so the chart's optional objects can be
+/// dry-run applied here.
+fn install_crds() {
+    common::install_cert_manager_crds();
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let mut yaml = String::new();
         for (group, kind, plural) in [
-            ("cert-manager.io", "Certificate", "certificates"),
-            ("cert-manager.io", "Issuer", "issuers"),
             ("monitoring.coreos.com", "ServiceMonitor", "servicemonitors"),
             ("monitoring.coreos.com", "PrometheusRule", "prometheusrules"),
         ] {
@@ -119,7 +119,7 @@ fn install_stub_crds() {
         }
         let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);
         assert!(out.status.success(), "{}", text(&out.stderr));
-        for crd in ["certificates.cert-manager.io", "servicemonitors.monitoring.coreos.com"] {
+        for crd in ["servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"] {
             let out = common::kubectl(&["wait", "--for=condition=Established", &format!("crd/{crd}"), "--timeout=30s"], "");
             assert!(out.status.success(), "{}", text(&out.stderr));
         }
@@ -223,7 +223,7 @@ fn the_chart_lints_and_renders_with_helm() {
 
 #[test]
 fn the_rendered_chart_applies_with_a_server_side_dry_run_in_both_certificate_modes() {
-    install_stub_crds();
+    install_crds();
     ensure_namespace(RELEASE_NS);
     let monitoring = [
         "--set",
@@ -231,7 +231,7 @@ fn the_rendered_chart_applies_with_a_server_side_dry_run_in_both_certificate_mod
         "--set",
         "monitoring.prometheusRule.enabled=true",
     ];
-    for mut values in [vec![], own_cert_values()] {
+    for (cert_manager, mut values) in [(true, vec![]), (false, own_cert_values())] {
         values.extend(monitoring.iter().map(|s| (*s).to_owned()));
         let rendered = render(&values);
         let out = common::kubectl(
@@ -251,6 +251,14 @@ fn the_rendered_chart_applies_with_a_server_side_dry_run_in_both_certificate_mod
             "prometheusrule",
         ] {
             assert!(stdout.contains(object), "{object} in {stdout}");
+        }
+        // The default path's Issuer and Certificate, checked against cert-manager's own schema.
+        for object in ["issuer.cert-manager.io/", "certificate.cert-manager.io/"] {
+            assert_eq!(
+                stdout.contains(object),
+                cert_manager,
+                "{object} in {stdout}"
+            );
         }
     }
 }

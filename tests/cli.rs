@@ -50,6 +50,55 @@ fn secret_yaml(dns_names: &[&str]) -> String {
 const NODE: [&str; 4] = ["--seinode", "rpc", "--namespace", "sei"];
 
 #[test]
+fn contract_prints_a_cert_manager_certificate_and_refuses_flags_that_do_not_fit() {
+    let out = run(
+        &[
+            "contract",
+            "--seinode",
+            "rpc",
+            "-n",
+            "sei",
+            "-o",
+            "certificate",
+            "--issuer",
+            "sei-ca",
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "kind: Certificate",
+        "secretName: rpc-sidecar-tls",
+        "- rpc.sei.svc.cluster.local",
+        "- rpc-0.rpc.sei.svc.cluster.local",
+        "name: sei-ca",
+    ] {
+        assert!(yaml.contains(line), "{line:?} in:\n{yaml}");
+    }
+
+    for (args, expected) in [
+        (&["-o", "certificate"][..], "--issuer"),
+        (&["--issuer", "sei-ca"][..], "go with --output certificate"),
+        (
+            &["-o", "certificate", "--issuer", "x", "--duration", "30m"][..],
+            "shorter than the 1h",
+        ),
+    ] {
+        let mut all = vec!["contract", "--seinode", "rpc", "-n", "sei"];
+        all.extend(args);
+        let out = run(&all, "");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn contract_prints_one_name_per_line_or_json() {
     let text = run(&["contract", "--seinode", "rpc", "-n", "sei"], "");
     assert!(text.status.success());

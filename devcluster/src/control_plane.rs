@@ -62,8 +62,8 @@ pub enum ControlPlaneError {
         source: std::io::Error,
     },
     #[error(
-        "building the control-plane binaries with {} failed ({status}); its output is above \
-         (it needs the Go toolchain and the Go module proxy)", .script.display()
+        "{} failed ({status}); its output is above (it needs the Go toolchain and the Go \
+         module proxy)", .script.display()
     )]
     Build { script: PathBuf, status: ExitStatus },
     #[error(
@@ -198,8 +198,21 @@ impl Binaries {
 
 /// Runs `tools/control-plane/build.sh`, which prints the cache directory on stdout.
 fn build_binaries() -> Result<PathBuf, ControlPlaneError> {
+    run_tools_script("control-plane/build.sh")
+}
+
+/// The directory holding cert-manager's CRDs (`cert-manager.io_certificates.yaml`, …), fetched
+/// from the Go module proxy by `tools/cert-manager/crds.sh` the first time.
+pub fn cert_manager_crds() -> Result<PathBuf, ControlPlaneError> {
+    run_tools_script("cert-manager/crds.sh")
+}
+
+/// Runs a script under `tools/` that prints a cache directory as its last line on stdout.
+fn run_tools_script(name: &str) -> Result<PathBuf, ControlPlaneError> {
     // The workspace root holds `tools/`; this crate sits one level below it.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/control-plane/build.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tools")
+        .join(name);
     if !script.is_file() {
         return Err(ControlPlaneError::NoBuildScript { script });
     }

@@ -285,3 +285,40 @@ pub fn plain_node(ns: &str, name: &str) -> seinode_tls_crds::SeiNode {
     }))
     .unwrap()
 }
+
+/// Installs cert-manager's real CRDs (from its Go module, see tools/cert-manager/crds.sh) into
+/// the test cluster, once per test binary, and waits until they are Established.
+pub fn install_cert_manager_crds() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = control_plane::cert_manager_crds()
+            .unwrap_or_else(|e| panic!("cannot fetch cert-manager's CRDs: {}", error_chain(&e)));
+        let out = control_plane()
+            .kubectl()
+            .args(["apply", "--server-side", "-f"])
+            .arg(&dir)
+            .output()
+            .expect("run kubectl");
+        assert!(
+            out.status.success(),
+            "installing cert-manager's CRDs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for crd in ["certificates.cert-manager.io", "issuers.cert-manager.io"] {
+            let out = kubectl(
+                &[
+                    "wait",
+                    "--for=condition=Established",
+                    &format!("crd/{crd}"),
+                    "--timeout=60s",
+                ],
+                "",
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    });
+}
