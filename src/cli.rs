@@ -227,10 +227,6 @@ pub struct ControllerArgs {
     /// certificate served must be exactly the Secret's leaf.
     #[arg(long, env = "SEINODE_TLS_SIDECAR_CA_BUNDLE", value_name = "FILE")]
     pub sidecar_ca_bundle: Option<PathBuf>,
-    /// Bearer token sent to the sidecars' kube-rbac-proxy over TLS, re-read on every probe: a
-    /// projected ServiceAccount token with audience "seinode-sidecar" (the chart mounts one).
-    #[arg(long, env = "SEINODE_TLS_TOKEN_FILE", value_name = "FILE", default_value = seinode_tls_controller::config::DEFAULT_TOKEN_FILE)]
-    pub token_file: PathBuf,
     /// ServiceAccount the node pods run as (kube-rbac-proxy uses it for TokenReview and
     /// SubjectAccessReview: bind it to system:auth-delegator); the namespace's default if unset.
     #[arg(long, env = "SEINODE_TLS_NODE_SERVICE_ACCOUNT")]
@@ -323,7 +319,6 @@ impl ControllerArgs {
             sidecar_probe_interval: self.sidecar_probe_interval,
             sidecar_probe_timeout: self.sidecar_probe_timeout,
             sidecar_ca_bundle: self.sidecar_ca_bundle,
-            token_file: Some(self.token_file),
             node_service_account: self.node_service_account,
             ..ControllerConfig::default()
         }

@@ -10,21 +10,18 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::Api;
 use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
-use seinode_tls_controller::config::SIDECAR_TOKEN_AUDIENCE;
 use seinode_tls_controller::probe::SidecarAddresses;
 use seinode_tls_controller::{Controller, ControllerConfig};
 use seinode_tls_crds::contract::{
@@ -45,10 +42,6 @@ use crate::serve::shutdown_signal;
 const DEMO_NAMESPACE: &str = "default";
 const DEMO_NODE: &str = "demo";
 const DEMO_SECRET: &str = "demo-sidecar-tls";
-/// The controller's identity towards the node pods' kube-rbac-proxy, as the chart sets it up.
-const CONTROLLER_ACCOUNT: &str = "seinode-tls-controller";
-/// Lifetime of the controller's sidecar token; renewed at half of it.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Inputs of `local`.
 #[derive(Debug, Clone)]
@@ -93,14 +86,8 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     // The controller runs on the host, where cluster names do not resolve: Pod addresses are
     // fed to it as the kubelet assigns them.
     let sidecar_addresses = SidecarAddresses::default();
-    let token_file = if cluster.runs_pods() {
-        Some(set_up_sidecar_access(&client, control_plane.dir()).await?)
-    } else {
-        None
-    };
     let controller_config = ControllerConfig {
         sidecar_addresses: sidecar_addresses.clone(),
-        token_file,
         ..ControllerConfig::default()
     };
     let controller = Controller::new(controller_config, &mut registry)?;
@@ -322,112 +309,6 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).await.ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
-/// Gives the controller what the chart gives it in a cluster: a ServiceAccount that may `get
-/// seinodes/sidecar`, and a token of it with the sidecar audience, renewed in the background;
-/// and lets the node pods' kube-rbac-proxy (the `default` ServiceAccount) review tokens.
-/// Returns the token file.
-async fn set_up_sidecar_access(client: &kube::Client, dir: &Path) -> anyhow::Result<PathBuf> {
-    let meta = |name: &str| ObjectMeta {
-        name: Some(name.to_owned()),
-        ..ObjectMeta::default()
-    };
-    let account = |namespace: &str, name: &str| Subject {
-        kind: "ServiceAccount".to_owned(),
-        name: name.to_owned(),
-        namespace: Some(namespace.to_owned()),
-        ..Subject::default()
-    };
-    let role_ref = |name: &str| RoleRef {
-        api_group: Some("rbac.authorization.k8s.io".to_owned()),
-        kind: "ClusterRole".to_owned(),
-        name: name.to_owned(),
-    };
-    let mut service_account = ServiceAccount {
-        metadata: meta(CONTROLLER_ACCOUNT),
-        ..ServiceAccount::default()
-    };
-    service_account.metadata.namespace = Some(DEMO_NAMESPACE.to_owned());
-    control_plane::apply(
-        &Api::namespaced(client.clone(), DEMO_NAMESPACE),
-        &service_account,
-    )
-    .await
-    .context("failed to create the controller's ServiceAccount")?;
-    let role = ClusterRole {
-        metadata: meta("seinode-tls-local-sidecar"),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["sei.io".to_owned()]),
-            resources: Some(vec!["seinodes/sidecar".to_owned()]),
-            verbs: vec!["get".to_owned()],
-            ..PolicyRule::default()
-        }]),
-        ..ClusterRole::default()
-    };
-    let roles: Api<ClusterRole> = Api::all(client.clone());
-    control_plane::apply(&roles, &role)
-        .await
-        .context("failed to create the sidecar ClusterRole")?;
-    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-    for binding in [
-        ClusterRoleBinding {
-            metadata: meta("seinode-tls-local-sidecar"),
-            role_ref: role_ref("seinode-tls-local-sidecar"),
-            subjects: Some(vec![account(DEMO_NAMESPACE, CONTROLLER_ACCOUNT)]),
-        },
-        ClusterRoleBinding {
-            metadata: meta("seinode-tls-local-node-pods"),
-            role_ref: role_ref("system:auth-delegator"),
-            subjects: Some(vec![account(DEMO_NAMESPACE, "default")]),
-        },
-    ] {
-        control_plane::apply(&bindings, &binding)
-            .await
-            .context("failed to bind the sidecar ClusterRoles")?;
-    }
-
-    let token_file = dir.join("controller").join("sidecar-token");
-    if let Some(parent) = token_file.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("failed to create {}", parent.display()))?;
-    }
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
-    write_sidecar_token(&accounts, &token_file).await?;
-    tokio::spawn({
-        let token_file = token_file.clone();
-        async move {
-            loop {
-                tokio::time::sleep(TOKEN_LIFETIME / 2).await;
-                if let Err(e) = write_sidecar_token(&accounts, &token_file).await {
-                    eprintln!("{}", error_chain(e.as_ref()));
-                }
-            }
-        }
-    });
-    Ok(token_file)
-}
-
-/// Requests a token of the controller's ServiceAccount for the sidecar audience and writes it.
-async fn write_sidecar_token(
-    accounts: &Api<ServiceAccount>,
-    token_file: &Path,
-) -> anyhow::Result<()> {
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![SIDECAR_TOKEN_AUDIENCE.to_owned()]),
-            expiration_seconds: Some(TOKEN_LIFETIME.as_secs().try_into().unwrap_or(3600)),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    let issued = accounts
-        .create_token_request(CONTROLLER_ACCOUNT, &PostParams::default(), &request)
-        .await
-        .context("failed to request the controller's sidecar token")?;
-    let token = issued.status.and_then(|s| s.token).unwrap_or_default();
-    control_plane::write_private(token_file, &token)?;
-    Ok(())
 }
 
 /// Keeps `addresses` in step with the Pods: each Pod with a hostname and subdomain maps its

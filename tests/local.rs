@@ -212,18 +212,17 @@ fn local_demo_runs_the_node_pod_behind_the_real_proxy_and_leaves_nothing_after_s
     let index = network_index(&pod_ip);
     assert!(!network_left(&index).is_empty(), "the Pod has a namespace");
 
-    // The real kube-rbac-proxy answers on :8443 in the Pod: TLS with the demo Secret's
-    // certificate, and 401 without a token.
-    let out = Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg(format!("https://{pod_ip}:8443/healthz"))
-        .output()
-        .expect("run curl");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "401",
-        "kube-rbac-proxy answers"
-    );
+    // The real kube-rbac-proxy answers on :8443 in the Pod, with the demo Secret's certificate:
+    // health passes without a credential (what the controller's probe uses), the sidecar's API
+    // does not.
+    for (path, expected) in [("healthz", "200"), ("v0/status", "401")] {
+        let out = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("https://{pod_ip}:8443/{path}"))
+            .output()
+            .expect("run curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "/{path}");
+    }
 
     signal(&local.child, "INT");
     let mut status = None;

@@ -1,13 +1,13 @@
 //! The TLS path end to end: the controller's own client calls the sidecar through its front
-//! door. There is no kubelet, so each pod is played by a stand-in HTTPS server on loopback that
-//! serves the certificate under test; the controller reaches it through an address override
-//! while the pod's DNS name still drives SNI and verification.
+//! door. The nodes' Pods run (real kube-rbac-proxy), but the controller is pointed at a stand-in
+//! HTTPS server on loopback that serves the certificate under test — exactly what a rogue Pod
+//! answering in the node's name with the Secret's own certificate would be — through an address
+//! override, while the pod's DNS name still drives SNI and verification.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -24,25 +24,23 @@ use seinode_tls_testkit::{CertificateAuthority, Issued, LeafSpec};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// Headers that carry credentials.
+const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
 
 struct Shared {
     addresses: SidecarAddresses,
-    token_file: PathBuf,
 }
 
-/// This binary's controller: probes every second, with a token file and address overrides.
+/// This binary's controller: probes every second, with address overrides.
 fn controller() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         let cp = common::control_plane();
         let addresses = SidecarAddresses::default();
-        let token_file = std::env::temp_dir().join(format!("sidecar-token-{}", std::process::id()));
-        std::fs::write(&token_file, "token-one\n").unwrap();
         let config = seinode_tls_controller::ControllerConfig {
             sidecar_addresses: addresses.clone(),
             sidecar_probe_interval: Duration::from_secs(1),
             sidecar_probe_timeout: Duration::from_secs(2),
-            token_file: Some(token_file.clone()),
             ..common::test_controller_config()
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -61,10 +59,7 @@ fn controller() -> &'static Shared {
             });
         });
         rx.recv().unwrap();
-        Shared {
-            addresses,
-            token_file,
-        }
+        Shared { addresses }
     })
 }
 
@@ -191,7 +186,7 @@ async fn setup(prefix: &str) -> (Client, String) {
 }
 
 #[tokio::test]
-async fn a_healthy_sidecar_behind_the_secrets_certificate_is_ready_and_gets_the_token() {
+async fn a_healthy_sidecar_behind_the_secrets_certificate_is_ready_and_is_sent_no_credential() {
     let (client, ns) = setup("sc-healthy").await;
     let ca = CertificateAuthority::new("fleet issuer").unwrap();
     let leaf = contract_cert(&ca, &ns);
@@ -205,16 +200,21 @@ async fn a_healthy_sidecar_behind_the_secrets_certificate_is_ready_and_gets_the_
         message.contains(&format!("https://{}:", pod_host(&ns))),
         "{message}"
     );
-    assert_eq!(stand_in.last_token().as_deref(), Some("token-one"));
-    // Tokens rotate: the next probe reads the file again.
-    std::fs::write(&controller().token_file, "token-two\n").unwrap();
-    let (_, rotated) = common::poll(
-        WAIT,
-        || async { stand_in.last_token() },
-        |t| t.as_deref() == Some("token-two"),
-    )
-    .await;
-    assert!(rotated, "the new token was never sent");
+    let requests = stand_in.requests();
+    assert!(!requests.is_empty());
+    for request in &requests {
+        assert_eq!(
+            (request.method.as_str(), request.path.as_str()),
+            ("GET", "/healthz")
+        );
+        assert!(
+            !request
+                .headers
+                .iter()
+                .any(|(k, _)| CREDENTIAL_HEADERS.contains(&k.as_str())),
+            "{request:?}"
+        );
+    }
 
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
     let (found, ok) = common::poll(
@@ -346,4 +346,79 @@ async fn rotating_the_secret_and_the_served_certificate_together_returns_to_read
         "not back to ready after the rotation: {:?}",
         sidecar_ready(&node)
     );
+}
+
+/// `curl` of `url` with `headers`, as a replay of what a rogue server recorded; the status.
+fn replay(url: &str, headers: &[(String, String)]) -> String {
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sk",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "5",
+    ]);
+    for (name, value) in headers {
+        if !["host", "content-length", "accept", "user-agent"].contains(&name.as_str()) {
+            curl.arg("-H").arg(format!("{name}: {value}"));
+        }
+    }
+    let out = curl.arg(url).output().expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_rogue_pod_in_the_nodes_name_collects_nothing_that_authenticates_anywhere() {
+    let (client, ns) = setup("sc-rogue").await;
+    let ca = CertificateAuthority::new("fleet issuer").unwrap();
+    // The rogue: whoever may create Pods in the namespace can take the node's hostname and
+    // serve the Secret's own certificate; the controller is pointed at it, as DNS would.
+    let leaf = contract_cert(&ca, &ns);
+    let rogue = StandInSidecar::start(&leaf.cert_pem, &leaf.key_pem)
+        .await
+        .unwrap();
+    let nodes = running_node(&client, &ns, &leaf, Some(&ca.cert_pem()), rogue.addr()).await;
+    wait_sidecar(&nodes, "True", "SidecarHealthy").await;
+    let (recorded, probed) =
+        common::poll(WAIT, || async { rogue.requests() }, |r| r.len() >= 2).await;
+    assert!(probed, "the rogue was probed: {recorded:?}");
+    for request in &recorded {
+        assert!(
+            !request
+                .headers
+                .iter()
+                .any(|(k, _)| CREDENTIAL_HEADERS.contains(&k.as_str())),
+            "the controller sent a credential: {request:?}"
+        );
+    }
+
+    // The real kube-rbac-proxy, in the node's running Pod (the rogue only took its name), and the
+    // API server: what the rogue collected gets it nowhere past health.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let ip = pods
+        .get("rpc-0")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("the node's Pod runs");
+    let api_server = common::control_plane().server().to_owned();
+    for request in &recorded {
+        assert_eq!(
+            replay(&format!("https://{ip}:8443/v0/status"), &request.headers),
+            "401"
+        );
+        let to_api = replay(
+            &format!("{api_server}/api/v1/namespaces/{ns}/secrets"),
+            &request.headers,
+        );
+        assert!(
+            to_api == "401" || to_api == "403",
+            "the API server answered {to_api}"
+        );
+    }
+    // And the real proxy does let the probe's health check through without a credential.
+    assert_eq!(replay(&format!("https://{ip}:8443/healthz"), &[]), "200");
 }

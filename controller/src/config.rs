@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use crate::probe::SidecarAddresses;
 
-/// Where the chart mounts the controller's projected token for the sidecars' kube-rbac-proxy.
-pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/seinode-tls/sidecar/token";
-/// The audience of that token, and the only one kube-rbac-proxy accepts (`--auth-token-audiences`):
-/// a token a sidecar receives is useless against the API server.
+/// The only token audience the node pods' kube-rbac-proxy accepts (`--auth-token-audiences`), for
+/// the sidecar's callers: a token a sidecar receives is useless against the API server, and an
+/// API server token is useless against a sidecar. (The controller's own probe sends no token.)
 pub const SIDECAR_TOKEN_AUDIENCE: &str = "seinode-sidecar";
+/// The sidecar's health path: kube-rbac-proxy passes it through without authentication
+/// (`--ignore-paths`), so the controller's probe needs no credential.
+pub const SIDECAR_HEALTH_PATH: &str = "/healthz";
 
 /// seictl sidecar image used when `spec.sidecar.image` is empty: the release upstream's samples pin.
 pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/sei-protocol/seictl@sha256:2cb320dd583000765520293d4e28ecc79fed4432c76760923d3aaa47803a4dbf";
@@ -38,8 +40,6 @@ pub struct ControllerConfig {
     /// PEM CA bundle file trusted for sidecars whose Secret has no `ca.crt` (else the leaf is
     /// pinned); read once at start.
     pub sidecar_ca_bundle: Option<PathBuf>,
-    /// Bearer token sent to kube-rbac-proxy, re-read on every probe; none when the file is absent.
-    pub token_file: Option<PathBuf>,
     /// Connect to these addresses instead of resolving the pod's DNS name (tests and `local`).
     pub sidecar_addresses: SidecarAddresses,
     /// ServiceAccount of the node pods (kube-rbac-proxy runs as it and needs TokenReview and
@@ -59,7 +59,6 @@ impl Default for ControllerConfig {
             sidecar_probe_interval: Duration::from_secs(30),
             sidecar_probe_timeout: Duration::from_secs(5),
             sidecar_ca_bundle: None,
-            token_file: Some(PathBuf::from(DEFAULT_TOKEN_FILE)),
             sidecar_addresses: SidecarAddresses::default(),
             node_service_account: None,
         }

@@ -5,10 +5,13 @@
 //! anchor is the Secret's `ca.crt`, else the `--sidecar-ca-bundle`, else the Secret's exact leaf
 //! (pinning). Without TLS it is plain HTTP on the sidecar port. Clients are cached per host and
 //! trust, so probes reuse connections and a rotation (new trust) starts fresh ones.
+//!
+//! The probe sends no credential, ever: kube-rbac-proxy passes `/healthz` through unchecked
+//! (`--ignore-paths`), so whoever answers in the pod's name — a rogue Pod with the node's
+//! hostname and its Secret's certificate included — learns nothing it could replay.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
@@ -24,6 +27,8 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+
+use crate::config::SIDECAR_HEALTH_PATH;
 
 /// Where to connect for a host name, instead of DNS (tests and `local`, which have no cluster
 /// DNS; the name still drives SNI and verification).
@@ -114,25 +119,18 @@ struct TlsEntry {
 pub struct SidecarProber {
     addresses: SidecarAddresses,
     ca_bundle: Option<Vec<u8>>,
-    token_file: Option<PathBuf>,
     timeout: Duration,
     tls: Mutex<HashMap<ClientKey, Arc<TlsEntry>>>,
     plain: PlainClient,
 }
 
 impl SidecarProber {
-    pub fn new(
-        addresses: SidecarAddresses,
-        ca_bundle: Option<Vec<u8>>,
-        token_file: Option<PathBuf>,
-        timeout: Duration,
-    ) -> Self {
+    pub fn new(addresses: SidecarAddresses, ca_bundle: Option<Vec<u8>>, timeout: Duration) -> Self {
         let plain =
             Client::builder(TokioExecutor::new()).build(http_connector(&addresses, timeout));
         Self {
             addresses,
             ca_bundle,
-            token_file,
             timeout,
             tls: Mutex::default(),
             plain,
@@ -155,8 +153,11 @@ impl SidecarProber {
             Ok(entry) => entry,
             Err(message) => return ProbeResult::HandshakeFailed(message),
         };
-        let url = format!("https://{host}:{}/healthz", self.port_for(host, port));
-        let result = self.get(&entry.client, &url, true).await;
+        let url = format!(
+            "https://{host}:{}{SIDECAR_HEALTH_PATH}",
+            self.port_for(host, port)
+        );
+        let result = self.get(&entry.client, &url).await;
         let seen = entry.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let served_other = seen.as_deref().is_some_and(|served| served != leaf_der);
         match result {
@@ -185,9 +186,11 @@ impl SidecarProber {
 
     /// `GET http://host:port/healthz` on a sidecar without TLS (no credentials sent).
     pub async fn probe_plain(&self, host: &str, port: u16) -> ProbeResult {
-        let url = format!("http://{host}:{}/healthz", self.port_for(host, port));
-        // Never a token over plain HTTP.
-        match self.get(&self.plain, &url, false).await {
+        let url = format!(
+            "http://{host}:{}{SIDECAR_HEALTH_PATH}",
+            self.port_for(host, port)
+        );
+        match self.get(&self.plain, &url).await {
             Ok(status) if (200..300).contains(&status) => {
                 ProbeResult::Healthy(format!("{url} answered {status}"))
             }
@@ -238,20 +241,12 @@ impl SidecarProber {
         Ok(entry)
     }
 
-    async fn get<C>(
-        &self,
-        client: &Client<C, Empty<Bytes>>,
-        url: &str,
-        with_token: bool,
-    ) -> Result<u16, Failure>
+    async fn get<C>(&self, client: &Client<C, Empty<Bytes>>, url: &str) -> Result<u16, Failure>
     where
         C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
     {
-        let mut request = hyper::Request::get(url);
-        if let Some(token) = self.read_token().filter(|_| with_token) {
-            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let request = request
+        // No Authorization header, no cookie: nothing that authenticates anywhere.
+        let request = hyper::Request::get(url)
             .body(Empty::new())
             .map_err(|e| Failure::Connect(e.to_string()))?;
         let response = match tokio::time::timeout(self.timeout, client.request(request)).await {
@@ -268,17 +263,6 @@ impl SidecarProber {
         // Drain the (small) body so the connection can be reused.
         let _ = tokio::time::timeout(self.timeout, response.into_body().collect()).await;
         Ok(status)
-    }
-
-    /// The token for kube-rbac-proxy, re-read every time (projected tokens rotate). Never logged.
-    /// It should be a projected ServiceAccount token with the sidecar audience only, so that a
-    /// sidecar image chosen by a SeiNode author cannot replay it against the API server.
-    fn read_token(&self) -> Option<String> {
-        let path = self.token_file.as_ref()?;
-        match std::fs::read_to_string(path) {
-            Ok(token) if !token.trim().is_empty() => Some(token.trim().to_owned()),
-            _ => None,
-        }
     }
 }
 

@@ -155,7 +155,6 @@ impl Context {
         let prober = SidecarProber::new(
             config.sidecar_addresses.clone(),
             ca_bundle,
-            config.token_file.clone(),
             config.sidecar_probe_timeout,
         );
         Self {

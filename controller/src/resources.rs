@@ -232,6 +232,9 @@ pub fn stateful_set(node: &SeiNode, config: &ControllerConfig) -> Result<Statefu
                     crate::config::SIDECAR_TOKEN_AUDIENCE
                 ),
                 format!("--config-file={PROXY_CONFIG_MOUNT}/config.yaml"),
+                // Health without a credential: the controller's probe sends none, so nothing it
+                // sends to whoever answers in the pod's name can be replayed anywhere.
+                format!("--ignore-paths={}", crate::config::SIDECAR_HEALTH_PATH),
             ]),
             ports: Some(vec![ContainerPort {
                 name: Some("sidecar-https".to_owned()),
@@ -496,6 +499,23 @@ mod tests {
             token.is_some_and(|t| t.audience.is_none()),
             "a token for the API server itself (TokenReview, SubjectAccessReview)"
         );
+    }
+
+    #[test]
+    fn only_health_passes_kube_rbac_proxy_unauthenticated() {
+        let spec = pod_spec(&node(true));
+        let args = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "kube-rbac-proxy")
+            .and_then(|c| c.args.clone())
+            .unwrap_or_default();
+        let ignored: Vec<&String> = args
+            .iter()
+            .filter(|a| a.starts_with("--ignore-paths="))
+            .collect();
+        assert_eq!(ignored, ["--ignore-paths=/healthz"]);
+        assert!(args.contains(&"--auth-token-audiences=seinode-sidecar".to_owned()));
     }
 
     #[test]

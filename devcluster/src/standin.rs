@@ -4,7 +4,8 @@
 //!   to change what the server presents at will: an HTTPS server on loopback that answers
 //!   `/healthz` the way kube-rbac-proxy in front of a healthy sidecar would, with the certificate
 //!   and key of the node's Secret. Its certificate and answer can be changed while it runs, and it
-//!   records the bearer token it was sent. (`local --demo` runs the real kube-rbac-proxy.)
+//!   records every request it gets — what a rogue server in the pod's name would collect.
+//!   (`local --demo` runs the real kube-rbac-proxy.)
 //! - [`run_sidecar`] and [`run_seid`]: processes (`seinode-tls stand-in sidecar|seid`) that the
 //!   process kubelet runs in real Pods in place of the sidecar and seid images. They read what the
 //!   controller puts in the pod spec (`SEI_SIDECAR_LISTEN_ADDRESS`, `SEI_CHAIN_ID`,
@@ -28,7 +29,16 @@ use seinode_tls_crds::DEFAULT_SIDECAR_PORT;
 
 struct Shared {
     status: AtomicU16,
-    last_token: Mutex<Option<String>>,
+    /// Every request received: what a rogue server in the pod's name would collect.
+    requests: Mutex<Vec<Recorded>>,
+}
+
+/// One request as it arrived: method, path and every header.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
 }
 
 /// A running stand-in; stops when dropped.
@@ -52,10 +62,10 @@ impl StandInSidecar {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             status: AtomicU16::new(200),
-            last_token: Mutex::new(None),
+            requests: Mutex::default(),
         });
         let app = axum::Router::new()
-            .route("/healthz", get(healthz))
+            .fallback(record)
             .with_state(shared.clone());
         let handle = Handle::new();
         let server = axum_server::from_tcp_rustls(listener, config.clone())?.handle(handle.clone());
@@ -89,10 +99,10 @@ impl StandInSidecar {
         self.shared.status.store(status, Ordering::Relaxed);
     }
 
-    /// The bearer token of the last request, if any.
-    pub fn last_token(&self) -> Option<String> {
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
         self.shared
-            .last_token
+            .requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -105,13 +115,35 @@ impl Drop for StandInSidecar {
     }
 }
 
-async fn healthz(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> StatusCode {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    *shared.last_token.lock().unwrap_or_else(|e| e.into_inner()) = token;
+/// Records every request, and answers `/healthz` with the configured status (404 elsewhere).
+async fn record(
+    State(shared): State<Arc<Shared>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> StatusCode {
+    let recorded = Recorded {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    };
+    let health = recorded.path == "/healthz";
+    shared
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(recorded);
+    if !health {
+        return StatusCode::NOT_FOUND;
+    }
     StatusCode::from_u16(shared.status.load(Ordering::Relaxed))
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }

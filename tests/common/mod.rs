@@ -221,7 +221,6 @@ pub fn test_controller_config() -> seinode_tls_controller::ControllerConfig {
         // Cluster names do not resolve on the host: probes of them fail fast instead of holding
         // reconciles (tests/sidecar.rs maps them to addresses).
         sidecar_probe_timeout: std::time::Duration::from_secs(1),
-        token_file: None,
         ..Default::default()
     }
 }
