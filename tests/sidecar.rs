@@ -348,6 +348,89 @@ async fn rotating_the_secret_and_the_served_certificate_together_returns_to_read
     );
 }
 
+/// The leaf certificate the server at `addr` presents for `server_name`, as PEM (openssl).
+fn served_leaf(addr: std::net::SocketAddr, server_name: &str) -> Option<String> {
+    let connect = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            server_name,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let mut x509 = std::process::Command::new("openssl")
+        .arg("x509")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    use std::io::Write;
+    x509.stdin.take()?.write_all(&connect.stdout).ok()?;
+    let out = x509.wait_with_output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn a_rotated_secret_reaches_the_real_kube_rbac_proxy_and_the_probe_follows() {
+    let (client, ns) = setup("sc-rotate-real").await;
+    let ca = CertificateAuthority::new("fleet issuer").unwrap();
+    let first = contract_cert(&ca, &ns);
+    // Pinned (no ca.crt): the probe accepts exactly the Secret's leaf, so it tells which one
+    // the proxy serves. The node's real Pod is probed at its address, as cluster DNS would.
+    let placeholder = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+    let nodes = running_node(&client, &ns, &first, None, placeholder).await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let ip: std::net::IpAddr = pods
+        .get("rpc-0")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("the node's Pod runs")
+        .parse()
+        .unwrap();
+    let proxy = std::net::SocketAddr::new(ip, 8443);
+    controller().addresses.set(&pod_host(&ns), proxy);
+    wait_sidecar(&nodes, "True", "SidecarHealthy").await;
+    assert_eq!(
+        served_leaf(proxy, &pod_host(&ns)).as_deref(),
+        Some(first.cert_pem.as_str())
+    );
+
+    // Rotate: the kubelet swaps the mounted files, kube-rbac-proxy reloads them, the probe
+    // (pinned to the new leaf) follows. A mismatch may show only while the proxy still serves
+    // the old certificate.
+    let second = contract_cert(&ca, &ns);
+    put_secret(&client, &secret(&ns, &second, None)).await;
+    let (node, ok) = common::poll(
+        Duration::from_secs(120),
+        || async {
+            let serving_second =
+                served_leaf(proxy, &pod_host(&ns)).as_deref() == Some(second.cert_pem.as_str());
+            (serving_second, nodes.get("rpc").await.unwrap())
+        },
+        |(serving_second, node)| {
+            *serving_second
+                && nodes_leaf_is(node, &second)
+                && sidecar_ready(node).is_some_and(|(s, r, _)| s == "True" && r == "SidecarHealthy")
+        },
+    )
+    .await;
+    assert!(
+        ok,
+        "the probe did not follow the rotation (proxy serving the new leaf: {}): {:?}",
+        node.0,
+        sidecar_ready(&node.1)
+    );
+}
+
 /// `curl` of `url` with `headers`, as a replay of what a rogue server recorded; the status.
 fn replay(url: &str, headers: &[(String, String)]) -> String {
     let mut curl = std::process::Command::new("curl");
