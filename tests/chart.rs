@@ -490,3 +490,54 @@ fn the_deployment_passes_each_flag_once_and_the_binary_accepts_its_args() {
         }
     }
 }
+
+/// The chart's webhook registrations and `webhook/src/registration.rs` (what `local` and the
+/// tests register) are the same rules: operations, match conditions, failure and side-effect
+/// policies.
+#[test]
+fn the_charts_webhooks_match_the_registration_code() {
+    use seinode_tls_webhook::registration::{
+        Endpoint, mutating_configuration, validating_configuration,
+    };
+    let endpoint = Endpoint::Url("https://example.invalid".to_owned());
+    let code = [
+        serde_json::to_value(validating_configuration(&endpoint, b"ca", &[])).unwrap(),
+        serde_json::to_value(mutating_configuration(&endpoint, b"ca", &[])).unwrap(),
+    ];
+    let rendered = render(&[]);
+    let chart: Vec<serde_json::Value> = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).ok())
+        .filter(|doc| {
+            doc["kind"]
+                .as_str()
+                .is_some_and(|k| k.ends_with("WebhookConfiguration"))
+        })
+        .collect();
+    assert_eq!(chart.len(), 2, "two configurations in the chart");
+    let fields = [
+        "rules",
+        "matchConditions",
+        "failurePolicy",
+        "sideEffects",
+        "matchPolicy",
+        "reinvocationPolicy",
+        "admissionReviewVersions",
+    ];
+    for expected in &code {
+        let kind = expected["kind"].as_str().unwrap();
+        let rendered = chart.iter().find(|c| c["kind"] == kind).unwrap();
+        for hook in expected["webhooks"].as_array().unwrap() {
+            let name = hook["name"].as_str().unwrap();
+            let other = rendered["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| h["name"] == name)
+                .unwrap_or_else(|| panic!("{kind} {name} is not in the chart"));
+            for field in fields {
+                assert_eq!(other[field], hook[field], "{kind} {name}: {field}");
+            }
+        }
+    }
+}

@@ -557,3 +557,105 @@ spec:
         "the webhook Pod was not called through Service {ns}/webhook: {created:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn during_a_webhook_outage_seinode_edits_other_than_tls_still_go_through() {
+    use seinode_tls_webhook::registration::{
+        Endpoint, mutating_configuration, validating_configuration,
+    };
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cluster-outage").await;
+    apply(
+        &ns,
+        r#"
+apiVersion: sei.io/v1alpha1
+kind: SeiNode
+metadata: {name: rpc}
+spec:
+  chainId: arctic-1
+  image: ghcr.io/sei-protocol/sei:v6.3.0
+  fullNode: {}
+  sidecar: {tls: {secretName: rpc-tls}}
+"#,
+    );
+    // The webhooks are registered for this namespace at an address where nothing answers.
+    let endpoint = Endpoint::Url("https://127.0.0.1:1".to_owned());
+    let ca = common::control_plane().ca().cert_pem();
+    let only_here = k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+        match_labels: Some([("kubernetes.io/metadata.name".to_owned(), ns.clone())].into()),
+        ..Default::default()
+    };
+    let mut validating = validating_configuration(&endpoint, ca.as_bytes(), &[]);
+    validating.metadata.name = Some(format!("{ns}-outage"));
+    for hook in validating.webhooks.iter_mut().flatten() {
+        hook.namespace_selector = Some(only_here.clone());
+    }
+    let mut mutating = mutating_configuration(&endpoint, ca.as_bytes(), &[]);
+    mutating.metadata.name = Some(format!("{ns}-outage"));
+    for hook in mutating.webhooks.iter_mut().flatten() {
+        hook.namespace_selector = Some(only_here.clone());
+    }
+    seinode_tls_devcluster::control_plane::apply(&Api::all(client.clone()), &validating)
+        .await
+        .unwrap();
+    seinode_tls_devcluster::control_plane::apply(&Api::all(client.clone()), &mutating)
+        .await
+        .unwrap();
+
+    // The registration is live: a CREATE fails closed...
+    let (created, fails) = common::poll(
+        TIMEOUT,
+        || async {
+            common::kubectl(&["create", "-n", &ns, "-f", "-"], r#"{"apiVersion":"sei.io/v1alpha1","kind":"SeiNode","metadata":{"name":"new"},"spec":{"chainId":"arctic-1","image":"ghcr.io/sei-protocol/sei:v6.3.0","fullNode":{}}}"#)
+        },
+        |out| !out.status.success(),
+    )
+    .await;
+    assert!(fails, "{}", String::from_utf8_lossy(&created.stdout));
+    // ...but a label edit and a spec edit outside spec.sidecar.tls do not wait on the webhook,
+    let out = common::kubectl(&["label", "snode", "rpc", "-n", &ns, "team=sre"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = common::kubectl(
+        &[
+            "patch",
+            "snode",
+            "rpc",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"image":"ghcr.io/sei-protocol/sei:v6.3.1"}}"#,
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...while an edit of spec.sidecar.tls is still refused.
+    let out = common::kubectl(
+        &[
+            "patch",
+            "snode",
+            "rpc",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"sidecar":{"tls":{"secretName":"other"}}}}"#,
+        ],
+        "",
+    );
+    assert!(!out.status.success(), "the TLS edit went through");
+    for kind in [
+        "validatingwebhookconfiguration",
+        "mutatingwebhookconfiguration",
+    ] {
+        common::kubectl(&["delete", kind, &format!("{ns}-outage")], "");
+    }
+}

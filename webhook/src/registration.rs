@@ -21,6 +21,15 @@ pub const VALIDATE_SEINODES_WEBHOOK: &str = "seinodes.validate.sei.io";
 pub const MUTATE_SEINODES_WEBHOOK: &str = "seinodes.mutate.sei.io";
 pub const GUARD_SECRETS_WEBHOOK: &str = "tls-secrets.guard.sei.io";
 
+/// Which SeiNode requests reach the validating webhook: every CREATE, and only the UPDATEs that
+/// change `spec.sidecar.tls`. Label edits, GitOps syncs and finalizer removal never wait on the
+/// webhook (the CRD's CEL rule keeps the block immutable on its own); an edit of the block still
+/// gets the webhook's precise message.
+pub const SEINODE_MATCH_CONDITION: &str = "request.operation == 'CREATE' || \
+     (has(object.spec.sidecar) && has(object.spec.sidecar.tls)) != \
+     (has(oldObject.spec.sidecar) && has(oldObject.spec.sidecar.tls)) || \
+     (has(object.spec.sidecar) && has(object.spec.sidecar.tls) && \
+     object.spec.sidecar.tls != oldObject.spec.sidecar.tls)";
 /// Only TLS Secrets reach the guard (evaluated by the API server, before any call).
 pub const TLS_SECRET_MATCH_CONDITION: &str =
     "(request.operation == 'DELETE' ? oldObject : object).type == 'kubernetes.io/tls'";
@@ -108,12 +117,16 @@ pub fn validating_configuration(
         match_policy: Some("Equivalent".to_owned()),
         ..ValidatingWebhook::default()
     };
-    let seinodes = common(
+    let mut seinodes = common(
         VALIDATE_SEINODES_WEBHOOK,
         VALIDATE_SEINODES_PATH,
         vec![rule("sei.io", "seinodes", &["CREATE", "UPDATE"])],
         "Fail",
     );
+    seinodes.match_conditions = Some(vec![MatchCondition {
+        name: "create-or-tls-change".to_owned(),
+        expression: SEINODE_MATCH_CONDITION.to_owned(),
+    }]);
     let mut secrets = common(
         GUARD_SECRETS_WEBHOOK,
         VALIDATE_SECRETS_PATH,
@@ -133,8 +146,9 @@ pub fn validating_configuration(
     }
 }
 
-/// The mutating configuration: SeiNode CREATE and UPDATE (failurePolicy Fail, no reinvocation
-/// needed).
+/// The mutating configuration: SeiNode CREATE only (failurePolicy Fail, no reinvocation needed):
+/// the annotation is a preview for a node about to be created; `status.sidecarTLS` is the
+/// contract afterwards, so no update has to wait on the webhook.
 pub fn mutating_configuration(
     endpoint: &Endpoint,
     ca_bundle: &[u8],
@@ -148,7 +162,7 @@ pub fn mutating_configuration(
         webhooks: Some(vec![MutatingWebhook {
             name: MUTATE_SEINODES_WEBHOOK.to_owned(),
             client_config: endpoint.client_config(MUTATE_SEINODES_PATH, ca_bundle),
-            rules: Some(vec![rule("sei.io", "seinodes", &["CREATE", "UPDATE"])]),
+            rules: Some(vec![rule("sei.io", "seinodes", &["CREATE"])]),
             failure_policy: Some("Fail".to_owned()),
             side_effects: "None".to_owned(),
             admission_review_versions: vec!["v1".to_owned()],
