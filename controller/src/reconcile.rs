@@ -229,9 +229,10 @@ impl Requeue {
     }
 
     fn at(&mut self, when: Timestamp, now: Timestamp) {
-        if when > now {
+        if when >= now {
             let wait = when.duration_since(now).unsigned_abs();
-            // Land just after the instant, so the check at that time sees it passed.
+            // Land just after the instant (notAfter is itself valid), so the check then sees it
+            // passed.
             self.at_most(wait + Duration::from_secs(1));
         }
     }

@@ -75,9 +75,10 @@ pub fn check_satisfiable(required: &[String]) -> Result<(), UnsatisfiableContrac
 /// Whether a DNS SAN of a certificate covers `host`, as TLS clients verify host names:
 /// case-insensitive; a wildcard only as the whole left-most label, matching exactly one label.
 pub fn san_covers(san: &str, host: &str) -> bool {
-    let san = san.strip_suffix('.').unwrap_or(san);
+    // A SAN with a trailing dot is not a valid reference identity: Go and rustls/webpki refuse
+    // to match it, so it covers nothing.
     let host = host.strip_suffix('.').unwrap_or(host);
-    if san.is_empty() || host.is_empty() {
+    if san.is_empty() || host.is_empty() || san.ends_with('.') {
         return false;
     }
     match san.strip_prefix("*.") {
@@ -159,9 +160,13 @@ mod tests {
             "RPC.Sei.svc.cluster.local",
             "rpc.sei.svc.cluster.local"
         ));
-        assert!(san_covers(
-            "rpc.sei.svc.cluster.local.",
-            "rpc.sei.svc.cluster.local"
+        assert!(
+            !san_covers("rpc.sei.svc.cluster.local.", "rpc.sei.svc.cluster.local"),
+            "a SAN with a trailing dot covers nothing (Go and rustls refuse it)"
+        );
+        assert!(!san_covers(
+            "*.rpc.sei.svc.cluster.local.",
+            "rpc-0.rpc.sei.svc.cluster.local"
         ));
         assert!(!san_covers(
             "rpc.sei.svc.cluster.local",

@@ -252,7 +252,8 @@ pub fn judge(
             not_after,
         );
     }
-    if now >= leaf.not_after {
+    // notAfter is the last valid second, as TLS clients read it.
+    if now > leaf.not_after {
         return verdict(
             Reason::Expired,
             format!(
@@ -349,11 +350,27 @@ fn inspect(secret: &Secret) -> Result<LeafCertificate, Defect> {
         })?;
     }
 
-    match leaf.extended_key_usage() {
-        Ok(Some(eku)) if !(eku.value.server_auth || eku.value.any) => {
+    match leaf.basic_constraints() {
+        Ok(Some(constraints)) if constraints.value.ca => {
             return Err(malformed(
-                "has a leaf certificate whose extendedKeyUsage does not include serverAuth, so \
-                 TLS clients will refuse it as a server certificate",
+                "has a CA certificate as its leaf (basicConstraints CA:TRUE); TLS clients refuse \
+                 a CA certificate as a server certificate: issue an end-entity certificate",
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return Err(malformed(format!(
+                "has a leaf certificate with an invalid basicConstraints extension: {e}"
+            )));
+        }
+    }
+    match leaf.extended_key_usage() {
+        // anyExtendedKeyUsage alone does not do: Go and rustls/webpki require serverAuth itself.
+        Ok(Some(eku)) if !eku.value.server_auth => {
+            return Err(malformed(
+                "has a leaf certificate whose extendedKeyUsage does not include serverAuth \
+                 (anyExtendedKeyUsage alone is not enough), so TLS clients will refuse it as a \
+                 server certificate",
             ));
         }
         Ok(_) => {}
@@ -527,7 +544,7 @@ fn check_key_matches(key: &PrivateKeyDer<'_>, leaf_spki: &[u8]) -> Result<(), De
         // The error never includes key bytes, but it adds nothing a person can act on either.
         malformed(
             "has a private key in tls.key that could not be loaded: it is not a valid RSA \
-             (2048 bits or more), ECDSA P-256/P-384 or Ed25519 key",
+             (2048 to 4096 bits), ECDSA P-256/P-384 or Ed25519 key",
         )
     })?;
     match signing_key.public_key() {

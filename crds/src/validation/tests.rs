@@ -1038,11 +1038,21 @@ fn accepts_leaf_whose_extended_key_usage_includes_server_auth() {
 }
 
 #[test]
-fn accepts_leaf_with_any_extended_key_usage() {
+fn rejects_leaf_whose_only_extended_key_usage_is_any() {
     let key = Key::p256();
     let mut params = leaf_params(&[SERVICE_NAME, POD_NAME]);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::Any];
-    assert_ready(&Case::tls(self_signed(&params, &key), &key).verdict());
+    let verdict = Case::tls(self_signed(&params, &key), &key).verdict();
+    assert_verdict(&verdict, Reason::Malformed, &["anyExtendedKeyUsage alone"]);
+}
+
+#[test]
+fn rejects_a_ca_certificate_as_the_leaf() {
+    let key = Key::p256();
+    let mut params = leaf_params(&[SERVICE_NAME, POD_NAME]);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let verdict = Case::tls(self_signed(&params, &key), &key).verdict();
+    assert_verdict(&verdict, Reason::Malformed, &["CA:TRUE", "end-entity"]);
 }
 
 // === Validity window ===
@@ -1064,18 +1074,19 @@ fn certificate_is_valid_from_the_second_of_its_not_before() {
 }
 
 #[test]
-fn certificate_is_expired_from_the_second_of_its_not_after() {
+fn certificate_is_valid_through_the_second_of_its_not_after() {
     let key = Key::p256();
     let case = Case::tls(leaf_valid_between(&key, now() - days(1), now()), &key);
+    // notAfter itself is valid, as TLS clients read it.
     let verdict = case.verdict();
+    assert_ready(&verdict);
+    assert_eq!(verdict.not_after, Some(now()));
+    let verdict = case.verdict_at(now() + SignedDuration::from_secs(1));
     assert_verdict(
         &verdict,
         Reason::Expired,
         &[&format!("expired at {}", now())],
     );
-    assert_eq!(verdict.not_after, Some(now()));
-    let verdict = case.verdict_at(now() - SignedDuration::from_secs(1));
-    assert_ready(&verdict);
     assert_eq!(verdict.not_after, Some(now()));
 }
 
@@ -1179,7 +1190,7 @@ fn one_inspection_can_be_judged_at_different_times_and_for_different_nodes() {
     };
     assert_ready(&judge_at(&required(), now()));
     assert_verdict(
-        &judge_at(&required(), now() + days(60)),
+        &judge_at(&required(), now() + days(60) + SignedDuration::from_secs(1)),
         Reason::Expired,
         &[],
     );
