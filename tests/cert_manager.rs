@@ -7,25 +7,7 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
-
-fn seinode_tls(args: &[&str], stdin: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_seinode-tls"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
+use std::process::Output;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -67,7 +49,7 @@ async fn the_printed_certificate_is_valid_for_cert_manager_and_its_secret_meets_
         let mut args = vec!["contract", "--seinode", "rpc", "-n", &ns];
         args.extend(["--output", "certificate", "--issuer", "sei-ca"]);
         args.extend(extra);
-        let out = seinode_tls(&args, "");
+        let out = common::seinode_tls(&args, "");
         assert!(out.status.success(), "{}", text(&out.stderr));
         let yaml = text(&out.stdout);
         let applied = dry_run(&ns, &yaml);
@@ -84,7 +66,7 @@ async fn the_printed_certificate_is_valid_for_cert_manager_and_its_secret_meets_
     }
 
     // The schema is real: a usage cert-manager does not know is refused.
-    let out = seinode_tls(
+    let out = common::seinode_tls(
         &[
             "contract",
             "--seinode",
@@ -131,7 +113,7 @@ async fn the_printed_certificate_is_valid_for_cert_manager_and_its_secret_meets_
         Some(&ca.cert_pem()),
     );
     let manifest = serde_json::to_string(&secret).unwrap();
-    let checked = seinode_tls(
+    let checked = common::seinode_tls(
         &["check-secret", "-f", "-", "--seinode", "rpc", "-n", &ns],
         &manifest,
     );

@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -31,19 +30,6 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn chart_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/seinode-tls")
-}
-
-fn helm(args: &[&str]) -> Output {
-    let bin = &common::control_plane().binaries().helm;
-    let home = std::env::temp_dir().join(format!("helm-home-{}", std::process::id()));
-    Command::new(bin)
-        .args(args)
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run helm")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -76,7 +62,7 @@ fn render(extra: &[String]) -> String {
         "--include-crds",
     ];
     args.extend(extra.iter().map(String::as_str));
-    let out = helm(&args);
+    let out = common::helm(&args);
     assert!(
         out.status.success(),
         "helm template failed: {}",
@@ -182,7 +168,7 @@ fn the_chart_lints_and_renders_with_helm() {
         let mut args = vec!["lint".to_owned(), chart_dir().to_str().unwrap().to_owned()];
         args.extend(values.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = helm(&args);
+        let out = common::helm(&args);
         assert!(
             out.status.success(),
             "helm lint: {}{}",

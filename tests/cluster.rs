@@ -619,18 +619,10 @@ spec:
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = common::kubectl(
-        &[
-            "patch",
-            "snode",
-            "rpc",
-            "-n",
-            &ns,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"image":"ghcr.io/sei-protocol/sei:v6.3.1"}}"#,
-        ],
-        "",
+    let out = common::patch_seinode(
+        &ns,
+        "rpc",
+        r#"{"spec":{"image":"ghcr.io/sei-protocol/sei:v6.3.1"}}"#,
     );
     assert!(
         out.status.success(),
@@ -638,18 +630,10 @@ spec:
         String::from_utf8_lossy(&out.stderr)
     );
     // ...while an edit of spec.sidecar.tls is still refused.
-    let out = common::kubectl(
-        &[
-            "patch",
-            "snode",
-            "rpc",
-            "-n",
-            &ns,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"sidecar":{"tls":{"secretName":"other"}}}}"#,
-        ],
-        "",
+    let out = common::patch_seinode(
+        &ns,
+        "rpc",
+        r#"{"spec":{"sidecar":{"tls":{"secretName":"other"}}}}"#,
     );
     assert!(!out.status.success(), "the TLS edit went through");
     for kind in [

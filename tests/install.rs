@@ -9,7 +9,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -25,20 +24,6 @@ use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 const RELEASE: &str = "seinode-tls";
 const RELEASE_NS: &str = "seinode-tls-system";
 const WAIT: Duration = Duration::from_secs(120);
-
-fn helm(args: &[&str]) -> Output {
-    let bin = &common::control_plane().binaries().helm;
-    let home = std::env::temp_dir().join(format!("helm-install-home-{}", std::process::id()));
-    Command::new(bin)
-        .args(args)
-        .env("KUBECONFIG", common::control_plane().kubeconfig())
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run helm")
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -77,7 +62,7 @@ async fn install(client: &kube::Client, ca: &CertificateAuthority) {
         std::env::temp_dir().join(format!("install-ca-{}.pem", std::process::id()));
     std::fs::write(&ca_file, ca.cert_pem()).unwrap();
     let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/seinode-tls");
-    let out = helm(&[
+    let out = common::helm(&[
         "install",
         RELEASE,
         chart.to_str().unwrap(),
@@ -252,7 +237,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
         }
     });
     let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/seinode-tls");
-    let out = helm(&[
+    let out = common::helm(&[
         "upgrade",
         RELEASE,
         chart.to_str().unwrap(),
@@ -283,18 +268,10 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     assert!(admitted > 10, "the client kept creating: {admitted}");
 
     // An edit of spec.sidecar.tls is refused.
-    let out = common::kubectl(
-        &[
-            "patch",
-            "snode",
-            "rpc",
-            "-n",
-            &ns,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"sidecar":{"tls":{"secretName":"other"}}}}"#,
-        ],
-        "",
+    let out = common::patch_seinode(
+        &ns,
+        "rpc",
+        r#"{"spec":{"sidecar":{"tls":{"secretName":"other"}}}}"#,
     );
     assert!(!out.status.success(), "the edit went through");
     assert!(
@@ -304,7 +281,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     );
 
     // Uninstalled, nothing blocks SeiNode edits (the CRD stays, as Helm keeps crds/).
-    let out = helm(&["uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait"]);
+    let out = common::helm(&["uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = common::kubectl(
         &["label", "snode", "rpc", "-n", &ns, "after-uninstall=yes"],

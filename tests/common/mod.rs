@@ -321,3 +321,53 @@ pub fn install_cert_manager_crds() {
         }
     });
 }
+
+/// `kubectl patch --type=merge` of SeiNode `name` in `ns`.
+pub fn patch_seinode(ns: &str, name: &str, merge_patch: &str) -> std::process::Output {
+    kubectl(
+        &[
+            "patch",
+            "snode",
+            name,
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            merge_patch,
+        ],
+        "",
+    )
+}
+
+/// helm against the test cluster, with its own state directories.
+pub fn helm(args: &[&str]) -> std::process::Output {
+    let home = std::env::temp_dir().join(format!("helm-home-{}", std::process::id()));
+    std::process::Command::new(&control_plane().binaries().helm)
+        .args(args)
+        .env("KUBECONFIG", control_plane().kubeconfig())
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run helm")
+}
+
+/// The `seinode-tls` binary with `args`, `stdin` as its input.
+pub fn seinode_tls(args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_seinode-tls"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run seinode-tls");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("seinode-tls output")
+}
