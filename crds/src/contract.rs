@@ -47,6 +47,40 @@ pub enum UnsatisfiableContract {
     EmptyLabel { name: String },
 }
 
+/// Longest SeiNode name whose objects can all exist: the StatefulSet controller labels each Pod
+/// `controller-revision-hash: <name>-<hash of up to 10 characters>`, and a label value is at
+/// most 63 characters.
+pub const MAX_NODE_NAME_LEN: usize = MAX_LABEL_LEN - 11;
+
+/// Checks that a SeiNode named `name` can ever run: its Service needs a DNS-1035 label (lowercase
+/// letters, digits and '-', starting with a letter, ending with a letter or digit) and its
+/// StatefulSet's Pods a revision label that fits (see [`MAX_NODE_NAME_LEN`]). The message says
+/// which rule failed.
+pub fn check_runnable_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_NODE_NAME_LEN {
+        return Err(format!(
+            "the name is {} characters, over {MAX_NODE_NAME_LEN}: the StatefulSet's Pods would be \
+             labelled controller-revision-hash \"{name}-<hash>\", over the 63-character limit \
+             of a label, so no Pod would ever be created",
+            name.len()
+        ));
+    }
+    let starts_with_letter = name.starts_with(|c: char| c.is_ascii_lowercase());
+    let ends_alphanumeric = name.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let allowed = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !(starts_with_letter && ends_alphanumeric && allowed) {
+        return Err(
+            "the name must be a DNS-1035 label (lowercase letters, digits and '-', starting \
+             with a letter and ending with a letter or digit; no dots), as its headless Service \
+             is named like it"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
 /// Checks that every required name is a DNS name a certificate can carry.
 pub fn check_satisfiable(required: &[String]) -> Result<(), UnsatisfiableContract> {
     for name in required {
@@ -152,6 +186,18 @@ mod tests {
             matches!(err, UnsatisfiableContract::NameTooLong { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn names_that_can_never_run_are_refused_with_the_rule_they_break() {
+        assert!(check_runnable_name("rpc-0").is_ok());
+        assert!(check_runnable_name(&"n".repeat(MAX_NODE_NAME_LEN)).is_ok());
+        let long = check_runnable_name(&"n".repeat(MAX_NODE_NAME_LEN + 1)).unwrap_err();
+        assert!(long.contains("controller-revision-hash"), "{long}");
+        for bad in ["rpc.east", "0rpc", "rpc-", "Rpc", "rp_c"] {
+            let err = check_runnable_name(bad).unwrap_err();
+            assert!(err.contains("DNS-1035"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use seinode_tls_crds::contract::{
-    REQUIRED_DNS_NAMES_ANNOTATION, check_satisfiable, required_dns_names,
+    REQUIRED_DNS_NAMES_ANNOTATION, check_runnable_name, check_satisfiable, required_dns_names,
 };
 use seinode_tls_crds::validation::{
     InspectedSecret, Reason, SecretLookup, SecretVerdict, inspect_tls_secret, judge,
@@ -179,13 +179,23 @@ fn validate_create(
     request: &AdmissionRequest<DynamicObject>,
     ctx: &AdmissionContext<'_>,
 ) -> Decision {
+    let name = object_name(request);
+    if !name.is_empty()
+        && let Err(e) = check_runnable_name(&name)
+    {
+        let namespace = request.namespace.clone().unwrap_or_default();
+        return Decision::deny(
+            request,
+            "Invalid",
+            format!("SeiNode \"{namespace}/{name}\" could never run: {e}"),
+        );
+    }
     let secret_name = match tls_secret_name(request.object.as_ref()) {
         Ok(Some(secret_name)) => secret_name,
         Ok(None) => return Decision::allow(request),
         Err(e) => return Decision::deny(request, "Invalid", format!("the SeiNode {e}")),
     };
     let namespace = request.namespace.clone().unwrap_or_default();
-    let name = object_name(request);
     if name.is_empty() {
         // generateName: the contract depends on the name the API server has not chosen yet.
         return Decision::warn(
@@ -225,6 +235,15 @@ fn validate_create(
                 "SeiNode {node} will wait in Pending: Secret \"{namespace}/{secret_name}\" does not \
                  exist yet; create it (type kubernetes.io/tls) with DNS names {}",
                 required.join(", ")
+            )],
+        ),
+        // A few seconds of clock skew between issuer and cluster must not refuse a node: it
+        // waits in Pending, and the controller lets it start at notBefore.
+        Reason::NotYetValid => Decision::warn(
+            request,
+            vec![format!(
+                "SeiNode {node} will wait in Pending until its certificate is valid: {}",
+                verdict.message
             )],
         ),
         Reason::Unavailable => Decision::warn(

@@ -865,28 +865,64 @@ async fn create_with_tls_and_a_valid_secret_is_allowed_silently_under_the_warn_p
 }
 
 #[tokio::test]
-async fn create_of_a_tls_node_whose_pod_label_would_exceed_63_characters_is_denied() {
-    // 62 characters is a valid name, but pod 0's DNS label "<name>-0" would be 64.
-    let name = "n".repeat(62);
+async fn create_of_a_node_whose_pods_revision_label_would_exceed_63_characters_is_denied() {
+    // 53 characters is a valid name, but the StatefulSet's Pods would carry the label
+    // controller-revision-hash "<name>-<10-character hash>", 64 characters: no Pod is created.
+    let name = "n".repeat(53);
     let webhook = setup().build();
-    let message = webhook
-        .validate(&Review::create_node(node(&name, Some(SECRET))))
-        .await
-        .assert_denied("Invalid");
-    assert_contains_all(
-        &message,
-        &[
-            &format!("SeiNode \"sei/{name}\""),
-            "can never be given a sidecar TLS certificate",
-            "over the limit of 63",
-        ],
-    );
+    for node in [node(&name, Some(SECRET)), node(&name, None)] {
+        let message = webhook
+            .validate(&Review::create_node(node))
+            .await
+            .assert_denied("Invalid");
+        assert_contains_all(
+            &message,
+            &[
+                &format!("SeiNode \"sei/{name}\" could never run"),
+                "controller-revision-hash",
+                "over 52",
+            ],
+        );
+    }
 }
 
 #[tokio::test]
-async fn create_of_a_tls_node_with_the_longest_satisfiable_name_is_judged_normally() {
-    // 61 characters: pod 0's label is exactly 63.
-    let name = "n".repeat(61);
+async fn create_of_a_node_whose_name_cannot_name_its_service_is_denied() {
+    let webhook = setup().build();
+    let message = webhook
+        .validate(&Review::create_node(node("rpc.east", None)))
+        .await
+        .assert_denied("Invalid");
+    assert_contains_all(&message, &["could never run", "DNS-1035", "no dots"]);
+}
+
+#[tokio::test]
+async fn create_of_a_tls_node_whose_certificate_is_not_valid_yet_waits_with_a_warning() {
+    // Clock skew between the issuer and the cluster must not refuse the node.
+    let (cert, key) = {
+        let key = KeyPair::generate().expect("generate a P-256 key");
+        let names = vec![
+            format!("{NODE}.{NAMESPACE}.svc.cluster.local"),
+            format!("{NODE}-0.{NODE}.{NAMESPACE}.svc.cluster.local"),
+        ];
+        let mut params = CertificateParams::new(names).expect("valid SANs");
+        params.not_before = date_time_ymd(2099, 1, 1);
+        params.not_after = date_time_ymd(2100, 1, 1);
+        let cert = params.self_signed(&key).expect("sign the certificate");
+        (cert.pem(), key.serialize_pem())
+    };
+    let webhook = setup().secret(tls_secret(SECRET, "1", &cert, &key)).build();
+    let warning = webhook
+        .validate(&Review::create_node(tls_node()))
+        .await
+        .assert_allowed_with_one_warning();
+    assert_contains_all(&warning, &["will wait in Pending", "not valid before"]);
+}
+
+#[tokio::test]
+async fn create_of_a_tls_node_with_the_longest_runnable_name_is_judged_normally() {
+    // 52 characters: the revision label is exactly 63.
+    let name = "n".repeat(52);
     let webhook = setup().build();
     let warning = webhook
         .validate(&Review::create_node(node(&name, Some(SECRET))))
@@ -896,10 +932,10 @@ async fn create_of_a_tls_node_with_the_longest_satisfiable_name_is_judged_normal
 }
 
 #[tokio::test]
-async fn create_of_a_62_character_node_without_tls_is_allowed() {
+async fn create_of_a_52_character_node_without_tls_is_allowed() {
     let webhook = setup().build();
     webhook
-        .validate(&Review::create_node(node(&"n".repeat(62), None)))
+        .validate(&Review::create_node(node(&"n".repeat(52), None)))
         .await
         .assert_allowed_silently();
 }
