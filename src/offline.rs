@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use seinode_tls_crds::contract::{check_satisfiable, required_dns_names};
+use seinode_tls_crds::contract::{check_runnable_name, check_satisfiable, required_dns_names};
 use seinode_tls_crds::validation::{SecretVerdict, validate_tls_secret};
 use serde::Serialize;
 use thiserror::Error;
@@ -99,6 +99,11 @@ pub fn print_contract(
     cluster_domain: &str,
     output: &ContractFormat,
 ) -> ExitCode {
+    if let Err(e) = check_runnable_name(seinode) {
+        return usage_error(&format!(
+            "SeiNode \"{namespace}/{seinode}\" could never run: {e}"
+        ));
+    }
     let names = required_dns_names(seinode, namespace, cluster_domain);
     if let Err(e) = check_satisfiable(&names) {
         return usage_error(&format!(
@@ -190,6 +195,12 @@ fn go_duration(duration: std::time::Duration) -> String {
 }
 
 pub fn check_secret(args: &CheckSecretArgs) -> ExitCode {
+    if let Err(e) = check_runnable_name(&args.seinode) {
+        return usage_error(&format!(
+            "SeiNode \"{}/{}\" could never run: {e}",
+            args.namespace, args.seinode
+        ));
+    }
     let names = required_dns_names(&args.seinode, &args.namespace, &args.cluster_domain);
     if let Err(e) = check_satisfiable(&names) {
         return usage_error(&format!(

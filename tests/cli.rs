@@ -85,6 +85,22 @@ fn contract_prints_a_cert_manager_certificate_and_refuses_flags_that_do_not_fit(
 }
 
 #[test]
+fn contract_and_check_secret_refuse_a_node_name_the_webhook_would_deny() {
+    let long = "n".repeat(53);
+    for node in ["rpc.east", long.as_str()] {
+        for args in [
+            vec!["contract", "--seinode", node, "-n", "sei"],
+            vec!["check-secret", "-f", "-", "--seinode", node, "-n", "sei"],
+        ] {
+            let out = run(&args, "");
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("could never run"), "{args:?}: {stderr}");
+        }
+    }
+}
+
+#[test]
 fn contract_prints_one_name_per_line_or_json() {
     let text = run(&["contract", "--seinode", "rpc", "-n", "sei"], "");
     assert!(text.status.success());

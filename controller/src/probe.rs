@@ -168,6 +168,11 @@ impl SidecarProber {
             Ok(status) if (200..300).contains(&status) => ProbeResult::Healthy(format!(
                 "{url} answered {status} through kube-rbac-proxy over verified TLS"
             )),
+            Ok(status @ (401 | 403)) => ProbeResult::Unhealthy(format!(
+                "{url} answered HTTP {status}: kube-rbac-proxy asked for credentials on the health \
+                 path, so the pod predates --ignore-paths=/healthz (a spec.image update \
+                 re-applies its template)"
+            )),
             Ok(status) => ProbeResult::Unhealthy(format!("{url} answered HTTP {status}")),
             Err(Failure::Tls {
                 pin_mismatch: true, ..

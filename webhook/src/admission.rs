@@ -277,14 +277,14 @@ fn validate_create(
 
 // === SeiNode mutation ===
 
-/// CREATE or UPDATE of a TLS node: annotate it with the contract (so a server-side dry run shows
-/// it), unless it already carries exactly that.
+/// CREATE of a TLS node (the registration's only operation): annotate it with the contract (so a
+/// server-side dry run shows it), unless it already carries exactly that. A later server-side
+/// apply that does not list the annotation may drop it; `status.sidecarTLS` is the contract then.
 pub fn mutate_seinode(
     request: &AdmissionRequest<DynamicObject>,
     ctx: &AdmissionContext<'_>,
 ) -> Decision {
-    // UPDATE too: a later server-side apply that does not list the annotation removes it (the
-    // mutation was attributed to the applier), and this puts it back.
+    // An UPDATE, should a registration send one, is annotated the same way.
     if !matches!(request.operation, Operation::Create | Operation::Update) {
         return Decision::allow(request);
     }

@@ -23,8 +23,8 @@ pub const GUARD_SECRETS_WEBHOOK: &str = "tls-secrets.guard.sei.io";
 
 /// Which SeiNode requests reach the validating webhook: every CREATE, and only the UPDATEs that
 /// change `spec.sidecar.tls`. Label edits, GitOps syncs and finalizer removal never wait on the
-/// webhook (the CRD's CEL rule keeps the block immutable on its own); an edit of the block still
-/// gets the webhook's precise message.
+/// webhook. An edit of the block is refused by the CRD's CEL rule first (it runs before validating
+/// webhooks); the webhook refuses it too where the rule was bypassed.
 pub const SEINODE_MATCH_CONDITION: &str = "request.operation == 'CREATE' || \
      (has(object.spec.sidecar) && has(object.spec.sidecar.tls)) != \
      (has(oldObject.spec.sidecar) && has(oldObject.spec.sidecar.tls)) || \
