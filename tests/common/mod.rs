@@ -165,24 +165,27 @@ pub struct WebhookAddrs {
     pub health: std::net::SocketAddr,
 }
 
-/// Runs kubectl against the test control plane with `stdin` as its input.
-pub fn kubectl(args: &[&str], stdin: &str) -> std::process::Output {
+/// Runs `command` with `stdin` as its input and collects its output.
+fn run_with_stdin(command: &mut std::process::Command, stdin: &str) -> std::process::Output {
     use std::io::Write;
-    let mut child = control_plane()
-        .kubectl()
-        .args(args)
+    let mut child = command
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("run kubectl");
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
     child
         .stdin
         .take()
         .expect("stdin")
         .write_all(stdin.as_bytes())
         .expect("write stdin");
-    child.wait_with_output().expect("kubectl output")
+    child.wait_with_output().expect("collect output")
+}
+
+/// Runs kubectl against the test control plane with `stdin` as its input.
+pub fn kubectl(args: &[&str], stdin: &str) -> std::process::Output {
+    run_with_stdin(control_plane().kubectl().args(args), stdin)
 }
 
 /// Starts this test binary's controller (no leader election) on its own thread and runtime,
@@ -355,19 +358,8 @@ pub fn helm(args: &[&str]) -> std::process::Output {
 
 /// The `seinode-tls` binary with `args`, `stdin` as its input.
 pub fn seinode_tls(args: &[&str], stdin: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_seinode-tls"))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run seinode-tls");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("seinode-tls output")
+    run_with_stdin(
+        std::process::Command::new(env!("CARGO_BIN_EXE_seinode-tls")).args(args),
+        stdin,
+    )
 }
