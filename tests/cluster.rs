@@ -155,20 +155,10 @@ spec:
     let ip = status.pod_ip.expect("a Pod address");
     assert!(ip.starts_with("198.18."), "{ip}");
     // The sidecar stand-in really serves in the Pod's network namespace.
-    let out = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-        ])
-        .arg(format!("http://{ip}:7777/healthz"))
-        .output()
-        .expect("run curl");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(
+        common::http_status(&format!("http://{ip}:7777/healthz"), &[]),
+        "200"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

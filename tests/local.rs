@@ -216,12 +216,8 @@ fn local_demo_runs_the_node_pod_behind_the_real_proxy_and_leaves_nothing_after_s
     // health passes without a credential (what the controller's probe uses), the sidecar's API
     // does not.
     for (path, expected) in [("healthz", "200"), ("v0/status", "401")] {
-        let out = Command::new("curl")
-            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
-            .arg(format!("https://{pod_ip}:8443/{path}"))
-            .output()
-            .expect("run curl");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "/{path}");
+        let status = common::http_status(&format!("https://{pod_ip}:8443/{path}"), &[]);
+        assert_eq!(status, expected, "/{path}");
     }
 
     signal(&local.child, "INT");

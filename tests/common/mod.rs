@@ -363,3 +363,23 @@ pub fn seinode_tls(args: &[&str], stdin: &str) -> std::process::Output {
         stdin,
     )
 }
+
+/// The HTTP status of a GET of `url` with `headers`, by curl (certificates not verified: the
+/// tests check who answers, not the chain; 5 s at most). "000" when nothing answered.
+pub fn http_status(url: &str, headers: &[(String, String)]) -> String {
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sk",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "5",
+    ]);
+    for (name, value) in headers {
+        curl.arg("-H").arg(format!("{name}: {value}"));
+    }
+    let out = curl.arg(url).output().expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
