@@ -231,6 +231,9 @@ pub struct ControllerArgs {
     /// SubjectAccessReview: bind it to system:auth-delegator); the namespace's default if unset.
     #[arg(long, env = "SEINODE_TLS_NODE_SERVICE_ACCOUNT")]
     pub node_service_account: Option<String>,
+    /// SeiNodes reconciled at once; each uses at most one connection to the API server.
+    #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub max_concurrent_reconciles: u16,
     /// Reconcile only while holding a coordination.k8s.io Lease (for several replicas).
     #[arg(long, env = "SEINODE_TLS_LEADER_ELECT")]
     pub leader_elect: bool,
@@ -244,9 +247,20 @@ pub struct ControllerArgs {
     /// Namespace of the Lease (in a cluster: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub leader_election_namespace: String,
-    /// This replica's identity in the Lease (in a cluster: the pod's name).
+    /// This replica's identity in the Lease (in a cluster: the pod's name); a random suffix
+    /// keeps two processes apart.
     #[arg(long, env = "POD_NAME")]
     pub leader_election_identity: Option<String>,
+    /// How long followers wait, after the Lease last changed, before taking it over.
+    #[arg(long, env = "SEINODE_TLS_LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub leader_election_lease_duration: Duration,
+    /// How long the leader goes on without a successful renewal before it stops writing
+    /// (shorter than the lease duration).
+    #[arg(long, env = "SEINODE_TLS_LEADER_ELECTION_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub leader_election_renew_deadline: Duration,
+    /// How often the leader renews and candidates try (also each request's timeout).
+    #[arg(long, env = "SEINODE_TLS_LEADER_ELECTION_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub leader_election_retry_period: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -309,13 +323,15 @@ impl ControllerArgs {
             cert_expiry_warning: self.cert_expiry_warning,
             sidecar_image: self.sidecar_image,
             rbac_proxy_image: self.rbac_proxy_image,
-            leader_election: self.leader_elect.then(|| LeaderElection {
+            leader_election: self.leader_elect.then_some(LeaderElection {
                 lease_name: self.leader_election_name,
                 lease_namespace: self.leader_election_namespace,
                 identity,
-                lease_duration: Duration::from_secs(15),
-                renew_grace: Duration::from_secs(5),
+                lease_duration: self.leader_election_lease_duration,
+                renew_deadline: self.leader_election_renew_deadline,
+                retry_period: self.leader_election_retry_period,
             }),
+            max_concurrent_reconciles: self.max_concurrent_reconciles,
             sidecar_probe_interval: self.sidecar_probe_interval,
             sidecar_probe_timeout: self.sidecar_probe_timeout,
             sidecar_ca_bundle: self.sidecar_ca_bundle,

@@ -42,6 +42,8 @@ pub struct ControllerConfig {
     pub sidecar_ca_bundle: Option<PathBuf>,
     /// Connect to these addresses instead of resolving the pod's DNS name (tests and `local`).
     pub sidecar_addresses: SidecarAddresses,
+    /// Reconciles running at once (each holds at most one API connection).
+    pub max_concurrent_reconciles: u16,
     /// ServiceAccount of the node pods (kube-rbac-proxy runs as it and needs TokenReview and
     /// SubjectAccessReview); the namespace's default when `None`.
     pub node_service_account: Option<String>,
@@ -61,6 +63,7 @@ impl Default for ControllerConfig {
             sidecar_ca_bundle: None,
             sidecar_addresses: SidecarAddresses::default(),
             node_service_account: None,
+            max_concurrent_reconciles: 4,
         }
     }
 }
@@ -72,8 +75,12 @@ pub struct LeaderElection {
     pub lease_namespace: String,
     /// Unique per replica (the pod name in a cluster).
     pub identity: String,
-    /// How long a lease is valid without renewal.
+    /// How long a follower waits, from when it saw the Lease change last, before taking it.
     pub lease_duration: Duration,
-    /// How long before expiry the holder renews.
-    pub renew_grace: Duration,
+    /// How long the leader keeps writing after the start of its last successful renewal
+    /// (shorter than `lease_duration`): a leader that cannot renew stops before it could have
+    /// lost the Lease.
+    pub renew_deadline: Duration,
+    /// How often candidates try and the leader renews; also each request's timeout.
+    pub retry_period: Duration,
 }

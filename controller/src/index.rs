@@ -83,6 +83,14 @@ impl SecretIndex {
         }
     }
 
+    /// Whether some node names Secret `namespace/name`.
+    pub fn is_named(&self, namespace: &str, name: &str) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .by_secret
+            .contains_key(&(namespace.to_owned(), name.to_owned()))
+    }
+
     /// The nodes that name Secret `namespace/name`.
     pub fn nodes_for(&self, namespace: &str, name: &str) -> Vec<ObjectRef<SeiNode>> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());

@@ -7,8 +7,11 @@
 //! them through an index. With leader election only the Lease holder reconciles.
 
 pub mod config;
+pub mod decide;
+pub mod events;
 pub mod image;
 pub mod index;
+pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod probe;
@@ -23,28 +26,25 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller as Runtime, WatchStreamExt, reflector, watcher};
+use kube::runtime::{
+    Config as RuntimeConfig, Controller as Runtime, PredicateConfig, WatchStreamExt, predicates,
+    reflector, watcher,
+};
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::validation::TLS_SECRET_TYPE;
 use thiserror::Error;
+use tokio::sync::watch;
 
 pub use config::{ControllerConfig, LeaderElection};
 use index::SecretIndex;
+use leader::{Elector, Leadership};
 use metrics::ControllerMetrics;
-use reconcile::Context;
+use reconcile::{Context, OwnedStores};
 
 #[derive(Debug, Error)]
 pub enum ControllerError {
-    #[error("failed to set up leader election on Lease {namespace}/{name}")]
-    LeaderElection {
-        namespace: String,
-        name: String,
-        #[source]
-        source: kube_lease_manager::LeaseManagerError,
-    },
     #[error("leader election on Lease {name} stopped")]
     LeaseLost { name: String },
     #[error("invalid {flag}: {reason}")]
@@ -69,6 +69,24 @@ impl Controller {
             flag: "--rbac-proxy-image",
             reason,
         })?;
+        if config.max_concurrent_reconciles == 0 {
+            return Err(ControllerError::Config {
+                flag: "--max-concurrent-reconciles",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        if let Some(election) = &config.leader_election
+            && !(election.retry_period < election.renew_deadline
+                && election.renew_deadline < election.lease_duration)
+        {
+            return Err(ControllerError::Config {
+                flag: "--leader-election-renew-deadline",
+                reason: format!(
+                    "leader election needs retry period ({:?}) < renew deadline ({:?}) < lease duration ({:?})",
+                    election.retry_period, election.renew_deadline, election.lease_duration
+                ),
+            });
+        }
         let ca_bundle = match &config.sidecar_ca_bundle {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| ControllerError::Config {
@@ -93,161 +111,253 @@ impl Controller {
         })
     }
 
-    /// Reconciles until `shutdown` resolves. With leader election, waits for the Lease and
-    /// reconciles only while holding it.
+    /// Reconciles until `shutdown` resolves. With leader election, reconciles only while this
+    /// replica leads; each term starts from what the cluster says, nothing remembered.
     pub async fn run(
         self,
         client: Client,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ControllerError> {
         let Some(election) = self.config.leader_election.clone() else {
-            run_controller(client, self.config, self.ca_bundle, self.metrics, shutdown).await;
+            let term = Term {
+                client,
+                config: self.config,
+                ca_bundle: self.ca_bundle,
+                metrics: self.metrics,
+                leadership: Leadership::always(),
+                instance: None,
+            };
+            term.run(shutdown).await;
             return Ok(());
         };
-        let error = |source| ControllerError::LeaderElection {
-            namespace: election.lease_namespace.clone(),
-            name: election.lease_name.clone(),
-            source,
-        };
-        let manager =
-            kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &election.lease_name)
-                .with_namespace(&election.lease_namespace)
-                .with_identity(&election.identity)
-                .with_duration(election.lease_duration.as_secs().max(2))
-                .with_grace(election.renew_grace.as_secs().max(1))
-                .with_field_manager(reconcile::FIELD_MANAGER)
-                .build()
-                .await
-                .map_err(error)?;
-        let (mut leading, lease_task) = manager.watch().await;
+        let elector = Elector::new(client.clone(), election.clone());
+        let leadership = elector.leadership();
+        let identity = elector.identity().to_owned();
+        let (leading_tx, mut leading) = watch::channel(false);
+        let (stop_elector, stop_rx) = watch::channel(false);
+        let elector = tokio::spawn(elector.run(leading_tx, stop_rx));
         let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+        let stop = |elector: tokio::task::JoinHandle<()>| async move {
+            // Releasing the Lease lets the next replica take it at once.
+            let _ = stop_elector.send(true);
+            let _ = elector.await;
+        };
         loop {
-            // Wait to lead (or to stop).
-            while !*leading.borrow_and_update() {
-                tracing::info!(identity = %election.identity, "waiting for the leader lease");
-                tokio::select! {
-                    changed = leading.changed() => if changed.is_err() {
-                        return Err(ControllerError::LeaseLost { name: election.lease_name.clone() });
-                    },
-                    () = shutdown.clone() => { drop(leading); let _ = lease_task.await; return Ok(()) }
-                }
-            }
-            tracing::info!(identity = %election.identity, "leading: reconciling");
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let controller = tokio::spawn(run_controller(
-                client.clone(),
-                self.config.clone(),
-                self.ca_bundle.clone(),
-                self.metrics.clone(),
-                async move {
-                    let _ = stop_rx.await;
+            tracing::info!(%identity, "waiting for the leader lease");
+            tokio::select! {
+                led = async { leading.wait_for(|leading| *leading).await.map(|_| ()) } => if led.is_err() {
+                    return Err(ControllerError::LeaseLost { name: election.lease_name.clone() });
                 },
-            ));
+                () = shutdown.clone() => { stop(elector).await; return Ok(()) }
+            }
+            tracing::info!(%identity, "leading: reconciling");
+            let (stop_term, term_stopped) = tokio::sync::oneshot::channel::<()>();
+            let term = Term {
+                client: client.clone(),
+                config: self.config.clone(),
+                ca_bundle: self.ca_bundle.clone(),
+                metrics: self.metrics.clone(),
+                leadership: leadership.clone(),
+                instance: Some(identity.clone()),
+            };
+            let term = tokio::spawn(term.run(async move {
+                let _ = term_stopped.await;
+            }));
             let stopping = tokio::select! {
-                _ = async { while leading.changed().await.is_ok() && *leading.borrow() {} } => false,
+                _ = async { leading.wait_for(|leading| !*leading).await.map(|_| ()) } => false,
                 () = shutdown.clone() => true,
             };
-            let _ = stop_tx.send(());
-            let _ = controller.await;
+            let _ = stop_term.send(());
+            let _ = term.await;
             // A follower exports no per-node figures: the leader's are the current ones.
             self.metrics.tls.retain(|_, _| false);
             if stopping {
-                // Dropping the receiver makes the lease task release the Lease.
-                drop(leading);
-                let _ = lease_task.await;
+                stop(elector).await;
                 return Ok(());
             }
-            tracing::warn!(identity = %election.identity, "lost the leader lease: stopped reconciling");
+            tracing::warn!(%identity, "lost the leader lease: stopped reconciling");
         }
     }
 }
 
-/// The kube-runtime controller over SeiNodes, their owned objects and TLS Secrets.
-async fn run_controller(
+/// One stretch of reconciling (a leadership term, or the whole run without leader election).
+struct Term {
     client: Client,
     config: ControllerConfig,
     ca_bundle: Option<Vec<u8>>,
     metrics: Arc<ControllerMetrics>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
-    let nodes: Api<SeiNode> = Api::all(client.clone());
-    let (reader, writer) = reflector::store();
-    let index = Arc::new(SecretIndex::default());
-    let node_index = index.clone();
-    let node_stream = reflector::reflector(
+    leadership: Leadership,
+    instance: Option<String>,
+}
+
+/// A watch of `api` (labelled objects only when `labels`), managedFields dropped, feeding `store`;
+/// yields changed objects. Errors are logged here (each watch backs off on its own) and never
+/// reach the controller, whose shared backoff would otherwise pause every trigger.
+fn watch_into<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    what: &'static str,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    reflector::reflector(
         writer,
-        watcher(nodes, watcher::Config::default()).default_backoff(),
+        watcher(api, config)
+            .default_backoff()
+            .modify(|object: &mut K| object.managed_fields_mut().clear()),
     )
-    .inspect(move |event| {
-        if let Ok(event) = event {
-            node_index.apply(event);
-        }
+    .touched_objects()
+    .predicate_filter(predicates::resource_version, PredicateConfig::default())
+    .filter_map(move |result| {
+        std::future::ready(match result {
+            Ok(object) => Some(Ok(object)),
+            Err(error) => {
+                tracing::warn!(watch = what, error = %seinode_tls_crds::error_chain(&error), "watch failed; retrying with backoff");
+                None
+            }
+        })
     })
-    .touched_objects();
+}
 
-    let owned = watcher::Config::default().labels(&format!(
-        "{}={}",
-        resources::MANAGED_BY_LABEL,
-        resources::MANAGED_BY
-    ));
-    // Metadata only: the reconcile reads the one Secret it needs; the watch just wakes nodes.
-    let secrets = watcher(
-        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-        watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
-    )
-    .default_backoff()
-    .touched_objects();
-
-    // kube-runtime wants a Sync trigger; relay the caller's future through a channel.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(());
-    });
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: config.reporter.clone(),
-            instance: None,
-        },
-    );
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        config,
-        ca_bundle,
-        recorder,
-        metrics,
-        reader.clone(),
-    ));
-    let pruning = {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                ctx.prune();
+impl Term {
+    /// The kube-runtime controller over SeiNodes, their owned objects and TLS Secrets.
+    async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let client = self.client;
+        let (reader, writer) = reflector::store();
+        let index = Arc::new(SecretIndex::default());
+        let node_index = index.clone();
+        let node_stream = reflector::reflector(
+            writer,
+            watcher(Api::<SeiNode>::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .modify(|node: &mut SeiNode| node.managed_fields_mut().clear()),
+        )
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                node_index.apply(event);
             }
         })
-    };
-    Runtime::for_stream(node_stream, reader)
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<StatefulSet>::all(client), owned)
-        .watches_stream(secrets, move |secret| {
-            index.nodes_for(&secret.namespace().unwrap_or_default(), &secret.name_any())
+        .touched_objects()
+        .predicate_filter(predicates::resource_version, PredicateConfig::default())
+        .filter_map(|result| {
+            std::future::ready(match result {
+                Ok(node) => Some(Ok(node)),
+                Err(error) => {
+                    tracing::warn!(watch = "SeiNode", error = %seinode_tls_crds::error_chain(&error), "watch failed; retrying with backoff");
+                    None
+                }
+            })
+        });
+
+        let owned = watcher::Config::default().labels(&format!(
+            "{}={}",
+            resources::MANAGED_BY_LABEL,
+            resources::MANAGED_BY
+        ));
+        let (config_maps, cm_writer) = reflector::store();
+        let (services, svc_writer) = reflector::store();
+        let (stateful_sets, sts_writer) = reflector::store();
+        let cm_stream = watch_into(
+            Api::<ConfigMap>::all(client.clone()),
+            owned.clone(),
+            cm_writer,
+            "ConfigMap",
+        );
+        let svc_stream = watch_into(
+            Api::<Service>::all(client.clone()),
+            owned.clone(),
+            svc_writer,
+            "Service",
+        );
+        let sts_stream = watch_into(
+            Api::<StatefulSet>::all(client.clone()),
+            owned,
+            sts_writer,
+            "StatefulSet",
+        );
+        // Metadata only, and only Secrets some node names: the reconcile reads the one it needs.
+        let secret_index = index.clone();
+        let secrets = watcher(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
+        )
+        .default_backoff()
+        .touched_objects()
+        .filter_map(move |result| {
+            std::future::ready(match result {
+                Ok(secret) if secret_index.is_named(&secret.namespace().unwrap_or_default(), &secret.name_any()) => Some(Ok(secret)),
+                Ok(_) => None,
+                Err(error) => {
+                    tracing::warn!(watch = "Secret", error = %seinode_tls_crds::error_chain(&error), "watch failed; retrying with backoff");
+                    None
+                }
+            })
         })
-        .graceful_shutdown_on(async move {
-            let _ = stop_rx.await;
-        })
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| {
-            if let Err(error) = result {
-                tracing::debug!(error = %error, "controller event");
-            }
-            std::future::ready(())
-        })
-        .await;
-    relay.abort();
-    pruning.abort();
-    tracing::info!("controller stopped");
+        .predicate_filter(predicates::resource_version, PredicateConfig::default());
+
+        // kube-runtime wants a Sync trigger; relay the caller's future through a channel.
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let relay = tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(());
+        });
+        let concurrency = self.config.max_concurrent_reconciles;
+        let instance = self
+            .instance
+            .unwrap_or_else(|| self.config.reporter.clone());
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            self.config,
+            self.ca_bundle,
+            self.metrics,
+            reader.clone(),
+            OwnedStores {
+                config_maps,
+                services,
+                stateful_sets,
+            },
+            self.leadership,
+            instance,
+        ));
+        let pruning = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    ctx.prune();
+                }
+            })
+        };
+        Runtime::for_stream(node_stream, reader)
+            .with_config(RuntimeConfig::default().concurrency(concurrency))
+            .owns_stream(cm_stream)
+            .owns_stream(svc_stream)
+            .owns_stream(sts_stream)
+            .watches_stream(secrets, move |secret| {
+                index.nodes_for(&secret.namespace().unwrap_or_default(), &secret.name_any())
+            })
+            .graceful_shutdown_on(async move {
+                let _ = stop_rx.await;
+            })
+            .run(reconcile::reconcile, reconcile::error_policy, ctx)
+            .for_each(|result| {
+                if let Err(error) = result {
+                    tracing::debug!(error = %error, "controller event");
+                }
+                std::future::ready(())
+            })
+            .await;
+        relay.abort();
+        pruning.abort();
+        tracing::info!("controller stopped");
+    }
 }

@@ -84,6 +84,16 @@ pub fn update_plan(generation: i64) -> TaskPlan {
     )
 }
 
+/// The plan that restores the objects of a Running node that went missing or changed (`tasks`
+/// are the applies needed, in plan order); a restored StatefulSet is awaited.
+pub fn repair_plan(generation: i64, tasks: &[Task]) -> TaskPlan {
+    let mut tasks = tasks.to_vec();
+    if tasks.contains(&Task::ApplyStatefulSet) {
+        tasks.push(Task::AwaitStatefulSetReady);
+    }
+    plan(format!("repair-{generation}"), &tasks)
+}
+
 /// Whether plans may run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gate {

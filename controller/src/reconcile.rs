@@ -1,5 +1,6 @@
-//! One reconcile of a SeiNode: publish the contract, judge the Secret, keep the condition and
-//! its events, then advance the plan if the gate is open.
+//! One reconcile of a SeiNode: observe (the Secret, the owned objects, the sidecar), decide
+//! (`decide`, pure), act (write the status with the resourceVersion it was decided from, then
+//! publish the events, then run at most one task and record it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -7,102 +8,153 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
-use seinode_tls_crds::DEFAULT_SIDECAR_PORT;
 use seinode_tls_crds::contract::required_dns_names;
-use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate, SecretVerdict};
-use seinode_tls_crds::{
-    PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus, SidecarTlsStatus,
-    TaskStatus,
-};
+use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate};
+use seinode_tls_crds::{DEFAULT_SIDECAR_PORT, PlanPhase, SeiNode, SeiNodePhase, SeiNodeStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::config::ControllerConfig;
+use crate::decide::{
+    Decision, IN_THE_WAY, ObjectState, Objects, Observed, Outcome, Settings, decide,
+};
+use crate::events::NodeEvent;
+use crate::leader::Leadership;
 use crate::metrics::{ControllerMetrics, NodeTls, OutcomeLabels, ProbeLabels, ReconcileOutcome};
-use crate::plan::{Gate, Task, desired_plan, gate, next_task};
+use crate::plan::Task;
 use crate::probe::{ProbeResult, SidecarProber};
 use crate::resources;
 use crate::secrets::SecretJudge;
-use crate::status::{
-    SIDECAR_READY, condition, flipped, remove_condition, set_condition, tls_condition,
-};
 
 /// Field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = "seinode-tls-controller";
-/// Re-check a node whose Secret could not be read this soon.
-const UNAVAILABLE_RETRY: Duration = Duration::from_secs(10);
-/// Safety-net resync of every node (all real triggers are watches).
-const RESYNC: Duration = Duration::from_secs(600);
-/// Backoff bounds for transient errors.
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Backoff bounds for transient errors (before jitter).
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A reconcile re-observes at most this often after its status write conflicted.
+const CONFLICT_ATTEMPTS: usize = 3;
 
 /// Errors of a reconcile. All of them are transient (API calls); permanent problems (an invalid
-/// image) are not errors but a failed task, a condition and an event, and wait for a change.
+/// image, an object in the way) are not errors but a failed task, a condition and an event.
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("failed to apply {kind} {namespace}/{name}")]
-    Apply {
+    #[error("failed to {verb} {kind} {namespace}/{name}")]
+    Api {
+        verb: &'static str,
         kind: String,
         namespace: String,
         name: String,
         #[source]
         source: kube::Error,
     },
-    #[error("failed to read StatefulSet {namespace}/{name}")]
-    ReadStatefulSet {
-        namespace: String,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("failed to update the status of SeiNode {namespace}/{name}")]
-    Status {
-        namespace: String,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(
+        "the status of SeiNode {namespace}/{name} changed while it was being decided ({CONFLICT_ATTEMPTS} times in a row)"
+    )]
+    Conflict { namespace: String, name: String },
 }
 
-/// What reconciles share.
+/// The watched state of the objects nodes own (labelled, managedFields dropped).
+#[derive(Clone)]
+pub struct OwnedStores {
+    pub config_maps: Store<ConfigMap>,
+    pub services: Store<Service>,
+    pub stateful_sets: Store<StatefulSet>,
+}
+
+/// What reconciles share. One per leadership term: nothing a previous term learnt is trusted.
 pub struct Context {
     pub client: Client,
     pub config: ControllerConfig,
-    pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
     pub secrets: SecretJudge,
     pub prober: SidecarProber,
-    /// The reflector's view of SeiNodes (to forget metrics of deleted nodes).
+    /// The reflector's view of SeiNodes.
     pub store: Store<SeiNode>,
+    pub owned: OwnedStores,
+    pub leadership: Leadership,
+    /// Who reports events (`reportingInstance`).
+    pub instance: String,
     failures: Mutex<HashMap<String, u32>>,
     expiry_warned: Mutex<HashSet<(String, i64)>>,
-    /// The status last written per node, with the resourceVersion it was computed from.
-    written: Mutex<HashMap<String, WrittenStatus>>,
+    /// Nodes this process has reconciled (to re-send events a killed predecessor may have lost).
+    seen: Mutex<HashSet<String>>,
+    /// The node as this controller's last status write returned it: the watch may still hand
+    /// out an older version, and deciding from that would run finished tasks again.
+    latest: Mutex<HashMap<String, Arc<SeiNode>>>,
+    /// Events decided and not yet created (the API refused them): sent on the next reconcile.
+    unsent: Mutex<HashMap<String, Vec<NodeEvent>>>,
 }
 
-type WrittenStatus = (Option<String>, SeiNodeStatus);
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 impl Context {
-    /// The node's status as this controller last left it: the reflector may still hand out the
-    /// version from before our own write (same resourceVersion), and diffing against that would
-    /// repeat a flip (a second event, a moved lastTransitionTime).
-    fn newest_status(&self, node: &SeiNode) -> SeiNodeStatus {
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        match written.get(&uid(node)) {
-            Some((version, status))
-                if version.is_some() && *version == node.metadata.resource_version =>
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        config: ControllerConfig,
+        ca_bundle: Option<Vec<u8>>,
+        metrics: Arc<ControllerMetrics>,
+        store: Store<SeiNode>,
+        owned: OwnedStores,
+        leadership: Leadership,
+        instance: String,
+    ) -> Self {
+        let prober = SidecarProber::new(
+            config.sidecar_addresses.clone(),
+            ca_bundle,
+            config.sidecar_probe_timeout,
+        );
+        Self {
+            client,
+            config,
+            metrics,
+            secrets: SecretJudge::default(),
+            prober,
+            store,
+            owned,
+            leadership,
+            instance,
+            failures: Mutex::default(),
+            expiry_warned: Mutex::default(),
+            seen: Mutex::default(),
+            latest: Mutex::default(),
+            unsent: Mutex::default(),
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            cluster_domain: self.config.cluster_domain.clone(),
+            cert_expiry_warning: self.config.cert_expiry_warning,
+            sidecar_probe_interval: self.config.sidecar_probe_interval,
+        }
+    }
+
+    /// The newest version of `cached` this controller knows: its own last write, unless the
+    /// watch has caught up with it or the spec moved on since.
+    fn newest(&self, cached: Arc<SeiNode>) -> Arc<SeiNode> {
+        let mut latest = lock(&self.latest);
+        let key = uid(&cached);
+        match latest.get(&key) {
+            Some(ours)
+                if ours.metadata.resource_version != cached.metadata.resource_version
+                    && ours.metadata.generation >= cached.metadata.generation =>
             {
-                status.clone()
+                ours.clone()
             }
-            _ => node.status.clone().unwrap_or_default(),
+            _ => {
+                latest.remove(&key);
+                cached
+            }
         }
     }
 
@@ -113,10 +165,7 @@ impl Context {
         let uids: HashSet<String> = nodes.iter().map(|n| uid(n)).collect();
         let hosts: HashSet<String> = nodes
             .iter()
-            .map(|n| {
-                let (ns, name) = (n.namespace().unwrap_or_default(), n.name_any());
-                format!("{name}-0.{name}.{ns}.svc.{}", self.config.cluster_domain)
-            })
+            .map(|n| pod_host(n, &self.config.cluster_domain))
             .collect();
         let secrets: HashSet<(String, String)> = nodes
             .iter()
@@ -125,50 +174,14 @@ impl Context {
         self.metrics
             .tls
             .retain(|ns, name| self.store.get(&ObjectRef::new(name).within(ns)).is_some());
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|u, _| uids.contains(u));
-        self.expiry_warned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(u, _)| uids.contains(u));
-        self.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|u, _| uids.contains(u));
+        lock(&self.failures).retain(|u, _| uids.contains(u));
+        lock(&self.expiry_warned).retain(|(u, _)| uids.contains(u));
+        lock(&self.seen).retain(|u| uids.contains(u));
+        lock(&self.latest).retain(|u, _| uids.contains(u));
+        lock(&self.unsent).retain(|u, _| uids.contains(u));
         self.prober.retain_hosts(|host| hosts.contains(host));
         self.secrets
             .retain(|ns, name| secrets.contains(&(ns.to_owned(), name.to_owned())));
-    }
-}
-
-impl Context {
-    pub fn new(
-        client: Client,
-        config: ControllerConfig,
-        ca_bundle: Option<Vec<u8>>,
-        recorder: Recorder,
-        metrics: Arc<ControllerMetrics>,
-        store: Store<SeiNode>,
-    ) -> Self {
-        let prober = SidecarProber::new(
-            config.sidecar_addresses.clone(),
-            ca_bundle,
-            config.sidecar_probe_timeout,
-        );
-        Self {
-            client,
-            config,
-            recorder,
-            metrics,
-            secrets: SecretJudge::default(),
-            prober,
-            store,
-            failures: Mutex::default(),
-            expiry_warned: Mutex::default(),
-            written: Mutex::default(),
-        }
     }
 }
 
@@ -176,7 +189,7 @@ impl Context {
 pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let span = tracing::info_span!("reconcile", namespace = %node.namespace().unwrap_or_default(), name = %node.name_any());
-    let result = tracing::Instrument::instrument(reconcile_node(&node, &ctx), span).await;
+    let result = tracing::Instrument::instrument(reconcile_newest(node.clone(), &ctx), span).await;
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -189,23 +202,20 @@ pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, 
         .reconciles
         .get_or_create(&OutcomeLabels { outcome })
         .inc();
-    if result.is_ok() {
-        ctx.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&uid(&node));
+    match result {
+        Ok(Step::Done(action)) => {
+            lock(&ctx.failures).remove(&uid(&node));
+            Ok(action)
+        }
+        // The Secret could not be read: like an error, with backoff, without logging one.
+        Ok(Step::Retry) => Ok(Action::requeue(backoff(&ctx, &node))),
+        Err(error) => Err(error),
     }
-    result
 }
 
-/// kube-runtime error policy: exponential backoff per node, 1 s to 5 min.
+/// kube-runtime error policy: exponential backoff per node with jitter, 0.5 s to 5 min.
 pub fn error_policy(node: Arc<SeiNode>, error: &Error, ctx: Arc<Context>) -> Action {
-    let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
-    let count = failures.entry(uid(&node)).or_insert(0);
-    *count = count.saturating_add(1);
-    let delay = BACKOFF_MIN
-        .saturating_mul(1 << (*count - 1).min(9))
-        .min(BACKOFF_MAX);
+    let delay = backoff(&ctx, &node);
     tracing::warn!(
         error = %seinode_tls_crds::error_chain(error),
         namespace = %node.namespace().unwrap_or_default(),
@@ -216,161 +226,199 @@ pub fn error_policy(node: Arc<SeiNode>, error: &Error, ctx: Arc<Context>) -> Act
     Action::requeue(delay)
 }
 
+fn backoff(ctx: &Context, node: &SeiNode) -> Duration {
+    let mut failures = lock(&ctx.failures);
+    let count = failures.entry(uid(node)).or_insert(0);
+    *count = count.saturating_add(1);
+    jittered(*count)
+}
+
+/// The delay before retry `count` (1-based): doubling from [`BACKOFF_MIN`] up to
+/// [`BACKOFF_MAX`], each drawn uniformly from its upper half, so retries of many nodes spread.
+pub fn jittered(count: u32) -> Duration {
+    let ceiling = BACKOFF_MIN
+        .saturating_mul(1 << count.saturating_sub(1).min(12))
+        .min(BACKOFF_MAX);
+    ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
+}
+
 fn uid(node: &SeiNode) -> String {
     node.uid().unwrap_or_else(|| node.name_any())
 }
 
-/// When to look at the node again, whichever comes first.
-struct Requeue(Option<Duration>);
+fn pod_host(node: &SeiNode, cluster_domain: &str) -> String {
+    let (ns, name) = (node.namespace().unwrap_or_default(), node.name_any());
+    format!("{name}-0.{name}.{ns}.svc.{cluster_domain}")
+}
 
-impl Requeue {
-    fn at_most(&mut self, after: Duration) {
-        self.0 = Some(self.0.map_or(after, |d| d.min(after)));
-    }
+enum Step {
+    Done(Action),
+    Retry,
+}
 
-    fn at(&mut self, when: Timestamp, now: Timestamp) {
-        if when >= now {
-            let wait = when.duration_since(now).unsigned_abs();
-            // Land just after the instant (notAfter is itself valid), so the check then sees it
-            // passed.
-            self.at_most(wait + Duration::from_secs(1));
+/// Reconciles from the newest known version; a status write that finds the node changed
+/// re-reads it and decides again (never forcing a status decided from an older one).
+async fn reconcile_newest(cached: Arc<SeiNode>, ctx: &Context) -> Result<Step, Error> {
+    let mut node = ctx.newest(cached);
+    for _ in 0..CONFLICT_ATTEMPTS {
+        match reconcile_node(&node, ctx).await? {
+            Some(step) => return Ok(step),
+            None => {
+                let namespace = node.namespace().unwrap_or_default();
+                let api: Api<SeiNode> = Api::namespaced(ctx.client.clone(), &namespace);
+                let fresh = api.get_opt(&node.name_any()).await.map_err(|source| {
+                    api_error("read", "SeiNode", &namespace, &node.name_any(), source)
+                })?;
+                let Some(fresh) = fresh else {
+                    return Ok(Step::Done(Action::await_change()));
+                };
+                let fresh = Arc::new(fresh);
+                lock(&ctx.latest).insert(uid(&fresh), fresh.clone());
+                node = fresh;
+            }
         }
     }
+    Err(Error::Conflict {
+        namespace: node.namespace().unwrap_or_default(),
+        name: node.name_any(),
+    })
+}
 
-    fn action(self) -> Action {
-        Action::requeue(self.0.unwrap_or(RESYNC).min(RESYNC))
+/// One observe → decide → act round (two decides when a task ran). `None`: the status changed
+/// under the decision; read it again.
+async fn reconcile_node(node: &Arc<SeiNode>, ctx: &Context) -> Result<Option<Step>, Error> {
+    if node.meta().deletion_timestamp.is_some() {
+        return Ok(Some(Step::Done(Action::await_change())));
+    }
+    // Until the owned objects are listed, every one would look missing.
+    let owned = &ctx.owned;
+    let _ = futures::future::join3(
+        owned.config_maps.wait_until_ready(),
+        owned.services.wait_until_ready(),
+        owned.stateful_sets.wait_until_ready(),
+    )
+    .await;
+    send_unsent(ctx, node).await;
+    let now = Timestamp::now();
+    let base = node.status.clone().unwrap_or_default();
+    let mut observed = observe(node, &base, ctx, now).await;
+    let settings = ctx.settings();
+    let mut current = node.clone();
+    let mut base = base;
+    loop {
+        let decision = decide(&current, &base, &observed, &settings, now);
+        if !ctx.leadership.is_leading() {
+            return Ok(Some(Step::Done(Action::await_change())));
+        }
+        if decision.status != base {
+            match write_status(ctx, &current, &decision.status).await? {
+                Some(written) => current = written,
+                None => return Ok(None),
+            }
+        }
+        publish(ctx, &current, &decision.events).await;
+        base = decision.status.clone();
+        observed.first_sight = false;
+        let Decision {
+            task,
+            requeue,
+            transient,
+            ..
+        } = decision;
+        let Some(task) = task else {
+            if transient {
+                return Ok(Some(Step::Retry));
+            }
+            return Ok(Some(Step::Done(Action::requeue(requeue))));
+        };
+        if observed.ran.is_some() {
+            // One task per reconcile: the next one waits its turn behind other nodes.
+            return Ok(Some(Step::Done(Action::requeue(Duration::ZERO))));
+        }
+        if !ctx.leadership.is_leading() {
+            return Ok(Some(Step::Done(Action::await_change())));
+        }
+        let outcome = run_task(&current, ctx, task, &observed.objects).await?;
+        if outcome == Outcome::Done {
+            set_state(&mut observed.objects, task, ObjectState::Current);
+        }
+        observed.ran = Some((task, outcome));
     }
 }
 
-async fn reconcile_node(node: &SeiNode, ctx: &Context) -> Result<Action, Error> {
-    if node.meta().deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
+fn set_state(objects: &mut Objects, task: Task, state: ObjectState) {
+    match task {
+        Task::ApplyRbacProxyConfig => objects.config_map = state,
+        Task::ApplyService => objects.service = state,
+        Task::ApplyStatefulSet => objects.stateful_set = state,
+        Task::AwaitStatefulSetReady => {}
     }
+}
+
+/// Reads what the decision needs: the Secret's verdict (one GET, parsed once per version), the
+/// owned objects (from the watches) and, for a settled Running node, the sidecar probe.
+async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Timestamp) -> Observed {
     let namespace = node.namespace().unwrap_or_default();
     let name = node.name_any();
-    let now = Timestamp::now();
-    let generation = node.metadata.generation;
-    let old = ctx.newest_status(node);
-    let mut status = old.clone();
-    let mut requeue = Requeue(None);
-
-    // 1. The contract and the condition.
-    let mut flip: Option<(bool, String)> = None;
-    let mut secret_leaf: Option<LeafCertificate> = None;
-    let tls_enabled = node.sidecar_tls().is_some();
-    let mut conditions = status.conditions.take().unwrap_or_default();
+    let mut observed = Observed {
+        leading: ctx.leadership.is_leading(),
+        first_sight: lock(&ctx.seen).insert(uid(node)),
+        objects: objects(node, ctx),
+        ..Observed::default()
+    };
+    let mut leaf = None;
     if let Some(tls) = node.sidecar_tls() {
         let required = required_dns_names(&name, &namespace, &ctx.config.cluster_domain);
         let (verdict, inspected) = ctx
             .secrets
             .verdict(&ctx.client, &namespace, &tls.secret_name, &required, now)
             .await;
-        secret_leaf = match inspected.as_deref() {
-            Some(InspectedSecret::Usable(leaf)) => Some(leaf.clone()),
-            _ => None,
-        };
-        if let Some(leaf) = &secret_leaf {
-            // A certificate not valid yet becomes valid without any event: look again then.
-            requeue.at(leaf.not_before, now);
+        if let Some(InspectedSecret::Usable(usable)) = inspected.as_deref() {
+            observed.not_before = Some(usable.not_before);
+            leaf = Some(usable.clone());
         }
-        status.sidecar_tls = Some(SidecarTlsStatus {
-            secret_name: tls.secret_name.clone(),
-            required_dns_names: required,
+        observed.expiry_warned = verdict.not_after.is_some_and(|not_after| {
+            lock(&ctx.expiry_warned).contains(&(uid(node), not_after.as_second()))
         });
-        let existing = conditions
-            .iter()
-            .find(|c| c.type_ == SIDECAR_TLS_SECRET_READY)
-            .cloned();
-        let condition = tls_condition(&verdict, generation, existing.as_ref(), now);
-        if flipped(existing.as_ref(), &condition) {
-            flip = Some((verdict.is_ready(), verdict.message.clone()));
-        }
-        set_condition(&mut conditions, condition);
         ctx.metrics.tls.set(
             &namespace,
             &name,
             NodeTls {
                 reason: verdict.reason,
                 not_after: verdict.not_after,
-                running: old.phase == Some(SeiNodePhase::Running),
+                running: base.phase == Some(SeiNodePhase::Running),
             },
         );
-        schedule_tls_checks(node, ctx, &verdict, now, &mut requeue).await;
+        observed.verdict = Some(verdict);
     } else {
-        status.sidecar_tls = None;
-        remove_condition(&mut conditions, SIDECAR_TLS_SECRET_READY);
         ctx.metrics.tls.remove(&namespace, &name);
     }
-    status.conditions = (!conditions.is_empty()).then_some(conditions);
-    if status.phase.is_none() {
-        set_phase(&mut status, SeiNodePhase::Pending, now);
+    let settled = base
+        .plan
+        .as_ref()
+        .is_none_or(|p| p.phase != PlanPhase::Active);
+    let gate_open = observed.verdict.as_ref().is_none_or(|v| v.is_ready());
+    if base.phase == Some(SeiNodePhase::Running) && settled && gate_open && observed.leading {
+        let result = probe(node, ctx, leaf.as_ref()).await;
+        ctx.metrics
+            .probes
+            .get_or_create(&ProbeLabels {
+                result: result.reason(),
+            })
+            .inc();
+        observed.probe = Some(result);
     }
-
-    // 2. The plan, recorded before anything runs.
-    let spec_changed = old.observed_generation != generation;
-    status.plan = desired_plan(node, &status, spec_changed);
-    status.observed_generation = generation;
-    write_status(ctx, node, &old, &status).await?;
-    if let Some((ready, message)) = flip {
-        let (type_, reason) = if ready {
-            (EventType::Normal, "SidecarTLSSecretReady")
-        } else {
-            (EventType::Warning, "SidecarTLSSecretNotReady")
-        };
-        publish(ctx, node, type_, reason, "ValidateTLSSecret", message).await;
-    }
-
-    // 3. Advance the plan while the gate is open.
-    match gate(
-        tls_enabled,
-        status.conditions.as_deref().unwrap_or_default(),
-    ) {
-        Gate::Blocked(why) => {
-            if status
-                .plan
-                .as_ref()
-                .is_some_and(|p| p.phase == PlanPhase::Active)
-            {
-                tracing::info!(%why, "plan waits for the TLS Secret");
-            }
-            Ok(requeue.action())
-        }
-        Gate::Open => {
-            let status = advance_plan(node, ctx, status, now).await?;
-            let settled = !status
-                .plan
-                .as_ref()
-                .is_some_and(|p| p.phase == PlanPhase::Active);
-            if status.phase == Some(SeiNodePhase::Running) && settled {
-                probe_sidecar(node, ctx, status, secret_leaf.as_ref(), now).await?;
-                requeue.at_most(ctx.config.sidecar_probe_interval);
-            }
-            Ok(requeue.action())
-        }
-    }
+    observed
 }
 
-/// Calls the sidecar through its front door and keeps the `SidecarReady` condition, with events
-/// when it flips. A TLS node whose Secret is unusable has nothing to verify against: the
-/// condition is left as it is until the Secret is back.
-async fn probe_sidecar(
-    node: &SeiNode,
-    ctx: &Context,
-    mut status: SeiNodeStatus,
-    leaf: Option<&LeafCertificate>,
-    now: Timestamp,
-) -> Result<(), Error> {
-    let namespace = node.namespace().unwrap_or_default();
-    let name = node.name_any();
-    let pod_host = format!(
-        "{name}-0.{name}.{namespace}.svc.{}",
-        ctx.config.cluster_domain
-    );
-    let result = match (node.sidecar_tls(), leaf) {
+/// Calls the sidecar through its front door.
+async fn probe(node: &SeiNode, ctx: &Context, leaf: Option<&LeafCertificate>) -> ProbeResult {
+    let host = pod_host(node, &ctx.config.cluster_domain);
+    match (node.sidecar_tls(), leaf) {
         (Some(_), Some(leaf)) => {
             let port = u16::try_from(resources::TLS_PORT).unwrap_or(8443);
             ctx.prober
-                .probe_tls(&pod_host, port, &leaf.der, leaf.ca_crt.as_deref())
+                .probe_tls(&host, port, &leaf.der, leaf.ca_crt.as_deref())
                 .await
         }
         (Some(_), None) => ProbeResult::NotProbed(
@@ -383,182 +431,138 @@ async fn probe_sidecar(
                 .as_ref()
                 .map_or(DEFAULT_SIDECAR_PORT, |s| s.port);
             ctx.prober
-                .probe_plain(&pod_host, u16::try_from(port).unwrap_or_default())
+                .probe_plain(&host, u16::try_from(port).unwrap_or_default())
                 .await
         }
-    };
-    ctx.metrics
-        .probes
-        .get_or_create(&ProbeLabels {
-            result: result.reason(),
-        })
-        .inc();
-    let before = status.clone();
-    let mut conditions = status.conditions.take().unwrap_or_default();
-    let existing = conditions
-        .iter()
-        .find(|c| c.type_ == SIDECAR_READY)
-        .cloned();
-    let ready = condition(
-        SIDECAR_READY,
-        result.is_healthy(),
-        result.reason(),
-        result.message(),
-        node.metadata.generation,
-        existing.as_ref(),
-        now,
-    );
-    let flip = flipped(existing.as_ref(), &ready);
-    set_condition(&mut conditions, ready);
-    status.conditions = Some(conditions);
-    write_status(ctx, node, &before, &status).await?;
-    if flip {
-        let (type_, reason) = if result.is_healthy() {
-            (EventType::Normal, "SidecarReady")
-        } else {
-            (EventType::Warning, "SidecarNotReady")
-        };
-        let note = format!("{}: {}", result.reason(), result.message());
-        publish(ctx, node, type_, reason, "ProbeSidecar", note).await;
     }
-    Ok(())
 }
 
-/// Requeues for expiry (to report `TLSSecretExpired` on time) and the expiry warning window;
-/// emits the warning once per certificate.
-async fn schedule_tls_checks(
-    node: &SeiNode,
-    ctx: &Context,
-    verdict: &SecretVerdict,
-    now: Timestamp,
-    requeue: &mut Requeue,
-) {
-    if verdict.reason.is_transient() {
-        requeue.at_most(UNAVAILABLE_RETRY);
-    }
-    let Some(not_after) = verdict.not_after else {
-        return;
-    };
-    requeue.at(not_after, now);
-    let window = jiff::SignedDuration::try_from(ctx.config.cert_expiry_warning)
-        .unwrap_or(jiff::SignedDuration::ZERO);
-    let warn_from = not_after.checked_sub(window).unwrap_or(not_after);
-    if now < warn_from {
-        requeue.at(warn_from, now);
-        return;
-    }
-    if !verdict.is_ready() {
-        return;
-    }
-    let key = (uid(node), not_after.as_second());
-    let first = ctx
-        .expiry_warned
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key);
-    if first {
-        let left = not_after.duration_since(now);
-        let message = format!(
-            "the certificate in Secret \"{}\" expires at {not_after} (in {}h); renew it before then or the node's TLS condition turns False",
-            node.sidecar_tls()
-                .map(|t| t.secret_name.as_str())
-                .unwrap_or_default(),
-            left.as_secs() / 3600,
-        );
-        publish(
-            ctx,
+/// The owned objects as the watches see them, against what the controller would apply now.
+fn objects(node: &SeiNode, ctx: &Context) -> Objects {
+    let namespace = node.namespace().unwrap_or_default();
+    let name = node.name_any();
+    let stateful_set = ctx
+        .owned
+        .stateful_sets
+        .get(&ObjectRef::new(&name).within(&namespace));
+    let desired_sts = resources::stateful_set(node, &ctx.config).ok();
+    Objects {
+        config_map: state(
             node,
-            EventType::Warning,
-            "SidecarTLSCertificateExpiring",
-            "ValidateTLSSecret",
-            message,
-        )
-        .await;
+            ctx.owned
+                .config_maps
+                .get(&ObjectRef::new(&resources::rbac_proxy_config_name(node)).within(&namespace))
+                .as_deref(),
+            Some(&resources::rbac_proxy_config_map(node)),
+        ),
+        service: state(
+            node,
+            ctx.owned
+                .services
+                .get(&ObjectRef::new(&name).within(&namespace))
+                .as_deref(),
+            Some(&resources::service(node)),
+        ),
+        stateful_set: state(node, stateful_set.as_deref(), desired_sts.as_ref()),
+        rolled_out: stateful_set.as_deref().is_some_and(|sts| {
+            resources::stateful_set_ready(sts)
+                && resources::stateful_set_image(sts).as_deref() == Some(node.spec.image.as_str())
+        }),
     }
 }
 
-/// Runs pending tasks in order, recording each in status, until one must wait or fails;
-/// returns the status as written.
-async fn advance_plan(
+fn state<K: Resource + Serialize>(
+    node: &SeiNode,
+    observed: Option<&K>,
+    desired: Option<&K>,
+) -> ObjectState {
+    let Some(observed) = observed else {
+        return ObjectState::Missing;
+    };
+    let controller = observed
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    match controller {
+        Some(owner) if Some(&owner.uid) == node.metadata.uid.as_ref() => {
+            let covered = desired.is_none_or(|desired| {
+                match (
+                    serde_json::to_value(observed),
+                    serde_json::to_value(desired),
+                ) {
+                    (Ok(observed), Ok(desired)) => covers(&observed, &desired),
+                    _ => true,
+                }
+            });
+            if covered {
+                ObjectState::Current
+            } else {
+                ObjectState::Drifted
+            }
+        }
+        Some(owner) if owner.kind == "SeiNode" && owner.name == node.name_any() => {
+            ObjectState::Orphaned
+        }
+        Some(owner) => {
+            ObjectState::Foreign(format!("it is controlled by {} {}", owner.kind, owner.name))
+        }
+        None => ObjectState::Foreign("it has no controller owner".to_owned()),
+    }
+}
+
+/// Whether `observed` holds everything in `desired`: every field `desired` sets has the same
+/// value (objects recursively, lists item by item; the server may add fields and defaults).
+pub fn covers(observed: &serde_json::Value, desired: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (observed, desired) {
+        (Value::Object(observed), Value::Object(desired)) => desired.iter().all(|(key, want)| {
+            want.is_null() || observed.get(key).is_some_and(|have| covers(have, want))
+        }),
+        (Value::Array(observed), Value::Array(desired)) => {
+            observed.len() >= desired.len()
+                && desired
+                    .iter()
+                    .zip(observed)
+                    .all(|(want, have)| covers(have, want))
+        }
+        (observed, desired) => observed == desired,
+    }
+}
+
+/// Runs an apply task: creates a missing object (never adopting one that exists and is not
+/// this node's), or applies over an object this node controls.
+async fn run_task(
     node: &SeiNode,
     ctx: &Context,
-    mut status: SeiNodeStatus,
-    now: Timestamp,
-) -> Result<SeiNodeStatus, Error> {
-    let Some(mut plan) = status.plan.clone() else {
-        return Ok(status);
+    task: Task,
+    objects: &Objects,
+) -> Result<Outcome, Error> {
+    let namespace = node.namespace().unwrap_or_default();
+    let state = objects.of(task);
+    let result = match task {
+        Task::ApplyRbacProxyConfig => {
+            ensure(ctx, node, &resources::rbac_proxy_config_map(node), state).await
+        }
+        Task::ApplyService => ensure(ctx, node, &resources::service(node), state).await,
+        Task::ApplyStatefulSet => match resources::stateful_set(node, &ctx.config) {
+            Ok(sts) => ensure(ctx, node, &sts, state).await,
+            Err(error) => return Ok(Outcome::Failed(error)),
+        },
+        // Decided from the watch; never run.
+        Task::AwaitStatefulSetReady => return Ok(Outcome::Done),
     };
-    while let Some((index, task)) = next_task(&plan) {
-        let before = status.clone();
-        let outcome = match task {
-            Some(task) => run_task(node, ctx, task).await?,
-            None => TaskOutcome::Failed(format!(
-                "unknown task type \"{}\"",
-                plan.tasks[index].r#type
-            )),
-        };
-        match outcome {
-            TaskOutcome::Waiting => return Ok(status),
-            TaskOutcome::Done => {
-                plan.tasks[index].status = TaskStatus::Complete;
-                plan.tasks[index].error = None;
-                if matches!(
-                    status.phase,
-                    Some(SeiNodePhase::Pending | SeiNodePhase::Failed)
-                ) {
-                    set_phase(&mut status, SeiNodePhase::Initializing, now);
-                }
-            }
-            TaskOutcome::Failed(error) => {
-                publish(
-                    ctx,
-                    node,
-                    EventType::Warning,
-                    "PlanFailed",
-                    plan.tasks[index].r#type.as_str(),
-                    error.clone(),
-                )
-                .await;
-                plan.tasks[index].status = TaskStatus::Failed;
-                plan.tasks[index].error = Some(error);
-                plan.phase = PlanPhase::Failed;
-                // A failed update leaves the running pods alone; a failed init plan fails the node.
-                if status.current_image.is_none() {
-                    set_phase(&mut status, SeiNodePhase::Failed, now);
-                }
-            }
-        }
-        if plan.phase == PlanPhase::Active && next_task(&plan).is_none() {
-            plan.phase = PlanPhase::Complete;
-            if let Some(target) = plan.target_phase {
-                set_phase(&mut status, target, now);
-            }
-            status.current_image = Some(node.spec.image.clone());
-        }
-        status.plan = Some(plan.clone());
-        write_status(ctx, node, &before, &status).await?;
-    }
-    Ok(status)
-}
-
-enum TaskOutcome {
-    Done,
-    Waiting,
-    /// Permanent: needs a change of the spec.
-    Failed(String),
-}
-
-async fn run_task(node: &SeiNode, ctx: &Context, task: Task) -> Result<TaskOutcome, Error> {
-    match run_task_inner(node, ctx, task).await {
+    match result {
         // The API server refused what we built (say, a name that is not a valid Service name):
         // retrying cannot help, the spec must change.
-        Err(Error::Apply {
+        Err(Error::Api {
             kind,
-            namespace,
             name,
             source: kube::Error::Api(status),
+            ..
         }) if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) => {
-            Ok(TaskOutcome::Failed(format!(
+            Ok(Outcome::Failed(format!(
                 "the API server refused {kind} {namespace}/{name}: {} (HTTP {})",
                 status.message, status.code
             )))
@@ -567,44 +571,12 @@ async fn run_task(node: &SeiNode, ctx: &Context, task: Task) -> Result<TaskOutco
     }
 }
 
-async fn run_task_inner(node: &SeiNode, ctx: &Context, task: Task) -> Result<TaskOutcome, Error> {
-    let namespace = node.namespace().unwrap_or_default();
-    match task {
-        Task::ApplyRbacProxyConfig => {
-            apply(ctx, &namespace, &resources::rbac_proxy_config_map(node)).await?
-        }
-        Task::ApplyService => apply(ctx, &namespace, &resources::service(node)).await?,
-        Task::ApplyStatefulSet => match resources::stateful_set(node, &ctx.config) {
-            Ok(sts) => apply(ctx, &namespace, &sts).await?,
-            Err(error) => return Ok(TaskOutcome::Failed(error)),
-        },
-        Task::AwaitStatefulSetReady => {
-            let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
-            let sts =
-                api.get_opt(&node.name_any())
-                    .await
-                    .map_err(|source| Error::ReadStatefulSet {
-                        namespace: namespace.clone(),
-                        name: node.name_any(),
-                        source,
-                    })?;
-            let rolled_out = sts.as_ref().is_some_and(|sts| {
-                resources::stateful_set_ready(sts)
-                    && resources::stateful_set_image(sts).as_deref()
-                        == Some(node.spec.image.as_str())
-            });
-            // The watch on owned StatefulSets brings the node back when the status moves.
-            return Ok(if rolled_out {
-                TaskOutcome::Done
-            } else {
-                TaskOutcome::Waiting
-            });
-        }
-    }
-    Ok(TaskOutcome::Done)
-}
-
-async fn apply<K>(ctx: &Context, namespace: &str, object: &K) -> Result<(), Error>
+async fn ensure<K>(
+    ctx: &Context,
+    node: &SeiNode,
+    object: &K,
+    state: &ObjectState,
+) -> Result<Outcome, Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Serialize
@@ -613,85 +585,187 @@ where
         + std::fmt::Debug,
     K::DynamicType: Default,
 {
+    let namespace = node.namespace().unwrap_or_default();
     let name = object.meta().name.clone().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let in_the_way = |why: &str| {
+        Outcome::Failed(format!(
+            "{kind} {namespace}/{name} {IN_THE_WAY}: {why}, and the controller only manages objects it created for this SeiNode. Delete or rename that {kind} (kubectl -n {namespace} delete {} {name}); the plan retries on its own.",
+            kind.to_lowercase()
+        ))
+    };
+    match state {
+        ObjectState::Foreign(why) => return Ok(in_the_way(why)),
+        ObjectState::Missing => {
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..PostParams::default()
+            };
+            match api.create(&params, object).await {
+                Ok(_) => return Ok(Outcome::Done),
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    // Something holds the name that the watch has not shown (it is not
+                    // labelled as ours, or the watch lags): look before applying over it.
+                    let existing = api
+                        .get_opt(&name)
+                        .await
+                        .map_err(|source| api_error("read", &kind, &namespace, &name, source))?;
+                    if let Some(existing) = existing {
+                        match self::state(node, Some(&existing), None) {
+                            ObjectState::Current | ObjectState::Drifted => {}
+                            ObjectState::Foreign(why) => return Ok(in_the_way(&why)),
+                            ObjectState::Orphaned => {
+                                return Ok(in_the_way(
+                                    "it belongs to a deleted SeiNode of the same name and waits for the garbage collector",
+                                ));
+                            }
+                            ObjectState::Missing => {}
+                        }
+                    }
+                }
+                Err(source) => return Err(api_error("create", &kind, &namespace, &name, source)),
+            }
+        }
+        ObjectState::Current | ObjectState::Drifted | ObjectState::Orphaned => {}
+    }
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(object),
     )
     .await
-    .map_err(|source| Error::Apply {
-        kind: K::kind(&K::DynamicType::default()).into_owned(),
-        namespace: namespace.to_owned(),
-        name,
-        source,
-    })?;
-    Ok(())
+    .map_err(|source| api_error("apply", &kind, &namespace, &name, source))?;
+    Ok(Outcome::Done)
 }
 
-fn set_phase(status: &mut SeiNodeStatus, phase: SeiNodePhase, now: Timestamp) {
-    if status.phase != Some(phase) {
-        status.phase = Some(phase);
-        status.phase_transition_time = Some(Time(now));
+fn api_error(
+    verb: &'static str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    source: kube::Error,
+) -> Error {
+    Error::Api {
+        verb,
+        kind: kind.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        source,
     }
 }
 
-/// Server-side applies the status when it changed (an unchanged status writes nothing, so a
-/// reconcile triggered by our own write ends there).
+/// Replaces the status, on the condition that the node is still the version it was decided
+/// from. `None`: it changed (409); the caller re-reads. A node deleted meanwhile needs nothing.
 async fn write_status(
     ctx: &Context,
-    node: &SeiNode,
-    old: &SeiNodeStatus,
-    new: &SeiNodeStatus,
-) -> Result<(), Error> {
-    if old == new {
-        return Ok(());
-    }
+    node: &Arc<SeiNode>,
+    status: &SeiNodeStatus,
+) -> Result<Option<Arc<SeiNode>>, Error> {
     let namespace = node.namespace().unwrap_or_default();
     let api: Api<SeiNode> = Api::namespaced(ctx.client.clone(), &namespace);
-    let patch = serde_json::json!({
-        "apiVersion": "sei.io/v1alpha1",
-        "kind": "SeiNode",
-        "status": new,
-    });
-    api.patch_status(
-        &node.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| Error::Status {
-        namespace,
-        name: node.name_any(),
-        source,
-    })?;
-    ctx.written
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(
-            uid(node),
-            (node.metadata.resource_version.clone(), new.clone()),
-        );
-    Ok(())
+    let mut next = SeiNode {
+        status: Some(status.clone()),
+        ..(**node).clone()
+    };
+    next.metadata.managed_fields = None;
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PostParams::default()
+    };
+    match api.replace_status(&node.name_any(), &params, &next).await {
+        Ok(written) => {
+            let written = Arc::new(written);
+            lock(&ctx.latest).insert(uid(node), written.clone());
+            Ok(Some(written))
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(Some(node.clone())),
+        Err(source) => Err(api_error(
+            "update the status of",
+            "SeiNode",
+            &namespace,
+            &node.name_any(),
+            source,
+        )),
+    }
 }
 
-async fn publish(
-    ctx: &Context,
-    node: &SeiNode,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: action.to_owned(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &node.object_ref(&())).await {
-        tracing::warn!(%error, reason, "failed to publish an event");
+/// Creates the events (each once: named after what it reports); keeps the ones the API
+/// refused for the next reconcile of the node.
+async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
+    if events.is_empty() {
+        return;
+    }
+    let namespace = node.namespace().unwrap_or_default();
+    let api: Api<Event> = Api::namespaced(ctx.client.clone(), &namespace);
+    let regarding = node.object_ref(&());
+    let now = Timestamp::now();
+    let mut failed = Vec::new();
+    for event in events {
+        if let NodeEvent::CertificateExpiring { not_after, .. } = event {
+            lock(&ctx.expiry_warned).insert((uid(node), not_after.as_second()));
+        }
+        let object = event.to_object(regarding.clone(), &ctx.config.reporter, &ctx.instance, now);
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => {
+                tracing::warn!(%error, reason = event.reason(), "failed to publish an event; retrying with the next reconcile");
+                failed.push(event.clone());
+            }
+        }
+    }
+    let mut unsent = lock(&ctx.unsent);
+    if failed.is_empty() {
+        unsent.remove(&uid(node));
+    } else {
+        unsent.entry(uid(node)).or_default().extend(failed);
+    }
+}
+
+async fn send_unsent(ctx: &Context, node: &SeiNode) {
+    let pending = lock(&ctx.unsent).remove(&uid(node));
+    if let Some(pending) = pending {
+        publish(ctx, node, &pending).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn covers_ignores_what_the_server_adds_and_sees_what_changed() {
+        let desired = json!({"spec": {"replicas": 1, "template": {"containers": [{"name": "seid", "image": "sei:v1"}]}}});
+        let defaulted = json!({"spec": {"replicas": 1, "revisionHistoryLimit": 10, "template": {"containers": [{"name": "seid", "image": "sei:v1", "imagePullPolicy": "IfNotPresent"}]}}});
+        assert!(covers(&defaulted, &desired));
+        let edited = json!({"spec": {"replicas": 1, "template": {"containers": [{"name": "seid", "image": "sei:v0"}]}}});
+        assert!(!covers(&edited, &desired));
+        let scaled = json!({"spec": {"replicas": 0, "template": {"containers": [{"name": "seid", "image": "sei:v1"}]}}});
+        assert!(!covers(&scaled, &desired));
+        let fewer = json!({"spec": {"replicas": 1, "template": {"containers": []}}});
+        assert!(!covers(&fewer, &desired));
+        assert!(covers(&json!({"a": 1}), &json!({"a": 1, "b": null})));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_within_bounds() {
+        for count in 1..20 {
+            let ceiling = BACKOFF_MIN
+                .saturating_mul(1 << (count - 1).min(12))
+                .min(BACKOFF_MAX);
+            for _ in 0..50 {
+                let delay = jittered(count);
+                assert!(
+                    delay >= ceiling / 2 && delay <= ceiling,
+                    "{count}: {delay:?}"
+                );
+            }
+        }
+        let spread: HashSet<Duration> = (0..50).map(|_| jittered(5)).collect();
+        assert!(spread.len() > 10, "delays are spread: {spread:?}");
+        assert_eq!(jittered(u32::MAX).max(BACKOFF_MAX), BACKOFF_MAX);
     }
 }

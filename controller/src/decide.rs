@@ -1,0 +1,1018 @@
+//! What a reconcile decides, as a pure function of the node, the status it starts from, what was
+//! observed and the time: the status to write, the events to publish, the one task to run and
+//! when to look again. Nothing here reads or writes the cluster; `reconcile` observes and acts.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use seinode_tls_crds::contract::required_dns_names;
+use seinode_tls_crds::validation::SecretVerdict;
+use seinode_tls_crds::{
+    PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus, SidecarTlsStatus,
+    TaskPlan, TaskStatus,
+};
+
+use crate::events::NodeEvent;
+use crate::plan::{Gate, Task, desired_plan, gate, next_task, repair_plan};
+use crate::probe::ProbeResult;
+use crate::status::{SIDECAR_READY, condition, flipped, remove_condition, set_condition};
+
+/// Safety-net resync of every node (all real triggers are watches).
+pub const RESYNC: Duration = Duration::from_secs(600);
+/// Look again this soon while an object of a deleted node waits for the garbage collector, or
+/// while an object not ours blocks the plan.
+pub const BLOCKED_RETRY: Duration = Duration::from_secs(30);
+/// On a process's first look at a node, flips younger than this get their event again (it is
+/// created once: a restart between the status write and the event loses nothing).
+pub const REASSERT_WINDOW: SignedDuration = SignedDuration::from_mins(10);
+/// Condition reason of `SidecarReady` while the TLS gate is closed.
+pub const SIDECAR_GATED: &str = "SidecarTLSSecretNotReady";
+/// What a task failure says when an object not controlled by the node holds the name.
+pub const IN_THE_WAY: &str = "is in the way";
+
+/// How an object the node should own looks in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ObjectState {
+    /// Not found (or not applicable, such as the proxy ConfigMap of a node without TLS).
+    #[default]
+    Missing,
+    /// Controlled by this node and holding what the controller would apply.
+    Current,
+    /// Controlled by this node, but changed or built from an older template.
+    Drifted,
+    /// Controlled by a SeiNode of the same name that is gone: the garbage collector deletes it.
+    Orphaned,
+    /// Not controlled by this node (the message says by what): never adopted.
+    Foreign(String),
+}
+
+/// The node's owned objects, as the watches last saw them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Objects {
+    pub config_map: ObjectState,
+    pub service: ObjectState,
+    pub stateful_set: ObjectState,
+    /// The StatefulSet has a ready replica of the current revision running `spec.image`.
+    pub rolled_out: bool,
+}
+
+impl Objects {
+    pub fn of(&self, task: Task) -> &ObjectState {
+        match task {
+            Task::ApplyRbacProxyConfig => &self.config_map,
+            Task::ApplyService => &self.service,
+            Task::ApplyStatefulSet | Task::AwaitStatefulSetReady => &self.stateful_set,
+        }
+    }
+}
+
+/// The outcome of running a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// Permanent: needs a change of the spec (or, when in the way, of the cluster).
+    Failed(String),
+}
+
+/// Everything a decision depends on besides the node and its status.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// This replica may write (it holds the Lease, or runs without leader election).
+    pub leading: bool,
+    /// The first reconcile of this node in this process.
+    pub first_sight: bool,
+    /// The judgement of the node's TLS Secret (TLS nodes only).
+    pub verdict: Option<SecretVerdict>,
+    /// `notBefore` of the Secret's usable leaf.
+    pub not_before: Option<Timestamp>,
+    /// The expiry warning for this certificate was already published by this process.
+    pub expiry_warned: bool,
+    pub objects: Objects,
+    /// The sidecar probe, when the node is Running with a settled plan.
+    pub probe: Option<ProbeResult>,
+    /// The task this reconcile ran, and how it went.
+    pub ran: Option<(Task, Outcome)>,
+}
+
+/// Configuration a decision needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub cluster_domain: String,
+    pub cert_expiry_warning: Duration,
+    pub sidecar_probe_interval: Duration,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub status: SeiNodeStatus,
+    pub events: Vec<NodeEvent>,
+    /// The one task to run now.
+    pub task: Option<Task>,
+    /// Look again after this long at the latest.
+    pub requeue: Duration,
+    /// The Secret could not be read: retry with backoff.
+    pub transient: bool,
+}
+
+/// Decides from `base`, the status this reconcile starts from (the newest known).
+pub fn decide(
+    node: &SeiNode,
+    base: &SeiNodeStatus,
+    observed: &Observed,
+    settings: &Settings,
+    now: Timestamp,
+) -> Decision {
+    let mut decision = Decision {
+        status: base.clone(),
+        events: Vec::new(),
+        task: None,
+        requeue: RESYNC,
+        transient: false,
+    };
+    if !observed.leading || node.metadata.deletion_timestamp.is_some() {
+        return decision;
+    }
+    let generation = node.metadata.generation;
+    let status = &mut decision.status;
+    let mut conditions = status.conditions.take().unwrap_or_default();
+
+    // 1. The contract and the TLS condition.
+    let tls = node.sidecar_tls();
+    match (tls, &observed.verdict) {
+        (Some(tls), Some(verdict)) => {
+            let namespace = node.metadata.namespace.as_deref().unwrap_or_default();
+            let name = node.metadata.name.as_deref().unwrap_or_default();
+            status.sidecar_tls = Some(SidecarTlsStatus {
+                secret_name: tls.secret_name.clone(),
+                required_dns_names: required_dns_names(name, namespace, &settings.cluster_domain),
+            });
+            let existing = find(&conditions, SIDECAR_TLS_SECRET_READY);
+            let new = condition(
+                SIDECAR_TLS_SECRET_READY,
+                verdict.is_ready(),
+                verdict.reason.as_str(),
+                &verdict.message,
+                generation,
+                existing,
+                now,
+            );
+            if flipped(existing, &new) {
+                decision
+                    .events
+                    .push(tls_event(&new, verdict.is_ready(), now));
+            }
+            set_condition(&mut conditions, new);
+            let (requeue, transient, expiring) =
+                tls_schedule(verdict, observed, &tls.secret_name, settings, now);
+            decision.requeue = decision.requeue.min(requeue);
+            decision.transient = transient;
+            decision.events.extend(expiring);
+        }
+        _ => {
+            status.sidecar_tls = None;
+            remove_condition(&mut conditions, SIDECAR_TLS_SECRET_READY);
+        }
+    }
+    if status.phase.is_none() {
+        set_phase(status, SeiNodePhase::Pending, now);
+    }
+
+    // 2. The plan: recorded before anything runs; a finished or failed one replaced only for a
+    // reason (a spec change, drift, an obstacle cleared).
+    let spec_changed = base.observed_generation != generation;
+    let mut plan = desired_plan(node, status, spec_changed);
+    status.observed_generation = generation;
+    let open = gate(tls.is_some(), &conditions) == Gate::Open;
+    if open {
+        plan = repair(plan, node, status, observed, generation.unwrap_or_default());
+    }
+    if let (Some(plan), Some((task, outcome))) = (plan.as_mut(), &observed.ran) {
+        let before = base.plan.as_ref().filter(|p| p.id == plan.id);
+        record(
+            plan,
+            before,
+            status,
+            node,
+            *task,
+            outcome,
+            &mut decision.events,
+            now,
+        );
+    }
+    if let Some(plan) = plan.as_mut().filter(|_| open) {
+        decision.task = advance(plan, status, node, observed, now);
+        if decision.task.is_none() && blocked(plan, observed) {
+            decision.requeue = decision.requeue.min(BLOCKED_RETRY);
+        }
+    }
+    status.plan = plan;
+
+    // 3. The sidecar: probed while Running and settled; not ready while the TLS gate is closed.
+    let settled = status
+        .plan
+        .as_ref()
+        .is_none_or(|p| p.phase != PlanPhase::Active);
+    if !open {
+        if let Some(ready) = find(&conditions, SIDECAR_READY).filter(|c| c.status == "True") {
+            let new = condition(
+                SIDECAR_READY,
+                false,
+                SIDECAR_GATED,
+                "the node's TLS Secret does not meet the contract (see SidecarTLSSecretReady); the sidecar is not probed until it does",
+                generation,
+                Some(ready),
+                now,
+            );
+            decision.events.push(sidecar_event(&new, now));
+            set_condition(&mut conditions, new);
+        }
+    } else if let Some(result) = observed.probe.as_ref().filter(|_| settled) {
+        let existing = find(&conditions, SIDECAR_READY);
+        let new = condition(
+            SIDECAR_READY,
+            result.is_healthy(),
+            result.reason(),
+            result.message(),
+            generation,
+            existing,
+            now,
+        );
+        if flipped(existing, &new) {
+            decision.events.push(sidecar_event(&new, now));
+        }
+        set_condition(&mut conditions, new);
+    }
+    if status.phase == Some(SeiNodePhase::Running) && settled {
+        decision.requeue = decision.requeue.min(settings.sidecar_probe_interval);
+    }
+    status.conditions = (!conditions.is_empty()).then_some(conditions);
+
+    // 4. A new process tells again what a killed one may have decided but not told.
+    if observed.first_sight {
+        reassert(&mut decision, now);
+    }
+    decision
+}
+
+fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn tls_event(condition: &Condition, ready: bool, at: Timestamp) -> NodeEvent {
+    let message = condition.message.clone();
+    if ready {
+        NodeEvent::TlsSecretReady { message, at }
+    } else {
+        NodeEvent::TlsSecretNotReady { message, at }
+    }
+}
+
+fn sidecar_event(condition: &Condition, at: Timestamp) -> NodeEvent {
+    let note = format!("{}: {}", condition.reason, condition.message);
+    if condition.status == "True" {
+        NodeEvent::SidecarReady { note, at }
+    } else {
+        NodeEvent::SidecarNotReady { note, at }
+    }
+}
+
+/// When the TLS verdict needs another look (the leaf's notBefore and notAfter, the warning
+/// window), whether the read failed, and the expiry warning if it is due.
+fn tls_schedule(
+    verdict: &SecretVerdict,
+    observed: &Observed,
+    secret: &str,
+    settings: &Settings,
+    now: Timestamp,
+) -> (Duration, bool, Option<NodeEvent>) {
+    let mut requeue = RESYNC;
+    let mut at = |when: Timestamp| {
+        if when >= now {
+            // Land just after the instant (notAfter is itself valid), so the check then sees it
+            // passed.
+            let wait = when.duration_since(now).unsigned_abs() + Duration::from_secs(1);
+            requeue = requeue.min(wait);
+        }
+    };
+    if let Some(not_before) = observed.not_before {
+        at(not_before);
+    }
+    let Some(not_after) = verdict.not_after else {
+        return (requeue, verdict.reason.is_transient(), None);
+    };
+    at(not_after);
+    let window =
+        SignedDuration::try_from(settings.cert_expiry_warning).unwrap_or(SignedDuration::ZERO);
+    let warn_from = not_after.checked_sub(window).unwrap_or(not_after);
+    let mut expiring = None;
+    if now < warn_from {
+        at(warn_from);
+    } else if verdict.is_ready() && !observed.expiry_warned {
+        expiring = Some(NodeEvent::CertificateExpiring {
+            secret: secret.to_owned(),
+            not_after,
+            hours_left: not_after.duration_since(now).as_hours(),
+        });
+    }
+    (requeue, verdict.reason.is_transient(), expiring)
+}
+
+/// Replaces a settled plan with a repair plan when objects of a Running node went missing or
+/// changed, and restarts a plan that failed on an obstacle that is gone.
+fn repair(
+    plan: Option<TaskPlan>,
+    node: &SeiNode,
+    status: &SeiNodeStatus,
+    observed: &Observed,
+    generation: i64,
+) -> Option<TaskPlan> {
+    let objects = &observed.objects;
+    match plan {
+        Some(mut plan) if plan.phase == PlanPhase::Failed => {
+            // An obstacle that is gone (or is ours now) no longer blocks.
+            if let Some(failed) = plan.tasks.iter_mut().find(|t| {
+                t.status == TaskStatus::Failed
+                    && t.error.as_deref().is_some_and(|e| e.contains(IN_THE_WAY))
+            }) && Task::parse(&failed.r#type)
+                .is_some_and(|task| !matches!(objects.of(task), ObjectState::Foreign(_)))
+            {
+                failed.status = TaskStatus::Pending;
+                failed.error = None;
+                plan.phase = PlanPhase::Active;
+            }
+            Some(plan)
+        }
+        Some(plan) if plan.phase == PlanPhase::Active => Some(plan),
+        plan => {
+            if status.phase != Some(SeiNodePhase::Running) {
+                return plan;
+            }
+            let tls = node.sidecar_tls().is_some();
+            let needs =
+                |state: &ObjectState| matches!(state, ObjectState::Missing | ObjectState::Drifted);
+            let tasks: Vec<Task> = [
+                (
+                    Task::ApplyRbacProxyConfig,
+                    tls && needs(&objects.config_map),
+                ),
+                (Task::ApplyService, needs(&objects.service)),
+                (Task::ApplyStatefulSet, needs(&objects.stateful_set)),
+            ]
+            .into_iter()
+            .filter_map(|(task, needed)| needed.then_some(task))
+            .collect();
+            if tasks.is_empty() {
+                plan
+            } else {
+                Some(repair_plan(generation, &tasks))
+            }
+        }
+    }
+}
+
+/// Records how the task this reconcile ran went. A failure already recorded in `before` (the
+/// same plan as the reconcile found it) is not reported again.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    plan: &mut TaskPlan,
+    before: Option<&TaskPlan>,
+    status: &mut SeiNodeStatus,
+    node: &SeiNode,
+    task: Task,
+    outcome: &Outcome,
+    events: &mut Vec<NodeEvent>,
+    now: Timestamp,
+) {
+    let Some(index) = plan
+        .tasks
+        .iter()
+        .position(|t| t.r#type == task.as_str() && t.status != TaskStatus::Complete)
+    else {
+        return;
+    };
+    match outcome {
+        Outcome::Done => complete(plan, index, status, node, now),
+        Outcome::Failed(error) => {
+            let known = before.and_then(|p| p.tasks.get(index)).is_some_and(|t| {
+                t.status == TaskStatus::Failed && t.error.as_deref() == Some(error)
+            });
+            let slot = &mut plan.tasks[index];
+            slot.status = TaskStatus::Failed;
+            slot.error = Some(error.clone());
+            plan.phase = PlanPhase::Failed;
+            if !known {
+                events.push(NodeEvent::PlanFailed {
+                    plan: plan.id.clone(),
+                    task: task.as_str().to_owned(),
+                    error: error.clone(),
+                });
+            }
+            // A failed update leaves the running pods alone; a failed init plan fails the node.
+            if status.current_image.is_none() {
+                set_phase(status, SeiNodePhase::Failed, now);
+            }
+        }
+    }
+}
+
+fn complete(
+    plan: &mut TaskPlan,
+    index: usize,
+    status: &mut SeiNodeStatus,
+    node: &SeiNode,
+    now: Timestamp,
+) {
+    plan.tasks[index].status = TaskStatus::Complete;
+    plan.tasks[index].error = None;
+    if matches!(
+        status.phase,
+        Some(SeiNodePhase::Pending | SeiNodePhase::Failed)
+    ) {
+        set_phase(status, SeiNodePhase::Initializing, now);
+    }
+    if plan.phase == PlanPhase::Active && next_task(plan).is_none() {
+        plan.phase = PlanPhase::Complete;
+        if let Some(target) = plan.target_phase {
+            set_phase(status, target, now);
+        }
+        status.current_image = Some(node.spec.image.clone());
+    }
+}
+
+/// Moves the plan as far as observation allows (an await that holds completes, an obstacle
+/// fails its task) and returns the task to run, if any.
+fn advance(
+    plan: &mut TaskPlan,
+    status: &mut SeiNodeStatus,
+    node: &SeiNode,
+    observed: &Observed,
+    now: Timestamp,
+) -> Option<Task> {
+    loop {
+        let (index, task) = next_task(plan)?;
+        let Some(task) = task else {
+            let error = format!("unknown task type \"{}\"", plan.tasks[index].r#type);
+            plan.tasks[index].status = TaskStatus::Failed;
+            plan.tasks[index].error = Some(error);
+            plan.phase = PlanPhase::Failed;
+            return None;
+        };
+        if task == Task::AwaitStatefulSetReady {
+            if observed.objects.rolled_out && observed.objects.stateful_set == ObjectState::Current
+            {
+                complete(plan, index, status, node, now);
+                continue;
+            }
+            // The watch on owned StatefulSets brings the node back when the status moves.
+            return None;
+        }
+        if observed.objects.of(task) == &ObjectState::Orphaned {
+            return None;
+        }
+        return Some(task);
+    }
+}
+
+/// Whether the next task waits for the garbage collector.
+fn blocked(plan: &TaskPlan, observed: &Observed) -> bool {
+    next_task(plan)
+        .and_then(|(_, task)| task)
+        .is_some_and(|task| observed.objects.of(task) == &ObjectState::Orphaned)
+        || plan.phase == PlanPhase::Failed
+            && plan
+                .tasks
+                .iter()
+                .any(|t| t.error.as_deref().is_some_and(|e| e.contains(IN_THE_WAY)))
+}
+
+/// Events for recent flips and a failed plan, which a killed predecessor may not have sent.
+fn reassert(decision: &mut Decision, now: Timestamp) {
+    let status = &decision.status;
+    let recent = |c: &&Condition| now.duration_since(c.last_transition_time.0) <= REASSERT_WINDOW;
+    let mut again = Vec::new();
+    for c in status.conditions.iter().flatten().filter(recent) {
+        let at = c.last_transition_time.0;
+        match c.type_.as_str() {
+            SIDECAR_TLS_SECRET_READY => again.push(tls_event(c, c.status == "True", at)),
+            SIDECAR_READY => again.push(sidecar_event(c, at)),
+            _ => {}
+        }
+    }
+    if let Some(plan) = status
+        .plan
+        .as_ref()
+        .filter(|p| p.phase == PlanPhase::Failed)
+        && let Some(task) = plan.tasks.iter().find(|t| t.status == TaskStatus::Failed)
+    {
+        again.push(NodeEvent::PlanFailed {
+            plan: plan.id.clone(),
+            task: task.r#type.clone(),
+            error: task.error.clone().unwrap_or_default(),
+        });
+    }
+    for event in again {
+        if !decision.events.contains(&event) {
+            decision.events.push(event);
+        }
+    }
+}
+
+fn set_phase(status: &mut SeiNodeStatus, phase: SeiNodePhase, now: Timestamp) {
+    if status.phase != Some(phase) {
+        status.phase = Some(phase);
+        status.phase_transition_time = Some(Time(now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seinode_tls_crds::validation::Reason;
+    use seinode_tls_crds::{SeiNodeSpec, SidecarSpec, SidecarTls};
+
+    use crate::plan::init_plan;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("valid")
+    }
+
+    fn now() -> Timestamp {
+        at(NOW)
+    }
+
+    fn node(image: &str, generation: i64) -> SeiNode {
+        let mut node = SeiNode::new(
+            "rpc",
+            SeiNodeSpec {
+                chain_id: "pacific-1".to_owned(),
+                image: image.to_owned(),
+                sidecar: Some(SidecarSpec {
+                    tls: Some(SidecarTls {
+                        secret_name: "rpc-tls".to_owned(),
+                    }),
+                    ..SidecarSpec::default()
+                }),
+                ..SeiNodeSpec::default()
+            },
+        );
+        node.metadata.namespace = Some("sei".to_owned());
+        node.metadata.uid = Some("u-1".to_owned());
+        node.metadata.generation = Some(generation);
+        node
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            cluster_domain: "cluster.local".to_owned(),
+            cert_expiry_warning: Duration::from_secs(7 * 24 * 3600),
+            sidecar_probe_interval: Duration::from_secs(30),
+        }
+    }
+
+    fn verdict(reason: Reason, not_after: Option<i64>) -> SecretVerdict {
+        SecretVerdict {
+            reason,
+            message: format!("{reason}"),
+            not_after: not_after.map(at),
+            missing_dns_names: vec![],
+        }
+    }
+
+    fn observed(reason: Reason) -> Observed {
+        Observed {
+            leading: true,
+            verdict: Some(verdict(reason, Some(NOW + 90 * 24 * 3600))),
+            ..Observed::default()
+        }
+    }
+
+    fn current() -> Objects {
+        Objects {
+            config_map: ObjectState::Current,
+            service: ObjectState::Current,
+            stateful_set: ObjectState::Current,
+            rolled_out: true,
+        }
+    }
+
+    fn condition_of<'a>(status: &'a SeiNodeStatus, type_: &str) -> &'a Condition {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition"))
+    }
+
+    fn reasons(decision: &Decision) -> Vec<&'static str> {
+        decision.events.iter().map(NodeEvent::reason).collect()
+    }
+
+    /// A Running TLS node whose init plan completed, at generation 1.
+    fn running() -> SeiNodeStatus {
+        let first = decide(
+            &node("sei:v1", 1),
+            &SeiNodeStatus::default(),
+            &observed(Reason::Ready),
+            &settings(),
+            at(NOW - 3600),
+        );
+        let mut status = first.status;
+        let mut plan = init_plan(1, true);
+        plan.phase = PlanPhase::Complete;
+        for task in &mut plan.tasks {
+            task.status = TaskStatus::Complete;
+        }
+        status.plan = Some(plan);
+        status.phase = Some(SeiNodePhase::Running);
+        status.current_image = Some("sei:v1".to_owned());
+        let ready = condition(
+            SIDECAR_READY,
+            true,
+            "SidecarHealthy",
+            "ok",
+            Some(1),
+            None,
+            at(NOW - 3600),
+        );
+        status.conditions.get_or_insert_default().push(ready);
+        status
+    }
+
+    #[test]
+    fn a_new_node_waiting_for_its_secret_gets_the_contract_the_condition_and_a_blocked_plan() {
+        let decision = decide(
+            &node("sei:v1", 1),
+            &SeiNodeStatus::default(),
+            &observed(Reason::NotFound),
+            &settings(),
+            now(),
+        );
+        let status = &decision.status;
+        let tls = status.sidecar_tls.as_ref().expect("contract");
+        assert_eq!(tls.secret_name, "rpc-tls");
+        assert_eq!(
+            tls.required_dns_names,
+            [
+                "rpc.sei.svc.cluster.local",
+                "rpc-0.rpc.sei.svc.cluster.local"
+            ]
+        );
+        let ready = condition_of(status, SIDECAR_TLS_SECRET_READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "TLSSecretNotFound")
+        );
+        assert_eq!(status.phase, Some(SeiNodePhase::Pending));
+        let plan = status.plan.as_ref().expect("plan recorded before it runs");
+        assert_eq!(plan.phase, PlanPhase::Active);
+        assert!(plan.tasks.iter().all(|t| t.status == TaskStatus::Pending));
+        assert_eq!(decision.task, None, "the gate is closed");
+        assert_eq!(reasons(&decision), ["SidecarTLSSecretNotReady"]);
+        assert_eq!(status.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn a_fixed_secret_flips_the_condition_once_and_opens_the_gate() {
+        let waiting = decide(
+            &node("sei:v1", 1),
+            &SeiNodeStatus::default(),
+            &observed(Reason::NotFound),
+            &settings(),
+            at(NOW - 60),
+        )
+        .status;
+        let decision = decide(
+            &node("sei:v1", 1),
+            &waiting,
+            &observed(Reason::Ready),
+            &settings(),
+            now(),
+        );
+        let ready = condition_of(&decision.status, SIDECAR_TLS_SECRET_READY);
+        assert_eq!(ready.status, "True");
+        assert_eq!(ready.last_transition_time, Time(now()));
+        assert_eq!(reasons(&decision), ["SidecarTLSSecretReady"]);
+        assert_eq!(decision.task, Some(Task::ApplyRbacProxyConfig));
+        // Deciding again from what was written: nothing new to say or record.
+        let again = decide(
+            &node("sei:v1", 1),
+            &decision.status,
+            &observed(Reason::Ready),
+            &settings(),
+            at(NOW + 1),
+        );
+        assert_eq!(again.status, decision.status);
+        assert!(again.events.is_empty());
+        assert_eq!(again.task, Some(Task::ApplyRbacProxyConfig));
+    }
+
+    #[test]
+    fn a_task_done_is_recorded_and_the_next_one_is_chosen_never_an_earlier_one() {
+        let base = decide(
+            &node("sei:v1", 1),
+            &SeiNodeStatus::default(),
+            &observed(Reason::Ready),
+            &settings(),
+            now(),
+        )
+        .status;
+        let mut seen = observed(Reason::Ready);
+        seen.ran = Some((Task::ApplyRbacProxyConfig, Outcome::Done));
+        let decision = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        let plan = decision.status.plan.as_ref().expect("plan");
+        assert_eq!(plan.tasks[0].status, TaskStatus::Complete);
+        assert_eq!(decision.status.phase, Some(SeiNodePhase::Initializing));
+        assert_eq!(decision.task, Some(Task::ApplyService));
+
+        // The StatefulSet applied and rolled out: the await completes from observation alone.
+        let mut base = decision.status;
+        for task in &mut base.plan.as_mut().expect("plan").tasks[..3] {
+            task.status = TaskStatus::Complete;
+        }
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        let done = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        let plan = done.status.plan.as_ref().expect("plan");
+        assert_eq!(plan.phase, PlanPhase::Complete);
+        assert_eq!(done.status.phase, Some(SeiNodePhase::Running));
+        assert_eq!(done.status.current_image.as_deref(), Some("sei:v1"));
+        assert_eq!(done.task, None);
+        // Not rolled out yet: waits, runs nothing.
+        seen.objects.rolled_out = false;
+        let waiting = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        assert_eq!(waiting.task, None);
+        assert_eq!(waiting.status.plan, base.plan);
+    }
+
+    #[test]
+    fn expiry_is_warned_once_in_the_window_and_reported_when_it_passes() {
+        let base = running();
+        let soon = NOW + 2 * 24 * 3600;
+        let mut seen = observed(Reason::Ready);
+        seen.verdict = Some(verdict(Reason::Ready, Some(soon)));
+        seen.objects = current();
+        let decision = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        assert_eq!(reasons(&decision), ["SidecarTLSCertificateExpiring"]);
+        assert!(decision.requeue <= Duration::from_secs(2 * 24 * 3600 + 1));
+        seen.expiry_warned = true;
+        let warned = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        assert!(warned.events.is_empty(), "{:?}", warned.events);
+
+        // Outside the window: a requeue for when it opens, no event.
+        seen.expiry_warned = false;
+        seen.verdict = Some(verdict(Reason::Ready, Some(NOW + 30 * 24 * 3600)));
+        let early = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        assert!(early.events.is_empty());
+
+        // Expired: the condition turns False, the gate closes, the sidecar is no longer Ready.
+        seen.verdict = Some(verdict(Reason::Expired, Some(NOW - 1)));
+        let expired = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        let tls = condition_of(&expired.status, SIDECAR_TLS_SECRET_READY);
+        assert_eq!(
+            (tls.status.as_str(), tls.reason.as_str()),
+            ("False", "TLSSecretExpired")
+        );
+        let sidecar = condition_of(&expired.status, SIDECAR_READY);
+        assert_eq!(
+            (sidecar.status.as_str(), sidecar.reason.as_str()),
+            ("False", SIDECAR_GATED)
+        );
+        assert_eq!(
+            reasons(&expired),
+            ["SidecarTLSSecretNotReady", "SidecarNotReady"]
+        );
+        assert_eq!(expired.task, None);
+        // Once closed, deciding again repeats nothing.
+        let again = decide(
+            &node("sei:v1", 1),
+            &expired.status,
+            &seen,
+            &settings(),
+            now(),
+        );
+        assert!(again.events.is_empty());
+        assert_eq!(again.status, expired.status);
+    }
+
+    #[test]
+    fn a_failed_task_fails_the_plan_once_and_waits_for_a_spec_change() {
+        let base = decide(
+            &node("sei:v1", 1),
+            &SeiNodeStatus::default(),
+            &observed(Reason::Ready),
+            &settings(),
+            now(),
+        )
+        .status;
+        let mut seen = observed(Reason::Ready);
+        seen.ran = Some((
+            Task::ApplyRbacProxyConfig,
+            Outcome::Failed("refused".to_owned()),
+        ));
+        let failed = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        let plan = failed.status.plan.as_ref().expect("plan");
+        assert_eq!(plan.phase, PlanPhase::Failed);
+        assert_eq!(plan.tasks[0].error.as_deref(), Some("refused"));
+        assert_eq!(failed.status.phase, Some(SeiNodePhase::Failed));
+        assert_eq!(reasons(&failed), ["PlanFailed"]);
+        assert_eq!(failed.task, None);
+
+        let seen = observed(Reason::Ready);
+        let still = decide(
+            &node("sei:v1", 1),
+            &failed.status,
+            &seen,
+            &settings(),
+            now(),
+        );
+        assert_eq!(still.status, failed.status);
+        assert_eq!((still.task, still.events.len()), (None, 0));
+
+        let fixed = decide(
+            &node("sei:v2", 2),
+            &failed.status,
+            &seen,
+            &settings(),
+            now(),
+        );
+        let plan = fixed.status.plan.as_ref().expect("plan");
+        assert_eq!(
+            (plan.id.as_str(), plan.phase),
+            ("init-2", PlanPhase::Active)
+        );
+        assert_eq!(fixed.task, Some(Task::ApplyRbacProxyConfig));
+    }
+
+    #[test]
+    fn a_new_image_on_a_running_node_gets_an_update_plan() {
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        let decision = decide(&node("sei:v2", 2), &running(), &seen, &settings(), now());
+        let plan = decision.status.plan.as_ref().expect("plan");
+        assert_eq!(plan.id, "update-2");
+        assert_eq!(decision.task, Some(Task::ApplyStatefulSet));
+        assert_eq!(decision.status.phase, Some(SeiNodePhase::Running));
+    }
+
+    #[test]
+    fn drift_on_a_running_node_is_repaired_by_a_plan_of_its_own() {
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        let steady = decide(&node("sei:v1", 1), &running(), &seen, &settings(), now());
+        assert_eq!(steady.task, None);
+        assert_eq!(steady.status.plan, running().plan, "nothing to repair");
+
+        seen.objects.service = ObjectState::Missing;
+        let deleted = decide(&node("sei:v1", 1), &running(), &seen, &settings(), now());
+        let plan = deleted.status.plan.as_ref().expect("plan");
+        assert_eq!(plan.id, "repair-1");
+        assert_eq!(plan.tasks.len(), 1);
+        assert_eq!(deleted.task, Some(Task::ApplyService));
+
+        seen.objects = current();
+        seen.objects.stateful_set = ObjectState::Drifted;
+        let changed = decide(&node("sei:v1", 1), &running(), &seen, &settings(), now());
+        let plan = changed.status.plan.as_ref().expect("plan");
+        let types: Vec<&str> = plan.tasks.iter().map(|t| t.r#type.as_str()).collect();
+        assert_eq!(types, ["ApplyStatefulSet", "AwaitStatefulSetReady"]);
+        assert_eq!(changed.task, Some(Task::ApplyStatefulSet));
+    }
+
+    #[test]
+    fn an_object_in_the_way_fails_the_plan_until_it_is_gone_and_a_deleted_nodes_object_is_awaited()
+    {
+        let base = decide(
+            &node("sei:v1", 1),
+            &SeiNodeStatus::default(),
+            &observed(Reason::Ready),
+            &settings(),
+            now(),
+        )
+        .status;
+        let mut seen = observed(Reason::Ready);
+        seen.objects.config_map = ObjectState::Orphaned;
+        let orphaned = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        assert_eq!(orphaned.task, None, "the garbage collector goes first");
+        assert_eq!(orphaned.requeue, BLOCKED_RETRY);
+
+        let error =
+            format!("ConfigMap sei/rpc-rbac-proxy-config {IN_THE_WAY}: it has no controller owner");
+        seen.objects.config_map = ObjectState::Foreign("it has no controller owner".to_owned());
+        seen.ran = Some((Task::ApplyRbacProxyConfig, Outcome::Failed(error.clone())));
+        let blocked = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        assert_eq!(reasons(&blocked), ["PlanFailed"]);
+        assert_eq!(blocked.requeue, BLOCKED_RETRY);
+
+        seen.ran = None;
+        let still = decide(
+            &node("sei:v1", 1),
+            &blocked.status,
+            &seen,
+            &settings(),
+            now(),
+        );
+        assert_eq!((still.task, still.events.len()), (None, 0));
+
+        // The obstacle is gone: the plan resumes at the task it failed.
+        seen.objects.config_map = ObjectState::Missing;
+        let resumed = decide(
+            &node("sei:v1", 1),
+            &blocked.status,
+            &seen,
+            &settings(),
+            now(),
+        );
+        assert_eq!(resumed.task, Some(Task::ApplyRbacProxyConfig));
+        assert_eq!(
+            resumed.status.plan.as_ref().map(|p| p.phase),
+            Some(PlanPhase::Active)
+        );
+        // Still there when retried: failed again, but not reported again.
+        seen.ran = Some((Task::ApplyRbacProxyConfig, Outcome::Failed(error)));
+        let again = decide(
+            &node("sei:v1", 1),
+            &blocked.status,
+            &seen,
+            &settings(),
+            now(),
+        );
+        assert_eq!(again.status, blocked.status);
+        assert!(again.events.is_empty());
+    }
+
+    #[test]
+    fn a_replica_that_does_not_lead_decides_nothing() {
+        let mut seen = observed(Reason::Expired);
+        seen.leading = false;
+        let decision = decide(&node("sei:v2", 2), &running(), &seen, &settings(), now());
+        assert_eq!(decision.status, running());
+        assert!(decision.events.is_empty());
+        assert_eq!(decision.task, None);
+    }
+
+    #[test]
+    fn a_new_process_tells_recent_flips_again_and_not_old_ones() {
+        let flipped = decide(
+            &node("sei:v1", 1),
+            &SeiNodeStatus::default(),
+            &observed(Reason::NotFound),
+            &settings(),
+            at(NOW - 30),
+        )
+        .status;
+        let mut seen = observed(Reason::NotFound);
+        seen.first_sight = true;
+        let decision = decide(&node("sei:v1", 1), &flipped, &seen, &settings(), now());
+        assert_eq!(decision.status, flipped);
+        assert_eq!(
+            decision.events,
+            [NodeEvent::TlsSecretNotReady {
+                message: "TLSSecretNotFound".to_owned(),
+                at: at(NOW - 30),
+            }],
+            "the same event as the flip's, so it is created once"
+        );
+        let later = decide(
+            &node("sei:v1", 1),
+            &flipped,
+            &seen,
+            &settings(),
+            at(NOW + 3600),
+        );
+        assert!(later.events.is_empty(), "{:?}", later.events);
+    }
+
+    #[test]
+    fn a_healthy_probe_on_a_settled_running_node_is_recorded_and_requeued_at_the_interval() {
+        let mut base = running();
+        base.conditions
+            .as_mut()
+            .expect("conditions")
+            .retain(|c| c.type_ != SIDECAR_READY);
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        seen.probe = Some(ProbeResult::Unreachable("refused".to_owned()));
+        let decision = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        let sidecar = condition_of(&decision.status, SIDECAR_READY);
+        assert_eq!(
+            (sidecar.status.as_str(), sidecar.reason.as_str()),
+            ("False", "SidecarUnreachable")
+        );
+        assert_eq!(reasons(&decision), ["SidecarNotReady"]);
+        assert_eq!(decision.requeue, Duration::from_secs(30));
+        seen.probe = Some(ProbeResult::Unreachable("refused again".to_owned()));
+        let again = decide(
+            &node("sei:v1", 1),
+            &decision.status,
+            &seen,
+            &settings(),
+            now(),
+        );
+        assert!(again.events.is_empty(), "no flip, no event");
+    }
+}
