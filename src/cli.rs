@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
+use seinode_tls_controller::probe::SidecarAddresses;
 use seinode_tls_controller::{ControllerConfig, LeaderElection};
 use seinode_tls_webhook::{GuardPolicy, SecretPolicy, WebhookConfig};
 
@@ -231,6 +232,14 @@ pub struct ControllerArgs {
     /// SubjectAccessReview: bind it to system:auth-delegator); the namespace's default if unset.
     #[arg(long, env = "SEINODE_TLS_NODE_SERVICE_ACCOUNT")]
     pub node_service_account: Option<String>,
+    /// Connect to ADDR (IP:PORT) for sidecar HOST instead of resolving it (repeatable; for
+    /// controllers outside the cluster's DNS).
+    #[arg(long = "sidecar-address", value_name = "HOST=ADDR", value_parser = parse_sidecar_address)]
+    pub sidecar_addresses: Vec<(String, std::net::SocketAddr)>,
+    /// Never look sidecar names up in DNS: hosts not given with --sidecar-address are
+    /// reported unreachable.
+    #[arg(long, env = "SEINODE_TLS_NO_SIDECAR_DNS")]
+    pub no_sidecar_dns: bool,
     /// SeiNodes reconciled at once; each uses at most one connection to the API server.
     #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub max_concurrent_reconciles: u16,
@@ -318,7 +327,16 @@ impl ControllerArgs {
             .leader_election_identity
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| format!("seinode-tls-{}", std::process::id()));
+        let sidecar_addresses = if self.no_sidecar_dns {
+            SidecarAddresses::only()
+        } else {
+            SidecarAddresses::default()
+        };
+        for (host, addr) in &self.sidecar_addresses {
+            sidecar_addresses.set(host, *addr);
+        }
         ControllerConfig {
+            sidecar_addresses,
             cluster_domain: serve.cluster_domain.clone(),
             cert_expiry_warning: self.cert_expiry_warning,
             sidecar_image: self.sidecar_image,
@@ -339,6 +357,16 @@ impl ControllerArgs {
             ..ControllerConfig::default()
         }
     }
+}
+
+fn parse_sidecar_address(value: &str) -> Result<(String, std::net::SocketAddr), String> {
+    let (host, addr) = value
+        .split_once('=')
+        .ok_or_else(|| format!("expected HOST=IP:PORT, got {value:?}"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not an IP:PORT address: {e}"))?;
+    Ok((host.to_owned(), addr))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -85,7 +85,7 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     let mut registry = Registry::with_prefix(crate::serve::METRICS_PREFIX);
     // The controller runs on the host, where cluster names do not resolve: Pod addresses are
     // fed to it as the kubelet assigns them.
-    let sidecar_addresses = SidecarAddresses::default();
+    let sidecar_addresses = SidecarAddresses::only();
     let controller_config = ControllerConfig {
         sidecar_addresses: sidecar_addresses.clone(),
         ..ControllerConfig::default()

@@ -18,7 +18,7 @@ use kube::{Client, Config};
 use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
 use seinode_tls_controller::{Controller, LeaderElection};
-use seinode_tls_crds::{SeiNode, SeiNodePhase};
+use seinode_tls_crds::{SeiNode, SeiNodePhase, SeiNodeStatus};
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use serde_json::json;
 
@@ -422,14 +422,14 @@ async fn only_the_controller_may_write_seinode_status() {
     assert!(message.contains("seinode-tls-admin may not"), "{message}");
 
     let sa_nodes: Api<SeiNode> = Api::namespaced(service_account_client().await, &ns);
-    let status =
-        json!({"apiVersion": "sei.io/v1alpha1", "kind": "SeiNode", "status": {"phase": "Pending"}});
+    // As the controller writes it: a replace on the version it read.
+    let mut node = sa_nodes.get("rpc").await.unwrap();
+    node.status = Some(SeiNodeStatus {
+        phase: Some(SeiNodePhase::Pending),
+        ..SeiNodeStatus::default()
+    });
     sa_nodes
-        .patch_status(
-            "rpc",
-            &PatchParams::apply("seinode-tls-controller").force(),
-            &Patch::Apply(&status),
-        )
+        .replace_status("rpc", &PostParams::default(), &node)
         .await
         .expect("the controller's ServiceAccount may write status");
 }

@@ -36,7 +36,7 @@ fn controller() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         let cp = common::control_plane();
-        let addresses = SidecarAddresses::default();
+        let addresses = SidecarAddresses::only();
         let config = seinode_tls_controller::ControllerConfig {
             sidecar_addresses: addresses.clone(),
             sidecar_probe_interval: Duration::from_secs(1),

@@ -31,20 +31,36 @@ use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use crate::config::SIDECAR_HEALTH_PATH;
 
 /// Where to connect for a host name, instead of DNS (tests and `local`, which have no cluster
-/// DNS; the name still drives SNI and verification).
+/// DNS; the name still drives SNI and verification). A table that is `only` never falls back to
+/// DNS: a host it does not list is unreachable, and no query leaves the machine.
 #[derive(Clone, Default, Debug)]
-pub struct SidecarAddresses(Arc<RwLock<HashMap<String, SocketAddr>>>);
+pub struct SidecarAddresses {
+    table: Arc<RwLock<HashMap<String, SocketAddr>>>,
+    only: bool,
+}
 
 impl SidecarAddresses {
+    /// A table with no DNS fallback.
+    pub fn only() -> Self {
+        Self {
+            only: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn is_only(&self) -> bool {
+        self.only
+    }
+
     pub fn set(&self, host: &str, addr: SocketAddr) {
-        self.0
+        self.table
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(host.to_owned(), addr);
     }
 
     fn get(&self, host: &str) -> Option<SocketAddr> {
-        self.0
+        self.table
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(host)
@@ -463,6 +479,13 @@ impl tower_service::Service<Name> for OverrideResolver {
     fn call(&mut self, name: Name) -> Self::Future {
         if let Some(addr) = self.addresses.get(name.as_str()) {
             return Box::pin(async move { Ok(Box::new(std::iter::once(addr)) as Addrs) });
+        }
+        if self.addresses.only {
+            let error = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no address is known for {name} (DNS is not used for sidecars here)"),
+            );
+            return Box::pin(async move { Err(error) });
         }
         let lookup = self.gai.call(name);
         Box::pin(async move { Ok(Box::new(lookup.await?) as Addrs) })

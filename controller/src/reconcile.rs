@@ -38,6 +38,8 @@ pub const FIELD_MANAGER: &str = "seinode-tls-controller";
 /// Backoff bounds for transient errors (before jitter).
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How long a reconcile waits for the first list of the owned objects.
+const SYNC_WAIT: Duration = Duration::from_secs(10);
 /// A reconcile re-observes at most this often after its status write conflicted.
 const CONFLICT_ATTEMPTS: usize = 3;
 
@@ -54,6 +56,10 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error(
+        "the ConfigMap, Service and StatefulSet watches have not listed yet (see their warnings)"
+    )]
+    NotSynced,
     #[error(
         "the status of SeiNode {namespace}/{name} changed while it was being decided ({CONFLICT_ATTEMPTS} times in a row)"
     )]
@@ -292,12 +298,14 @@ async fn reconcile_node(node: &Arc<SeiNode>, ctx: &Context) -> Result<Option<Ste
     }
     // Until the owned objects are listed, every one would look missing.
     let owned = &ctx.owned;
-    let _ = futures::future::join3(
+    let listed = futures::future::join3(
         owned.config_maps.wait_until_ready(),
         owned.services.wait_until_ready(),
         owned.stateful_sets.wait_until_ready(),
-    )
-    .await;
+    );
+    if tokio::time::timeout(SYNC_WAIT, listed).await.is_err() {
+        return Err(Error::NotSynced);
+    }
     send_unsent(ctx, node).await;
     let now = Timestamp::now();
     let base = node.status.clone().unwrap_or_default();

@@ -18,6 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -50,6 +51,8 @@ const LOG_TAIL_LINES: usize = 25;
 
 #[derive(Debug, Error)]
 pub enum ControlPlaneError {
+    #[error("no control-plane component named {0:?}")]
+    UnknownComponent(String),
     #[error(
         "the control-plane binaries are not built, and {} is not there to build them; set \
          {BIN_DIR_ENV} to a directory that holds them", .script.display()
@@ -264,9 +267,11 @@ pub struct ControlPlane {
     server: String,
     port: u16,
     ca: CertificateAuthority,
-    /// In start order; stopped in reverse.
-    components: Vec<(&'static str, Child)>,
-    watchdog: Option<Watchdog>,
+    /// In start order; stopped in reverse. Locked only to restart one (the chaos tests).
+    components: Mutex<Vec<(&'static str, Child)>>,
+    /// How each component was started: program, arguments and log.
+    recipes: Vec<Recipe>,
+    watchdog: Mutex<Option<Watchdog>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -416,10 +421,16 @@ impl ControlPlane {
             server: server.clone(),
             port: apiserver_port,
             ca,
-            components: Vec::new(),
-            watchdog: Watchdog::spawn(None),
+            components: Mutex::default(),
+            recipes: Vec::new(),
+            watchdog: Mutex::new(Watchdog::spawn(None)),
         };
-        if let Some(w) = started.watchdog.as_mut() {
+        if let Some(w) = started
+            .watchdog
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             w.watch_dir(dir);
         }
         started.add(spawn(
@@ -435,6 +446,7 @@ impl ControlPlane {
                 .arg("--unsafe-no-fsync=true")
                 .arg("--log-level=warn"),
             &etcd_log,
+            false,
         ))?;
 
         let apiserver_log = dir.join("kube-apiserver.log");
@@ -463,6 +475,7 @@ impl ControlPlane {
                 .arg("--profiling=false")
                 .arg("--v=1"),
             &apiserver_log,
+            false,
         ))?;
         let ca_pem = started.ca.cert_pem();
         write_private(&kubeconfig, &kubeconfig_yaml(&server, &ca_pem, &admin))?;
@@ -510,6 +523,7 @@ impl ControlPlane {
                 .arg("--profiling=false")
                 .arg("--v=1"),
             &controller_manager_log,
+            false,
         ))?;
         let scheduler_log = dir.join("kube-scheduler.log");
         started.add(spawn(
@@ -531,6 +545,7 @@ impl ControlPlane {
                 .arg("--profiling=false")
                 .arg("--v=1"),
             &scheduler_log,
+            false,
         ))?;
         started
             .wait_controllers(&[controller_manager_log, scheduler_log])
@@ -541,19 +556,83 @@ impl ControlPlane {
     /// Takes a freshly spawned component under management (stopped on drop, watched).
     fn add(
         &mut self,
-        child: Result<(&'static str, Child), ControlPlaneError>,
+        child: Result<(&'static str, Child, Recipe), ControlPlaneError>,
     ) -> Result<(), ControlPlaneError> {
-        let (name, child) = child?;
-        if let Some(w) = self.watchdog.as_mut() {
+        let (name, child, recipe) = child?;
+        if let Some(w) = self
+            .watchdog
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             w.watch_pid(child.id());
         }
-        self.components.push((name, child));
+        self.components
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name, child));
+        self.recipes.push(recipe);
         Ok(())
+    }
+
+    /// A crash of `component` (`etcd`, `kube-apiserver`, ...): SIGKILL, then, after `down`,
+    /// the same command again (etcd keeps its data directory); returns once the API server
+    /// reports ready again. For fault-injection tests.
+    pub async fn crash_and_restart(
+        &self,
+        component: &str,
+        down: Duration,
+    ) -> Result<(), ControlPlaneError> {
+        let index = self
+            .recipes
+            .iter()
+            .position(|r| r.component == component)
+            .ok_or(ControlPlaneError::UnknownComponent(component.to_owned()))?;
+        {
+            let mut components = self.components.lock().unwrap_or_else(|e| e.into_inner());
+            let child = &mut components[index].1;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        tokio::time::sleep(down).await;
+        let recipe = &self.recipes[index];
+        let mut command = Command::new(&recipe.program);
+        command.args(&recipe.args);
+        let (_, child, _) = spawn(recipe.component, &mut command, &recipe.log, true)?;
+        if let Some(w) = self
+            .watchdog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            w.watch_pid(child.id());
+        }
+        self.components.lock().unwrap_or_else(|e| e.into_inner())[index].1 = child;
+        let client = client_from_kubeconfig(&self.kubeconfig).await?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let request = http::Request::get("/readyz").body(Vec::new());
+            if let Ok(request) = request
+                && let Ok(body) = client.request_text(request).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ControlPlaneError::NotReady {
+                    timeout: READY_TIMEOUT,
+                    log: recipe.log.clone(),
+                    tail: log_tail(&recipe.log),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// A component that exited, with its log's tail, as an error.
     fn exited(&mut self, logs: &[PathBuf]) -> Option<ControlPlaneError> {
-        for ((component, child), log) in self.components.iter_mut().rev().zip(logs.iter().rev()) {
+        let components = self.components.get_mut().unwrap_or_else(|e| e.into_inner());
+        for ((component, child), log) in components.iter_mut().rev().zip(logs.iter().rev()) {
             if let Ok(Some(status)) = child.try_wait() {
                 return Some(ControlPlaneError::Died {
                     component,
@@ -681,13 +760,19 @@ impl ControlPlane {
 
     /// Process ids of the components, in start order.
     pub fn pids(&self) -> Vec<u32> {
-        self.components.iter().map(|(_, c)| c.id()).collect()
+        self.components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, c)| c.id())
+            .collect()
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        for (_, child) in self.components.iter_mut().rev() {
+        let components = self.components.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (_, child) in components.iter_mut().rev() {
             stop(child);
         }
         if let Err(e) = fs::remove_dir_all(&self.dir) {
@@ -808,16 +893,37 @@ fn free_port(dir: &Path) -> Result<u16, ControlPlaneError> {
         })
 }
 
+/// How a component was started, to start it again.
+struct Recipe {
+    component: &'static str,
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
+}
+
 fn spawn(
     component: &'static str,
     command: &mut Command,
     log: &Path,
-) -> Result<(&'static str, Child), ControlPlaneError> {
+    append: bool,
+) -> Result<(&'static str, Child, Recipe), ControlPlaneError> {
     let io = |source| ControlPlaneError::Io {
         path: log.to_owned(),
         source,
     };
-    let out = fs::File::create(log).map_err(io)?;
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)
+        .map_err(io)?;
+    let recipe = Recipe {
+        component,
+        program: PathBuf::from(command.get_program()),
+        args: command.get_args().map(ToOwned::to_owned).collect(),
+        log: log.to_owned(),
+    };
     let err = out.try_clone().map_err(io)?;
     // A group of its own: a terminal's Ctrl-C reaches only the owner, which stops the
     // components in order (the kubelet still needs the API server while it stops Pods).
@@ -827,7 +933,7 @@ fn spawn(
         .stderr(err)
         .process_group(0)
         .spawn()
-        .map(|child| (component, child))
+        .map(|child| (component, child, recipe))
         .map_err(|source| ControlPlaneError::Spawn { component, source })
 }
 

@@ -221,9 +221,10 @@ pub fn controller() {
 pub fn test_controller_config() -> seinode_tls_controller::ControllerConfig {
     seinode_tls_controller::ControllerConfig {
         cert_expiry_warning: std::time::Duration::from_secs(3600),
-        // Cluster names do not resolve on the host: probes of them fail fast instead of holding
-        // reconciles (tests/sidecar.rs maps them to addresses).
         sidecar_probe_timeout: std::time::Duration::from_secs(1),
+        // Cluster names are never looked up in the host's DNS (no query leaves the machine);
+        // tests/sidecar.rs maps them to Pod addresses, elsewhere probes find them unreachable.
+        sidecar_addresses: seinode_tls_controller::probe::SidecarAddresses::only(),
         ..Default::default()
     }
 }

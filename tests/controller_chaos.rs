@@ -1,0 +1,545 @@
+//! The controller under faults, on the one-machine cluster (Pods run): a controller killed
+//! mid-plan, the API server and etcd crashed and restarted mid-plan, two replicas racing for the
+//! Lease, a leader paused past its renew deadline. Each scenario ends with every node Running
+//! on its init plan, no plan seen going backwards (a finished task run again), exactly one event
+//! per condition flip, and the controller's part done within 15 s of the fault's end.
+//!
+//! The controllers are `seinode-tls controller` processes (so they can be killed and paused),
+//! each watched by a watchdog that stops it if this binary dies. Scenarios run one at a time:
+//! they crash the binary's shared API server and etcd.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, TaskStatus};
+use seinode_tls_devcluster::watchdog::Watchdog;
+use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
+use serde_json::json;
+
+/// Nodes per scenario.
+const NODES: usize = 6;
+/// The controller's part (every apply done, every condition decided) after the fault ends.
+const CONVERGE: Duration = Duration::from_secs(15);
+/// Pods of the process kubelet becoming Ready, after that.
+const PODS: Duration = Duration::from_secs(180);
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A `seinode-tls controller` process.
+struct ControllerProcess {
+    child: Child,
+    log: PathBuf,
+    _watchdog: Option<Watchdog>,
+}
+
+impl ControllerProcess {
+    fn start(name: &str, extra: &[&str]) -> Self {
+        let log = common::temp_path(&format!("chaos-{name}"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_seinode-tls"))
+            .arg("controller")
+            .args([
+                "--health-addr=127.0.0.1:0",
+                "--cert-expiry-warning=1h",
+                "--sidecar-probe-timeout=1s",
+                "--sidecar-probe-interval=5s",
+                "--no-sidecar-dns",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", common::control_plane().kubeconfig())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut watchdog = Watchdog::spawn(None);
+        if let Some(w) = watchdog.as_mut() {
+            w.watch_pid(child.id());
+        }
+        Self {
+            child,
+            log,
+            _watchdog: watchdog,
+        }
+    }
+
+    fn leader(name: &str, lease_ns: &str) -> Self {
+        Self::start(
+            name,
+            &[
+                "--leader-elect",
+                "--leader-election-name=chaos",
+                &format!("--leader-election-namespace={lease_ns}"),
+                &format!("--leader-election-identity={name}"),
+                "--leader-election-lease-duration=4s",
+                "--leader-election-renew-deadline=3s",
+                "--leader-election-retry-period=1s",
+            ],
+        )
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// What a watch of the namespace's SeiNodes saw: per node, every (plan id, tasks complete)
+/// and every `SidecarTLSSecretReady` status in order.
+#[derive(Default)]
+struct History {
+    plans: HashMap<String, Vec<(String, usize)>>,
+    tls: HashMap<String, Vec<String>>,
+}
+
+impl History {
+    fn record(&mut self, node: &SeiNode) {
+        let name = node.name_any();
+        let Some(status) = &node.status else { return };
+        if let Some(plan) = &status.plan {
+            let done = plan
+                .tasks
+                .iter()
+                .filter(|t| t.status == TaskStatus::Complete)
+                .count();
+            let seen = self.plans.entry(name.clone()).or_default();
+            if seen.last() != Some(&(plan.id.clone(), done)) {
+                seen.push((plan.id.clone(), done));
+            }
+        }
+        if let Some(c) = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == SIDECAR_TLS_SECRET_READY)
+        {
+            let seen = self.tls.entry(name).or_default();
+            if seen.last() != Some(&c.status) {
+                seen.push(c.status.clone());
+            }
+        }
+    }
+
+    /// Plans that lost a finished task: (node, what was seen).
+    fn backwards(&self) -> Vec<(String, Vec<(String, usize)>)> {
+        self.plans
+            .iter()
+            .filter(|(_, seen)| seen.windows(2).any(|w| w[0].0 == w[1].0 && w[1].1 < w[0].1))
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect()
+    }
+}
+
+struct Scenario {
+    client: Client,
+    ns: String,
+    nodes: Api<SeiNode>,
+    history: Arc<Mutex<History>>,
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl Scenario {
+    /// A namespace with NODES TLS nodes and their valid Secrets, watched from the start.
+    async fn new(prefix: &str) -> Self {
+        let client = common::client().await;
+        let ns = common::namespace(&client, prefix).await;
+        let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
+        let history = Arc::new(Mutex::new(History::default()));
+        let watch = {
+            let (nodes, history) = (nodes.clone(), history.clone());
+            tokio::spawn(async move {
+                let mut stream = watcher(nodes, watcher::Config::default())
+                    .default_backoff()
+                    .applied_objects()
+                    .boxed();
+                while let Some(event) = stream.next().await {
+                    if let Ok(node) = event {
+                        history.lock().unwrap().record(&node);
+                    }
+                }
+            })
+        };
+        let ca = CertificateAuthority::new("chaos").unwrap();
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        for i in 0..NODES {
+            let name = format!("n{i}");
+            let dns = [
+                format!("{name}.{ns}.svc.cluster.local"),
+                format!("{name}-0.{name}.{ns}.svc.cluster.local"),
+            ];
+            let leaf = ca
+                .issue(&LeafSpec {
+                    common_name: &name,
+                    dns_names: &[&dns[0], &dns[1]],
+                    server: true,
+                    ..LeafSpec::default()
+                })
+                .unwrap();
+            let secret = seinode_tls_testkit::tls_secret(
+                &ns,
+                &format!("{name}-tls"),
+                &leaf.cert_pem,
+                &leaf.key_pem,
+                Some(&ca.cert_pem()),
+            );
+            secrets
+                .create(&PostParams::default(), &secret)
+                .await
+                .unwrap();
+            let node: SeiNode = serde_json::from_value(json!({
+                "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0",
+                         "fullNode": {}, "sidecar": {"tls": {"secretName": format!("{name}-tls")}}},
+            }))
+            .unwrap();
+            nodes.create(&PostParams::default(), &node).await.unwrap();
+        }
+        Self {
+            client,
+            ns,
+            nodes,
+            history,
+            watch,
+        }
+    }
+
+    /// Waits until some node has finished a task and some has not finished its plan.
+    async fn mid_plan(&self) {
+        let (_, ok) = common::poll(
+            Duration::from_secs(60),
+            || async { self.nodes.list(&ListParams::default()).await.ok() },
+            |list| {
+                let Some(list) = list else { return false };
+                let done = |n: &SeiNode| {
+                    n.status
+                        .as_ref()
+                        .and_then(|s| s.plan.as_ref())
+                        .map_or(0, |p| {
+                            p.tasks
+                                .iter()
+                                .filter(|t| t.status == TaskStatus::Complete)
+                                .count()
+                        })
+                };
+                list.items.iter().any(|n| done(n) > 0) && list.items.iter().any(|n| done(n) < 4)
+            },
+        )
+        .await;
+        assert!(ok, "the plans never got under way");
+    }
+
+    /// The end state and the history: within CONVERGE of `fault_end` every node has every
+    /// condition decided and every apply done; then every node Running on its init plan; no
+    /// plan went backwards; one event per flip, each from `reporters` (when given).
+    async fn assert_converged(&self, fault_end: Instant, controllers: &[&ControllerProcess]) {
+        let logs = || {
+            controllers
+                .iter()
+                .map(|c| c.log())
+                .collect::<Vec<_>>()
+                .join("\n-----\n")
+        };
+        let applied = |n: &SeiNode| {
+            let status = n.status.as_ref();
+            let tls_true = status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == SIDECAR_TLS_SECRET_READY && c.status == "True")
+                });
+            let applies_done = status.and_then(|s| s.plan.as_ref()).is_some_and(|p| {
+                p.tasks
+                    .iter()
+                    .take(3)
+                    .all(|t| t.status == TaskStatus::Complete)
+            });
+            tls_true && applies_done
+        };
+        let left = CONVERGE.saturating_sub(fault_end.elapsed());
+        let (list, ok) = common::poll(
+            left,
+            || async { self.nodes.list(&ListParams::default()).await.ok() },
+            |list| list.as_ref().is_some_and(|l| l.items.iter().all(applied)),
+        )
+        .await;
+        assert!(
+            ok,
+            "not converged within {CONVERGE:?} of the fault's end: {:#?}\ncontroller logs:\n{}",
+            list.map(|l| l
+                .items
+                .iter()
+                .map(|n| (n.name_any(), n.status.clone()))
+                .collect::<Vec<_>>()),
+            logs()
+        );
+        let (list, ok) = common::poll(
+            PODS,
+            || async { self.nodes.list(&ListParams::default()).await.ok() },
+            |list| {
+                list.as_ref().is_some_and(|l| {
+                    l.items.iter().all(|n| {
+                        let s = n.status.as_ref();
+                        s.and_then(|s| s.phase) == Some(SeiNodePhase::Running)
+                            && s.and_then(|s| s.plan.as_ref())
+                                .is_some_and(|p| p.id == "init-1" && p.phase == PlanPhase::Complete)
+                    })
+                })
+            },
+        )
+        .await;
+        assert!(
+            ok,
+            "not every node Running on its init plan: {:#?}\ncontroller logs:\n{}",
+            list.map(|l| l
+                .items
+                .iter()
+                .map(|n| (n.name_any(), n.status.clone()))
+                .collect::<Vec<_>>()),
+            logs()
+        );
+        let backwards = self.history.lock().unwrap().backwards();
+        assert!(
+            backwards.is_empty(),
+            "plans went backwards (a finished task ran again): {backwards:?}"
+        );
+
+        // Events: one per flip of SidecarTLSSecretReady seen by the watch.
+        let events: Vec<Event> = Api::<Event>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        let mut counted: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for event in &events {
+            let node = event
+                .regarding
+                .as_ref()
+                .and_then(|r| r.name.clone())
+                .unwrap_or_default();
+            let reason = event.reason.clone().unwrap_or_default();
+            *counted.entry((node, reason)).or_default() += 1;
+        }
+        let history = self.history.lock().unwrap();
+        for i in 0..NODES {
+            let node = format!("n{i}");
+            let flips = history.tls.get(&node).cloned().unwrap_or_default();
+            let ready_flips = flips.iter().filter(|s| *s == "True").count();
+            let not_ready_flips = flips.len() - ready_flips;
+            assert_eq!(
+                counted
+                    .get(&(node.clone(), "SidecarTLSSecretReady".to_owned()))
+                    .copied()
+                    .unwrap_or(0),
+                ready_flips,
+                "{node}: SidecarTLSSecretReady events against flips {flips:?}; events {counted:?}"
+            );
+            assert_eq!(
+                counted
+                    .get(&(node.clone(), "SidecarTLSSecretNotReady".to_owned()))
+                    .copied()
+                    .unwrap_or(0),
+                not_ready_flips,
+                "{node}: SidecarTLSSecretNotReady events against flips {flips:?}"
+            );
+        }
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_plan_is_replaced_without_repeating_or_losing_anything() {
+    let _serial = SERIAL.lock().await;
+    let scenario = Scenario::new("chaos-kill").await;
+    let mut first = ControllerProcess::start("kill-first", &[]);
+    scenario.mid_plan().await;
+    first.kill();
+    let second = ControllerProcess::start("kill-second", &[]);
+    scenario.assert_converged(Instant::now(), &[&second]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_crashing_mid_plan_costs_no_more_than_its_downtime() {
+    let _serial = SERIAL.lock().await;
+    let scenario = Scenario::new("chaos-apiserver").await;
+    let controller = ControllerProcess::start("apiserver", &[]);
+    scenario.mid_plan().await;
+    common::control_plane()
+        .crash_and_restart("kube-apiserver", Duration::from_secs(2))
+        .await
+        .unwrap();
+    scenario
+        .assert_converged(Instant::now(), &[&controller])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_crashing_mid_plan_costs_no_more_than_its_downtime() {
+    let _serial = SERIAL.lock().await;
+    let scenario = Scenario::new("chaos-etcd").await;
+    let controller = ControllerProcess::start("etcd", &[]);
+    scenario.mid_plan().await;
+    common::control_plane()
+        .crash_and_restart("etcd", Duration::from_secs(2))
+        .await
+        .unwrap();
+    scenario
+        .assert_converged(Instant::now(), &[&controller])
+        .await;
+}
+
+/// The `reportingInstance` of every event in the namespace.
+async fn reporters(client: &Client, ns: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reporting_instance)
+        .collect();
+    seen.sort();
+    seen.dedup();
+    seen
+}
+
+/// The names of the events replica `identity` (the configured one) reported in `ns`.
+async fn events_of(client: &Client, ns: &str, identity: &str) -> Vec<String> {
+    let prefix = format!("{identity}_");
+    let mut names: Vec<String> = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reporting_instance
+                .as_deref()
+                .is_some_and(|i| i.starts_with(&prefix))
+        })
+        .map(|e| e.name_any())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_for_the_lease_give_exactly_one_leader() {
+    let _serial = SERIAL.lock().await;
+    let scenario = Scenario::new("chaos-race").await;
+    let lease_ns = scenario.ns.clone();
+    // Started at the same instant, on an expired-free, absent Lease: both create or take it.
+    let a = ControllerProcess::leader("race-a", &lease_ns);
+    let b = ControllerProcess::leader("race-b", &lease_ns);
+    scenario.assert_converged(Instant::now(), &[&a, &b]).await;
+    let leaders: Vec<&ControllerProcess> = [&a, &b]
+        .into_iter()
+        .filter(|c| c.log().contains("acquired the Lease"))
+        .collect();
+    assert_eq!(
+        leaders.len(),
+        1,
+        "exactly one replica led:\n{}\n-----\n{}",
+        a.log(),
+        b.log()
+    );
+    let reporters = reporters(&scenario.client, &scenario.ns).await;
+    assert_eq!(
+        reporters.len(),
+        1,
+        "all events come from one replica: {reporters:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_deadline_writes_nothing_after_another_took_over() {
+    let _serial = SERIAL.lock().await;
+    let scenario = Scenario::new("chaos-pause").await;
+    let lease_ns = scenario.ns.clone();
+    let first = ControllerProcess::leader("pause-first", &lease_ns);
+    let (_, led) = common::poll(
+        Duration::from_secs(30),
+        || async { first.log() },
+        |log| log.contains("acquired the Lease"),
+    )
+    .await;
+    assert!(led, "the first replica never led:\n{}", first.log());
+    let second = ControllerProcess::leader("pause-second", &lease_ns);
+    scenario.mid_plan().await;
+    // The leader hangs (as on a stuck renewal) well past the lease; the other takes over.
+    first.signal("STOP");
+    let (_, took) = common::poll(
+        Duration::from_secs(30),
+        || async { second.log() },
+        |log| log.contains("acquired the Lease"),
+    )
+    .await;
+    assert!(
+        took,
+        "the second replica never took over:\n{}",
+        second.log()
+    );
+    let before = events_of(&scenario.client, &scenario.ns, "pause-first").await;
+    // It wakes with its reconciles mid-flight: it must notice it no longer leads, not write.
+    first.signal("CONT");
+    let (_, stepped_down) = common::poll(
+        Duration::from_secs(30),
+        || async { first.log() },
+        |log| log.contains("not leading"),
+    )
+    .await;
+    assert!(
+        stepped_down,
+        "the old leader never stepped down:\n{}",
+        first.log()
+    );
+    scenario
+        .assert_converged(Instant::now(), &[&first, &second])
+        .await;
+    let after = events_of(&scenario.client, &scenario.ns, "pause-first").await;
+    assert_eq!(
+        after, before,
+        "the paused leader published events after another replica took the Lease"
+    );
+}
