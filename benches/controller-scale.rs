@@ -175,7 +175,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     for node in &fleet.nodes {
         tracker.expect(&node.namespace, &node.name, node.kind.reason());
     }
-    let (mut changes, _watch) = tracker.watch(client.clone());
+    let (mut changes, watch) = tracker.watch(client.clone());
     tracker.wait_synced(&mut changes, args.timeout).await?;
 
     // === The controller ===
@@ -248,6 +248,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         late,
     };
     report.print();
+    drop(watch);
     drop(controller);
     drop(cp);
     Ok(())
