@@ -60,7 +60,7 @@ impl ControllerProcess {
             ])
             .args(extra)
             .env("KUBECONFIG", common::control_plane().kubeconfig())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,seinode_tls_controller=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -102,7 +102,8 @@ impl ControllerProcess {
         assert!(status.success(), "kill -{signal}");
     }
 
-    fn kill(&mut self) {
+    fn stop(&mut self) {
+        // A paused process is killed as well (SIGKILL needs no CONT).
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -114,8 +115,7 @@ impl ControllerProcess {
 
 impl Drop for ControllerProcess {
     fn drop(&mut self) {
-        self.signal("CONT");
-        self.kill();
+        self.stop();
         let _ = std::fs::remove_file(&self.log);
     }
 }
@@ -269,12 +269,20 @@ impl Scenario {
     /// condition decided and every apply done; then every node Running on its init plan; no
     /// plan went backwards; one event per flip, each from `reporters` (when given).
     async fn assert_converged(&self, fault_end: Instant, controllers: &[&ControllerProcess]) {
-        let logs = || {
-            controllers
-                .iter()
-                .map(|c| c.log())
-                .collect::<Vec<_>>()
-                .join("\n-----\n")
+        let ns = self.ns.clone();
+        let logs = move || {
+            let objects =
+                common::kubectl(&["get", "statefulsets,pods", "-n", &ns, "-o", "wide"], "");
+            format!(
+                "{}\n{}\nobjects:\n{}",
+                controllers
+                    .iter()
+                    .map(|c| c.log())
+                    .collect::<Vec<_>>()
+                    .join("\n-----\n"),
+                String::from_utf8_lossy(&objects.stderr),
+                String::from_utf8_lossy(&objects.stdout)
+            )
         };
         let applied = |n: &SeiNode| {
             let status = n.status.as_ref();
@@ -394,7 +402,7 @@ async fn a_controller_killed_mid_plan_is_replaced_without_repeating_or_losing_an
     let scenario = Scenario::new("chaos-kill").await;
     let mut first = ControllerProcess::start("kill-first", &[]);
     scenario.mid_plan().await;
-    first.kill();
+    first.stop();
     let second = ControllerProcess::start("kill-second", &[]);
     scenario.assert_converged(Instant::now(), &[&second]).await;
 }
@@ -437,6 +445,7 @@ async fn reporters(client: &Client, ns: &str) -> Vec<String> {
         .unwrap()
         .items
         .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("SeiNode"))
         .filter_map(|e| e.reporting_instance)
         .collect();
     seen.sort();

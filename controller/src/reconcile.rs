@@ -19,6 +19,7 @@ use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate};
 use seinode_tls_crds::{DEFAULT_SIDECAR_PORT, PlanPhase, SeiNode, SeiNodePhase, SeiNodeStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::config::ControllerConfig;
@@ -38,6 +39,10 @@ pub const FIELD_MANAGER: &str = "seinode-tls-controller";
 /// Backoff bounds for transient errors (before jitter).
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Annotation on every object the controller applies: a digest of the object as built, so an
+/// object changed by someone else (restored) is told from one built by an older controller or
+/// configuration (left as it is until the node's next plan, so an upgrade rolls no Pod).
+pub const TEMPLATE_HASH_ANNOTATION: &str = "seinode-tls.sei.io/template-hash";
 /// How long a reconcile waits for the first list of the owned objects.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
 /// A reconcile re-observes at most this often after its status write conflicted.
@@ -325,6 +330,9 @@ async fn reconcile_node(node: &Arc<SeiNode>, ctx: &Context) -> Result<Option<Ste
             }
         }
         publish(ctx, &current, &decision.events).await;
+        if observed.first_sight {
+            lock(&ctx.seen).insert(uid(node));
+        }
         base = decision.status.clone();
         observed.first_sight = false;
         let Decision {
@@ -370,7 +378,7 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
     let name = node.name_any();
     let mut observed = Observed {
         leading: ctx.leadership.is_leading(),
-        first_sight: lock(&ctx.seen).insert(uid(node)),
+        first_sight: !lock(&ctx.seen).contains(&uid(node)),
         objects: objects(node, ctx),
         ..Observed::default()
     };
@@ -453,7 +461,7 @@ fn objects(node: &SeiNode, ctx: &Context) -> Objects {
         .owned
         .stateful_sets
         .get(&ObjectRef::new(&name).within(&namespace));
-    let desired_sts = resources::stateful_set(node, &ctx.config).ok();
+    let desired_sts = resources::stateful_set(node, &ctx.config).ok().map(stamp);
     Objects {
         config_map: state(
             node,
@@ -461,7 +469,7 @@ fn objects(node: &SeiNode, ctx: &Context) -> Objects {
                 .config_maps
                 .get(&ObjectRef::new(&resources::rbac_proxy_config_name(node)).within(&namespace))
                 .as_deref(),
-            Some(&resources::rbac_proxy_config_map(node)),
+            Some(&stamp(resources::rbac_proxy_config_map(node))),
         ),
         service: state(
             node,
@@ -469,7 +477,7 @@ fn objects(node: &SeiNode, ctx: &Context) -> Objects {
                 .services
                 .get(&ObjectRef::new(&name).within(&namespace))
                 .as_deref(),
-            Some(&resources::service(node)),
+            Some(&stamp(resources::service(node))),
         ),
         stateful_set: state(node, stateful_set.as_deref(), desired_sts.as_ref()),
         rolled_out: stateful_set.as_deref().is_some_and(|sts| {
@@ -495,6 +503,19 @@ fn state<K: Resource + Serialize>(
         .find(|o| o.controller == Some(true));
     match controller {
         Some(owner) if Some(&owner.uid) == node.metadata.uid.as_ref() => {
+            let hash = |object: &K| {
+                object
+                    .meta()
+                    .annotations
+                    .as_ref()?
+                    .get(TEMPLATE_HASH_ANNOTATION)
+                    .cloned()
+            };
+            if desired.is_some_and(|desired| hash(desired) != hash(observed)) {
+                // Built from another template (an older controller, other flags): the next
+                // plan of the node applies the current one.
+                return ObjectState::Current;
+            }
             let covered = desired.is_none_or(|desired| {
                 match (
                     serde_json::to_value(observed),
@@ -518,6 +539,19 @@ fn state<K: Resource + Serialize>(
         }
         None => ObjectState::Foreign("it has no controller owner".to_owned()),
     }
+}
+
+/// `object` with its [`TEMPLATE_HASH_ANNOTATION`]: a digest of the object as built.
+pub fn stamp<K: Resource + Serialize>(mut object: K) -> K {
+    let bytes = serde_json::to_vec(&object).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    object
+        .meta_mut()
+        .annotations
+        .get_or_insert_default()
+        .insert(TEMPLATE_HASH_ANNOTATION.to_owned(), hash);
+    object
 }
 
 /// Whether `observed` holds everything in `desired`: every field `desired` sets has the same
@@ -551,11 +585,17 @@ async fn run_task(
     let state = objects.of(task);
     let result = match task {
         Task::ApplyRbacProxyConfig => {
-            ensure(ctx, node, &resources::rbac_proxy_config_map(node), state).await
+            ensure(
+                ctx,
+                node,
+                &stamp(resources::rbac_proxy_config_map(node)),
+                state,
+            )
+            .await
         }
-        Task::ApplyService => ensure(ctx, node, &resources::service(node), state).await,
+        Task::ApplyService => ensure(ctx, node, &stamp(resources::service(node)), state).await,
         Task::ApplyStatefulSet => match resources::stateful_set(node, &ctx.config) {
-            Ok(sts) => ensure(ctx, node, &sts, state).await,
+            Ok(sts) => ensure(ctx, node, &stamp(sts), state).await,
             Err(error) => return Ok(Outcome::Failed(error)),
         },
         // Decided from the watch; never run.
