@@ -593,3 +593,123 @@ async fn a_resource_the_api_server_refuses_fails_the_plan_instead_of_retrying_fo
     assert!(error.contains("HTTP 422"), "{error}");
     wait_event(&client, &ns, "PlanFailed").await;
 }
+
+#[tokio::test]
+async fn an_object_in_the_way_is_never_adopted_and_the_plan_resumes_once_it_is_gone() {
+    let (client, ns) = setup("ctl-in-the-way").await;
+    // A Service that happens to have the node's name, not made by the controller.
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let theirs: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "rpc", "namespace": ns},
+        "spec": {"selector": {"app": "someone-else"}, "ports": [{"port": 80}]},
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    let api = create_node(&client, &node(&ns, "rpc", None)).await;
+    let task = wait_failed_task(&api, "rpc").await;
+    assert_eq!(task.r#type, "ApplyService");
+    let error = task.error.as_deref().unwrap();
+    assert!(
+        error.contains(&format!("Service {ns}/rpc is in the way"))
+            && error.contains("no controller owner")
+            && error.contains(&format!("kubectl -n {ns} delete service rpc")),
+        "{error}"
+    );
+    let event = wait_event(&client, &ns, "PlanFailed").await;
+    assert_eq!(event.note.as_deref(), Some(error));
+    // Untouched: not re-selected, not owned (so never garbage-collected with the node).
+    let kept = services.get("rpc").await.unwrap();
+    assert_eq!(
+        kept.spec
+            .unwrap()
+            .selector
+            .unwrap()
+            .get("app")
+            .map(String::as_str),
+        Some("someone-else")
+    );
+    assert!(
+        kept.metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
+
+    // Cleared by its owner: the plan resumes on its own (retried every 30 s).
+    services.delete("rpc", &Default::default()).await.unwrap();
+    let (_, resumed) = common::poll(
+        Duration::from_secs(90),
+        || async { api.get("rpc").await.unwrap() },
+        |n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.plan.as_ref())
+                .is_some_and(|p| {
+                    p.phase == PlanPhase::Active && p.tasks[0].status == TaskStatus::Complete
+                })
+                || phase(n) == Some(SeiNodePhase::Running)
+        },
+    )
+    .await;
+    assert!(resumed, "the plan did not resume once the Service was gone");
+    let running = bring_to_running(&client, &api, &ns, "rpc").await;
+    assert_eq!(running.status.unwrap().plan.unwrap().id, "init-1");
+    let ours = services.get("rpc").await.unwrap();
+    assert_eq!(
+        ours.metadata.owner_references.unwrap()[0].uid,
+        running.metadata.uid.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn objects_of_a_running_node_that_are_deleted_or_edited_are_restored() {
+    let (client, ns) = setup("ctl-drift").await;
+    let api = create_node(&client, &node(&ns, "rpc", None)).await;
+    bring_to_running(&client, &api, &ns, "rpc").await;
+    let plan_id = |n: &SeiNode| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.plan.as_ref())
+            .map(|p| (p.id.clone(), p.phase))
+    };
+
+    // Deleted: recreated by a repair plan.
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    services.delete("rpc", &Default::default()).await.unwrap();
+    let repaired = wait_node(&api, "rpc", "a completed repair plan", |n| {
+        plan_id(n) == Some(("repair-1".to_owned(), PlanPhase::Complete))
+    })
+    .await;
+    assert_eq!(phase(&repaired), Some(SeiNodePhase::Running));
+    assert!(services.get_opt("rpc").await.unwrap().is_some());
+
+    // Edited (scaled to zero by hand): put back as applied.
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    sts.patch(
+        "rpc",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 0}})),
+    )
+    .await
+    .unwrap();
+    let (last, restored) = common::poll(
+        WAIT,
+        || async { sts.get("rpc").await.unwrap() },
+        |s| s.spec.as_ref().and_then(|s| s.replicas) == Some(1),
+    )
+    .await;
+    assert!(
+        restored,
+        "replicas not restored: {:?}",
+        last.spec.and_then(|s| s.replicas)
+    );
+    wait_node(&api, "rpc", "Running again after the repair", |n| {
+        phase(n) == Some(SeiNodePhase::Running)
+            && plan_id(n).is_some_and(|(_, phase)| phase == PlanPhase::Complete)
+    })
+    .await;
+}

@@ -203,6 +203,9 @@ pub fn decide(
     }
     if let Some(plan) = plan.as_mut().filter(|_| open) {
         decision.task = advance(plan, status, node, observed, now);
+        if decision.task.is_none() && observed.ran.is_none() {
+            decision.task = retry_in_the_way(plan, observed);
+        }
         if decision.task.is_none() && blocked(plan, observed) {
             decision.requeue = decision.requeue.min(BLOCKED_RETRY);
         }
@@ -320,7 +323,7 @@ fn tls_schedule(
 }
 
 /// Replaces a settled plan with a repair plan when objects of a Running node went missing or
-/// changed, and restarts a plan that failed on an obstacle that is gone.
+/// changed.
 fn repair(
     plan: Option<TaskPlan>,
     node: &SeiNode,
@@ -330,21 +333,7 @@ fn repair(
 ) -> Option<TaskPlan> {
     let objects = &observed.objects;
     match plan {
-        Some(mut plan) if plan.phase == PlanPhase::Failed => {
-            // An obstacle that is gone (or is ours now) no longer blocks.
-            if let Some(failed) = plan.tasks.iter_mut().find(|t| {
-                t.status == TaskStatus::Failed
-                    && t.error.as_deref().is_some_and(|e| e.contains(IN_THE_WAY))
-            }) && Task::parse(&failed.r#type)
-                .is_some_and(|task| !matches!(objects.of(task), ObjectState::Foreign(_)))
-            {
-                failed.status = TaskStatus::Pending;
-                failed.error = None;
-                plan.phase = PlanPhase::Active;
-            }
-            Some(plan)
-        }
-        Some(plan) if plan.phase == PlanPhase::Active => Some(plan),
+        Some(plan) if plan.phase != PlanPhase::Complete => Some(plan),
         plan => {
             if status.phase != Some(SeiNodePhase::Running) {
                 return plan;
@@ -393,7 +382,13 @@ fn record(
         return;
     };
     match outcome {
-        Outcome::Done => complete(plan, index, status, node, now),
+        Outcome::Done => {
+            // A retried task that failed on an object in the way went through: resume.
+            if plan.phase == PlanPhase::Failed {
+                plan.phase = PlanPhase::Active;
+            }
+            complete(plan, index, status, node, now);
+        }
         Outcome::Failed(error) => {
             let known = before.and_then(|p| p.tasks.get(index)).is_some_and(|t| {
                 t.status == TaskStatus::Failed && t.error.as_deref() == Some(error)
@@ -473,6 +468,25 @@ fn advance(
         }
         return Some(task);
     }
+}
+
+/// The task of a plan that failed on an object in the way, to try again: whether the name is
+/// free is found out by trying (objects not labelled as the controller's are not watched); the
+/// status changes only when it goes through, so a retry that fails again writes nothing.
+fn retry_in_the_way(plan: &TaskPlan, observed: &Observed) -> Option<Task> {
+    if plan.phase != PlanPhase::Failed {
+        return None;
+    }
+    let failed = plan.tasks.iter().find(|t| t.status == TaskStatus::Failed)?;
+    if !failed
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains(IN_THE_WAY))
+    {
+        return None;
+    }
+    Task::parse(&failed.r#type)
+        .filter(|task| !matches!(observed.objects.of(*task), ObjectState::Foreign(_)))
 }
 
 /// Whether the next task waits for the garbage collector.
@@ -918,31 +932,26 @@ mod tests {
         );
         assert_eq!((still.task, still.events.len()), (None, 0));
 
-        // The obstacle is gone: the plan resumes at the task it failed.
+        // Not seen by the watch (not labelled): the task is tried again, the status unchanged.
         seen.objects.config_map = ObjectState::Missing;
-        let resumed = decide(
-            &node("sei:v1", 1),
-            &blocked.status,
-            &seen,
-            &settings(),
-            now(),
-        );
-        assert_eq!(resumed.task, Some(Task::ApplyRbacProxyConfig));
-        assert_eq!(
-            resumed.status.plan.as_ref().map(|p| p.phase),
-            Some(PlanPhase::Active)
-        );
-        // Still there when retried: failed again, but not reported again.
+        let v1 = node("sei:v1", 1);
+        let retry = decide(&v1, &blocked.status, &seen, &settings(), now());
+        assert_eq!(retry.task, Some(Task::ApplyRbacProxyConfig));
+        assert_eq!(retry.status, blocked.status, "a retry alone writes nothing");
+        // Still there: failed again, but nothing written or reported again.
         seen.ran = Some((Task::ApplyRbacProxyConfig, Outcome::Failed(error)));
-        let again = decide(
-            &node("sei:v1", 1),
-            &blocked.status,
-            &seen,
-            &settings(),
-            now(),
-        );
+        let again = decide(&v1, &blocked.status, &seen, &settings(), now());
         assert_eq!(again.status, blocked.status);
         assert!(again.events.is_empty());
+        assert_eq!(again.task, None, "one try per reconcile");
+        // Gone: the plan resumes where it failed.
+        seen.ran = Some((Task::ApplyRbacProxyConfig, Outcome::Done));
+        let resumed = decide(&v1, &blocked.status, &seen, &settings(), now());
+        let plan = resumed.status.plan.as_ref().expect("plan");
+        assert_eq!(plan.phase, PlanPhase::Active);
+        assert_eq!(plan.tasks[0].status, TaskStatus::Complete);
+        assert_eq!(resumed.status.phase, Some(SeiNodePhase::Initializing));
+        assert_eq!(resumed.task, Some(Task::ApplyService));
     }
 
     #[test]
