@@ -197,6 +197,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let decided = decided.map(|at| at.duration_since(controller_started));
     let settled = settled.map(|at| at.duration_since(controller_started));
     let undecided = tracker.undecided(&all_nodes);
+    let decided_quantiles = tracker.decided_quantiles(&all_nodes, controller_started);
 
     // === Steady state ===
     sampler.set_phase(Phase::Steady);
@@ -237,6 +238,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         fleet: &fleet,
         setup,
         decided,
+        decided_quantiles,
         settled,
         undecided,
         settle_writes: writes_settled.delta(&writes_before),
@@ -718,6 +720,26 @@ impl Tracker {
                 Ok(Err(_)) | Err(_) => return false,
             }
         }
+    }
+
+    /// When the first node, half, 90 % and 99 % of `keys` were decided, after `start`.
+    fn decided_quantiles(&self, keys: &[NodeKey], start: Instant) -> Vec<Option<Duration>> {
+        let nodes = self.lock();
+        let mut times: Vec<Duration> = keys
+            .iter()
+            .filter_map(|k| nodes.get(k)?.decided_at)
+            .map(|at| at.duration_since(start))
+            .collect();
+        times.sort();
+        [0.0, 0.5, 0.9, 0.99]
+            .into_iter()
+            .map(|q| {
+                let rank = ((keys.len() as f64) * q).ceil() as usize;
+                times
+                    .get(rank.saturating_sub(1).min(keys.len() - 1))
+                    .copied()
+            })
+            .collect()
     }
 
     /// Nodes of `keys` not decided, by the reason they showed last.
@@ -1248,6 +1270,8 @@ struct Report<'a> {
     fleet: &'a FleetPlan,
     setup: Setup,
     decided: Option<Duration>,
+    /// First node, 50 %, 90 %, 99 % decided.
+    decided_quantiles: Vec<Option<Duration>>,
     settled: Option<Duration>,
     undecided: BTreeMap<String, usize>,
     settle_writes: BTreeMap<WriteKey, u64>,
@@ -1300,6 +1324,14 @@ impl Report<'_> {
         println!(
             "| controller start → every node decided | {} | ≤ 3 s |",
             elapsed(self.decided)
+        );
+        println!(
+            "| controller start → first / 50 % / 90 % / 99 % of nodes decided | {} | |",
+            self.decided_quantiles
+                .iter()
+                .map(|d| elapsed(*d))
+                .collect::<Vec<_>>()
+                .join(" / ")
         );
         println!(
             "| controller start → every good node's apply tasks complete | {} | |",

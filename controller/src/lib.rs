@@ -41,7 +41,7 @@ pub use config::{ControllerConfig, LeaderElection};
 use index::SecretIndex;
 use leader::{Elector, Leadership};
 use metrics::ControllerMetrics;
-use reconcile::{Context, OwnedStores};
+use reconcile::{Context, Latest, OwnedStores};
 
 #[derive(Debug, Error)]
 pub enum ControllerError {
@@ -231,6 +231,8 @@ impl Term {
     /// The kube-runtime controller over SeiNodes, their owned objects and TLS Secrets.
     async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let client = self.client;
+        let latest = Latest::default();
+        let own = latest.clone();
         let (reader, writer) = reflector::store();
         let index = Arc::new(SecretIndex::default());
         let node_index = index.clone();
@@ -247,8 +249,10 @@ impl Term {
         })
         .touched_objects()
         .predicate_filter(predicates::resource_version, PredicateConfig::default())
-        .filter_map(|result| {
+        .filter_map(move |result| {
             std::future::ready(match result {
+                // The event of the controller's own write: the reconcile that wrote went on.
+                Ok(node) if own.is_own(&node) => None,
                 Ok(node) => Some(Ok(node)),
                 Err(error) => {
                     tracing::warn!(watch = "SeiNode", error = %seinode_tls_crds::error_chain(&error), "watch failed; retrying with backoff");
@@ -326,6 +330,7 @@ impl Term {
             },
             self.leadership,
             instance,
+            latest,
         ));
         let pruning = {
             let ctx = ctx.clone();

@@ -98,9 +98,24 @@ pub struct Context {
     seen: Mutex<HashSet<String>>,
     /// The node as this controller's last status write returned it: the watch may still hand
     /// out an older version, and deciding from that would run finished tasks again.
-    latest: Mutex<HashMap<String, Arc<SeiNode>>>,
+    latest: Latest,
     /// Events decided and not yet created (the API refused them): sent on the next reconcile.
     unsent: Mutex<HashMap<String, Vec<NodeEvent>>>,
+}
+
+/// Per node uid, the node as the controller last wrote (or read) it; shared with the SeiNode
+/// watch, which drops the events of the controller's own writes (the reconcile that wrote
+/// already went on from there).
+#[derive(Clone, Default)]
+pub struct Latest(Arc<Mutex<HashMap<String, Arc<SeiNode>>>>);
+
+impl Latest {
+    /// Whether `node` is exactly the version the controller itself wrote or read last.
+    pub fn is_own(&self, node: &SeiNode) -> bool {
+        lock(&self.0)
+            .get(&uid(node))
+            .is_some_and(|ours| ours.metadata.resource_version == node.metadata.resource_version)
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -118,6 +133,7 @@ impl Context {
         owned: OwnedStores,
         leadership: Leadership,
         instance: String,
+        latest: Latest,
     ) -> Self {
         let prober = SidecarProber::new(
             config.sidecar_addresses.clone(),
@@ -137,7 +153,7 @@ impl Context {
             failures: Mutex::default(),
             expiry_warned: Mutex::default(),
             seen: Mutex::default(),
-            latest: Mutex::default(),
+            latest,
             unsent: Mutex::default(),
         }
     }
@@ -153,7 +169,7 @@ impl Context {
     /// The newest version of `cached` this controller knows: its own last write, unless the
     /// watch has caught up with it or the spec moved on since.
     fn newest(&self, cached: Arc<SeiNode>) -> Arc<SeiNode> {
-        let mut latest = lock(&self.latest);
+        let mut latest = lock(&self.latest.0);
         let key = uid(&cached);
         match latest.get(&key) {
             Some(ours)
@@ -188,7 +204,7 @@ impl Context {
         lock(&self.failures).retain(|u, _| uids.contains(u));
         lock(&self.expiry_warned).retain(|(u, _)| uids.contains(u));
         lock(&self.seen).retain(|u| uids.contains(u));
-        lock(&self.latest).retain(|u, _| uids.contains(u));
+        lock(&self.latest.0).retain(|u, _| uids.contains(u));
         lock(&self.unsent).retain(|u, _| uids.contains(u));
         self.prober.retain_hosts(|host| hosts.contains(host));
         self.secrets
@@ -284,7 +300,7 @@ async fn reconcile_newest(cached: Arc<SeiNode>, ctx: &Context) -> Result<Step, E
                     return Ok(Step::Done(Action::await_change()));
                 };
                 let fresh = Arc::new(fresh);
-                lock(&ctx.latest).insert(uid(&fresh), fresh.clone());
+                lock(&ctx.latest.0).insert(uid(&fresh), fresh.clone());
                 node = fresh;
             }
         }
@@ -724,7 +740,7 @@ async fn write_status(
     match api.replace_status(&node.name_any(), &params, &next).await {
         Ok(written) => {
             let written = Arc::new(written);
-            lock(&ctx.latest).insert(uid(node), written.clone());
+            lock(&ctx.latest.0).insert(uid(node), written.clone());
             Ok(Some(written))
         }
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
