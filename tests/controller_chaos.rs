@@ -111,6 +111,17 @@ impl ControllerProcess {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits up to 30 s for `line` in the log; panics with the log if it never comes.
+    async fn wait_log(&self, line: &str, what: &str) {
+        let (log, found) = common::poll(
+            Duration::from_secs(30),
+            || async { self.log() },
+            |log| log.contains(line),
+        )
+        .await;
+        assert!(found, "{what}:\n{log}");
+    }
 }
 
 impl Drop for ControllerProcess {
@@ -300,48 +311,27 @@ impl Scenario {
             });
             tls_true && applies_done
         };
+        let running_init = |n: &SeiNode| {
+            let s = n.status.as_ref();
+            s.and_then(|s| s.phase) == Some(SeiNodePhase::Running)
+                && s.and_then(|s| s.plan.as_ref())
+                    .is_some_and(|p| p.id == "init-1" && p.phase == PlanPhase::Complete)
+        };
         let left = CONVERGE.saturating_sub(fault_end.elapsed());
-        let (list, ok) = common::poll(
+        self.wait_all(
             left,
-            || async { self.nodes.list(&ListParams::default()).await.ok() },
-            |list| list.as_ref().is_some_and(|l| l.items.iter().all(applied)),
+            applied,
+            "every apply done and condition decided",
+            &logs,
         )
         .await;
-        assert!(
-            ok,
-            "not converged within {CONVERGE:?} of the fault's end: {:#?}\ncontroller logs:\n{}",
-            list.map(|l| l
-                .items
-                .iter()
-                .map(|n| (n.name_any(), n.status.clone()))
-                .collect::<Vec<_>>()),
-            logs()
-        );
-        let (list, ok) = common::poll(
+        self.wait_all(
             PODS,
-            || async { self.nodes.list(&ListParams::default()).await.ok() },
-            |list| {
-                list.as_ref().is_some_and(|l| {
-                    l.items.iter().all(|n| {
-                        let s = n.status.as_ref();
-                        s.and_then(|s| s.phase) == Some(SeiNodePhase::Running)
-                            && s.and_then(|s| s.plan.as_ref())
-                                .is_some_and(|p| p.id == "init-1" && p.phase == PlanPhase::Complete)
-                    })
-                })
-            },
+            running_init,
+            "every node Running on its init plan",
+            &logs,
         )
         .await;
-        assert!(
-            ok,
-            "not every node Running on its init plan: {:#?}\ncontroller logs:\n{}",
-            list.map(|l| l
-                .items
-                .iter()
-                .map(|n| (n.name_any(), n.status.clone()))
-                .collect::<Vec<_>>()),
-            logs()
-        );
         let backwards = self.history.lock().unwrap().backwards();
         assert!(
             backwards.is_empty(),
@@ -390,6 +380,35 @@ impl Scenario {
     }
 }
 
+impl Scenario {
+    /// Waits up to `timeout` for `check` to hold for every node; panics with their statuses
+    /// and `logs()` if it does not.
+    async fn wait_all(
+        &self,
+        timeout: Duration,
+        check: impl Fn(&SeiNode) -> bool,
+        what: &str,
+        logs: &impl Fn() -> String,
+    ) {
+        let (list, ok) = common::poll(
+            timeout,
+            || async { self.nodes.list(&ListParams::default()).await.ok() },
+            |list| list.as_ref().is_some_and(|l| l.items.iter().all(&check)),
+        )
+        .await;
+        assert!(
+            ok,
+            "not {what} within {timeout:?}: {:#?}\ncontroller logs:\n{}",
+            list.map(|l| l
+                .items
+                .iter()
+                .map(|n| (n.name_any(), n.status.clone()))
+                .collect::<Vec<_>>()),
+            logs()
+        );
+    }
+}
+
 impl Drop for Scenario {
     fn drop(&mut self) {
         self.watch.abort();
@@ -407,14 +426,14 @@ async fn a_controller_killed_mid_plan_is_replaced_without_repeating_or_losing_an
     scenario.assert_converged(Instant::now(), &[&second]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_server_crashing_mid_plan_costs_no_more_than_its_downtime() {
+/// Crashes control-plane `component` mid-plan, down for 2 s, under one controller.
+async fn crash_mid_plan(component: &str) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("chaos-apiserver").await;
-    let controller = ControllerProcess::start("apiserver", &[]);
+    let scenario = Scenario::new(&format!("chaos-{component}")).await;
+    let controller = ControllerProcess::start(component, &[]);
     scenario.mid_plan().await;
     common::control_plane()
-        .crash_and_restart("kube-apiserver", Duration::from_secs(2))
+        .crash_and_restart(component, Duration::from_secs(2))
         .await
         .unwrap();
     scenario
@@ -423,18 +442,13 @@ async fn the_api_server_crashing_mid_plan_costs_no_more_than_its_downtime() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_crashing_mid_plan_costs_no_more_than_its_downtime() {
+    crash_mid_plan("kube-apiserver").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_crashing_mid_plan_costs_no_more_than_its_downtime() {
-    let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("chaos-etcd").await;
-    let controller = ControllerProcess::start("etcd", &[]);
-    scenario.mid_plan().await;
-    common::control_plane()
-        .crash_and_restart("etcd", Duration::from_secs(2))
-        .await
-        .unwrap();
-    scenario
-        .assert_converged(Instant::now(), &[&controller])
-        .await;
+    crash_mid_plan("etcd").await;
 }
 
 /// The `reportingInstance` of every event in the namespace.
@@ -507,42 +521,22 @@ async fn a_leader_paused_past_its_deadline_writes_nothing_after_another_took_ove
     let scenario = Scenario::new("chaos-pause").await;
     let lease_ns = scenario.ns.clone();
     let first = ControllerProcess::leader("pause-first", &lease_ns);
-    let (_, led) = common::poll(
-        Duration::from_secs(30),
-        || async { first.log() },
-        |log| log.contains("acquired the Lease"),
-    )
-    .await;
-    assert!(led, "the first replica never led:\n{}", first.log());
+    first
+        .wait_log("acquired the Lease", "the first replica never led")
+        .await;
     let second = ControllerProcess::leader("pause-second", &lease_ns);
     scenario.mid_plan().await;
     // The leader hangs (as on a stuck renewal) well past the lease; the other takes over.
     first.signal("STOP");
-    let (_, took) = common::poll(
-        Duration::from_secs(30),
-        || async { second.log() },
-        |log| log.contains("acquired the Lease"),
-    )
-    .await;
-    assert!(
-        took,
-        "the second replica never took over:\n{}",
-        second.log()
-    );
+    second
+        .wait_log("acquired the Lease", "the second replica never took over")
+        .await;
     let before = events_of(&scenario.client, &scenario.ns, "pause-first").await;
     // It wakes with its reconciles mid-flight: it must notice it no longer leads, not write.
     first.signal("CONT");
-    let (_, stepped_down) = common::poll(
-        Duration::from_secs(30),
-        || async { first.log() },
-        |log| log.contains("not leading"),
-    )
-    .await;
-    assert!(
-        stepped_down,
-        "the old leader never stepped down:\n{}",
-        first.log()
-    );
+    first
+        .wait_log("not leading", "the old leader never stepped down")
+        .await;
     scenario
         .assert_converged(Instant::now(), &[&first, &second])
         .await;

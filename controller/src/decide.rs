@@ -613,6 +613,18 @@ mod tests {
         }
     }
 
+    /// What a new node's first reconcile writes, with its Secret judged `reason`, at `now()`.
+    fn first_status(reason: Reason) -> SeiNodeStatus {
+        decide(
+            &node("sei:v1", 1),
+            &SeiNodeStatus::default(),
+            &observed(reason),
+            &settings(),
+            now(),
+        )
+        .status
+    }
+
     fn condition_of<'a>(status: &'a SeiNodeStatus, type_: &str) -> &'a Condition {
         status
             .conditions
@@ -727,14 +739,7 @@ mod tests {
 
     #[test]
     fn a_task_done_is_recorded_and_the_next_one_is_chosen_never_an_earlier_one() {
-        let base = decide(
-            &node("sei:v1", 1),
-            &SeiNodeStatus::default(),
-            &observed(Reason::Ready),
-            &settings(),
-            now(),
-        )
-        .status;
+        let base = first_status(Reason::Ready);
         let mut seen = observed(Reason::Ready);
         seen.ran = Some((Task::ApplyRbacProxyConfig, Outcome::Done));
         let decision = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
@@ -815,14 +820,7 @@ mod tests {
 
     #[test]
     fn a_failed_task_fails_the_plan_once_and_waits_for_a_spec_change() {
-        let base = decide(
-            &node("sei:v1", 1),
-            &SeiNodeStatus::default(),
-            &observed(Reason::Ready),
-            &settings(),
-            now(),
-        )
-        .status;
+        let base = first_status(Reason::Ready);
         let mut seen = observed(Reason::Ready);
         seen.ran = Some((
             Task::ApplyRbacProxyConfig,
@@ -900,14 +898,7 @@ mod tests {
     #[test]
     fn an_object_in_the_way_fails_the_plan_until_it_is_gone_and_a_deleted_nodes_object_is_awaited()
     {
-        let base = decide(
-            &node("sei:v1", 1),
-            &SeiNodeStatus::default(),
-            &observed(Reason::Ready),
-            &settings(),
-            now(),
-        )
-        .status;
+        let base = first_status(Reason::Ready);
         let mut seen = observed(Reason::Ready);
         seen.objects.config_map = ObjectState::Orphaned;
         let orphaned = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());

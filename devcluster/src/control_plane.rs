@@ -611,11 +611,7 @@ impl ControlPlane {
         let client = client_from_kubeconfig(&self.kubeconfig).await?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let request = http::Request::get("/readyz").body(Vec::new());
-            if let Ok(request) = request
-                && let Ok(body) = client.request_text(request).await
-                && body.trim() == "ok"
-            {
+            if is_ready(&client).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -653,11 +649,7 @@ impl ControlPlane {
             if let Some(e) = self.exited(logs) {
                 return Err(e);
             }
-            let request = http::Request::get("/readyz").body(Vec::new());
-            if let Ok(request) = request
-                && let Ok(body) = client.request_text(request).await
-                && body.trim() == "ok"
-            {
+            if is_ready(&client).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -779,6 +771,17 @@ impl Drop for ControlPlane {
             tracing::warn!(error = %e, dir = %self.dir.display(), "failed to remove control-plane directory");
         }
     }
+}
+
+/// Whether the API server answers `/readyz` with ok.
+async fn is_ready(client: &Client) -> bool {
+    let Ok(request) = http::Request::get("/readyz").body(Vec::new()) else {
+        return false;
+    };
+    client
+        .request_text(request)
+        .await
+        .is_ok_and(|body| body.trim() == "ok")
 }
 
 /// A client for the cluster described by a kubeconfig file.
