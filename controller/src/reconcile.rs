@@ -726,6 +726,10 @@ async fn write_status(
     node: &Arc<SeiNode>,
     status: &SeiNodeStatus,
 ) -> Result<Option<Arc<SeiNode>>, Error> {
+    if !ctx.leadership.is_leading() {
+        // Not ours to write any more; the next leader decides again from what is stored.
+        return Ok(Some(node.clone()));
+    }
     let namespace = node.namespace().unwrap_or_default();
     let api: Api<SeiNode> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut next = SeiNode {
@@ -767,6 +771,11 @@ async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
     let now = Timestamp::now();
     let mut failed = Vec::new();
     for event in events {
+        // Checked before each: a process paused mid-reconcile (a stuck host, SIGSTOP) may wake
+        // after another replica took over, which re-sends recent flips on its first look.
+        if !ctx.leadership.is_leading() {
+            return;
+        }
         if let NodeEvent::CertificateExpiring { not_after, .. } = event {
             lock(&ctx.expiry_warned).insert((uid(node), not_after.as_second()));
         }
