@@ -422,15 +422,28 @@ async fn only_the_controller_may_write_seinode_status() {
     assert!(message.contains("seinode-tls-admin may not"), "{message}");
 
     let sa_nodes: Api<SeiNode> = Api::namespaced(service_account_client().await, &ns);
-    // As the controller writes it: a replace on the version it read.
-    let mut node = sa_nodes.get("rpc").await.unwrap();
-    node.status = Some(SeiNodeStatus {
-        phase: Some(SeiNodePhase::Pending),
-        ..SeiNodeStatus::default()
-    });
-    sa_nodes
-        .replace_status("rpc", &PostParams::default(), &node)
-        .await
+    // As the controller writes it: a replace on the version it read (read again on a
+    // conflict: another test's controller may be reconciling the same node).
+    let mut result = None;
+    for _ in 0..5 {
+        let mut node = sa_nodes.get("rpc").await.unwrap();
+        node.status = Some(SeiNodeStatus {
+            phase: Some(SeiNodePhase::Pending),
+            ..SeiNodeStatus::default()
+        });
+        match sa_nodes
+            .replace_status("rpc", &PostParams::default(), &node)
+            .await
+        {
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            other => {
+                result = Some(other);
+                break;
+            }
+        }
+    }
+    result
+        .expect("five conflicts in a row")
         .expect("the controller's ServiceAccount may write status");
 }
 
