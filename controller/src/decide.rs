@@ -185,9 +185,6 @@ pub fn decide(
     let mut plan = desired_plan(node, status, spec_changed);
     status.observed_generation = generation;
     let open = gate(tls.is_some(), &conditions) == Gate::Open;
-    if open {
-        plan = repair(plan, node, status, observed, generation.unwrap_or_default());
-    }
     if let (Some(plan), Some((task, outcome))) = (plan.as_mut(), &observed.ran) {
         let before = base.plan.as_ref().filter(|p| p.id == plan.id);
         record(
@@ -200,6 +197,14 @@ pub fn decide(
             &mut decision.events,
             now,
         );
+    }
+    if open && let Some(settled) = plan.as_mut() {
+        // Finish what observation allows first: a plan completed just now is checked for
+        // drift in the same decision (the controller's own write does not wake the node).
+        advance(settled, status, node, observed, now);
+    }
+    if open {
+        plan = repair(plan, node, status, observed, generation.unwrap_or_default());
     }
     if let Some(plan) = plan.as_mut().filter(|_| open) {
         decision.task = advance(plan, status, node, observed, now);
@@ -893,6 +898,25 @@ mod tests {
         let types: Vec<&str> = plan.tasks.iter().map(|t| t.r#type.as_str()).collect();
         assert_eq!(types, ["ApplyStatefulSet", "AwaitStatefulSetReady"]);
         assert_eq!(changed.task, Some(Task::ApplyStatefulSet));
+    }
+
+    #[test]
+    fn drift_is_seen_in_the_decision_that_completes_the_plan() {
+        let mut base = running();
+        let plan = base.plan.as_mut().expect("plan");
+        plan.phase = PlanPhase::Active;
+        plan.tasks[3].status = TaskStatus::Pending;
+        base.phase = Some(SeiNodePhase::Initializing);
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        seen.objects.service = ObjectState::Missing;
+        let decision = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        assert_eq!(decision.status.phase, Some(SeiNodePhase::Running));
+        assert_eq!(
+            decision.status.plan.as_ref().map(|p| p.id.as_str()),
+            Some("repair-1")
+        );
+        assert_eq!(decision.task, Some(Task::ApplyService));
     }
 
     #[test]

@@ -329,11 +329,10 @@ async fn reconcile_node(node: &Arc<SeiNode>, ctx: &Context) -> Result<Option<Ste
     }
     send_unsent(ctx, node).await;
     let now = Timestamp::now();
-    let base = node.status.clone().unwrap_or_default();
+    let mut base = node.status.clone().unwrap_or_default();
     let mut observed = observe(node, &base, ctx, now).await;
     let settings = ctx.settings();
     let mut current = node.clone();
-    let mut base = base;
     loop {
         let decision = decide(&current, &base, &observed, &settings, now);
         if !ctx.leadership.is_leading() {
