@@ -189,8 +189,19 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     // The leader's Pod is deleted: the other replica takes the Lease within the lease's
     // duration (15 s) plus a retry period, and the next node still gets reconciled.
     let leader = holder.unwrap();
+    // The holder is `<pod>_<random>`: one identity per process.
+    let leader_pod = leader
+        .rsplit_once('_')
+        .map_or(leader.as_str(), |(pod, _)| pod);
     let out = common::kubectl(
-        &["delete", "pod", &leader, "-n", RELEASE_NS, "--wait=false"],
+        &[
+            "delete",
+            "pod",
+            leader_pod,
+            "-n",
+            RELEASE_NS,
+            "--wait=false",
+        ],
         "",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
