@@ -2,11 +2,11 @@
 //! note, and a name derived from the state the event reports, so publishing twice (after a
 //! restart, or a retry) creates one event.
 
+use crate::short_digest;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use sha2::{Digest, Sha256};
 
 /// events.k8s.io refuses notes longer than this many bytes.
 pub const NOTE_LIMIT: usize = 1024;
@@ -99,14 +99,13 @@ impl NodeEvent {
             } => format!("{secret}\n{}", not_after.as_second()),
             NodeEvent::PlanFailed { plan, task, .. } => format!("{plan}\n{task}"),
         };
-        let digest = Sha256::new()
-            .chain_update(node_uid)
-            .chain_update("\n")
-            .chain_update(self.reason())
-            .chain_update("\n")
-            .chain_update(what)
-            .finalize();
-        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        short_digest([
+            node_uid.as_bytes(),
+            b"\n",
+            self.reason().as_bytes(),
+            b"\n",
+            what.as_bytes(),
+        ])
     }
 
     /// The events.k8s.io object for `regarding`, named after the event's identity.

@@ -19,6 +19,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::config::LeaderElection;
+use crate::lock;
 
 /// Whether this replica may write now; cheap to clone and to ask.
 #[derive(Clone, Debug)]
@@ -47,10 +48,6 @@ impl Leadership {
             *lock(slot) = until;
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A candidate for the Lease.

@@ -216,15 +216,45 @@ where
     )
     .touched_objects()
     .predicate_filter(predicates::resource_version, PredicateConfig::default())
-    .filter_map(move |result| {
+    .filter_map(triggers(what, |_| true))
+}
+
+/// The watch events that wake nodes: the objects `keep` accepts. Errors are logged here (each
+/// watch backs off on its own) and never reach the controller, whose shared backoff would
+/// otherwise pause every trigger.
+fn triggers<K>(
+    what: &'static str,
+    keep: impl Fn(&K) -> bool,
+) -> impl FnMut(Result<K, watcher::Error>) -> std::future::Ready<Option<Result<K, watcher::Error>>>
+{
+    move |result| {
         std::future::ready(match result {
-            Ok(object) => Some(Ok(object)),
+            Ok(object) if keep(&object) => Some(Ok(object)),
+            Ok(_) => None,
             Err(error) => {
                 tracing::warn!(watch = what, error = %seinode_tls_crds::error_chain(&error), "watch failed; retrying with backoff");
                 None
             }
         })
-    })
+    }
+}
+
+/// Locks `mutex`, taking the data over from a holder that panicked.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The first 8 bytes of a SHA-256 of `parts`, in hex: a stable name for what they describe.
+pub(crate) fn short_digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Term {
@@ -238,9 +268,12 @@ impl Term {
         let node_index = index.clone();
         let node_stream = reflector::reflector(
             writer,
-            watcher(Api::<SeiNode>::all(client.clone()), watcher::Config::default())
-                .default_backoff()
-                .modify(|node: &mut SeiNode| node.managed_fields_mut().clear()),
+            watcher(
+                Api::<SeiNode>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .modify(|node: &mut SeiNode| node.managed_fields_mut().clear()),
         )
         .inspect(move |event| {
             if let Ok(event) = event {
@@ -249,17 +282,8 @@ impl Term {
         })
         .touched_objects()
         .predicate_filter(predicates::resource_version, PredicateConfig::default())
-        .filter_map(move |result| {
-            std::future::ready(match result {
-                // The event of the controller's own write: the reconcile that wrote went on.
-                Ok(node) if own.is_own(&node) => None,
-                Ok(node) => Some(Ok(node)),
-                Err(error) => {
-                    tracing::warn!(watch = "SeiNode", error = %seinode_tls_crds::error_chain(&error), "watch failed; retrying with backoff");
-                    None
-                }
-            })
-        });
+        // Not the events of the controller's own writes: the reconcile that wrote went on.
+        .filter_map(triggers("SeiNode", move |node: &SeiNode| !own.is_own(node)));
 
         let owned = watcher::Config::default().labels(&format!(
             "{}={}",
@@ -295,16 +319,12 @@ impl Term {
         )
         .default_backoff()
         .touched_objects()
-        .filter_map(move |result| {
-            std::future::ready(match result {
-                Ok(secret) if secret_index.is_named(&secret.namespace().unwrap_or_default(), &secret.name_any()) => Some(Ok(secret)),
-                Ok(_) => None,
-                Err(error) => {
-                    tracing::warn!(watch = "Secret", error = %seinode_tls_crds::error_chain(&error), "watch failed; retrying with backoff");
-                    None
-                }
-            })
-        })
+        .filter_map(triggers(
+            "Secret",
+            move |secret: &PartialObjectMeta<Secret>| {
+                secret_index.is_named(&secret.namespace().unwrap_or_default(), &secret.name_any())
+            },
+        ))
         .predicate_filter(predicates::resource_version, PredicateConfig::default());
 
         // kube-runtime wants a Sync trigger; relay the caller's future through a channel.

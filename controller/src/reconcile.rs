@@ -19,7 +19,6 @@ use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate};
 use seinode_tls_crds::{DEFAULT_SIDECAR_PORT, PlanPhase, SeiNode, SeiNodePhase, SeiNodeStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::config::ControllerConfig;
@@ -33,6 +32,7 @@ use crate::plan::Task;
 use crate::probe::{ProbeResult, SidecarProber};
 use crate::resources;
 use crate::secrets::SecretJudge;
+use crate::{lock, short_digest};
 
 /// Field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = "seinode-tls-controller";
@@ -116,10 +116,6 @@ impl Latest {
             .get(&uid(node))
             .is_some_and(|ours| ours.metadata.resource_version == node.metadata.resource_version)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Context {
@@ -559,8 +555,7 @@ fn state<K: Resource + Serialize>(
 /// `object` with its [`TEMPLATE_HASH_ANNOTATION`]: a digest of the object as built.
 pub fn stamp<K: Resource + Serialize>(mut object: K) -> K {
     let bytes = serde_json::to_vec(&object).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
-    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let hash = short_digest([bytes.as_slice()]);
     object
         .meta_mut()
         .annotations
