@@ -204,6 +204,17 @@ pub struct WebhookArgs {
     /// Time in-flight requests get to finish at shutdown.
     #[arg(long, env = "SEINODE_TLS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// HTTPS connections open at once; a connection over the limit is closed on accept.
+    #[arg(long, env = "SEINODE_TLS_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_connections: u32,
+    /// Admission requests handled at once; a request over the limit is answered 429 with
+    /// Retry-After, which the API server retries.
+    #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_REQUESTS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_concurrent_requests: u32,
+    /// A connection on which no byte moves for this long is closed; keep it above the 90s after
+    /// which the API server drops idle connections itself.
+    #[arg(long, env = "SEINODE_TLS_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -317,6 +328,9 @@ impl WebhookArgs {
         config.cluster_domain = serve.cluster_domain.clone();
         config.request_deadline = self.request_deadline;
         config.shutdown_grace = self.shutdown_grace;
+        config.max_connections = self.max_connections as usize;
+        config.max_concurrent_requests = self.max_concurrent_requests as usize;
+        config.idle_timeout = self.idle_timeout;
         config
     }
 }
@@ -512,5 +526,41 @@ mod stand_in_tests {
         assert!(Cli::try_parse_from(["seinode-tls", "stand-in", "sidecar", "--port=1"]).is_err());
         let help = Cli::command().render_help().to_string();
         assert!(!help.contains("stand-in"), "{help}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_webhook_flags_default_to_the_library_defaults() {
+        let cli = Cli::try_parse_from([
+            "seinode-tls",
+            "webhook",
+            "--tls-cert-file=c.pem",
+            "--tls-key-file=k.pem",
+        ])
+        .unwrap();
+        let Command::Webhook(args) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        let flags = args.webhook.into_config(&args.serve);
+        let library = WebhookConfig::new(
+            flags.listen_addr,
+            flags.health_addr,
+            flags.tls_cert_file.clone(),
+            flags.tls_key_file.clone(),
+        );
+        assert_eq!(flags.max_connections, library.max_connections);
+        assert_eq!(
+            flags.max_concurrent_requests,
+            library.max_concurrent_requests
+        );
+        assert_eq!(flags.idle_timeout, library.idle_timeout);
+        assert_eq!(flags.request_deadline, library.request_deadline);
+        assert_eq!(flags.shutdown_grace, library.shutdown_grace);
     }
 }

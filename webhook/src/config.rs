@@ -44,6 +44,14 @@ pub struct WebhookConfig {
     pub request_deadline: Duration,
     /// Requests still in flight at shutdown get this long to finish.
     pub shutdown_grace: Duration,
+    /// HTTPS connections open at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Admission requests handled at once; more are answered 429 with `Retry-After`.
+    pub max_concurrent_requests: usize,
+    /// A connection on which no byte moves for this long is closed (also the time an HTTP/1
+    /// request head may take). Longer than the 90 s after which Go clients such as the API server
+    /// drop idle connections themselves, so the webhook never closes one a client is about to use.
+    pub idle_timeout: Duration,
 }
 
 impl WebhookConfig {
@@ -64,6 +72,9 @@ impl WebhookConfig {
             cluster_domain: seinode_tls_crds::contract::DEFAULT_CLUSTER_DOMAIN.to_owned(),
             request_deadline: DEFAULT_REQUEST_DEADLINE,
             shutdown_grace: Duration::from_secs(10),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -71,6 +82,14 @@ impl WebhookConfig {
 /// Default internal deadline: well below the 5-second `timeoutSeconds` the configurations use,
 /// so the API server always gets our answer rather than its own timeout.
 pub const DEFAULT_REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The API server holds a handful of connections (one per replica over HTTP/2, a few dozen over
+/// HTTP/1.1 under load); the rest is headroom for probes and bursts.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// A decision takes tens of microseconds; 32 in progress at once means a client is slow or
+/// hostile. Bounds the bodies buffered at once (at most 32 × the per-path body limit).
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 32;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `timeoutSeconds` of the webhook configurations this project registers.
 pub const WEBHOOK_TIMEOUT_SECONDS: i32 = 5;

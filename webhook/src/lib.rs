@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod cache;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod registration;
 pub mod server;

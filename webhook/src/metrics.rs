@@ -83,6 +83,13 @@ pub struct WebhookMetrics {
     pub serving_cert_not_after: Gauge<i64, AtomicI64>,
     pub serving_cert_reloads: Family<ReloadLabels, Counter>,
     pub in_flight: Gauge,
+    /// Requests answered 429 because `--max-concurrent-requests` were being handled.
+    pub requests_shed: Counter,
+    pub connections_open: Gauge,
+    /// Connections closed on accept because `--max-connections` were open.
+    pub connections_refused: Counter,
+    /// Connections closed after `--idle-timeout` without a byte read or written.
+    pub connections_idle_closed: Counter,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -132,12 +139,40 @@ impl WebhookMetrics {
             "Admission requests being handled now",
             in_flight.clone(),
         );
+        let requests_shed = Counter::default();
+        registry.register(
+            "webhook_requests_shed",
+            "Admission requests answered 429 because the concurrent-request limit was reached",
+            requests_shed.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "webhook_connections_open",
+            "HTTPS connections open now",
+            connections_open.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "webhook_connections_refused",
+            "HTTPS connections closed on accept because the connection limit was reached",
+            connections_refused.clone(),
+        );
+        let connections_idle_closed = Counter::default();
+        registry.register(
+            "webhook_connections_idle_closed",
+            "HTTPS connections closed because no byte moved for the idle timeout",
+            connections_idle_closed.clone(),
+        );
         Self {
             requests,
             latency,
             serving_cert_not_after,
             serving_cert_reloads,
             in_flight,
+            requests_shed,
+            connections_open,
+            connections_refused,
+            connections_idle_closed,
         }
     }
 }

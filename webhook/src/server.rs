@@ -13,8 +13,10 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum_server::tls_rustls::RustlsAcceptor;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use hyper_util::rt::TokioTimer;
 use jiff::Timestamp;
 use kube::Client;
 use kube::core::DynamicObject;
@@ -26,14 +28,34 @@ use tracing::Instrument;
 use crate::admission::{AdmissionContext, Decision, WebhookKind, decide};
 use crate::cache::{Caches, NodeCache, SecretCache};
 use crate::config::{GuardPolicy, SecretPolicy, WebhookConfig};
+use crate::limits::{ConnectionGuard, RequestLimit, shed_over_limit};
 use crate::metrics::{
     LatencyLabels, OperationLabel, OutcomeLabel, RequestLabels, WebhookLabel, WebhookMetrics,
 };
 use crate::tls::{ServingCertificate, TlsError};
 
-/// Largest AdmissionReview accepted. A Secret is at most 1 MiB; an UPDATE carries it twice,
+/// Largest Secret review accepted. A Secret is at most 1 MiB; an UPDATE carries it twice,
 /// base64-encoded, plus JSON around it.
-pub const MAX_BODY_BYTES: usize = 6 << 20;
+pub const MAX_SECRET_REVIEW_BYTES: usize = 6 << 20;
+/// Largest SeiNode review accepted. A SeiNode is a few KiB; an UPDATE with a kubectl
+/// last-applied annotation and managedFields, twice, stays well below this. Parsing JSON of small
+/// values takes up to about 30 times its size, so this also bounds what one request can make
+/// the process allocate.
+pub const MAX_SEINODE_REVIEW_BYTES: usize = 512 << 10;
+
+impl WebhookKind {
+    /// Largest review this endpoint reads; a longer body is a 400 that says so.
+    pub fn max_body_bytes(self) -> usize {
+        match self {
+            WebhookKind::ValidateSeiNode | WebhookKind::MutateSeiNode => MAX_SEINODE_REVIEW_BYTES,
+            WebhookKind::GuardSecret => MAX_SECRET_REVIEW_BYTES,
+        }
+    }
+}
+
+/// A client gets this long for its TLS handshake, and again for its first request.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The only AdmissionReview version served.
 const ADMISSION_V1: &str = "admission.k8s.io/v1";
@@ -73,6 +95,7 @@ pub struct AdmissionState {
     pub cluster_domain: String,
     pub request_deadline: Duration,
     pub metrics: Arc<WebhookMetrics>,
+    pub request_limit: Arc<RequestLimit>,
 }
 
 impl AdmissionState {
@@ -89,6 +112,7 @@ impl AdmissionState {
             guard_policy: config.guard_policy,
             cluster_domain: config.cluster_domain.clone(),
             request_deadline: config.request_deadline,
+            request_limit: Arc::new(RequestLimit::new(config.max_concurrent_requests, &metrics)),
             metrics,
         }
     }
@@ -112,7 +136,7 @@ impl AdmissionState {
 
 // === Routers ===
 
-/// The admission endpoints.
+/// The admission endpoints, behind the concurrent-request limit.
 pub fn admission_router(state: Arc<AdmissionState>, floor_endpoint: bool) -> Router {
     let route = |kind: WebhookKind| {
         post(
@@ -128,7 +152,10 @@ pub fn admission_router(state: Arc<AdmissionState>, floor_endpoint: bool) -> Rou
     if floor_endpoint {
         router = router.route(FLOOR_PATH, post(floor));
     }
-    router.with_state(state)
+    let limit = state.request_limit.clone();
+    router
+        .route_layer(axum::middleware::from_fn_with_state(limit, shed_over_limit))
+        .with_state(state)
 }
 
 /// `/healthz` (the process serves), `/readyz` (caches synced; the serving certificate is loaded
@@ -195,7 +222,9 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
     );
     let deadline = state.request_deadline;
     let result = async {
-        let body = match tokio::time::timeout(deadline, read_body(request.into_body())).await {
+        let limit = kind.max_body_bytes();
+        let body = match tokio::time::timeout(deadline, read_body(request.into_body(), limit)).await
+        {
             Ok(body) => body?,
             Err(_) => {
                 return Err(format!(
@@ -286,7 +315,7 @@ impl Drop for InFlight<'_> {
 /// The benchmark's floor: read and parse the review exactly like [`admit`], then allow.
 async fn floor(State(state): State<Arc<AdmissionState>>, request: Request) -> Response {
     let started = Instant::now();
-    let response = match read_body(request.into_body())
+    let response = match read_body(request.into_body(), MAX_SEINODE_REVIEW_BYTES)
         .await
         .and_then(|body| parse_review(&body))
     {
@@ -303,18 +332,15 @@ async fn floor(State(state): State<Arc<AdmissionState>>, request: Request) -> Re
     response
 }
 
-async fn read_body(body: Body) -> Result<Bytes, String> {
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|e| {
-            if std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            {
-                format!("request body exceeds the limit of {MAX_BODY_BYTES} bytes")
-            } else {
-                format!("failed to read the request body: {e}")
-            }
-        })
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, String> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            format!("request body exceeds this endpoint's limit of {limit} bytes")
+        } else {
+            format!("failed to read the request body: {e}")
+        }
+    })
 }
 
 fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
@@ -495,13 +521,28 @@ impl Webhook {
         let health_addr = self.health_addr();
 
         let admission = admission_router(state.clone(), self.floor_endpoint);
-        let https = axum_server::from_tcp_rustls(self.https, self.certificate.rustls_config())
+        let guard = ConnectionGuard::new(
+            self.config.max_connections,
+            self.config.idle_timeout,
+            &self.metrics,
+        );
+        let acceptor = RustlsAcceptor::new(self.certificate.rustls_config())
+            .handshake_timeout(HANDSHAKE_TIMEOUT)
+            .acceptor(guard);
+        let mut server = axum_server::from_tcp(self.https)
             .map_err(|source| WebhookError::Serve {
                 what: "admission",
                 source,
             })?
-            .handle(handle.clone())
-            .serve(admission.into_make_service());
+            .acceptor(acceptor)
+            .first_request_timeout(FIRST_REQUEST_TIMEOUT)
+            .handle(handle.clone());
+        server
+            .http_builder()
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.idle_timeout);
+        let https = server.serve(admission.into_make_service());
         let health_listener = tokio::net::TcpListener::from_std(self.health).map_err(|source| {
             WebhookError::Serve {
                 what: "health",

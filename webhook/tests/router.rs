@@ -25,10 +25,11 @@ use rcgen::{CertificateParams, KeyPair, date_time_ymd};
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::contract::{REQUIRED_DNS_NAMES_ANNOTATION, required_dns_names};
 use seinode_tls_webhook::cache::{NodeCache, SecretCache};
+use seinode_tls_webhook::limits::RequestLimit;
 use seinode_tls_webhook::metrics::WebhookMetrics;
 use seinode_tls_webhook::server::{
-    AdmissionState, MAX_BODY_BYTES, MUTATE_SEINODES_PATH, VALIDATE_SECRETS_PATH,
-    VALIDATE_SEINODES_PATH, admission_router, health_router,
+    AdmissionState, MAX_SECRET_REVIEW_BYTES, MAX_SEINODE_REVIEW_BYTES, MUTATE_SEINODES_PATH,
+    VALIDATE_SECRETS_PATH, VALIDATE_SEINODES_PATH, admission_router, health_router,
 };
 use seinode_tls_webhook::{GuardPolicy, SecretPolicy};
 use serde_json::{Value, json};
@@ -59,6 +60,7 @@ struct Setup {
     synced: bool,
     secret_policy: SecretPolicy,
     guard_policy: GuardPolicy,
+    max_concurrent_requests: usize,
 }
 
 fn setup() -> Setup {
@@ -68,6 +70,7 @@ fn setup() -> Setup {
         synced: true,
         secret_policy: SecretPolicy::Deny,
         guard_policy: GuardPolicy::Warn,
+        max_concurrent_requests: 32,
     }
 }
 
@@ -90,6 +93,11 @@ impl Setup {
 
     fn guard_policy(mut self, policy: GuardPolicy) -> Self {
         self.guard_policy = policy;
+        self
+    }
+
+    fn max_concurrent_requests(mut self, max: usize) -> Self {
+        self.max_concurrent_requests = max;
         self
     }
 
@@ -121,6 +129,7 @@ impl Setup {
             guard_policy: self.guard_policy,
             cluster_domain: CLUSTER_DOMAIN.to_owned(),
             request_deadline: Duration::from_secs(2),
+            request_limit: Arc::new(RequestLimit::new(self.max_concurrent_requests, &metrics)),
             metrics,
         });
         let admission = admission_router(state.clone(), false);
@@ -133,6 +142,34 @@ impl Setup {
 }
 
 impl Webhook {
+    /// POSTs `body` to `path`: the status, the headers and the body as text.
+    async fn post_full(
+        &self,
+        path: &str,
+        body: impl Into<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.into())
+            .unwrap();
+        let response = self.admission.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
+    }
+
     /// POSTs `body` to `path` of the admission router; the same router answers every call.
     async fn post(&self, path: &str, body: impl Into<Body>) -> (StatusCode, Bytes) {
         let request = Request::builder()
@@ -1481,15 +1518,19 @@ async fn review_whose_request_is_not_a_request_is_a_400() {
 }
 
 #[tokio::test]
-async fn body_over_the_limit_is_a_400_mentioning_the_limit() {
+async fn body_over_the_endpoints_limit_is_a_400_mentioning_the_limit() {
     let webhook = setup().build();
-    let message = webhook
-        .bad_request(VALIDATE_SEINODES_PATH, vec![b' '; MAX_BODY_BYTES + 1])
-        .await;
-    assert_contains_all(
-        &message,
-        &["exceeds the limit", &MAX_BODY_BYTES.to_string()],
-    );
+    for (path, limit) in [
+        (VALIDATE_SEINODES_PATH, MAX_SEINODE_REVIEW_BYTES),
+        (MUTATE_SEINODES_PATH, MAX_SEINODE_REVIEW_BYTES),
+        (VALIDATE_SECRETS_PATH, MAX_SECRET_REVIEW_BYTES),
+    ] {
+        let message = webhook.bad_request(path, vec![b' '; limit + 1]).await;
+        assert_contains_all(
+            &message,
+            &["exceeds this endpoint's limit", &limit.to_string()],
+        );
+    }
 }
 
 #[tokio::test]
@@ -1497,29 +1538,90 @@ async fn streamed_body_over_the_limit_is_a_400_mentioning_the_limit() {
     // No length up front: the limit is enforced as the chunks arrive.
     let webhook = setup().build();
     let chunk = Bytes::from(vec![b' '; 1 << 20]);
-    let chunks = (0..=MAX_BODY_BYTES >> 20).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+    let chunks =
+        (0..=MAX_SECRET_REVIEW_BYTES >> 20).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
     let body = Body::from_stream(futures::stream::iter(chunks));
     let message = webhook.bad_request(VALIDATE_SECRETS_PATH, body).await;
     assert_contains_all(
         &message,
-        &["exceeds the limit", &MAX_BODY_BYTES.to_string()],
+        &[
+            "exceeds this endpoint's limit",
+            &MAX_SECRET_REVIEW_BYTES.to_string(),
+        ],
     );
 }
 
 #[tokio::test]
-async fn body_larger_than_axums_default_limit_but_within_ours_is_answered() {
-    // A Secret UPDATE carries the Secret twice; 3 MiB must not hit axum's 2 MiB default.
-    let webhook = setup().build();
-    let review = Review::create_node(node(NODE, None));
-    let mut body = review.to_json().to_string();
+async fn secret_review_larger_than_the_seinode_limit_and_axums_default_is_answered() {
+    // A Secret UPDATE carries the Secret twice; 3 MiB must hit neither axum's 2 MiB default nor
+    // the SeiNode endpoints' limit.
+    let webhook = setup().secret(valid_secret(SECRET, "1")).build();
+    let mut body = Review::update_secret(&valid_secret(SECRET, "1"), &valid_secret(SECRET, "2"))
+        .to_json()
+        .to_string();
     body.push_str(&" ".repeat(3 << 20));
-    let (status, answer) = webhook.post(VALIDATE_SEINODES_PATH, body).await;
+    let (status, answer) = webhook.post(VALIDATE_SECRETS_PATH, body).await;
     assert_eq!(
         status,
         StatusCode::OK,
         "{}",
         String::from_utf8_lossy(&answer)
     );
+}
+
+#[tokio::test]
+async fn requests_over_the_concurrency_limit_are_shed_with_a_429_the_api_server_retries() {
+    let webhook = setup().max_concurrent_requests(1).build();
+    // The first request holds the only slot while its body has not arrived.
+    let (mut sender, chunks) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let body = Body::from_stream(chunks);
+    let held = tokio::spawn({
+        let admission = webhook.admission.clone();
+        async move {
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri(VALIDATE_SEINODES_PATH)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body)
+                .unwrap();
+            admission.oneshot(request).await.unwrap().status()
+        }
+    });
+    let review = Review::create_node(node(NODE, None)).to_json().to_string();
+    // Until the held request has taken the slot, others are answered as usual.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (headers, body) = loop {
+        let (status, headers, body) = webhook
+            .post_full(VALIDATE_SEINODES_PATH, review.clone())
+            .await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            break (headers, body);
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(std::time::Instant::now() < deadline, "never shed");
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(headers.get(header::RETRY_AFTER).unwrap(), "1");
+    assert_contains_all(
+        &body,
+        &["maximum of 1 requests", "--max-concurrent-requests"],
+    );
+    assert!(
+        webhook
+            .metrics_text()
+            .contains("webhook_requests_shed_total 1"),
+        "{}",
+        webhook.metrics_text()
+    );
+
+    // Once the first request completes, the slot is free again.
+    futures::SinkExt::send(&mut sender, Ok(Bytes::from(review.clone())))
+        .await
+        .unwrap();
+    drop(sender);
+    assert_eq!(held.await.unwrap(), StatusCode::OK);
+    let (status, _) = webhook.post(VALIDATE_SEINODES_PATH, review).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -1535,7 +1637,7 @@ async fn bad_requests_do_not_stop_the_router_from_answering() {
         webhook.bad_request(path, "{\"apiVersion\": 7}").await;
         webhook.bad_request(path, vec![0xff_u8, 0xfe, 0x00]).await;
         webhook
-            .bad_request(path, vec![b'{'; MAX_BODY_BYTES + 1])
+            .bad_request(path, vec![b'{'; MAX_SECRET_REVIEW_BYTES + 1])
             .await;
     }
     webhook

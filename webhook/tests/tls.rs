@@ -58,6 +58,13 @@ impl Ca {
         &self,
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(self.client_config(versions))
+    }
+
+    fn client_config(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(self.issuer.pem().as_bytes()).unwrap())
@@ -68,7 +75,7 @@ impl Ca {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
+        Arc::new(config)
     }
 }
 
@@ -132,11 +139,16 @@ struct Server {
 }
 
 fn start(cert: &Path, key: &Path) -> Server {
+    start_with(cert, key, |_| {})
+}
+
+fn start_with(cert: &Path, key: &Path, configure: impl FnOnce(&mut WebhookConfig)) -> Server {
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let mut config = WebhookConfig::new(loopback, loopback, cert.to_owned(), key.to_owned());
     config.shutdown_grace = Duration::from_secs(5);
     // Generous: the graceful-shutdown test sends half a body, then the rest a moment later.
     config.request_deadline = Duration::from_secs(30);
+    configure(&mut config);
     let mut registry = Registry::default();
     let webhook = Webhook::bind(config, &mut registry).expect("bind");
     let addr = webhook.https_addr();
@@ -409,4 +421,167 @@ fn an_unusable_serving_certificate_is_a_clear_error_at_start() {
         "{err}"
     );
     assert!(err.contains("not usable together"), "{err}");
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+async fn connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> std::io::Result<TlsStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// Holds a connection open, reading whatever comes and, with `trickle`, writing its bytes one
+/// every 300 ms (then `a` forever); returns once the server closes the connection.
+async fn hold(mut tls: TlsStream, trickle: Option<&'static [u8]>) {
+    let mut buf = [0u8; 4096];
+    let mut sent = 0;
+    loop {
+        let read = tokio::time::timeout(Duration::from_millis(300), tls.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            return;
+        }
+        if let Some(bytes) = trickle {
+            let byte = bytes.get(sent).copied().unwrap_or(b'a');
+            if tls.write_all(&[byte]).await.is_err() || tls.flush().await.is_err() {
+                return;
+            }
+            sent += 1;
+        }
+    }
+}
+
+async fn metric_reaches(registry: &Registry, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics_text(registry).lines().any(|l| l == line) {
+        assert!(
+            Instant::now() < deadline,
+            "no {line:?} in\n{}",
+            metrics_text(registry)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_are_closed_while_requests_are_still_answered() {
+    let ca = Ca::new();
+    let (cert, key, _) = ca.issue(1);
+    let volume = SecretVolume::new(&cert, &key);
+    let server = start_with(&volume.cert(), &volume.key(), |config| {
+        config.idle_timeout = Duration::from_secs(2);
+    });
+    let connector = ca.client(&[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let slow_head: &'static [u8] =
+        b"POST /validate/seinodes HTTP/1.1\r\nHost: localhost\r\nX-Padding: ";
+    let keep_alive = format!(
+        "POST {VALIDATE_SEINODES_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{REVIEW}",
+        REVIEW.len()
+    );
+    let mut held = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let mut tls = connect(&connector, server.addr).await.expect("connect");
+        match i % 4 {
+            // TLS, then nothing: closed by the idle timeout.
+            0 => drop(held.spawn(hold(tls, None))),
+            // A first request head one byte at a time: closed by the first-request timeout.
+            1 => drop(held.spawn(hold(tls, Some(slow_head)))),
+            // One request answered on a kept-alive connection, then silence.
+            2 => {
+                tls.write_all(keep_alive.as_bytes()).await.unwrap();
+                drop(held.spawn(hold(tls, None)));
+            }
+            // One request, then the next head one byte at a time: the head timeout.
+            _ => {
+                tls.write_all(keep_alive.as_bytes()).await.unwrap();
+                drop(held.spawn(hold(tls, Some(slow_head))));
+            }
+        }
+    }
+    // HTTP/2 has no head timeout: after one request, only the idle timeout closes these.
+    let mut h2_config = (*ca.client_config(&[&rustls::version::TLS13])).clone();
+    h2_config.alpn_protocols = vec![b"h2".to_vec()];
+    let h2_connector = tokio_rustls::TlsConnector::from(Arc::new(h2_config));
+    for _ in 0..5 {
+        let tls = connect(&h2_connector, server.addr).await.expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .expect("h2 handshake");
+        let running = tokio::spawn(connection);
+        let request = hyper::Request::post(VALIDATE_SEINODES_PATH)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(axum::body::Bytes::from_static(
+                REVIEW.as_bytes(),
+            )))
+            .unwrap();
+        let response = sender.send_request(request).await.expect("h2 request");
+        assert_eq!(response.status(), 200);
+        drop(held.spawn(async move {
+            let _sender = sender;
+            let _ = running.await;
+        }));
+    }
+    metric_reaches(&server.registry, "webhook_connections_open 45").await;
+
+    // Held connections take nothing from the API server's requests.
+    for _ in 0..5 {
+        let (status, body, _) = request(&connector, server.addr).await.expect("request");
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // Every held connection is closed by the server (the first-request timeout is 10 s).
+    let all_closed = tokio::time::timeout(Duration::from_secs(30), async {
+        while held.join_next().await.is_some() {}
+    })
+    .await;
+    assert!(
+        all_closed.is_ok(),
+        "{} connections still open after 30 s\n{}",
+        held.len(),
+        metrics_text(&server.registry)
+    );
+    metric_reaches(&server.registry, "webhook_connections_open 0").await;
+    let text = metrics_text(&server.registry);
+    let idle_closed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("webhook_connections_idle_closed_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // The HTTP/2 ones at least (HTTP/1 ones may meet the head timeout first).
+    assert!(idle_closed >= 5, "{text}");
+    let (status, body, _) = request(&connector, server.addr).await.expect("request");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_are_closed_on_accept_until_one_is_freed() {
+    let ca = Ca::new();
+    let (cert, key, _) = ca.issue(1);
+    let volume = SecretVolume::new(&cert, &key);
+    let server = start_with(&volume.cert(), &volume.key(), |config| {
+        config.max_connections = 4;
+    });
+    let connector = ca.client(&[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(connect(&connector, server.addr).await.expect("connect"));
+    }
+    metric_reaches(&server.registry, "webhook_connections_open 4").await;
+    let refused = request(&connector, server.addr).await;
+    assert!(refused.is_err(), "answered over the cap: {refused:?}");
+    metric_reaches(&server.registry, "webhook_connections_refused_total 1").await;
+
+    // Closing one frees its slot.
+    drop(open.pop());
+    metric_reaches(&server.registry, "webhook_connections_open 3").await;
+    let (status, body, _) = request(&connector, server.addr).await.expect("request");
+    assert_eq!(status, 200, "{body}");
 }
