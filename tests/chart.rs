@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -306,7 +306,10 @@ async fn the_controller_and_the_webhook_caches_work_as_the_service_account() {
     let sa = service_account_client().await;
 
     // The webhook's caches sync (list/watch of Secrets and SeiNodes).
-    let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(sa.clone());
+    let metrics = Arc::new(seinode_tls_webhook::metrics::WebhookMetrics::register(
+        &mut prometheus_client::registry::Registry::default(),
+    ));
+    let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(sa.clone(), metrics);
     let watch = tokio::spawn(watch);
     let (_, synced) = common::poll(WAIT, || async { caches.is_synced() }, |s| *s).await;
     assert!(

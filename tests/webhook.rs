@@ -13,7 +13,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
+use seinode_tls_crds::validation::InspectedSecret;
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
+use seinode_tls_webhook::cache::CachedLookup;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn node_manifest(ns: &str, name: &str, secret: &str) -> String {
@@ -284,7 +286,7 @@ async fn malformed_requests_get_a_400_and_never_take_the_server_down() {
     let huge = format!("{{\"padding\":\"{}\"}}", BASE64.encode(vec![0u8; 7 << 20]));
     let (status, body) = post_raw("/validate/secrets", "application/json", huge.as_bytes()).await;
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("exceeds the limit"), "{body}");
+    assert!(body.contains("exceeds this endpoint's limit"), "{body}");
 
     // Still serving the API server.
     let client = common::client().await;
@@ -295,4 +297,70 @@ async fn malformed_requests_get_a_400_and_never_take_the_server_down() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("sei.io/sidecar-tls-required-dns-names"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_large_tls_secrets_cost_the_webhook_their_names_not_their_bytes() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "wh-big-secrets").await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(seinode_tls_webhook::metrics::WebhookMetrics::register(
+        &mut registry,
+    ));
+    let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(client.clone(), metrics);
+    let watch = tokio::spawn(watch);
+
+    // 20 valid TLS Secrets of 600 KiB each (a valid Secret may carry extra keys).
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let [service, pod] = contract(&ns, "rpc");
+    let names: Vec<String> = (0..20).map(|i| format!("big-{i}")).collect();
+    for name in &names {
+        let mut secret = tls_secret(&ns, name, &[&service, &pod]);
+        secret.data.get_or_insert_default().insert(
+            "padding".to_owned(),
+            k8s_openapi::ByteString(vec![b'x'; 600 << 10]),
+        );
+        api.create(&PostParams::default(), &secret).await.unwrap();
+    }
+    let secrets = &caches.secrets;
+    let (_, known) = common::poll(
+        Duration::from_secs(30),
+        || async {
+            names
+                .iter()
+                .all(|n| !matches!(secrets.lookup(&ns, n), CachedLookup::NotFound))
+        },
+        |known| *known,
+    )
+    .await;
+    assert!(known, "the metadata watch never saw the 20 Secrets");
+    // Known by name and version only.
+    for name in &names {
+        assert!(!secrets.holds_inspection(&ns, name), "{name} was read");
+        assert!(matches!(
+            secrets.lookup(&ns, name),
+            CachedLookup::Unavailable(seinode_tls_webhook::cache::NOT_READ)
+        ));
+    }
+
+    // A new SeiNode naming one: one read, and what is kept holds no certificate bytes.
+    secrets.ensure(&ns, &names[0]).await;
+    let CachedLookup::Found(inspected) = secrets.lookup(&ns, &names[0]) else {
+        panic!("not read: {:?}", secrets.lookup(&ns, &names[0]));
+    };
+    let InspectedSecret::Usable(leaf) = inspected.as_ref() else {
+        panic!("{inspected:?}");
+    };
+    assert_eq!(leaf.dns_names, [service, pod]);
+    assert!(leaf.der.is_empty() && leaf.ca_crt.is_none(), "{leaf:?}");
+    assert_eq!(secrets.inspections(), 1);
+    // A Secret the watch does not know is not read: the SeiNode gets the "does not exist yet"
+    // warning.
+    secrets.ensure(&ns, "absent").await;
+    assert!(matches!(
+        secrets.lookup(&ns, "absent"),
+        CachedLookup::NotFound
+    ));
+    assert_eq!(secrets.inspections(), 1);
+    watch.abort();
 }

@@ -126,6 +126,19 @@ pub fn decide(
     }
 }
 
+/// The Secret whose content the decision on `request` reads: a new TLS SeiNode's. The server
+/// makes sure the cache holds it before deciding (see `SecretCache::ensure`).
+pub fn secret_to_read(
+    kind: WebhookKind,
+    request: &AdmissionRequest<DynamicObject>,
+) -> Option<(String, String)> {
+    if kind != WebhookKind::ValidateSeiNode || request.operation != Operation::Create {
+        return None;
+    }
+    let secret = tls_secret_name(request.object.as_ref()).ok()??;
+    Some((request.namespace.clone().unwrap_or_default(), secret))
+}
+
 // === SeiNode validation ===
 
 /// CREATE: judge the named Secret. UPDATE: refuse any change of `spec.sidecar.tls`.

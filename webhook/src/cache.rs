@@ -1,32 +1,50 @@
-//! Watch-fed caches, so that admission never calls the API server.
+//! Watch-fed caches, so that admission answers from memory.
 //!
-//! - [`SecretCache`]: every `kubernetes.io/tls` Secret (field selector), kept only as the result
-//!   of [`inspect_tls_secret`], computed once per resourceVersion on the watch task. The private
-//!   key never stays in memory.
+//! - [`SecretCache`]: the name and resourceVersion of every `kubernetes.io/tls` Secret (a
+//!   metadata-only watch), and the inspection ([`inspect_tls_secret`], without the leaf or
+//!   `ca.crt` bytes, which no admission decision reads) only of Secrets a decision asked for:
+//!   fetched with one bounded GET when a new SeiNode names one, kept while some SeiNode names
+//!   it and its resourceVersion holds. What a tenant's Secrets can make the webhook hold is a
+//!   few hundred bytes each, whatever their size.
 //! - [`NodeCache`]: every SeiNode, for the Secret guard's "who uses this Secret?".
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::validation::{
-    InspectedSecret, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
+    InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
 };
+
+use crate::metrics::WebhookMetrics;
 
 /// Cause given while the Secret cache has not completed its first list.
 pub const NOT_SYNCED: &str = "the webhook's Secret cache has not finished its first sync";
+/// Cause given when the on-demand read of a Secret failed or took too long.
+pub const NOT_READ: &str = "the webhook could not read the Secret in time";
+
+/// The on-demand GET of a Secret gets this long (the whole answer has `--request-deadline`).
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// An inspection naming more DNS bytes than this is not kept (it is read again when needed).
+const MAX_RETAINED_DNS_BYTES: usize = 16 << 10;
+/// How often inspections of Secrets that no SeiNode names are dropped.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 type Key = (String, String);
 
+#[derive(Clone)]
 struct CachedSecret {
     resource_version: Option<String>,
-    inspected: Arc<InspectedSecret>,
+    /// The inspection of `resource_version`, once a decision has needed it.
+    inspected: Option<Arc<InspectedSecret>>,
 }
 
 /// What the cache knows of one Secret, detached from the cache's lock.
@@ -48,19 +66,32 @@ impl CachedLookup {
     }
 }
 
-/// Inspected TLS Secrets by namespace and name.
+/// TLS Secrets by namespace and name.
 #[derive(Default)]
 pub struct SecretCache {
     entries: RwLock<HashMap<Key, CachedSecret>>,
     /// Entries collected during a (re)list, swapped in when it completes.
     relist: RwLock<Option<HashMap<Key, CachedSecret>>>,
     synced: AtomicBool,
-    inspections: std::sync::atomic::AtomicU64,
+    inspections: AtomicU64,
+    /// For the on-demand read; without one (tests, benchmarks) only [`SecretCache::apply`]
+    /// fills inspections.
+    client: Option<Client>,
+    metrics: Option<Arc<WebhookMetrics>>,
 }
 
 impl SecretCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A cache that reads a Secret through `client` when a decision needs its content.
+    pub fn with_client(client: Client, metrics: Arc<WebhookMetrics>) -> Self {
+        Self {
+            client: Some(client),
+            metrics: Some(metrics),
+            ..Self::default()
+        }
     }
 
     /// Whether the first list has completed.
@@ -78,13 +109,33 @@ impl SecretCache {
         self.inspections.load(Ordering::Relaxed)
     }
 
+    /// (TLS Secrets known, of which inspections are held).
+    pub fn sizes(&self) -> (usize, usize) {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let inspected = entries.values().filter(|e| e.inspected.is_some()).count();
+        (entries.len(), inspected)
+    }
+
+    /// Whether the cache holds the inspection of this Secret (tests).
+    pub fn holds_inspection(&self, namespace: &str, name: &str) -> bool {
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .is_some_and(|e| e.inspected.is_some())
+    }
+
     pub fn lookup(&self, namespace: &str, name: &str) -> CachedLookup {
         if !self.is_synced() {
             return CachedLookup::Unavailable(NOT_SYNCED);
         }
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         match entries.get(&(namespace.to_owned(), name.to_owned())) {
-            Some(entry) => CachedLookup::Found(entry.inspected.clone()),
+            Some(CachedSecret {
+                inspected: Some(inspected),
+                ..
+            }) => CachedLookup::Found(inspected.clone()),
+            Some(_) => CachedLookup::Unavailable(NOT_READ),
             None => CachedLookup::NotFound,
         }
     }
@@ -98,36 +149,98 @@ impl SecretCache {
     ) -> CachedLookup {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         match entries.get(&(namespace.to_owned(), name.to_owned())) {
-            Some(entry)
-                if resource_version.is_some()
-                    && entry.resource_version.as_deref() == resource_version =>
-            {
-                CachedLookup::Found(entry.inspected.clone())
+            Some(CachedSecret {
+                resource_version: cached,
+                inspected: Some(inspected),
+            }) if resource_version.is_some() && cached.as_deref() == resource_version => {
+                CachedLookup::Found(inspected.clone())
             }
             _ => CachedLookup::NotFound,
         }
     }
 
-    /// Records a Secret, parsing it unless this resourceVersion was parsed already. Secrets of
-    /// another type are removed (a Secret's type is immutable, but be strict anyway).
+    /// Makes sure [`SecretCache::lookup`] can answer for a Secret the watch knows: reads it
+    /// (one GET, at most [`READ_TIMEOUT`]) unless the inspection of its current version is held.
+    /// A failed read is logged and counted; the lookup then says the Secret could not be read.
+    pub async fn ensure(&self, namespace: &str, name: &str) {
+        let Some(client) = &self.client else { return };
+        let key = (namespace.to_owned(), name.to_owned());
+        let needed = self.is_synced()
+            && self
+                .entries
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .is_some_and(|e| e.inspected.is_none());
+        if !needed {
+            return;
+        }
+        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        let result = match tokio::time::timeout(READ_TIMEOUT, api.get_opt(name)).await {
+            Ok(Ok(secret)) => Ok(secret),
+            Ok(Err(error)) => Err(seinode_tls_crds::error_chain(&error)),
+            Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
+        };
+        let outcome = match result {
+            Ok(Some(secret)) if secret.type_.as_deref() == Some(TLS_SECRET_TYPE) => {
+                self.apply(&secret);
+                "read"
+            }
+            // Gone (or retyped) since the watch saw it: the watch will say so too.
+            Ok(_) => {
+                self.remove(namespace, name);
+                "not_found"
+            }
+            Err(cause) => {
+                tracing::warn!(namespace, name, %cause, "cannot read a Secret a SeiNode names");
+                "failed"
+            }
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.count_secret_read(outcome);
+        }
+    }
+
+    /// Records a Secret with its content (the on-demand read; tests and benchmarks), parsing it
+    /// unless this resourceVersion was parsed already. Secrets of another type are removed.
     pub fn apply(&self, secret: &Secret) {
         let key = key_of(secret);
         if secret.type_.as_deref() != Some(TLS_SECRET_TYPE) {
             self.remove(&key.0, &key.1);
             return;
         }
-        let mut relist = self.relist.write().unwrap_or_else(|e| e.into_inner());
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        let entry = self.entry_for(secret, &entries);
-        match relist.as_mut() {
-            Some(pending) => pending.insert(key, entry),
-            None => entries.insert(key, entry),
-        };
+        let resource_version = secret.metadata.resource_version.clone();
+        let reuse = self.held_inspection(&key, resource_version.as_deref());
+        let inspected = reuse.or_else(|| {
+            self.inspections.fetch_add(1, Ordering::Relaxed);
+            retainable(inspect_tls_secret(secret))
+        });
+        self.insert(
+            key,
+            CachedSecret {
+                resource_version,
+                inspected,
+            },
+        );
+    }
+
+    /// Records what the metadata watch says of a Secret: its version. The inspection of that
+    /// same version is kept; any other is dropped.
+    pub fn apply_meta(&self, namespace: &str, name: &str, resource_version: Option<&str>) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let inspected = self.held_inspection(&key, resource_version);
+        self.insert(
+            key,
+            CachedSecret {
+                resource_version: resource_version.map(str::to_owned),
+                inspected,
+            },
+        );
     }
 
     pub fn remove(&self, namespace: &str, name: &str) {
         let key = (namespace.to_owned(), name.to_owned());
-        // Same lock order as `apply`: relist, then entries.
+        // Same lock order as `insert`: relist, then entries.
         let mut relist = self.relist.write().unwrap_or_else(|e| e.into_inner());
         if let Some(pending) = relist.as_mut() {
             pending.remove(&key);
@@ -136,6 +249,63 @@ impl SecretCache {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
+        drop(relist);
+        self.publish_sizes();
+    }
+
+    /// Drops the inspections of Secrets for which `keep(namespace, name)` is false (their names
+    /// and versions stay known).
+    pub fn retain_inspections(&self, keep: impl Fn(&str, &str) -> bool) {
+        for (key, entry) in self
+            .entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            if entry.inspected.is_some() && !keep(&key.0, &key.1) {
+                entry.inspected = None;
+            }
+        }
+        self.publish_sizes();
+    }
+
+    fn held_inspection(
+        &self,
+        key: &Key,
+        resource_version: Option<&str>,
+    ) -> Option<Arc<InspectedSecret>> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let entry = entries.get(key)?;
+        if resource_version.is_some() && entry.resource_version.as_deref() == resource_version {
+            entry.inspected.clone()
+        } else {
+            None
+        }
+    }
+
+    fn insert(&self, key: Key, entry: CachedSecret) {
+        let mut relist = self.relist.write().unwrap_or_else(|e| e.into_inner());
+        match relist.as_mut() {
+            Some(pending) => {
+                // The live map keeps serving until the relist completes; a read made meanwhile
+                // belongs in both.
+                if entry.inspected.is_some() {
+                    self.entries
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.clone(), entry.clone());
+                }
+                pending.insert(key, entry);
+            }
+            None => {
+                self.entries
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, entry);
+            }
+        }
+        drop(relist);
+        self.publish_sizes();
     }
 
     fn begin_relist(&self) {
@@ -152,39 +322,53 @@ impl SecretCache {
             *self.entries.write().unwrap_or_else(|e| e.into_inner()) = pending;
         }
         self.mark_synced();
+        self.publish_sizes();
     }
 
-    /// Reuses the parsed entry of the same resourceVersion, or parses the Secret.
-    fn entry_for(&self, secret: &Secret, entries: &HashMap<Key, CachedSecret>) -> CachedSecret {
-        let resource_version = secret.metadata.resource_version.clone();
-        if let Some(existing) = entries.get(&key_of(secret))
-            && resource_version.is_some()
-            && existing.resource_version == resource_version
-        {
-            return CachedSecret {
-                resource_version,
-                inspected: existing.inspected.clone(),
-            };
-        }
-        self.inspections.fetch_add(1, Ordering::Relaxed);
-        CachedSecret {
-            resource_version,
-            inspected: Arc::new(inspect_tls_secret(secret)),
+    fn publish_sizes(&self) {
+        if let Some(metrics) = &self.metrics {
+            let (known, inspected) = self.sizes();
+            metrics.secret_cache_known.set(known as i64);
+            metrics.secret_cache_inspected.set(inspected as i64);
         }
     }
 
-    /// Applies one watch event.
-    pub fn apply_event(&self, event: &watcher::Event<Secret>) {
+    /// Applies one event of the metadata watch.
+    pub fn apply_meta_event(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
         match event {
             watcher::Event::Init => self.begin_relist(),
-            watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => self.apply(secret),
+            watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => self.apply_meta(
+                &secret.namespace().unwrap_or_default(),
+                &secret.name_any(),
+                secret.metadata.resource_version.as_deref(),
+            ),
             watcher::Event::Delete(secret) => {
-                let (namespace, name) = key_of(secret);
-                self.remove(&namespace, &name);
+                self.remove(&secret.namespace().unwrap_or_default(), &secret.name_any());
             }
             watcher::Event::InitDone => self.finish_relist(),
         }
     }
+}
+
+/// What the cache keeps of an inspection: no leaf or `ca.crt` bytes (no admission decision
+/// reads them), and nothing at all for a certificate with an outsized list of names.
+fn retainable(inspected: InspectedSecret) -> Option<Arc<InspectedSecret>> {
+    let trimmed = match inspected {
+        InspectedSecret::Usable(leaf) => {
+            let dns_bytes: usize = leaf.dns_names.iter().map(String::len).sum();
+            if dns_bytes > MAX_RETAINED_DNS_BYTES {
+                return None;
+            }
+            InspectedSecret::Usable(LeafCertificate {
+                der: Vec::new(),
+                ca_crt: None,
+                ..leaf
+            })
+        }
+        // Our own one-line message.
+        defective @ InspectedSecret::Defective { .. } => defective,
+    };
+    Some(Arc::new(trimmed))
 }
 
 fn key_of(secret: &Secret) -> Key {
@@ -216,6 +400,21 @@ impl NodeCache {
         self.synced.store(true, Ordering::Release);
     }
 
+    /// The (namespace, name) of every Secret some SeiNode names.
+    pub fn secrets_named(&self) -> std::collections::HashSet<Key> {
+        self.store
+            .state()
+            .iter()
+            .filter_map(|node| {
+                let tls = node.sidecar_tls()?;
+                Some((
+                    node.namespace().unwrap_or_default(),
+                    tls.secret_name.clone(),
+                ))
+            })
+            .collect()
+    }
+
     /// SeiNodes in `namespace` whose `spec.sidecar.tls.secretName` is `secret`.
     pub fn using_secret(&self, namespace: &str, secret: &str) -> Vec<Arc<SeiNode>> {
         let mut nodes: Vec<Arc<SeiNode>> = self
@@ -242,18 +441,22 @@ pub struct Caches {
 
 impl Caches {
     /// Starts watching through `client`; the returned future runs the watches until dropped.
-    pub fn watch(client: Client) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let secrets = Arc::new(SecretCache::new());
+    pub fn watch(
+        client: Client,
+        metrics: Arc<WebhookMetrics>,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let secrets = Arc::new(SecretCache::with_client(client.clone(), metrics));
         let (reader, writer) = reflector::store();
 
-        let secret_api: Api<Secret> = Api::all(client.clone());
+        // Metadata only: a tenant's Secrets cost the webhook their names, not their bytes.
+        let secret_api: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
         let secret_config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
         let secret_cache = secrets.clone();
         let secret_watch = watcher(secret_api, secret_config)
             .default_backoff()
             .for_each(move |event| {
                 match event {
-                    Ok(event) => secret_cache.apply_event(&event),
+                    Ok(event) => secret_cache.apply_meta_event(&event),
                     Err(error) => tracing::warn!(%error, "Secret watch failed; retrying"),
                 }
                 std::future::ready(())
@@ -275,8 +478,22 @@ impl Caches {
             std::future::ready(())
         });
 
+        // Inspections read for a SeiNode that was never created, or whose Secret it no longer
+        // names, are dropped.
+        let (prune_secrets, prune_nodes) = (secrets.clone(), nodes.clone());
+        let prune = async move {
+            let mut every = tokio::time::interval(PRUNE_INTERVAL);
+            loop {
+                every.tick().await;
+                let named = prune_nodes.secrets_named();
+                prune_secrets.retain_inspections(|ns, name| {
+                    named.contains(&(ns.to_owned(), name.to_owned()))
+                });
+            }
+        };
+
         let run = async move {
-            futures::future::join(secret_watch, node_watch).await;
+            futures::future::join3(secret_watch, node_watch, prune).await;
         };
         (Self { secrets, nodes }, run)
     }
@@ -288,6 +505,8 @@ impl Caches {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -304,25 +523,95 @@ mod tests {
         }
     }
 
+    fn meta(name: &str, resource_version: &str) -> PartialObjectMeta<Secret> {
+        PartialObjectMeta {
+            metadata: secret(name, resource_version).metadata,
+            ..PartialObjectMeta::default()
+        }
+    }
+
     #[test]
-    fn each_secret_version_is_parsed_once_across_events_and_relists() {
+    fn each_secret_version_is_parsed_once_and_kept_only_while_its_version_holds() {
         let cache = SecretCache::new();
-        cache.apply_event(&watcher::Event::Init);
-        cache.apply_event(&watcher::Event::InitApply(secret("a", "1")));
-        cache.apply_event(&watcher::Event::InitDone);
+        cache.apply_meta_event(&watcher::Event::Init);
+        cache.apply_meta_event(&watcher::Event::InitApply(meta("a", "1")));
+        cache.apply_meta_event(&watcher::Event::InitDone);
+        // Known, not read: the metadata watch carries no content.
+        assert_eq!(cache.inspections(), 0);
+        assert!(matches!(
+            cache.lookup("sei", "a"),
+            CachedLookup::Unavailable(NOT_READ)
+        ));
+        cache.apply(&secret("a", "1"));
         assert_eq!(cache.inspections(), 1);
-        // The same version again (a re-delivered event, a relist): no new parse.
-        cache.apply_event(&watcher::Event::Apply(secret("a", "1")));
-        cache.apply_event(&watcher::Event::Init);
-        cache.apply_event(&watcher::Event::InitApply(secret("a", "1")));
-        cache.apply_event(&watcher::Event::InitDone);
+        // The same version again (a re-delivered event, a relist, a second read): no new parse.
+        cache.apply(&secret("a", "1"));
+        cache.apply_meta_event(&watcher::Event::Apply(meta("a", "1")));
+        cache.apply_meta_event(&watcher::Event::Init);
+        cache.apply_meta_event(&watcher::Event::InitApply(meta("a", "1")));
+        cache.apply_meta_event(&watcher::Event::InitDone);
         assert_eq!(cache.inspections(), 1);
         assert!(matches!(cache.lookup("sei", "a"), CachedLookup::Found(_)));
-        // A new version is parsed; a deleted Secret is gone.
-        cache.apply_event(&watcher::Event::Apply(secret("a", "2")));
-        assert_eq!(cache.inspections(), 2);
-        cache.apply_event(&watcher::Event::Delete(secret("a", "2")));
+        // A new version drops the old inspection; a deleted Secret is gone.
+        cache.apply_meta_event(&watcher::Event::Apply(meta("a", "2")));
+        assert!(!cache.holds_inspection("sei", "a"));
+        cache.apply_meta_event(&watcher::Event::Delete(meta("a", "2")));
         assert!(matches!(cache.lookup("sei", "a"), CachedLookup::NotFound));
+        assert_eq!(cache.sizes(), (0, 0));
+    }
+
+    #[test]
+    fn inspections_keep_no_certificate_bytes_and_are_dropped_when_no_node_names_them() {
+        let leaf = LeafCertificate {
+            not_before: jiff::Timestamp::UNIX_EPOCH,
+            not_after: jiff::Timestamp::MAX,
+            dns_names: vec!["rpc.sei.svc".to_owned()],
+            der: vec![1; 2048],
+            ca_crt: Some(vec![2; 1 << 20]),
+        };
+        let kept = retainable(InspectedSecret::Usable(leaf.clone())).unwrap();
+        let InspectedSecret::Usable(kept) = kept.as_ref() else {
+            panic!("{kept:?}")
+        };
+        assert!(kept.der.is_empty() && kept.ca_crt.is_none());
+        assert_eq!(kept.dns_names, leaf.dns_names);
+        let outsized = LeafCertificate {
+            dns_names: vec!["x".repeat(100); 200],
+            ..leaf
+        };
+        assert!(retainable(InspectedSecret::Usable(outsized)).is_none());
+
+        let cache = SecretCache::new();
+        cache.mark_synced();
+        cache.apply(&secret("a", "1"));
+        cache.apply(&secret("b", "1"));
+        cache.retain_inspections(|_, name| name == "a");
+        assert!(cache.holds_inspection("sei", "a"));
+        assert!(!cache.holds_inspection("sei", "b"));
+        assert_eq!(cache.sizes(), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_is_counted_and_leaves_the_secret_unavailable_not_missing() {
+        // Nothing listens on port 1 of loopback: the read fails at once.
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(WebhookMetrics::register(&mut registry));
+        let cache = SecretCache::with_client(client, metrics.clone());
+        cache.mark_synced();
+        cache.apply_meta("sei", "a", Some("1"));
+        cache.ensure("sei", "a").await;
+        assert!(matches!(
+            cache.lookup("sei", "a"),
+            CachedLookup::Unavailable(NOT_READ)
+        ));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"webhook_secret_reads_total{result="failed"} 1"#),
+            "{text}"
+        );
     }
 
     #[test]

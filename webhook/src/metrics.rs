@@ -90,6 +90,17 @@ pub struct WebhookMetrics {
     pub connections_refused: Counter,
     /// Connections closed after `--idle-timeout` without a byte read or written.
     pub connections_idle_closed: Counter,
+    /// TLS Secrets the metadata watch knows.
+    pub secret_cache_known: Gauge,
+    /// Of those, the ones whose inspection is held (some SeiNode names them).
+    pub secret_cache_inspected: Gauge,
+    /// On-demand reads of a Secret a new SeiNode names, by result.
+    pub secret_reads: Family<SecretReadLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SecretReadLabels {
+    pub result: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -163,6 +174,24 @@ impl WebhookMetrics {
             "HTTPS connections closed because no byte moved for the idle timeout",
             connections_idle_closed.clone(),
         );
+        let secret_cache_known = Gauge::default();
+        registry.register(
+            "webhook_secret_cache_known",
+            "kubernetes.io/tls Secrets the webhook's metadata watch knows",
+            secret_cache_known.clone(),
+        );
+        let secret_cache_inspected = Gauge::default();
+        registry.register(
+            "webhook_secret_cache_inspected",
+            "TLS Secrets whose parsed content the webhook holds (those SeiNodes name)",
+            secret_cache_inspected.clone(),
+        );
+        let secret_reads = Family::<SecretReadLabels, Counter>::default();
+        registry.register(
+            "webhook_secret_reads",
+            "On-demand reads of a Secret named by a new SeiNode, by result (read, not_found, failed)",
+            secret_reads.clone(),
+        );
         Self {
             requests,
             latency,
@@ -173,6 +202,15 @@ impl WebhookMetrics {
             connections_open,
             connections_refused,
             connections_idle_closed,
+            secret_cache_known,
+            secret_cache_inspected,
+            secret_reads,
         }
+    }
+
+    pub fn count_secret_read(&self, result: &'static str) {
+        self.secret_reads
+            .get_or_create(&SecretReadLabels { result })
+            .inc();
     }
 }

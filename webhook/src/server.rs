@@ -233,6 +233,9 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
             }
         };
         let admission = parse_review(&body)?;
+        if let Some((namespace, name)) = crate::admission::secret_to_read(kind, &admission) {
+            state.secrets.ensure(&namespace, &name).await;
+        }
         let span = tracing::Span::current();
         span.record("uid", admission.uid.as_str());
         span.record("kind", admission.kind.kind.as_str());
@@ -497,7 +500,7 @@ impl Webhook {
         registry: Arc<Registry>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), WebhookError> {
-        let (caches, watch) = Caches::watch(client);
+        let (caches, watch) = Caches::watch(client, self.metrics.clone());
         let state = Arc::new(AdmissionState::from_config(
             &self.config,
             caches.secrets,
