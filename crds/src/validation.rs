@@ -16,7 +16,10 @@ use std::fmt;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
+    UnixTime,
+};
 use serde::{Deserialize, Serialize};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -28,6 +31,8 @@ use crate::contract::san_covers;
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
 /// Most PEM blocks accepted in `tls.crt` (leaf plus intermediates); bounds the parsing work.
 pub const MAX_CERTIFICATE_BLOCKS: usize = 16;
+/// Most PEM blocks read from `ca.crt` (a bundle of a few CAs; a public-CA bundle has ~150).
+pub const MAX_CA_BLOCKS: usize = 256;
 /// Most SAN names quoted in a message, so a certificate with thousands cannot flood a condition.
 const MAX_NAMES_IN_MESSAGE: usize = 16;
 
@@ -410,6 +415,9 @@ fn inspect(secret: &Secret) -> Result<LeafCertificate, Defect> {
         .and_then(|data| data.get("ca.crt"))
         .filter(|ca| !ca.0.is_empty())
         .map(|ca| ca.0.clone());
+    if let Some(ca_pem) = &ca_crt {
+        check_ca_issues_chain(ca_pem, &chain, validity.not_before.timestamp())?;
+    }
     Ok(LeafCertificate {
         not_before,
         not_after,
@@ -417,6 +425,87 @@ fn inspect(secret: &Secret) -> Result<LeafCertificate, Defect> {
         der: chain[0].clone(),
         ca_crt,
     })
+}
+
+/// A client that trusts `ca.crt` (the controller's probe does) must build the leaf's chain to it,
+/// through the intermediates of `tls.crt`, as rustls/webpki does. Checked at the leaf's
+/// notBefore: when the chain is valid in time is the leaf's own verdict (NotYetValid, Expired).
+fn check_ca_issues_chain(ca_pem: &[u8], chain: &[Vec<u8>], not_before: i64) -> Result<(), Defect> {
+    let blocks = count_pem_blocks(ca_pem);
+    if blocks > MAX_CA_BLOCKS {
+        return Err(malformed(format!(
+            "has {blocks} PEM blocks in ca.crt, more than the {MAX_CA_BLOCKS} allowed"
+        )));
+    }
+    let pems = pem::parse_many(ca_pem).map_err(|e| {
+        malformed(format!(
+            "has a ca.crt that is not valid PEM: {}",
+            pem_error(&e)
+        ))
+    })?;
+    let ders: Vec<CertificateDer<'_>> = pems
+        .iter()
+        .filter(|block| block.tag() == "CERTIFICATE")
+        .map(|block| CertificateDer::from(block.contents()))
+        .collect();
+    if ders.is_empty() {
+        return Err(malformed("has a ca.crt with no PEM CERTIFICATE block"));
+    }
+    let mut anchors = Vec::with_capacity(ders.len());
+    for (index, der) in ders.iter().enumerate() {
+        let anchor = webpki::anchor_from_trusted_cert(der).map_err(|e| {
+            malformed(format!(
+                "has a certificate in ca.crt (block {}) that TLS clients cannot use as a trust \
+                 anchor: {e}",
+                index + 1
+            ))
+        })?;
+        anchors.push(anchor);
+    }
+    let leaf = CertificateDer::from(chain[0].as_slice());
+    let leaf = webpki::EndEntityCert::try_from(&leaf).map_err(|e| {
+        malformed(format!(
+            "has a leaf certificate TLS clients cannot parse: {e}"
+        ))
+    })?;
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|der| CertificateDer::from(der.as_slice()))
+        .collect();
+    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(not_before).unwrap_or(0),
+    ));
+    let algorithms = rustls::crypto::ring::default_provider()
+        .signature_verification_algorithms
+        .all;
+    match leaf.verify_for_usage(
+        algorithms,
+        &anchors,
+        &intermediates,
+        at,
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    ) {
+        Ok(_) => Ok(()),
+        // Validity in time is judged against the clock, not here.
+        Err(
+            webpki::Error::CertExpired { .. }
+            | webpki::Error::CertNotValidYet { .. }
+            | webpki::Error::InvalidCertValidity,
+        ) => Ok(()),
+        // No CA of that name, or one of that name whose key did not sign the leaf.
+        Err(webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey) => {
+            Err(malformed(
+                "has a ca.crt that did not issue the leaf certificate (nor an intermediate in \
+             tls.crt), so clients that trust ca.crt refuse the sidecar: put the issuing CA in \
+             ca.crt, the intermediates after the leaf in tls.crt, or leave ca.crt out",
+            ))
+        }
+        Err(e) => Err(malformed(format!(
+            "has a leaf certificate whose chain does not verify against its ca.crt: {e}"
+        ))),
+    }
 }
 
 fn data_field<'a>(secret: &'a Secret, key: &str) -> Result<&'a [u8], Defect> {

@@ -1212,3 +1212,100 @@ fn reason_strings_match_their_serialized_form() {
         assert_eq!(reason.is_transient(), reason == Reason::Unavailable);
     }
 }
+
+// === ca.crt ===
+
+/// A CA, a contract leaf it issued (with the leaf's key), and the CA's PEM.
+fn issued_leaf(ca_name: &str) -> (String, Key, String) {
+    let (ca_key, leaf_key) = (Key::p256(), Key::p256());
+    let ca_params = ca_params(ca_name);
+    let ca_pem = self_signed(&ca_params, &ca_key);
+    let issuer = Issuer::new(ca_params, &ca_key.signer);
+    let leaf = leaf_params(&[SERVICE_NAME, POD_NAME])
+        .signed_by(&leaf_key.signer, &issuer)
+        .expect("sign the leaf");
+    (leaf.pem(), leaf_key, ca_pem)
+}
+
+fn with_ca(crt: &str, key: &Key, ca: impl Into<Vec<u8>>) -> Case {
+    Case::with(
+        Some(TLS_SECRET_TYPE),
+        vec![
+            ("tls.crt", crt.as_bytes().to_vec()),
+            ("tls.key", key.pem.clone().into_bytes()),
+            ("ca.crt", ca.into()),
+        ],
+        &[&key.pem],
+    )
+}
+
+#[test]
+fn accepts_ca_crt_that_issued_the_leaf() {
+    let (leaf, key, ca) = issued_leaf("fleet issuer");
+    assert_ready(&with_ca(&leaf, &key, ca).verdict());
+}
+
+#[test]
+fn accepts_ca_crt_holding_the_root_of_an_intermediate_in_tls_crt() {
+    let (root_key, intermediate_key, leaf_key) = (Key::p256(), Key::p256(), Key::p256());
+    let root_params = ca_params("test root");
+    let root_pem = self_signed(&root_params, &root_key);
+    let root = Issuer::new(root_params, &root_key.signer);
+    let intermediate_params = ca_params("test intermediate");
+    let intermediate = intermediate_params
+        .signed_by(&intermediate_key.signer, &root)
+        .expect("sign the intermediate");
+    let intermediate_issuer = Issuer::new(intermediate_params, &intermediate_key.signer);
+    let leaf = leaf_params(&[SERVICE_NAME, POD_NAME])
+        .signed_by(&leaf_key.signer, &intermediate_issuer)
+        .expect("sign the leaf");
+    let chain = format!("{}{}", leaf.pem(), intermediate.pem());
+    // A bundle: another CA first, then the root.
+    let (_, _, other_ca) = issued_leaf("another issuer");
+    let bundle = format!("{other_ca}{root_pem}");
+    assert_ready(&with_ca(&chain, &leaf_key, bundle).verdict());
+    // Without the intermediate, the root alone does not reach the leaf.
+    assert_malformed(
+        &with_ca(&leaf.pem(), &leaf_key, root_pem).verdict(),
+        &[
+            "ca.crt that did not issue the leaf",
+            "intermediates after the leaf",
+        ],
+    );
+}
+
+#[test]
+fn rejects_ca_crt_that_did_not_issue_the_leaf() {
+    let (leaf, key, _) = issued_leaf("fleet issuer");
+    let (_, _, other_ca) = issued_leaf("fleet issuer");
+    // Same name, other key: only the signature tells them apart.
+    assert_malformed(
+        &with_ca(&leaf, &key, other_ca).verdict(),
+        &["ca.crt that did not issue the leaf", "leave ca.crt out"],
+    );
+    // A self-signed leaf with an unrelated CA.
+    let key = Key::p256();
+    let (_, _, ca) = issued_leaf("fleet issuer");
+    assert_malformed(
+        &with_ca(&contract_leaf(&key), &key, ca).verdict(),
+        &["did not issue the leaf"],
+    );
+}
+
+#[test]
+fn rejects_ca_crt_that_is_not_a_pem_certificate() {
+    let (leaf, key, _) = issued_leaf("fleet issuer");
+    assert_malformed(
+        &with_ca(&leaf, &key, "not pem at all").verdict(),
+        &["ca.crt with no PEM CERTIFICATE block"],
+    );
+    assert_malformed(
+        &with_ca(
+            &leaf,
+            &key,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .verdict(),
+        &["ca.crt (block 1)", "trust anchor"],
+    );
+}
