@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use prometheus_client::registry::Registry;
 use seinode_tls_controller::{Controller, ControllerConfig};
+use seinode_tls_webhook::server::health_router;
 use seinode_tls_webhook::{Webhook, WebhookConfig};
 
 use crate::exit::error_chain;
@@ -39,7 +40,7 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
         let listener = tokio::net::TcpListener::bind(health_addr)
             .await
             .with_context(|| format!("failed to bind {health_addr}"))?;
-        let health = axum::serve(listener, health_router(Arc::new(registry)))
+        let health = axum::serve(listener, health_router(|| Ok(()), Arc::new(registry)))
             .with_graceful_shutdown(shutdown.clone());
         let health = tokio::spawn(async move { health.await });
         controller.run(client, shutdown).await?;
@@ -102,22 +103,6 @@ async fn kube_client() -> anyhow::Result<kube::Client> {
     kube::Client::try_default()
         .await
         .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")
-}
-
-/// `/healthz`, `/readyz` and `/metrics` for the controller alone (the webhook has its own,
-/// which also covers the controller's metrics under `run`).
-fn health_router(registry: Arc<Registry>) -> axum::Router {
-    use axum::routing::get;
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let registry = registry.clone();
-                async move { seinode_tls_webhook::server::metrics_response(&registry) }
-            }),
-        )
 }
 
 /// Sets up logging and the runtime, runs `main` and turns its error into exit status 1.

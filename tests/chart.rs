@@ -547,3 +547,113 @@ fn the_charts_webhooks_match_the_registration_code() {
         }
     }
 }
+
+/// `promtool test rules` over the rendered PrometheusRule: each alert about the webhook's own
+/// serving certificate fires when it should, with the labels and text it should, and only then.
+#[test]
+fn the_serving_certificate_alerts_fire_as_promtool_evaluates_them() {
+    let rendered = render(&[
+        "--set".to_owned(),
+        "monitoring.prometheusRule.enabled=true".to_owned(),
+    ]);
+    let rule = documents_of(&rendered, &["PrometheusRule"]);
+    let rule: serde_json::Value =
+        serde_saphyr::from_str(rule.trim_start_matches("---")).expect("the PrometheusRule is YAML");
+    let dir = common::temp_path("promtool");
+    std::fs::create_dir_all(&dir).unwrap();
+    // JSON is YAML: the rule's spec is a rule file as it is.
+    std::fs::write(dir.join("rules.json"), rule["spec"].to_string()).unwrap();
+    let ns = RELEASE_NS;
+    let series = |name: &str, pod: &str, extra: &str, values: &str| {
+        format!(
+            "      - series: '{name}{{namespace=\"{ns}\",pod=\"{pod}\"{extra}}}'\n        values: '{values}'\n"
+        )
+    };
+    let not_after = "seinode_tls_webhook_serving_certificate_not_after_timestamp_seconds";
+    let reloads = "seinode_tls_webhook_serving_certificate_reloads_total";
+    let watch_failures = "seinode_tls_webhook_serving_certificate_watch_failures_total";
+    let mut tests = String::from(
+        "rule_files: [rules.json]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
+    );
+    // healthy: 10 days left, reloads fine, watching. stale: 5 days left, a failed reload at
+    // minute 10. polling: its watch failed when it started.
+    tests += &series(not_after, "healthy", "", "864000x40");
+    tests += &series(reloads, "healthy", ",result=\"failure\"", "0x40");
+    tests += &series(watch_failures, "healthy", "", "0x40");
+    tests += &series(not_after, "stale", "", "432000x40");
+    tests += &series(reloads, "stale", ",result=\"failure\"", "0x9 1x30");
+    tests += &series(watch_failures, "stale", "", "0x40");
+    tests += &series(not_after, "polling", "", "864000x40");
+    tests += &series(reloads, "polling", ",result=\"failure\"", "0x40");
+    tests += &series(watch_failures, "polling", "", "1x40");
+    let alert = |pod: &str, summary: &str, description: &str| {
+        format!(
+            "          - exp_labels: {{severity: warning, namespace: {ns}, pod: {pod}}}\n\
+             \x20           exp_annotations:\n\
+             \x20             summary: \"{summary}\"\n\
+             \x20             description: \"{description}\"\n"
+        )
+    };
+    let expiring = alert(
+        "stale",
+        "The seinode-tls webhook's serving certificate expires soon",
+        &format!(
+            "The serving certificate of {ns}/stale expires in 4d 23h 40m 0s. When it expires the API server refuses the webhook and SeiNode admission fails closed. Check the Secret it mounts (tls.secretName or the cert-manager Certificate) and the reload alerts."
+        ),
+    );
+    let reload_failed = alert(
+        "stale",
+        "The seinode-tls webhook could not load a new serving certificate",
+        &format!(
+            "{ns}/stale found a certificate or key on disk it cannot serve and keeps serving the previous one, which will expire. Its log says why (\\\"new serving certificate is unusable\\\")."
+        ),
+    );
+    let watch_failed = alert(
+        "polling",
+        "The seinode-tls webhook cannot watch its certificate files",
+        &format!(
+            "{ns}/polling re-reads its serving certificate every 30s instead of on change. Usually the node's inotify limits (fs.inotify.max_user_instances, fs.inotify.max_user_watches) are used up."
+        ),
+    );
+    tests += "    alert_rule_test:\n";
+    for (name, at, expected) in [
+        (
+            "SeiNodeTLSWebhookServingCertificateExpiringSoon",
+            "20m",
+            expiring.as_str(),
+        ),
+        ("SeiNodeTLSWebhookServingCertificateReloadFailed", "5m", ""),
+        (
+            "SeiNodeTLSWebhookServingCertificateReloadFailed",
+            "20m",
+            reload_failed.as_str(),
+        ),
+        (
+            "SeiNodeTLSWebhookServingCertificateWatchFailed",
+            "20m",
+            watch_failed.as_str(),
+        ),
+    ] {
+        tests += &format!("      - eval_time: {at}\n        alertname: {name}\n");
+        if expected.is_empty() {
+            tests += "        exp_alerts: []\n";
+        } else {
+            tests += &format!("        exp_alerts:\n{expected}");
+        }
+    }
+    std::fs::write(dir.join("tests.yaml"), &tests).unwrap();
+
+    let promtool = seinode_tls_devcluster::control_plane::promtool().expect("build promtool");
+    let out = std::process::Command::new(promtool)
+        .args(["test", "rules", "tests.yaml"])
+        .current_dir(&dir)
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool test rules failed:\n{}{}\ntests.yaml:\n{tests}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

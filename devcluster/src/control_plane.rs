@@ -210,6 +210,12 @@ pub fn cert_manager_crds() -> Result<PathBuf, ControlPlaneError> {
     run_tools_script("cert-manager/crds.sh")
 }
 
+/// promtool, built from the Go module `github.com/prometheus/prometheus` by
+/// `tools/promtool/build.sh` the first time (a few minutes), to test the chart's alerts.
+pub fn promtool() -> Result<PathBuf, ControlPlaneError> {
+    Ok(run_tools_script("promtool/build.sh")?.join("promtool"))
+}
+
 /// Runs a script under `tools/` that prints a cache directory as its last line on stdout.
 fn run_tools_script(name: &str) -> Result<PathBuf, ControlPlaneError> {
     // The workspace root holds `tools/`; this crate sits one level below it.

@@ -38,7 +38,9 @@ use rustls::pki_types::ServerName;
 use seinode_tls_crds::contract::{DEFAULT_CLUSTER_DOMAIN, required_dns_names};
 use seinode_tls_crds::validation::TLS_SECRET_TYPE;
 use seinode_tls_webhook::cache::{NodeCache, SecretCache};
-use seinode_tls_webhook::server::{AdmissionState, FLOOR_PATH, VALIDATE_SEINODES_PATH};
+use seinode_tls_webhook::server::{
+    AdmissionState, MAX_SEINODE_REVIEW_BYTES, VALIDATE_SEINODES_PATH, parse_review, review_response,
+};
 use seinode_tls_webhook::{Webhook, WebhookConfig, WebhookError};
 use serde_json::{Value, json};
 
@@ -254,6 +256,22 @@ struct Server {
     thread: std::thread::JoinHandle<Result<(), WebhookError>>,
 }
 
+/// The constant-allow baseline: read and parse the review as the admission endpoints do, then
+/// allow. Served by the webhook under test, behind its TLS and limits.
+const FLOOR_PATH: &str = "/floor";
+
+async fn floor(request: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = match axum::body::to_bytes(request.into_body(), MAX_SEINODE_REVIEW_BYTES).await {
+        Ok(body) => body,
+        Err(e) => return (axum::http::StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    match parse_review(&body) {
+        Ok(review) => review_response(kube::core::admission::AdmissionResponse::from(&review)),
+        Err(message) => (axum::http::StatusCode::BAD_REQUEST, message).into_response(),
+    }
+}
+
 impl Server {
     fn start(pki: &Pki) -> anyhow::Result<Self> {
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
@@ -265,7 +283,8 @@ impl Server {
         );
         config.shutdown_grace = Duration::from_secs(2);
         let mut registry = Registry::default();
-        let webhook = Webhook::bind(config, &mut registry)?.with_floor_endpoint();
+        let webhook = Webhook::bind(config, &mut registry)?
+            .with_extra_routes(axum::Router::new().route(FLOOR_PATH, axum::routing::post(floor)));
         let addr = webhook.https_addr();
 
         let secrets = Arc::new(SecretCache::new());

@@ -60,6 +60,36 @@ impl Outcome {
     }
 }
 
+/// Why a request is denied: the `reason` the API server shows and the HTTP code it reports
+/// (Kubernetes' `metav1.StatusReason` and the code each one carries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// The object breaks a rule of the contract or the API (422).
+    Invalid,
+    /// The request itself cannot be read as the API defines it (400).
+    BadRequest,
+    /// A permitted shape, refused by policy (403).
+    Forbidden,
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::Invalid => "Invalid",
+            DenyReason::BadRequest => "BadRequest",
+            DenyReason::Forbidden => "Forbidden",
+        }
+    }
+
+    pub fn code(self) -> u16 {
+        match self {
+            DenyReason::Invalid => 422,
+            DenyReason::BadRequest => 400,
+            DenyReason::Forbidden => 403,
+        }
+    }
+}
+
 /// A response and how to count it.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -87,15 +117,14 @@ impl Decision {
         }
     }
 
-    fn deny(request: &AdmissionRequest<DynamicObject>, reason: &str, message: String) -> Self {
+    fn deny(
+        request: &AdmissionRequest<DynamicObject>,
+        reason: DenyReason,
+        message: String,
+    ) -> Self {
         let mut response = AdmissionResponse::from(request).deny(message);
-        // The HTTP status the API server reports for this reason.
-        response.result.code = match reason {
-            "Invalid" => 422,
-            "BadRequest" => 400,
-            _ => 403,
-        };
-        response.result.reason = reason.to_owned();
+        response.result.code = reason.code();
+        response.result.reason = reason.as_str().to_owned();
         Self {
             response,
             outcome: Outcome::Denied,
@@ -156,11 +185,17 @@ pub fn validate_seinode(
 fn validate_update(request: &AdmissionRequest<DynamicObject>) -> Decision {
     let old = match tls_secret_name(request.old_object.as_ref()) {
         Ok(old) => old,
-        Err(e) => return Decision::deny(request, "BadRequest", format!("the stored SeiNode {e}")),
+        Err(e) => {
+            return Decision::deny(
+                request,
+                DenyReason::BadRequest,
+                format!("the stored SeiNode {e}"),
+            );
+        }
     };
     let new = match tls_secret_name(request.object.as_ref()) {
         Ok(new) => new,
-        Err(e) => return Decision::deny(request, "Invalid", format!("the SeiNode {e}")),
+        Err(e) => return Decision::deny(request, DenyReason::Invalid, format!("the SeiNode {e}")),
     };
     let change = match (&old, &new) {
         (None, None) => return Decision::allow(request),
@@ -178,7 +213,7 @@ fn validate_update(request: &AdmissionRequest<DynamicObject>) -> Decision {
     let node = node_ref(request);
     Decision::deny(
         request,
-        "Forbidden",
+        DenyReason::Forbidden,
         format!(
             "spec.sidecar.tls of SeiNode {node} is immutable: {change}. TLS is fixed when a SeiNode \
              is created. To change it, delete the SeiNode and create it again with the TLS block \
@@ -199,14 +234,14 @@ fn validate_create(
         let namespace = request.namespace.clone().unwrap_or_default();
         return Decision::deny(
             request,
-            "Invalid",
+            DenyReason::Invalid,
             format!("SeiNode \"{namespace}/{name}\" could never run: {e}"),
         );
     }
     let secret_name = match tls_secret_name(request.object.as_ref()) {
         Ok(Some(secret_name)) => secret_name,
         Ok(None) => return Decision::allow(request),
-        Err(e) => return Decision::deny(request, "Invalid", format!("the SeiNode {e}")),
+        Err(e) => return Decision::deny(request, DenyReason::Invalid, format!("the SeiNode {e}")),
     };
     let namespace = request.namespace.clone().unwrap_or_default();
     if name.is_empty() {
@@ -224,7 +259,7 @@ fn validate_create(
     if let Err(e) = check_satisfiable(&required) {
         return Decision::deny(
             request,
-            "Invalid",
+            DenyReason::Invalid,
             format!(
                 "SeiNode \"{namespace}/{name}\" can never be given a sidecar TLS certificate: {e}"
             ),
@@ -270,7 +305,7 @@ fn validate_create(
         reason => match ctx.secret_policy {
             SecretPolicy::Deny => Decision::deny(
                 request,
-                "Invalid",
+                DenyReason::Invalid,
                 format!(
                     "SeiNode {node} cannot start with this Secret: {reason}: {} (fix the Secret \
                      first; with --secret-policy warn such nodes are admitted and wait in Pending)",
@@ -381,7 +416,11 @@ pub fn guard_secret(
         (_, Some(object)) => match to_secret(object) {
             Ok(secret) => Some(std::sync::Arc::new(inspect_tls_secret(&secret))),
             Err(e) => {
-                return Decision::deny(request, "Invalid", format!("the Secret is not valid: {e}"));
+                return Decision::deny(
+                    request,
+                    DenyReason::Invalid,
+                    format!("the Secret is not valid: {e}"),
+                );
             }
         },
     };
@@ -435,7 +474,7 @@ pub fn guard_secret(
         }
         return Decision::deny(
             request,
-            "Forbidden",
+            DenyReason::Forbidden,
             format!(
                 "{action} Secret \"{namespace}/{name}\" would break the sidecar TLS of {} SeiNode(s) \
                  that use it: {}",
@@ -528,4 +567,22 @@ fn node_ref(request: &AdmissionRequest<DynamicObject>) -> String {
 
 fn to_secret(object: &DynamicObject) -> Result<Secret, serde_json::Error> {
     serde_json::to_value(object).and_then(serde_json::from_value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_reasons_carry_the_codes_kubernetes_gives_them() {
+        // k8s.io/apimachinery/pkg/apis/meta/v1/types.go: StatusReasonInvalid (422),
+        // StatusReasonBadRequest (400), StatusReasonForbidden (403).
+        for (reason, name, code) in [
+            (DenyReason::Invalid, "Invalid", 422),
+            (DenyReason::BadRequest, "BadRequest", 400),
+            (DenyReason::Forbidden, "Forbidden", 403),
+        ] {
+            assert_eq!((reason.as_str(), reason.code()), (name, code));
+        }
+    }
 }

@@ -17,7 +17,6 @@ pub enum WebhookLabel {
     validate_seinodes,
     mutate_seinodes,
     validate_secrets,
-    floor,
 }
 
 impl From<WebhookKind> for WebhookLabel {
@@ -82,6 +81,9 @@ pub struct WebhookMetrics {
     pub latency: Family<LatencyLabels, Histogram>,
     pub serving_cert_not_after: Gauge<i64, AtomicI64>,
     pub serving_cert_reloads: Family<ReloadLabels, Counter>,
+    /// The certificate files' watch could not be set up or reported an error (reloads then
+    /// rely on the 30-second re-read).
+    pub serving_cert_watch_failures: Counter,
     pub in_flight: Gauge,
     /// Requests answered 429 because `--max-concurrent-requests` were being handled.
     pub requests_shed: Counter,
@@ -144,6 +146,16 @@ impl WebhookMetrics {
             "Reloads of the serving certificate from disk, by result",
             serving_cert_reloads.clone(),
         );
+        // Both series from the start, so that `increase()` sees a first failure.
+        for result in [ReloadResult::success, ReloadResult::failure] {
+            let _series = serving_cert_reloads.get_or_create(&ReloadLabels { result });
+        }
+        let serving_cert_watch_failures = Counter::default();
+        registry.register(
+            "webhook_serving_certificate_watch_failures",
+            "Failures to watch the serving certificate files (reloads then rely on a 30-second re-read)",
+            serving_cert_watch_failures.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "webhook_requests_in_flight",
@@ -197,6 +209,7 @@ impl WebhookMetrics {
             latency,
             serving_cert_not_after,
             serving_cert_reloads,
+            serving_cert_watch_failures,
             in_flight,
             requests_shed,
             connections_open,

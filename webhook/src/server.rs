@@ -64,9 +64,6 @@ const ADMISSION_V1: &str = "admission.k8s.io/v1";
 pub const VALIDATE_SEINODES_PATH: &str = "/validate/seinodes";
 pub const MUTATE_SEINODES_PATH: &str = "/mutate/seinodes";
 pub const VALIDATE_SECRETS_PATH: &str = "/validate/secrets";
-/// A constant-allow endpoint, only routed when `floor_endpoint` is set (the load benchmark's
-/// baseline: everything but the decision).
-pub const FLOOR_PATH: &str = "/floor";
 
 #[derive(Debug, Error)]
 pub enum WebhookError {
@@ -137,7 +134,13 @@ impl AdmissionState {
 // === Routers ===
 
 /// The admission endpoints, behind the concurrent-request limit.
-pub fn admission_router(state: Arc<AdmissionState>, floor_endpoint: bool) -> Router {
+pub fn admission_router(state: Arc<AdmissionState>) -> Router {
+    admission_router_with(state, Router::new())
+}
+
+/// The admission endpoints and `extra` routes (a benchmark's baseline), all behind the
+/// concurrent-request limit.
+fn admission_router_with(state: Arc<AdmissionState>, extra: Router<Arc<AdmissionState>>) -> Router {
     let route = |kind: WebhookKind| {
         post(
             move |State(state): State<Arc<AdmissionState>>, request: Request| {
@@ -145,30 +148,33 @@ pub fn admission_router(state: Arc<AdmissionState>, floor_endpoint: bool) -> Rou
             },
         )
     };
-    let mut router = Router::new()
+    let router = Router::new()
         .route(VALIDATE_SEINODES_PATH, route(WebhookKind::ValidateSeiNode))
         .route(MUTATE_SEINODES_PATH, route(WebhookKind::MutateSeiNode))
         .route(VALIDATE_SECRETS_PATH, route(WebhookKind::GuardSecret));
-    if floor_endpoint {
-        router = router.route(FLOOR_PATH, post(floor));
-    }
     let limit = state.request_limit.clone();
     router
+        .merge(extra)
         .route_layer(axum::middleware::from_fn_with_state(limit, shed_over_limit))
         .with_state(state)
 }
 
-/// `/healthz` (the process serves), `/readyz` (caches synced; the serving certificate is loaded
-/// before anything is served) and `/metrics`.
-pub fn health_router(state: Arc<AdmissionState>, registry: Arc<Registry>) -> Router {
+/// `/healthz` (the process serves), `/readyz` (200 while `ready()` holds, else 503 with its
+/// cause) and `/metrics`: the health router of every server command. The webhook is ready once
+/// its caches synced (the serving certificate is loaded before anything is served); the
+/// controller alone serves no traffic, so being up is its readiness.
+pub fn health_router(
+    ready: impl Fn() -> Result<(), String> + Clone + Send + Sync + 'static,
+    registry: Arc<Registry>,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || {
-                let state = state.clone();
+                let ready = ready.clone();
                 async move {
-                    match state.readiness() {
+                    match ready() {
                         Ok(()) => (StatusCode::OK, "ok".to_owned()),
                         Err(waiting) => (StatusCode::SERVICE_UNAVAILABLE, waiting),
                     }
@@ -184,8 +190,8 @@ pub fn health_router(state: Arc<AdmissionState>, registry: Arc<Registry>) -> Rou
         )
 }
 
-/// The registry in the Prometheus text format (for every `/metrics` this binary serves).
-pub fn metrics_response(registry: &Registry) -> Response {
+/// The registry in the Prometheus text format.
+fn metrics_response(registry: &Registry) -> Response {
     let mut text = String::new();
     match prometheus_client::encoding::text::encode(&mut text, registry) {
         Ok(()) => (
@@ -315,26 +321,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The benchmark's floor: read and parse the review exactly like [`admit`], then allow.
-async fn floor(State(state): State<Arc<AdmissionState>>, request: Request) -> Response {
-    let started = Instant::now();
-    let response = match read_body(request.into_body(), MAX_SEINODE_REVIEW_BYTES)
-        .await
-        .and_then(|body| parse_review(&body))
-    {
-        Ok(admission) => review_response(AdmissionResponse::from(&admission)),
-        Err(message) => bad_request(message),
-    };
-    state
-        .metrics
-        .latency
-        .get_or_create(&LatencyLabels {
-            webhook: WebhookLabel::floor,
-        })
-        .observe(started.elapsed().as_secs_f64());
-    response
-}
-
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, String> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
@@ -346,7 +332,9 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, String> {
     })
 }
 
-fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
+/// Decodes an `admission.k8s.io/v1` AdmissionReview body into its request; the error is the
+/// 400 message.
+pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
     // The envelope first, so a wrong version is reported as such rather than as a parse error.
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -380,7 +368,7 @@ fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> 
 
 /// The review as JSON, with the patch base64-encoded as the API documents it (kube-core's type
 /// holds the patch as bytes, which serde would write as an array of numbers).
-fn review_response(mut response: AdmissionResponse) -> Response {
+pub fn review_response(mut response: AdmissionResponse) -> Response {
     let patch = response.patch.take();
     let mut review = match serde_json::to_value(response.into_review()) {
         Ok(review) => review,
@@ -434,7 +422,7 @@ pub struct Webhook {
     certificate: Arc<ServingCertificate>,
     https: TcpListener,
     health: TcpListener,
-    floor_endpoint: bool,
+    extra_routes: Router<Arc<AdmissionState>>,
 }
 
 impl Webhook {
@@ -462,13 +450,14 @@ impl Webhook {
             certificate,
             https,
             health,
-            floor_endpoint: false,
+            extra_routes: Router::new(),
         })
     }
 
-    /// Also route the constant-allow [`FLOOR_PATH`] (for the load benchmark only).
-    pub fn with_floor_endpoint(mut self) -> Self {
-        self.floor_endpoint = true;
+    /// Also serves `routes` on the admission port, behind the same TLS, connection and request
+    /// limits (the load benchmark's constant-allow baseline).
+    pub fn with_extra_routes(mut self, routes: Router<Arc<AdmissionState>>) -> Self {
+        self.extra_routes = self.extra_routes.merge(routes);
         self
     }
 
@@ -523,7 +512,7 @@ impl Webhook {
         let https_addr = self.https_addr();
         let health_addr = self.health_addr();
 
-        let admission = admission_router(state.clone(), self.floor_endpoint);
+        let admission = admission_router_with(state.clone(), self.extra_routes);
         let guard = ConnectionGuard::new(
             self.config.max_connections,
             self.config.idle_timeout,
@@ -553,10 +542,13 @@ impl Webhook {
             }
         })?;
         let (health_stop_tx, health_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let health = axum::serve(health_listener, health_router(state, registry))
-            .with_graceful_shutdown(async move {
-                let _ = health_stop_rx.await;
-            });
+        let health = axum::serve(
+            health_listener,
+            health_router(move || state.readiness(), registry),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = health_stop_rx.await;
+        });
 
         let watch_task = tokio::spawn(watch);
         let reload_task = tokio::spawn(self.certificate.clone().watch());

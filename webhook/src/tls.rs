@@ -127,11 +127,38 @@ impl ServingCertificate {
             .inc();
     }
 
-    /// Watches the files' directories and reloads on change, until the future is dropped.
-    pub async fn watch(self: Arc<Self>) -> Result<(), TlsError> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    /// Watches the files' directories and reloads on change, until the future is dropped; the
+    /// files are also re-read every 30 s. A watch that cannot be set up (inotify instances and
+    /// watches are limited per user on a node) or that reports an error is logged and counted
+    /// (`webhook_serving_certificate_watch_failures_total`), and the re-reads carry on alone.
+    pub async fn watch(self: Arc<Self>) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
+        let watcher = match self.start_watcher(tx) {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                self.watch_failed(&error);
+                None
+            }
+        };
+        self.reload_loop(watcher, rx, POLL_INTERVAL).await;
+    }
+
+    fn start_watcher(
+        &self,
+        tx: tokio::sync::mpsc::Sender<()>,
+    ) -> Result<notify::RecommendedWatcher, TlsError> {
+        let failures = self.metrics.serving_cert_watch_failures.clone();
+        let path = self.cert_file.clone();
         let mut watcher =
-            notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Err(error) = event {
+                    failures.inc();
+                    tracing::error!(
+                        cert = %path.display(),
+                        %error,
+                        "the serving certificate watch reported an error; the files are still re-read every 30s"
+                    );
+                }
                 // A full channel already holds a pending reload.
                 let _ = tx.try_send(());
             })
@@ -147,13 +174,33 @@ impl ServingCertificate {
                     source,
                 })?;
         }
-        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        Ok(watcher)
+    }
+
+    fn watch_failed(&self, error: &TlsError) {
+        self.metrics.serving_cert_watch_failures.inc();
+        tracing::error!(
+            error = %seinode_tls_crds::error_chain(error),
+            "cannot watch the serving certificate for changes; re-reading it every {}s instead",
+            POLL_INTERVAL.as_secs()
+        );
+    }
+
+    /// Reloads on each notification (debounced) and every `poll_interval`. `watcher` is only
+    /// held: dropping it would end the notifications.
+    async fn reload_loop(
+        &self,
+        watcher: Option<notify::RecommendedWatcher>,
+        mut rx: tokio::sync::mpsc::Receiver<()>,
+        poll_interval: Duration,
+    ) {
+        let mut poll = tokio::time::interval(poll_interval);
         poll.tick().await;
         loop {
             tokio::select! {
-                event = rx.recv() => {
+                event = rx.recv(), if watcher.is_some() => {
                     if event.is_none() {
-                        return Ok(());
+                        return;
                     }
                     tokio::time::sleep(DEBOUNCE).await;
                     while rx.try_recv().is_ok() {}
@@ -249,4 +296,62 @@ pub fn server_config(
         .map_err(TlsError::Rustls)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A self-signed pair for `localhost` valid until January 1st of `year`.
+    fn pair(year: i32) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    #[tokio::test]
+    async fn without_a_watch_the_failure_is_counted_and_rotation_still_happens_by_re_reading() {
+        let dir = std::env::temp_dir().join(format!("seinode-tls-poll-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert_file, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let (cert, key) = pair(2030);
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, key).unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(WebhookMetrics::register(&mut registry));
+        let serving = Arc::new(
+            ServingCertificate::load(cert_file.clone(), key_file.clone(), metrics.clone()).unwrap(),
+        );
+        let first = metrics.serving_cert_not_after.get();
+
+        // As when inotify's per-user limits are used up on the node.
+        serving.watch_failed(&TlsError::Watch {
+            path: dir.clone(),
+            source: notify::Error::generic("inotify watch limit reached"),
+        });
+        let (_tx, rx) = tokio::sync::mpsc::channel(1);
+        let polling = tokio::spawn({
+            let serving = serving.clone();
+            async move {
+                serving
+                    .reload_loop(None, rx, Duration::from_millis(50))
+                    .await
+            }
+        });
+        let (cert, key) = pair(2031);
+        std::fs::write(&key_file, key).unwrap();
+        std::fs::write(&cert_file, cert).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metrics.serving_cert_not_after.get() == first {
+            assert!(std::time::Instant::now() < deadline, "never re-read");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        polling.abort();
+        assert!(metrics.serving_cert_not_after.get() > first);
+        assert_eq!(metrics.serving_cert_watch_failures.get(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -24,6 +24,7 @@ use prometheus_client::registry::Registry;
 use rcgen::{CertificateParams, KeyPair, date_time_ymd};
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::contract::{REQUIRED_DNS_NAMES_ANNOTATION, required_dns_names};
+use seinode_tls_webhook::admission::DenyReason;
 use seinode_tls_webhook::cache::{NodeCache, SecretCache};
 use seinode_tls_webhook::limits::RequestLimit;
 use seinode_tls_webhook::metrics::WebhookMetrics;
@@ -132,7 +133,7 @@ impl Setup {
             request_limit: Arc::new(RequestLimit::new(self.max_concurrent_requests, &metrics)),
             metrics,
         });
-        let admission = admission_router(state.clone(), false);
+        let admission = admission_router(state.clone());
         Webhook {
             state,
             registry: Arc::new(registry),
@@ -230,7 +231,10 @@ impl Webhook {
     }
 
     fn health(&self) -> Router {
-        health_router(self.state.clone(), self.registry.clone())
+        {
+            let state = self.state.clone();
+            health_router(move || state.readiness(), self.registry.clone())
+        }
     }
 
     async fn get_health(&self, path: &str) -> (StatusCode, String) {
@@ -324,20 +328,19 @@ impl Answer {
         warnings.into_iter().next().unwrap()
     }
 
-    /// Denied with the HTTP code of its reason (Invalid 422, BadRequest 400, Forbidden 403), the
-    /// given reason and no warnings; returns the message.
+    /// Denied with the given reason and its HTTP code, and no warnings; returns the message.
     #[track_caller]
-    fn assert_denied(&self, reason: &str) -> String {
+    fn assert_denied(&self, reason: DenyReason) -> String {
         assert!(!self.allowed(), "{}", self.review);
-        let code = match reason {
-            "Invalid" => 422,
-            "BadRequest" => 400,
-            _ => 403,
-        };
-        assert_eq!(self.response()["status"]["code"], code, "{}", self.review);
+        assert_eq!(
+            self.response()["status"]["code"],
+            reason.code(),
+            "{}",
+            self.review
+        );
         assert_eq!(
             self.response()["status"]["reason"],
-            reason,
+            reason.as_str(),
             "{}",
             self.review
         );
@@ -614,7 +617,7 @@ async fn update_that_enables_tls_is_denied_with_delete_and_recreate_advice() {
     let answer = webhook
         .validate(&Review::update_node(node(NODE, None), tls_node()))
         .await;
-    let message = answer.assert_denied("Forbidden");
+    let message = answer.assert_denied(DenyReason::Forbidden);
     assert_immutability_advice(&message);
     assert_contains_all(&message, &["would enable TLS", "secretName \"rpc-tls\""]);
 }
@@ -625,7 +628,7 @@ async fn update_that_disables_tls_is_denied_with_delete_and_recreate_advice() {
     let answer = webhook
         .validate(&Review::update_node(tls_node(), node(NODE, None)))
         .await;
-    let message = answer.assert_denied("Forbidden");
+    let message = answer.assert_denied(DenyReason::Forbidden);
     assert_immutability_advice(&message);
     assert_contains_all(&message, &["would disable TLS", "\"rpc-tls\""]);
 }
@@ -639,7 +642,7 @@ async fn update_that_renames_the_secret_is_denied_naming_both_names() {
             node(NODE, Some("b")),
         ))
         .await;
-    let message = answer.assert_denied("Forbidden");
+    let message = answer.assert_denied(DenyReason::Forbidden);
     assert_immutability_advice(&message);
     assert_contains_all(&message, &["spec.sidecar.tls.secretName \"a\" -> \"b\""]);
 }
@@ -650,7 +653,7 @@ async fn update_that_adds_tls_to_a_node_without_a_sidecar_block_is_denied() {
     let answer = webhook
         .validate(&Review::update_node(node_without_sidecar(NODE), tls_node()))
         .await;
-    let message = answer.assert_denied("Forbidden");
+    let message = answer.assert_denied(DenyReason::Forbidden);
     assert_immutability_advice(&message);
     assert_contains_all(&message, &["would enable TLS"]);
 }
@@ -661,7 +664,7 @@ async fn update_that_removes_the_whole_sidecar_block_of_a_tls_node_is_denied() {
     let answer = webhook
         .validate(&Review::update_node(tls_node(), node_without_sidecar(NODE)))
         .await;
-    let message = answer.assert_denied("Forbidden");
+    let message = answer.assert_denied(DenyReason::Forbidden);
     assert_immutability_advice(&message);
     assert_contains_all(&message, &["would disable TLS"]);
 }
@@ -720,7 +723,7 @@ async fn update_to_a_tls_block_without_secret_name_is_denied_as_invalid() {
     let message = webhook
         .validate(&Review::update_node(tls_node(), new))
         .await
-        .assert_denied("Invalid");
+        .assert_denied(DenyReason::Invalid);
     assert_contains_all(&message, &["spec.sidecar.tls without a string secretName"]);
 }
 
@@ -838,7 +841,7 @@ async fn create_with_tls_and_a_broken_secret_is_denied_with_the_reason() {
         let message = webhook
             .validate(&Review::create_node(tls_node()))
             .await
-            .assert_denied("Invalid");
+            .assert_denied(DenyReason::Invalid);
         assert_contains_all(
             &message,
             &[
@@ -858,7 +861,7 @@ async fn create_with_tls_and_a_secret_with_wrong_sans_names_the_missing_dns_name
     let message = webhook
         .validate(&Review::create_node(tls_node()))
         .await
-        .assert_denied("Invalid");
+        .assert_denied(DenyReason::Invalid);
     assert_contains_all(
         &message,
         &["TLSSecretSANsMismatch", &format!("do not cover {POD_NAME}")],
@@ -911,7 +914,7 @@ async fn create_of_a_node_whose_pods_revision_label_would_exceed_63_characters_i
         let message = webhook
             .validate(&Review::create_node(node))
             .await
-            .assert_denied("Invalid");
+            .assert_denied(DenyReason::Invalid);
         assert_contains_all(
             &message,
             &[
@@ -929,7 +932,7 @@ async fn create_of_a_node_whose_name_cannot_name_its_service_is_denied() {
     let message = webhook
         .validate(&Review::create_node(node("rpc.east", None)))
         .await
-        .assert_denied("Invalid");
+        .assert_denied(DenyReason::Invalid);
     assert_contains_all(&message, &["could never run", "DNS-1035", "no dots"]);
 }
 
@@ -1006,7 +1009,7 @@ async fn create_with_a_tls_block_without_secret_name_is_denied_as_invalid() {
     let message = webhook
         .validate(&Review::create_node(object))
         .await
-        .assert_denied("Invalid");
+        .assert_denied(DenyReason::Invalid);
     assert_contains_all(&message, &["spec.sidecar.tls without a string secretName"]);
 }
 
@@ -1273,7 +1276,7 @@ async fn secret_update_to_wrong_sans_is_denied_under_the_deny_policy() {
             &wrong_sans_secret(SECRET, "2"),
         ))
         .await;
-    let message = answer.assert_denied("Forbidden");
+    let message = answer.assert_denied(DenyReason::Forbidden);
     assert_contains_all(
         &message,
         &[
@@ -1333,7 +1336,7 @@ async fn secret_delete_of_a_referenced_secret_is_denied_under_the_deny_policy() 
     let message = webhook
         .guard(&Review::delete_secret(&old))
         .await
-        .assert_denied("Forbidden");
+        .assert_denied(DenyReason::Forbidden);
     assert_contains_all(
         &message,
         &[
