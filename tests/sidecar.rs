@@ -68,10 +68,15 @@ fn pod_host(ns: &str) -> String {
 }
 
 fn issue(ca: &CertificateAuthority, names: &[&str]) -> Issued {
+    issue_valid_for(ca, names, None)
+}
+
+fn issue_valid_for(ca: &CertificateAuthority, names: &[&str], days: Option<i64>) -> Issued {
     ca.issue(&LeafSpec {
         common_name: "rpc",
         dns_names: names,
         server: true,
+        valid_days: days,
         ..LeafSpec::default()
     })
     .unwrap()
@@ -80,6 +85,19 @@ fn issue(ca: &CertificateAuthority, names: &[&str]) -> Issued {
 fn contract_cert(ca: &CertificateAuthority, ns: &str) -> Issued {
     let service = format!("rpc.{ns}.svc.cluster.local");
     issue(ca, &[&service, &pod_host(ns)])
+}
+
+/// A contract certificate of 30 days ([`contract_cert`]'s run 90), so that
+/// [`nodes_leaf_is`] tells the two apart whenever they were issued.
+fn rotated_contract_cert(ca: &CertificateAuthority, ns: &str, first: &Issued) -> Issued {
+    let service = format!("rpc.{ns}.svc.cluster.local");
+    let rotated = issue_valid_for(ca, &[&service, &pod_host(ns)], Some(30));
+    assert_ne!(
+        x509_not_after(&first.cert_pem),
+        x509_not_after(&rotated.cert_pem),
+        "the rotated certificate must be told apart by its notAfter"
+    );
+    rotated
 }
 
 fn secret(ns: &str, leaf: &Issued, ca_crt: Option<&str>) -> Secret {
@@ -324,7 +342,7 @@ async fn rotating_the_secret_and_the_served_certificate_together_returns_to_read
     let nodes = running_node(&client, &ns, &first, Some(&ca_pem), stand_in.addr()).await;
     wait_sidecar(&nodes, "True", "SidecarHealthy").await;
 
-    let second = contract_cert(&ca, &ns);
+    let second = rotated_contract_cert(&ca, &ns, &first);
     stand_in
         .set_certificate(&second.cert_pem, &second.key_pem)
         .await
@@ -407,7 +425,7 @@ async fn a_rotated_secret_reaches_the_real_kube_rbac_proxy_and_the_probe_follows
     // Rotate: the kubelet swaps the mounted files, kube-rbac-proxy reloads them, the probe
     // (pinned to the new leaf) follows. A mismatch may show only while the proxy still serves
     // the old certificate.
-    let second = contract_cert(&ca, &ns);
+    let second = rotated_contract_cert(&ca, &ns, &first);
     put_secret(&client, &secret(&ns, &second, None)).await;
     let (node, ok) = common::poll(
         Duration::from_secs(120),

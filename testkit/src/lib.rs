@@ -56,6 +56,9 @@ pub struct LeafSpec<'a> {
     pub ip_addresses: &'a [IpAddr],
     pub server: bool,
     pub client: bool,
+    /// Days from now to notAfter; `None` is the default lifetime. Two leaves issued within the
+    /// same second share notAfter unless given different lifetimes.
+    pub valid_days: Option<i64>,
 }
 
 /// A self-signed CA (ECDSA P-256) that issues leaf certificates.
@@ -117,7 +120,8 @@ impl CertificateAuthority {
         // Realistic lifetimes (rcgen's default runs to the year 4096).
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(LEAF_VALIDITY_DAYS);
+        params.not_after =
+            now + time::Duration::days(spec.valid_days.unwrap_or(LEAF_VALIDITY_DAYS));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if spec.server {
             params
