@@ -274,27 +274,84 @@ pub fn read_secret_manifest(file: &PathBuf) -> Result<Secret, ManifestError> {
     parse_secret_manifest(&text, &path)
 }
 
-/// Parses a Secret manifest; `path` names the input in errors.
+/// Parses a Secret manifest; `path` names the input in errors. Errors never quote the input: a
+/// manifest holds a private key, and the message may end up in a terminal or a CI log. They say
+/// where (line and column, or the field) and what is wrong.
 pub fn parse_secret_manifest(text: &str, path: &str) -> Result<Secret, ManifestError> {
     // YAML is a superset of JSON, so one parser serves both.
-    let value: serde_json::Value =
-        serde_saphyr::from_str(text).map_err(|e| ManifestError::Parse {
+    let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| {
+        let at = e
+            .location()
+            .map(|l| format!(" at line {}, column {}", l.line(), l.column()))
+            .unwrap_or_default();
+        ManifestError::Parse {
             path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
-    let kind = value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or("document without a kind");
-    if kind != "Secret" {
-        return Err(ManifestError::NotASecret {
-            path: path.to_owned(),
-            kind: kind.to_owned(),
-        });
-    }
-    let mut secret: Secret = serde_json::from_value(value).map_err(|e| ManifestError::Invalid {
+            detail: format!("the syntax breaks{at}"),
+        }
+    })?;
+    let invalid = |detail: String| ManifestError::Invalid {
         path: path.to_owned(),
-        detail: e.to_string(),
+        detail,
+    };
+    let Some(object) = value.as_object() else {
+        return Err(invalid("the document is not a mapping".to_owned()));
+    };
+    match object.get("kind").and_then(|k| k.as_str()) {
+        Some("Secret") => {}
+        Some(kind) => {
+            return Err(ManifestError::NotASecret {
+                path: path.to_owned(),
+                kind: if is_name(kind) {
+                    kind
+                } else {
+                    "kind that is not a name"
+                }
+                .to_owned(),
+            });
+        }
+        None => {
+            return Err(ManifestError::NotASecret {
+                path: path.to_owned(),
+                kind: "document without a kind".to_owned(),
+            });
+        }
+    }
+    for field in ["data", "stringData"] {
+        let Some(entries) = object.get(field) else {
+            continue;
+        };
+        let Some(entries) = entries.as_object() else {
+            return Err(invalid(format!(
+                "{field} is not a mapping of keys to strings"
+            )));
+        };
+        for (key, entry) in entries {
+            let key = if is_name(key) {
+                key.as_str()
+            } else {
+                "a key that is not a valid Secret key"
+            };
+            let Some(entry) = entry.as_str() else {
+                return Err(invalid(format!("{field}[{key:?}] is not a string")));
+            };
+            if field == "data"
+                && serde_json::from_value::<ByteString>(serde_json::Value::from(entry)).is_err()
+            {
+                return Err(invalid(format!(
+                    "data[{key:?}] is not base64 (put plain text under stringData)"
+                )));
+            }
+        }
+    }
+    let mut secret: Secret = serde_json::from_value(value).map_err(|e| {
+        // serde's messages quote the offending value; keep only what kind of mistake it is.
+        let what = match e.classify() {
+            serde_json::error::Category::Data => {
+                "a field has a type or value Kubernetes does not give it"
+            }
+            _ => "it cannot be read as a Secret",
+        };
+        invalid(what.to_owned())
     })?;
     if let Some(string_data) = secret.string_data.take() {
         let data = secret.data.get_or_insert_with(Default::default);
@@ -303,6 +360,14 @@ pub fn parse_secret_manifest(text: &str, path: &str) -> Result<Secret, ManifestE
         }
     }
     Ok(secret)
+}
+
+/// A Kubernetes kind or Secret key, which may be quoted back: letters, digits, `-`, `_`, `.`.
+fn is_name(text: &str) -> bool {
+    (1..=253).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[derive(Serialize)]
@@ -491,6 +556,38 @@ mod tests {
                 .starts_with("s.yaml is not a valid Secret manifest"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn no_error_quotes_the_manifest() {
+        // A stand-in for key bytes, placed wherever a broken manifest can carry them.
+        const KEY: &str = "MHcCAQEEIKeyMaterialThatMustNeverBePrinted0123";
+        let head = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n";
+        let manifests = [
+            format!("{head}stringData:\n  tls.key: \"{KEY}\n"),
+            format!("{head}stringData:\n  tls.key: |\n {KEY}\n  bad: [\n"),
+            format!("{head}data:\n  tls.key: [{KEY}]\n"),
+            format!("{head}data:\n  tls.key: '{KEY}%%'\n"),
+            format!("{head}stringData:\n  tls.key: {{k: {KEY}}}\n"),
+            format!("{head}type: [{KEY}]\n"),
+            format!("{head}immutable: {KEY}\n"),
+            format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: [{KEY}]\n"),
+            format!("apiVersion: v1\nkind: {KEY}!\n"),
+            format!("{KEY}: [\n"),
+            format!("- {KEY}\n"),
+            format!("{{\"kind\": \"Secret\", \"data\": {{\"tls.key\": \"{KEY}\""),
+        ];
+        for manifest in &manifests {
+            let err = parse_secret_manifest(manifest, "s.yaml").expect_err(manifest);
+            let shown = format!("{} {err:?}", error_chain(&err));
+            for window in KEY.as_bytes().windows(8) {
+                let window = std::str::from_utf8(window).unwrap();
+                assert!(
+                    !shown.contains(window),
+                    "{window:?} of the input in: {shown}"
+                );
+            }
+        }
     }
 
     #[test]
