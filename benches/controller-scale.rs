@@ -232,6 +232,10 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     };
     controller.check_running()?;
     let connections = sampler.stop();
+    drop(controller);
+
+    // === The webhook alone: memory with every TLS Secret known, those of the nodes read ===
+    let webhook = webhook_memory(&cp, &fleet, args.timeout).await?;
 
     let report = Report {
         args,
@@ -248,10 +252,10 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         steady_writes: steady_writes.delta(&steady_writes_before),
         steady_reconciles: steady_reconciles.saturating_sub(steady_reconciles_before),
         late,
+        webhook,
     };
     report.print();
     drop(watch);
-    drop(controller);
     drop(cp);
     Ok(())
 }
@@ -1030,13 +1034,20 @@ struct ControllerProcess {
     child: Child,
     log: PathBuf,
     metrics: SocketAddr,
+    https: SocketAddr,
+    ca_pem: String,
     /// Stops the child if this process dies without dropping it; dropped after the child stops.
     _watchdog: Option<Watchdog>,
 }
 
 impl ControllerProcess {
     fn spawn(cp: &ControlPlane) -> anyhow::Result<Self> {
-        let dir = cp.dir().join("controller-scale");
+        Self::spawn_command(cp, "run")
+    }
+
+    /// `seinode-tls <command>` (`run`, or `webhook` alone).
+    fn spawn_command(cp: &ControlPlane, command: &str) -> anyhow::Result<Self> {
+        let dir = cp.dir().join(format!("controller-scale-{command}"));
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("failed to create {}", dir.display()))?;
         let serving = cp.issue_serving_certificate("seinode-tls-webhook", &["localhost"])?;
@@ -1049,7 +1060,7 @@ impl ControllerProcess {
         let out = std::fs::File::create(&log)
             .with_context(|| format!("failed to create {}", log.display()))?;
         let child = Command::new(env!("CARGO_BIN_EXE_seinode-tls"))
-            .arg("run")
+            .arg(command)
             .arg(format!("--health-addr={health}"))
             .arg(format!("--listen-addr={https}"))
             .arg("--tls-cert-file")
@@ -1064,7 +1075,7 @@ impl ControllerProcess {
             // Its own group: a terminal's Ctrl-C reaches the benchmark, which stops it first.
             .process_group(0)
             .spawn()
-            .context("failed to start seinode-tls run")?;
+            .with_context(|| format!("failed to start seinode-tls {command}"))?;
         let mut watchdog = Watchdog::spawn(None);
         if let Some(w) = watchdog.as_mut() {
             w.watch_pid(child.id());
@@ -1073,8 +1084,87 @@ impl ControllerProcess {
             child,
             log,
             metrics: health,
+            https,
+            ca_pem: cp.ca().cert_pem(),
             _watchdog: watchdog,
         })
+    }
+
+    /// Waits for `/readyz` (caches synced).
+    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let addr = self.metrics;
+            if tokio::task::spawn_blocking(move || http_get(addr, "/readyz"))
+                .await?
+                .is_ok()
+            {
+                return Ok(());
+            }
+            self.check_running()?;
+            if Instant::now() > deadline {
+                bail!("not ready within {}", humantime::format_duration(timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// POSTs a SeiNode CREATE review of `node` to `/validate/seinodes`, over TLS on a fresh
+    /// connection; the response's `allowed`.
+    async fn review_create(&self, node: &SeiNode) -> anyhow::Result<bool> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let review = json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": format!("{}-{}", node.namespace().unwrap_or_default(), node.name_any()),
+                "kind": {"group": "sei.io", "version": "v1alpha1", "kind": "SeiNode"},
+                "resource": {"group": "sei.io", "version": "v1alpha1", "resource": "seinodes"},
+                "name": node.name_any(), "namespace": node.namespace(),
+                "operation": "CREATE", "userInfo": {"username": "controller-scale"},
+                "object": node, "dryRun": true,
+            },
+        })
+        .to_string();
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject as _;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(self.https).await?;
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(rustls::pki_types::ServerName::try_from("localhost")?, tcp)
+            .await?;
+        let head = format!(
+            "POST /validate/seinodes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            review.len()
+        );
+        tls.write_all(head.as_bytes()).await?;
+        tls.write_all(review.as_bytes()).await?;
+        let mut response = Vec::new();
+        // The server closes without close_notify after `Connection: close`; what was read counts.
+        let _ = tls.read_to_end(&mut response).await;
+        let response = String::from_utf8_lossy(&response);
+        if !response.starts_with("HTTP/1.1 200") {
+            bail!(
+                "review answered {}",
+                response.lines().next().unwrap_or_default()
+            );
+        }
+        Ok(response.contains(r#""allowed":true"#))
+    }
+
+    /// One gauge of its `/metrics`.
+    async fn gauge(&self, name: &str) -> anyhow::Result<f64> {
+        let addr = self.metrics;
+        let text = tokio::task::spawn_blocking(move || http_get(addr, "/metrics")).await??;
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
+        value.with_context(|| format!("no {name} in /metrics"))
     }
 
     fn pid(&self) -> u32 {
@@ -1281,6 +1371,51 @@ struct Report<'a> {
     steady_writes: BTreeMap<WriteKey, u64>,
     steady_reconciles: u64,
     late: Option<Late>,
+    webhook: WebhookMemory,
+}
+
+/// `seinode-tls webhook` alone over the fleet's Secrets.
+struct WebhookMemory {
+    known: f64,
+    /// VmRSS once synced, in KiB.
+    synced: u64,
+    inspected: f64,
+    reviews: usize,
+    /// VmRSS and VmHWM after a CREATE review of every node, in KiB.
+    reviewed: (u64, u64),
+}
+
+/// Starts `seinode-tls webhook` (not registered with the API server), waits until its caches
+/// synced, sends a dry-run CREATE review of every node (each reads that node's Secret), and
+/// takes its memory before and after.
+async fn webhook_memory(
+    cp: &ControlPlane,
+    fleet: &FleetPlan,
+    timeout: Duration,
+) -> anyhow::Result<WebhookMemory> {
+    let mut webhook = ControllerProcess::spawn_command(cp, "webhook")?;
+    webhook.wait_ready(timeout).await?;
+    let synced = webhook.memory()?.0;
+    let known = webhook
+        .gauge("seinode_tls_webhook_secret_cache_known")
+        .await?;
+    eprintln!(
+        "controller-scale: webhook synced with {known} TLS Secrets known; reviewing every node"
+    );
+    for node in &fleet.nodes {
+        webhook.review_create(&seinode(node)).await?;
+    }
+    webhook.check_running()?;
+    let inspected = webhook
+        .gauge("seinode_tls_webhook_secret_cache_inspected")
+        .await?;
+    Ok(WebhookMemory {
+        known,
+        synced,
+        inspected,
+        reviews: fleet.nodes.len(),
+        reviewed: webhook.memory()?,
+    })
 }
 
 impl Report<'_> {
@@ -1394,6 +1529,19 @@ impl Report<'_> {
                 late.nodes
             );
         }
+        let webhook = &self.webhook;
+        println!(
+            "| `seinode-tls webhook` alone, {} TLS Secrets known: VmRSS synced | {} | |",
+            webhook.known,
+            mib(webhook.synced)
+        );
+        println!(
+            "| … after a CREATE review of each of the {} nodes ({} Secrets inspected): VmRSS (VmHWM) | {} ({}) | ≤ 40 MiB |",
+            webhook.reviews,
+            webhook.inspected,
+            mib(webhook.reviewed.0),
+            mib(webhook.reviewed.1)
+        );
         if !self.undecided.is_empty() {
             println!();
             println!("undecided nodes by last reason: {:?}", self.undecided);

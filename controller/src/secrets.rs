@@ -1,23 +1,18 @@
 //! Reading a node's TLS Secret and judging it, parsing each Secret version once.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use seinode_tls_crds::validation::{
-    InspectedSecret, SecretLookup, SecretVerdict, inspect_tls_secret, judge,
-};
+use seinode_tls_crds::inspections::Inspections;
+use seinode_tls_crds::validation::{InspectedSecret, SecretLookup, SecretVerdict, judge};
 
-type SecretKey = (String, String);
-type ResourceVersion = String;
-
-/// Inspections by Secret namespace/name, with the resourceVersion they were made from; an entry
-/// is replaced when the version moves and pruned when no node names the Secret any more.
+/// Inspections kept whole (the probe trusts their leaf and `ca.crt`), replaced when the
+/// version moves and pruned when no node names the Secret any more.
 #[derive(Default)]
 pub struct SecretJudge {
-    parsed: Mutex<HashMap<SecretKey, (ResourceVersion, Arc<InspectedSecret>)>>,
+    inspections: Inspections,
 }
 
 impl SecretJudge {
@@ -36,7 +31,7 @@ impl SecretJudge {
         let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
         match api.get_opt(name).await {
             Ok(Some(secret)) => {
-                let inspected = self.inspect(&secret);
+                let inspected = self.inspections.of(&secret);
                 let verdict = judge(
                     namespace,
                     name,
@@ -71,29 +66,8 @@ impl SecretJudge {
         }
     }
 
-    fn inspect(&self, secret: &Secret) -> Arc<InspectedSecret> {
-        let key = (
-            secret.metadata.namespace.clone().unwrap_or_default(),
-            secret.metadata.name.clone().unwrap_or_default(),
-        );
-        let version = secret.metadata.resource_version.clone().unwrap_or_default();
-        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cached_version, inspected)) = parsed.get(&key)
-            && !version.is_empty()
-            && *cached_version == version
-        {
-            return inspected.clone();
-        }
-        let inspected = Arc::new(inspect_tls_secret(secret));
-        parsed.insert(key, (version, inspected.clone()));
-        inspected
-    }
-
     /// Keeps only the Secrets for which `keep(namespace, name)` holds.
     pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
-        self.parsed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(ns, name), _| keep(ns, name));
+        self.inspections.retain(keep);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod contract;
 pub mod crd;
+pub mod inspections;
 mod types;
 pub mod validation;
 

@@ -15,7 +15,7 @@ use seinode_tls_crds::validation::{
 };
 use serde_json::Value;
 
-use crate::cache::{CachedLookup, NodeCache, SecretCache};
+use crate::cache::{NodeCache, SecretCache};
 use crate::config::{GuardPolicy, SecretPolicy};
 
 /// Most SeiNodes named one by one in a guard warning.
@@ -408,7 +408,7 @@ pub fn guard_secret(
     }
 
     let old = match request.old_object.as_ref().map(to_secret) {
-        Some(Ok(secret)) => Some(inspect_cached(ctx.secrets, &secret)),
+        Some(Ok(secret)) => Some(ctx.secrets.inspect(&secret)),
         _ => None,
     };
     let new = match (&request.operation, request.object.as_ref()) {
@@ -502,18 +502,6 @@ pub fn guard_secret(
         ));
     }
     Decision::warn(request, warnings)
-}
-
-/// The cached inspection when the object is the cached version, otherwise a fresh one.
-fn inspect_cached(cache: &SecretCache, secret: &Secret) -> std::sync::Arc<InspectedSecret> {
-    let namespace = secret.metadata.namespace.as_deref().unwrap_or_default();
-    let name = secret.metadata.name.as_deref().unwrap_or_default();
-    match cache.lookup_version(namespace, name, secret.metadata.resource_version.as_deref()) {
-        CachedLookup::Found(inspected) => inspected,
-        CachedLookup::NotFound | CachedLookup::Unavailable(_) => {
-            std::sync::Arc::new(inspect_tls_secret(secret))
-        }
-    }
 }
 
 fn missing_suffix(verdict: &SecretVerdict) -> String {

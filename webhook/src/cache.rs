@@ -9,7 +9,7 @@
 //! - [`NodeCache`]: every SeiNode, for the Secret guard's "who uses this Secret?".
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use seinode_tls_crds::SeiNode;
+use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{
     InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
 };
@@ -40,13 +41,6 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 type Key = (String, String);
 
-#[derive(Clone)]
-struct CachedSecret {
-    resource_version: Option<String>,
-    /// The inspection of `resource_version`, once a decision has needed it.
-    inspected: Option<Arc<InspectedSecret>>,
-}
-
 /// What the cache knows of one Secret, detached from the cache's lock.
 #[derive(Debug, Clone)]
 pub enum CachedLookup {
@@ -66,18 +60,32 @@ impl CachedLookup {
     }
 }
 
-/// TLS Secrets by namespace and name.
-#[derive(Default)]
+/// TLS Secrets by namespace and name: every one's resourceVersion, and the inspections a
+/// decision needed.
 pub struct SecretCache {
-    entries: RwLock<HashMap<Key, CachedSecret>>,
+    /// resourceVersion by Secret, from the metadata watch (or a read).
+    known: RwLock<HashMap<Key, Option<String>>>,
     /// Entries collected during a (re)list, swapped in when it completes.
-    relist: RwLock<Option<HashMap<Key, CachedSecret>>>,
+    relist: RwLock<Option<HashMap<Key, Option<String>>>>,
+    inspections: Inspections,
     synced: AtomicBool,
-    inspections: AtomicU64,
     /// For the on-demand read; without one (tests, benchmarks) only [`SecretCache::apply`]
     /// fills inspections.
     client: Option<Client>,
     metrics: Option<Arc<WebhookMetrics>>,
+}
+
+impl Default for SecretCache {
+    fn default() -> Self {
+        Self {
+            known: RwLock::default(),
+            relist: RwLock::default(),
+            inspections: Inspections::new(retainable),
+            synced: AtomicBool::new(false),
+            client: None,
+            metrics: None,
+        }
+    }
 }
 
 impl SecretCache {
@@ -106,57 +114,54 @@ impl SecretCache {
 
     /// How many Secret versions have been parsed so far (a parse-once check for tests).
     pub fn inspections(&self) -> u64 {
-        self.inspections.load(Ordering::Relaxed)
+        self.inspections.parsed()
     }
 
-    /// (TLS Secrets known, of which inspections are held).
+    /// (TLS Secrets known, inspections held).
     pub fn sizes(&self) -> (usize, usize) {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        let inspected = entries.values().filter(|e| e.inspected.is_some()).count();
-        (entries.len(), inspected)
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner()).len();
+        (known, self.inspections.len())
     }
 
-    /// Whether the cache holds the inspection of this Secret (tests).
-    pub fn holds_inspection(&self, namespace: &str, name: &str) -> bool {
-        self.entries
+    /// The resourceVersion the cache knows of a Secret; `None` when it knows no such Secret.
+    fn version(&self, namespace: &str, name: &str) -> Option<Option<String>> {
+        self.known
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&(namespace.to_owned(), name.to_owned()))
-            .is_some_and(|e| e.inspected.is_some())
+            .cloned()
+    }
+
+    /// Whether the cache holds the inspection of the current version of this Secret (tests).
+    pub fn holds_inspection(&self, namespace: &str, name: &str) -> bool {
+        self.version(namespace, name).is_some_and(|v| {
+            self.inspections
+                .held(namespace, name, v.as_deref())
+                .is_some()
+        })
     }
 
     pub fn lookup(&self, namespace: &str, name: &str) -> CachedLookup {
         if !self.is_synced() {
             return CachedLookup::Unavailable(NOT_SYNCED);
         }
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        match entries.get(&(namespace.to_owned(), name.to_owned())) {
-            Some(CachedSecret {
-                inspected: Some(inspected),
-                ..
-            }) => CachedLookup::Found(inspected.clone()),
-            Some(_) => CachedLookup::Unavailable(NOT_READ),
+        match self.version(namespace, name) {
+            Some(version) => match self.inspections.held(namespace, name, version.as_deref()) {
+                Some(inspected) => CachedLookup::Found(inspected),
+                None => CachedLookup::Unavailable(NOT_READ),
+            },
             None => CachedLookup::NotFound,
         }
     }
 
-    /// The cached inspection of exactly this resourceVersion of a Secret, if the cache holds it.
-    pub fn lookup_version(
-        &self,
-        namespace: &str,
-        name: &str,
-        resource_version: Option<&str>,
-    ) -> CachedLookup {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        match entries.get(&(namespace.to_owned(), name.to_owned())) {
-            Some(CachedSecret {
-                resource_version: cached,
-                inspected: Some(inspected),
-            }) if resource_version.is_some() && cached.as_deref() == resource_version => {
-                CachedLookup::Found(inspected.clone())
-            }
-            _ => CachedLookup::NotFound,
-        }
+    /// The inspection of `secret` as the Secret guard sees it in a review: the held one when
+    /// this is the version the cache read, else a fresh one (not kept: only reads are).
+    pub fn inspect(&self, secret: &Secret) -> Arc<InspectedSecret> {
+        let namespace = secret.metadata.namespace.as_deref().unwrap_or_default();
+        let name = secret.metadata.name.as_deref().unwrap_or_default();
+        self.inspections
+            .held(namespace, name, secret.metadata.resource_version.as_deref())
+            .unwrap_or_else(|| Arc::new(inspect_tls_secret(secret)))
     }
 
     /// Makes sure [`SecretCache::lookup`] can answer for a Secret the watch knows: reads it
@@ -164,14 +169,12 @@ impl SecretCache {
     /// A failed read is logged and counted; the lookup then says the Secret could not be read.
     pub async fn ensure(&self, namespace: &str, name: &str) {
         let Some(client) = &self.client else { return };
-        let key = (namespace.to_owned(), name.to_owned());
         let needed = self.is_synced()
-            && self
-                .entries
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&key)
-                .is_some_and(|e| e.inspected.is_none());
+            && self.version(namespace, name).is_some_and(|v| {
+                self.inspections
+                    .held(namespace, name, v.as_deref())
+                    .is_none()
+            });
         if !needed {
             return;
         }
@@ -204,107 +207,60 @@ impl SecretCache {
     /// Records a Secret with its content (the on-demand read; tests and benchmarks), parsing it
     /// unless this resourceVersion was parsed already. Secrets of another type are removed.
     pub fn apply(&self, secret: &Secret) {
-        let key = key_of(secret);
+        let (namespace, name) = key_of(secret);
         if secret.type_.as_deref() != Some(TLS_SECRET_TYPE) {
-            self.remove(&key.0, &key.1);
+            self.remove(&namespace, &name);
             return;
         }
-        let resource_version = secret.metadata.resource_version.clone();
-        let reuse = self.held_inspection(&key, resource_version.as_deref());
-        let inspected = reuse.or_else(|| {
-            self.inspections.fetch_add(1, Ordering::Relaxed);
-            retainable(inspect_tls_secret(secret))
-        });
-        self.insert(
-            key,
-            CachedSecret {
-                resource_version,
-                inspected,
-            },
+        self.inspections.of(secret);
+        self.apply_meta(
+            &namespace,
+            &name,
+            secret.metadata.resource_version.as_deref(),
         );
     }
 
-    /// Records what the metadata watch says of a Secret: its version. The inspection of that
-    /// same version is kept; any other is dropped.
+    /// Records what the metadata watch says of a Secret: its version. The inspection of another
+    /// version is dropped.
     pub fn apply_meta(&self, namespace: &str, name: &str, resource_version: Option<&str>) {
+        self.inspections
+            .forget_other_versions(namespace, name, resource_version);
         let key = (namespace.to_owned(), name.to_owned());
-        let inspected = self.held_inspection(&key, resource_version);
-        self.insert(
-            key,
-            CachedSecret {
-                resource_version: resource_version.map(str::to_owned),
-                inspected,
-            },
-        );
+        let version = resource_version.map(str::to_owned);
+        // Lock order: relist, then known.
+        let mut relist = self.relist.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(pending) = relist.as_mut() {
+            pending.insert(key.clone(), version.clone());
+        }
+        // The live map keeps serving until a relist completes.
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, version);
+        drop(relist);
+        self.publish_sizes();
     }
 
     pub fn remove(&self, namespace: &str, name: &str) {
         let key = (namespace.to_owned(), name.to_owned());
-        // Same lock order as `insert`: relist, then entries.
         let mut relist = self.relist.write().unwrap_or_else(|e| e.into_inner());
         if let Some(pending) = relist.as_mut() {
             pending.remove(&key);
         }
-        self.entries
+        self.known
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
         drop(relist);
+        self.inspections
+            .retain(|ns, n| (ns, n) != (namespace, name));
         self.publish_sizes();
     }
 
     /// Drops the inspections of Secrets for which `keep(namespace, name)` is false (their names
     /// and versions stay known).
     pub fn retain_inspections(&self, keep: impl Fn(&str, &str) -> bool) {
-        for (key, entry) in self
-            .entries
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter_mut()
-        {
-            if entry.inspected.is_some() && !keep(&key.0, &key.1) {
-                entry.inspected = None;
-            }
-        }
-        self.publish_sizes();
-    }
-
-    fn held_inspection(
-        &self,
-        key: &Key,
-        resource_version: Option<&str>,
-    ) -> Option<Arc<InspectedSecret>> {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        let entry = entries.get(key)?;
-        if resource_version.is_some() && entry.resource_version.as_deref() == resource_version {
-            entry.inspected.clone()
-        } else {
-            None
-        }
-    }
-
-    fn insert(&self, key: Key, entry: CachedSecret) {
-        let mut relist = self.relist.write().unwrap_or_else(|e| e.into_inner());
-        match relist.as_mut() {
-            Some(pending) => {
-                // The live map keeps serving until the relist completes; a read made meanwhile
-                // belongs in both.
-                if entry.inspected.is_some() {
-                    self.entries
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(key.clone(), entry.clone());
-                }
-                pending.insert(key, entry);
-            }
-            None => {
-                self.entries
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, entry);
-            }
-        }
-        drop(relist);
+        self.inspections.retain(keep);
         self.publish_sizes();
     }
 
@@ -319,7 +275,9 @@ impl SecretCache {
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
-            *self.entries.write().unwrap_or_else(|e| e.into_inner()) = pending;
+            self.inspections
+                .retain(|ns, name| pending.contains_key(&(ns.to_owned(), name.to_owned())));
+            *self.known.write().unwrap_or_else(|e| e.into_inner()) = pending;
         }
         self.mark_synced();
         self.publish_sizes();
@@ -352,7 +310,7 @@ impl SecretCache {
 
 /// What the cache keeps of an inspection: no leaf or `ca.crt` bytes (no admission decision
 /// reads them), and nothing at all for a certificate with an outsized list of names.
-fn retainable(inspected: InspectedSecret) -> Option<Arc<InspectedSecret>> {
+fn retainable(inspected: InspectedSecret) -> Option<InspectedSecret> {
     let trimmed = match inspected {
         InspectedSecret::Usable(leaf) => {
             let dns_bytes: usize = leaf.dns_names.iter().map(String::len).sum();
@@ -368,7 +326,7 @@ fn retainable(inspected: InspectedSecret) -> Option<Arc<InspectedSecret>> {
         // Our own one-line message.
         defective @ InspectedSecret::Defective { .. } => defective,
     };
-    Some(Arc::new(trimmed))
+    Some(trimmed)
 }
 
 fn key_of(secret: &Secret) -> Key {
@@ -570,7 +528,7 @@ mod tests {
             ca_crt: Some(vec![2; 1 << 20]),
         };
         let kept = retainable(InspectedSecret::Usable(leaf.clone())).unwrap();
-        let InspectedSecret::Usable(kept) = kept.as_ref() else {
+        let InspectedSecret::Usable(kept) = &kept else {
             panic!("{kept:?}")
         };
         assert!(kept.der.is_empty() && kept.ca_crt.is_none());

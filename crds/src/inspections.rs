@@ -1,0 +1,164 @@
+//! The one parse-once store of Secret inspections, shared by the webhook's cache and the
+//! controller's Secret reads: a Secret's content is parsed once per resourceVersion.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use k8s_openapi::api::core::v1::Secret;
+
+use crate::validation::{InspectedSecret, inspect_tls_secret};
+
+type Key = (String, String);
+
+/// What a store keeps of an inspection: the inspection itself, a trimmed copy, or nothing
+/// (the caller still gets the inspection, which is then made again next time).
+pub type Keep = fn(InspectedSecret) -> Option<InspectedSecret>;
+
+/// Inspections by Secret namespace and name, each with the resourceVersion it was made from.
+pub struct Inspections {
+    held: Mutex<HashMap<Key, (String, Arc<InspectedSecret>)>>,
+    keep: Keep,
+    parsed: AtomicU64,
+}
+
+impl Default for Inspections {
+    fn default() -> Self {
+        Self::new(Some)
+    }
+}
+
+impl Inspections {
+    /// A store that keeps what `keep` makes of each inspection.
+    pub fn new(keep: Keep) -> Self {
+        Self {
+            held: Mutex::default(),
+            keep,
+            parsed: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, (String, Arc<InspectedSecret>)>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The inspection of this version of `secret`: the held one, or a new one (kept as `keep`
+    /// says). A Secret without a resourceVersion is inspected every time and never kept.
+    pub fn of(&self, secret: &Secret) -> Arc<InspectedSecret> {
+        let key = (
+            secret.metadata.namespace.clone().unwrap_or_default(),
+            secret.metadata.name.clone().unwrap_or_default(),
+        );
+        let version = secret.metadata.resource_version.as_deref();
+        if let Some(held) = self.held(&key.0, &key.1, version) {
+            return held;
+        }
+        self.parsed.fetch_add(1, Ordering::Relaxed);
+        let inspected = inspect_tls_secret(secret);
+        let Some(version) = version else {
+            return Arc::new(inspected);
+        };
+        match (self.keep)(inspected.clone()) {
+            Some(kept) => {
+                let kept = Arc::new(kept);
+                self.lock().insert(key, (version.to_owned(), kept.clone()));
+                kept
+            }
+            None => {
+                self.lock().remove(&key);
+                Arc::new(inspected)
+            }
+        }
+    }
+
+    /// The held inspection of exactly this version, if any.
+    pub fn held(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Option<Arc<InspectedSecret>> {
+        let version = version?;
+        let held = self.lock();
+        let (held_version, inspected) = held.get(&(namespace.to_owned(), name.to_owned()))?;
+        (held_version == version).then(|| inspected.clone())
+    }
+
+    /// Drops the inspection of `namespace/name` unless it is of `version`.
+    pub fn forget_other_versions(&self, namespace: &str, name: &str, version: Option<&str>) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut held = self.lock();
+        if held
+            .get(&key)
+            .is_some_and(|(v, _)| Some(v.as_str()) != version)
+        {
+            held.remove(&key);
+        }
+    }
+
+    /// Keeps only the inspections of Secrets for which `keep(namespace, name)` holds.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
+        self.lock().retain(|(ns, name), _| keep(ns, name));
+    }
+
+    /// How many are held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many Secret versions were parsed so far (a parse-once check for tests).
+    pub fn parsed(&self) -> u64 {
+        self.parsed.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn secret(name: &str, version: Option<&str>) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some("sei".to_owned()),
+                resource_version: version.map(str::to_owned),
+                ..ObjectMeta::default()
+            },
+            type_: Some(crate::validation::TLS_SECRET_TYPE.to_owned()),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn each_version_is_parsed_once_and_only_the_current_one_is_held() {
+        let store = Inspections::default();
+        store.of(&secret("a", Some("1")));
+        store.of(&secret("a", Some("1")));
+        assert_eq!(store.parsed(), 1);
+        assert!(store.held("sei", "a", Some("1")).is_some());
+        store.of(&secret("a", Some("2")));
+        assert_eq!(store.parsed(), 2);
+        assert!(store.held("sei", "a", Some("1")).is_none());
+        store.forget_other_versions("sei", "a", Some("3"));
+        assert!(store.is_empty());
+        // Without a version: parsed each time, never held.
+        store.of(&secret("b", None));
+        store.of(&secret("b", None));
+        assert_eq!((store.parsed(), store.len()), (4, 0));
+    }
+
+    #[test]
+    fn what_keep_refuses_is_returned_but_not_held() {
+        let store = Inspections::new(|_| None);
+        let inspected = store.of(&secret("a", Some("1")));
+        assert!(matches!(*inspected, InspectedSecret::Defective { .. }));
+        assert!(store.is_empty());
+        store.of(&secret("a", Some("1")));
+        assert_eq!(store.parsed(), 2);
+    }
+}
