@@ -425,7 +425,16 @@ impl Caches {
         let node_cache = nodes.clone();
         let node_watch = reflector::reflector(
             writer,
-            watcher(node_api, watcher::Config::default()).default_backoff(),
+            watcher(node_api, watcher::Config::default())
+                .default_backoff()
+                // The guard reads names and spec.sidecar.tls only: the status (a plan, its
+                // conditions), managedFields and annotations (kubectl's copy of the object)
+                // would only take memory.
+                .modify(|node: &mut SeiNode| {
+                    node.status = None;
+                    node.metadata.managed_fields = None;
+                    node.metadata.annotations = None;
+                }),
         )
         .for_each(move |event| {
             match event {
