@@ -9,8 +9,7 @@
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz --locked`). The
 # committed seeds in fuzz/corpus/<target>/ are only read; what a run adds goes to
 # fuzz/work/<target>/ (ignored by git, kept between runs), with the full libFuzzer log in
-# fuzz/work/<target>.log. Honours CARGO_TARGET_DIR. SEINODE_TLS_FUZZ_MASK_KNOWN_ECHOES=1 lets
-# manifest_reader look past its known findings (see docs/testing.md).
+# fuzz/work/<target>.log. Honours CARGO_TARGET_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -591,6 +591,34 @@ mod tests {
     }
 
     #[test]
+    fn the_fuzzers_reproducers_print_no_run_of_their_key() {
+        // fuzz/artifacts-kept/manifest_reader: what the manifest_reader target found before the
+        // fix (a YAML excerpt, serde's quote of a string).
+        for (input, key) in [
+            (
+                include_str!(
+                    "../fuzz/artifacts-kept/manifest_reader/yaml-excerpt-echoes-key-readable"
+                ),
+                "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49",
+            ),
+            (
+                include_str!(
+                    "../fuzz/artifacts-kept/manifest_reader/type-error-quotes-key-readable"
+                ),
+                "LS0tLS1CRUdJTiBQUklWQVRFIEtFWS0tLS0tCk1JR0hBZ0VBTUJNR0J5cUdTTTQ5",
+            ),
+        ] {
+            assert!(input.contains(key));
+            let err = parse_secret_manifest(input, "secret.yaml").expect_err(input);
+            let shown = error_chain(&err);
+            for window in key.as_bytes().windows(16) {
+                let window = std::str::from_utf8(window).unwrap();
+                assert!(!shown.contains(window), "{window:?} of the key in: {shown}");
+            }
+        }
+    }
+
+    #[test]
     fn garbage_is_a_parse_error() {
         let err = parse_secret_manifest("{[", "x").expect_err("garbage");
         assert!(matches!(err, ManifestError::Parse { .. }), "{err}");

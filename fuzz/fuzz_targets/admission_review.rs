@@ -57,19 +57,16 @@ fn harness() -> &'static Harness {
         let router = |secret_policy, guard_policy| {
             let mut registry = prometheus_client::registry::Registry::default();
             let metrics = Arc::new(WebhookMetrics::register(&mut registry));
-            admission_router(
-                Arc::new(AdmissionState {
-                    secrets: secrets.clone(),
-                    nodes: nodes.clone(),
-                    secret_policy,
-                    guard_policy,
-                    cluster_domain: "cluster.local".to_owned(),
-                    request_deadline: Duration::from_secs(2),
-                    request_limit: Arc::new(RequestLimit::new(32, &metrics)),
-                    metrics,
-                }),
-                false,
-            )
+            admission_router(Arc::new(AdmissionState {
+                secrets: secrets.clone(),
+                nodes: nodes.clone(),
+                secret_policy,
+                guard_policy,
+                cluster_domain: "cluster.local".to_owned(),
+                request_deadline: Duration::from_secs(2),
+                request_limit: Arc::new(RequestLimit::new(32, &metrics)),
+                metrics,
+            }))
         };
         Harness {
             runtime,
