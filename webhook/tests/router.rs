@@ -149,30 +149,16 @@ impl Webhook {
         path: &str,
         body: impl Into<Body>,
     ) -> (StatusCode, axum::http::HeaderMap, String) {
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.into())
-            .unwrap();
-        let response = self.admission.clone().oneshot(request).await.unwrap();
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        (
-            parts.status,
-            parts.headers,
-            String::from_utf8_lossy(&body).into_owned(),
-        )
-    }
-
-    fn metrics_text(&self) -> String {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
-        text
+        let (status, headers, body) = self.send(path, body).await;
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
     }
 
     /// POSTs `body` to `path` of the admission router; the same router answers every call.
-    async fn post(&self, path: &str, body: impl Into<Body>) -> (StatusCode, Bytes) {
+    async fn send(
+        &self,
+        path: &str,
+        body: impl Into<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, Bytes) {
         let request = Request::builder()
             .method(Method::POST)
             .uri(path)
@@ -185,13 +171,23 @@ impl Webhook {
             .oneshot(request)
             .await
             .expect("the router is infallible");
-        let status = response.status();
-        let body = response
-            .into_body()
+        let (parts, body) = response.into_parts();
+        let body = body
             .collect()
             .await
             .expect("read the response body")
             .to_bytes();
+        (parts.status, parts.headers, body)
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
+    }
+
+    async fn post(&self, path: &str, body: impl Into<Body>) -> (StatusCode, Bytes) {
+        let (status, _, body) = self.send(path, body).await;
         (status, body)
     }
 

@@ -588,22 +588,52 @@ fn tolerates_ec_parameters_block_before_the_key() {
 
 // === Chains ===
 
+/// A root CA, an intermediate it signed and a contract leaf the intermediate signed.
+struct TwoLevelChain {
+    root_pem: String,
+    intermediate_pem: String,
+    leaf_pem: String,
+    keys: [Key; 3],
+}
+
+impl TwoLevelChain {
+    fn new() -> Self {
+        let (root_key, intermediate_key, leaf_key) = (Key::p256(), Key::p256(), Key::p256());
+        let root_params = ca_params("test root");
+        let root_pem = self_signed(&root_params, &root_key);
+        let root = Issuer::new(root_params, &root_key.signer);
+        let intermediate_params = ca_params("test intermediate");
+        let intermediate = intermediate_params
+            .signed_by(&intermediate_key.signer, &root)
+            .expect("sign the intermediate");
+        let intermediate_issuer = Issuer::new(intermediate_params, &intermediate_key.signer);
+        let leaf = leaf_params(&[SERVICE_NAME, POD_NAME])
+            .signed_by(&leaf_key.signer, &intermediate_issuer)
+            .expect("sign the leaf");
+        Self {
+            root_pem,
+            intermediate_pem: intermediate.pem(),
+            leaf_pem: leaf.pem(),
+            keys: [root_key, intermediate_key, leaf_key],
+        }
+    }
+
+    fn leaf_key(&self) -> &Key {
+        &self.keys[2]
+    }
+
+    /// The leaf, then the intermediate.
+    fn chain(&self) -> String {
+        format!("{}{}", self.leaf_pem, self.intermediate_pem)
+    }
+}
+
 #[test]
 fn accepts_leaf_followed_by_its_intermediate() {
-    let (root_key, intermediate_key, leaf_key) = (Key::p256(), Key::p256(), Key::p256());
-    let root_params = ca_params("test root");
-    let root = Issuer::new(root_params, &root_key.signer);
-    let intermediate_params = ca_params("test intermediate");
-    let intermediate = intermediate_params
-        .signed_by(&intermediate_key.signer, &root)
-        .expect("sign the intermediate");
-    let intermediate_issuer = Issuer::new(intermediate_params, &intermediate_key.signer);
-    let leaf = leaf_params(&[SERVICE_NAME, POD_NAME])
-        .signed_by(&leaf_key.signer, &intermediate_issuer)
-        .expect("sign the leaf");
-    let chain = format!("{}{}", leaf.pem(), intermediate.pem());
+    let chain = TwoLevelChain::new();
+    let [root_key, intermediate_key, leaf_key] = &chain.keys;
     let case = Case::tls_raw(
-        chain,
+        chain.chain(),
         leaf_key.pem.clone(),
         &[&leaf_key.pem, &intermediate_key.pem, &root_key.pem],
     );
@@ -1247,26 +1277,14 @@ fn accepts_ca_crt_that_issued_the_leaf() {
 
 #[test]
 fn accepts_ca_crt_holding_the_root_of_an_intermediate_in_tls_crt() {
-    let (root_key, intermediate_key, leaf_key) = (Key::p256(), Key::p256(), Key::p256());
-    let root_params = ca_params("test root");
-    let root_pem = self_signed(&root_params, &root_key);
-    let root = Issuer::new(root_params, &root_key.signer);
-    let intermediate_params = ca_params("test intermediate");
-    let intermediate = intermediate_params
-        .signed_by(&intermediate_key.signer, &root)
-        .expect("sign the intermediate");
-    let intermediate_issuer = Issuer::new(intermediate_params, &intermediate_key.signer);
-    let leaf = leaf_params(&[SERVICE_NAME, POD_NAME])
-        .signed_by(&leaf_key.signer, &intermediate_issuer)
-        .expect("sign the leaf");
-    let chain = format!("{}{}", leaf.pem(), intermediate.pem());
+    let chain = TwoLevelChain::new();
     // A bundle: another CA first, then the root.
     let (_, _, other_ca) = issued_leaf("another issuer");
-    let bundle = format!("{other_ca}{root_pem}");
-    assert_ready(&with_ca(&chain, &leaf_key, bundle).verdict());
+    let bundle = format!("{other_ca}{}", chain.root_pem);
+    assert_ready(&with_ca(&chain.chain(), chain.leaf_key(), bundle).verdict());
     // Without the intermediate, the root alone does not reach the leaf.
     assert_malformed(
-        &with_ca(&leaf.pem(), &leaf_key, root_pem).verdict(),
+        &with_ca(&chain.leaf_pem, chain.leaf_key(), chain.root_pem.clone()).verdict(),
         &[
             "ca.crt that did not issue the leaf",
             "intermediates after the leaf",
