@@ -240,7 +240,13 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
         };
         let admission = parse_review(&body)?;
         if let Some((namespace, name)) = crate::admission::secret_to_read(kind, &admission) {
-            state.secrets.ensure(&namespace, &name).await;
+            // The read gets what is left of the deadline (and at most its own second).
+            let left = deadline.saturating_sub(started.elapsed());
+            let read = state.secrets.ensure(&namespace, &name);
+            if tokio::time::timeout(left, read).await.is_err() {
+                tracing::warn!(%namespace, %name, "the Secret read ran out of the request deadline");
+                state.metrics.count_secret_read("failed");
+            }
         }
         let span = tracing::Span::current();
         span.record("uid", admission.uid.as_str());
