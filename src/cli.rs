@@ -205,11 +205,11 @@ pub struct WebhookArgs {
     #[arg(long, env = "SEINODE_TLS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
     /// HTTPS connections open at once; a connection over the limit is closed on accept.
-    #[arg(long, env = "SEINODE_TLS_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    #[arg(long, env = "SEINODE_TLS_MAX_CONNECTIONS", default_value_t = seinode_tls_webhook::config::DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub max_connections: u32,
     /// Admission requests handled at once; a request over the limit is answered 429 with
     /// Retry-After, which the API server retries.
-    #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_REQUESTS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_REQUESTS", default_value_t = seinode_tls_webhook::config::DEFAULT_MAX_CONCURRENT_REQUESTS as u32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_concurrent_requests: u32,
     /// A connection on which no byte moves for this long is closed; keep it above the 90s after
     /// which the API server drops idle connections itself.

@@ -96,6 +96,11 @@ impl Inspections {
         }
     }
 
+    /// Drops the inspection of `namespace/name`, whatever its version.
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.lock().remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
     /// Keeps only the inspections of Secrets for which `keep(namespace, name)` holds.
     pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
         self.lock().retain(|(ns, name), _| keep(ns, name));
@@ -146,10 +151,13 @@ mod tests {
         assert!(store.held("sei", "a", Some("1")).is_none());
         store.forget_other_versions("sei", "a", Some("3"));
         assert!(store.is_empty());
+        store.of(&secret("a", Some("3")));
+        store.remove("sei", "a");
+        assert!(store.is_empty());
         // Without a version: parsed each time, never held.
         store.of(&secret("b", None));
         store.of(&secret("b", None));
-        assert_eq!((store.parsed(), store.len()), (4, 0));
+        assert_eq!((store.parsed(), store.len()), (5, 0));
     }
 
     #[test]

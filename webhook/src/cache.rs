@@ -252,8 +252,7 @@ impl SecretCache {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
         drop(relist);
-        self.inspections
-            .retain(|ns, n| (ns, n) != (namespace, name));
+        self.inspections.remove(namespace, name);
         self.publish_sizes();
     }
 
