@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1284,7 +1284,9 @@ impl ConnectionSampler {
             let (phase, peaks, stop) = (phase.clone(), peaks.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    if let Ok(count) = api_connections(pid, port) {
+                    if let Ok(count) =
+                        seinode_tls_devcluster::network::established_connections(pid, port)
+                    {
                         peaks[phase.load(Ordering::SeqCst)].fetch_max(count, Ordering::SeqCst);
                     }
                     std::thread::sleep(SAMPLE_INTERVAL);
@@ -1311,46 +1313,6 @@ impl ConnectionSampler {
         }
         [0, 1, 2].map(|i| self.peaks[i].load(Ordering::SeqCst))
     }
-}
-
-/// Established TCP connections of process `pid` whose remote port is `port`: its socket inodes
-/// (`/proc/PID/fd`) matched against its network namespace's tables (`/proc/PID/net/tcp{,6}`).
-fn api_connections(pid: u32, port: u16) -> std::io::Result<usize> {
-    let proc = Path::new("/proc").join(pid.to_string());
-    let mut inodes = std::collections::HashSet::new();
-    for entry in std::fs::read_dir(proc.join("fd"))?.flatten() {
-        if let Ok(target) = std::fs::read_link(entry.path())
-            && let Some(inode) = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
-        {
-            inodes.insert(inode.to_owned());
-        }
-    }
-    let mut count = 0;
-    for table in ["net/tcp", "net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(proc.join(table)) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            let (Some(remote), Some(state), Some(inode)) =
-                (fields.get(2), fields.get(3), fields.get(9))
-            else {
-                continue;
-            };
-            let remote_port = remote
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if *state == "01" && remote_port == Some(port) && inodes.contains(*inode) {
-                count += 1;
-            }
-        }
-    }
-    Ok(count)
 }
 
 // === Report ===

@@ -2,6 +2,7 @@
 //! (with the default `local` feature) `local` mode over the one-machine cluster in
 //! `seinode-tls-devcluster`. Nothing below this crate knows about the command line.
 
+pub mod api_client;
 pub mod cli;
 pub mod exit;
 #[cfg(feature = "local")]

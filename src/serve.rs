@@ -19,7 +19,7 @@ pub const METRICS_PREFIX: &str = "seinode_tls";
 /// Runs the webhook until SIGINT or SIGTERM.
 pub fn webhook_main(config: WebhookConfig) -> ExitCode {
     run_to_exit(async move {
-        let client = kube_client().await?;
+        let client = crate::api_client::infer().await?;
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let webhook = Webhook::bind(config, &mut registry)?;
         webhook
@@ -33,7 +33,7 @@ pub fn webhook_main(config: WebhookConfig) -> ExitCode {
 /// `health_addr`.
 pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAddr) -> ExitCode {
     run_to_exit(async move {
-        let client = kube_client().await?;
+        let client = crate::api_client::infer().await?;
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let controller = Controller::new(config, &mut registry)?;
         let shutdown = shutdown_signal().shared();
@@ -56,7 +56,7 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
 /// serves the webhook; with leader election only the leader reconciles.
 pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCode {
     run_to_exit(async move {
-        let client = kube_client().await?;
+        let client = crate::api_client::infer().await?;
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let webhook = Webhook::bind(webhook, &mut registry)?;
         let controller = Controller::new(controller, &mut registry)?;
@@ -97,12 +97,6 @@ pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCod
         controller_result?;
         Ok(())
     })
-}
-
-async fn kube_client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default()
-        .await
-        .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")
 }
 
 /// Sets up logging and the runtime, runs `main` and turns its error into exit status 1.

@@ -2,7 +2,8 @@
 //! mid-plan, the API server and etcd crashed and restarted mid-plan, two replicas racing for the
 //! Lease, a leader paused past its renew deadline. Each scenario ends with every node Running
 //! on its init plan, no plan seen going backwards (a finished task run again), exactly one event
-//! per condition flip, and the controller's part done within 15 s of the fault's end.
+//! per condition flip, the controller's part done within 15 s of the fault's end, and each
+//! controller back on one connection to the API server.
 //!
 //! The controllers are `seinode-tls controller` processes (so they can be killed and paused),
 //! each watched by a watchdog that stops it if this binary dies. Scenarios run one at a time:
@@ -25,6 +26,7 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, TaskStatus};
+use seinode_tls_devcluster::network::established_connections;
 use seinode_tls_devcluster::watchdog::Watchdog;
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use serde_json::json;
@@ -110,6 +112,23 @@ impl ControllerProcess {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to 10 s for the process to hold exactly one connection to the API server (every
+    /// watch and request are streams of one HTTP/2 connection); panics with the count if not.
+    async fn assert_one_api_connection(&self) {
+        let (pid, port) = (self.child.id(), common::control_plane().port());
+        let (count, one) = common::poll(
+            Duration::from_secs(10),
+            || async { established_connections(pid, port) },
+            |count| matches!(count, Ok(1)),
+        )
+        .await;
+        assert!(
+            one,
+            "connections to the API server: {count:?}, want 1\n{}",
+            self.log()
+        );
     }
 
     /// Waits up to 30 s for `line` in the log; panics with the log if it never comes.
@@ -325,6 +344,9 @@ impl Scenario {
             &logs,
         )
         .await;
+        for controller in controllers {
+            controller.assert_one_api_connection().await;
+        }
         self.wait_all(
             PODS,
             running_init,

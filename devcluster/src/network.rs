@@ -302,3 +302,43 @@ fn ip(args: &[&str]) -> Result<(), NetworkError> {
         })
     }
 }
+
+/// Established TCP connections of process `pid` whose remote port is `port`: its socket inodes
+/// (`/proc/PID/fd`) matched against its network namespace's tables (`/proc/PID/net/tcp{,6}`).
+pub fn established_connections(pid: u32, port: u16) -> std::io::Result<usize> {
+    let proc = std::path::Path::new("/proc").join(pid.to_string());
+    let mut inodes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(proc.join("fd"))?.flatten() {
+        if let Ok(target) = std::fs::read_link(entry.path())
+            && let Some(inode) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+        {
+            inodes.insert(inode.to_owned());
+        }
+    }
+    let mut count = 0;
+    for table in ["net/tcp", "net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(proc.join(table)) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(remote), Some(state), Some(inode)) =
+                (fields.get(2), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let remote_port = remote
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *state == "01" && remote_port == Some(port) && inodes.contains(*inode) {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
