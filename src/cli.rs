@@ -251,7 +251,7 @@ pub struct ControllerArgs {
     /// reported unreachable.
     #[arg(long, env = "SEINODE_TLS_NO_SIDECAR_DNS")]
     pub no_sidecar_dns: bool,
-    /// SeiNodes reconciled at once; each uses at most one connection to the API server.
+    /// SeiNodes reconciled at once; a node not decided yet goes before plan work.
     #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub max_concurrent_reconciles: u16,
     /// Reconcile only while holding a coordination.k8s.io Lease (for several replicas).

@@ -42,7 +42,7 @@ pub struct ControllerConfig {
     pub sidecar_ca_bundle: Option<PathBuf>,
     /// Connect to these addresses instead of resolving the pod's DNS name (tests and `local`).
     pub sidecar_addresses: SidecarAddresses,
-    /// Reconciles running at once (each holds at most one API connection).
+    /// Reconciles doing API work at once; a node not decided yet goes before plan work.
     pub max_concurrent_reconciles: u16,
     /// ServiceAccount of the node pods (kube-rbac-proxy runs as it and needs TokenReview and
     /// SubjectAccessReview); the namespace's default when `None`.

@@ -18,6 +18,7 @@ pub mod probe;
 pub mod reconcile;
 pub mod resources;
 pub mod secrets;
+pub mod slots;
 pub mod status;
 
 use std::sync::Arc;
@@ -327,13 +328,6 @@ impl Term {
         ))
         .predicate_filter(predicates::resource_version, PredicateConfig::default());
 
-        // kube-runtime wants a Sync trigger; relay the caller's future through a channel.
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let relay = tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(());
-        });
-        let concurrency = self.config.max_concurrent_reconciles;
         let instance = self
             .instance
             .unwrap_or_else(|| self.config.reporter.clone());
@@ -352,6 +346,17 @@ impl Term {
             instance,
             latest,
         ));
+        // kube-runtime wants a Sync trigger; relay the caller's future through a channel. The
+        // reconciles queued for a slot end at once, so the shutdown waits only for the running.
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let relay = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                ctx.slots.close();
+                let _ = stop_tx.send(());
+            })
+        };
         let pruning = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
@@ -363,7 +368,9 @@ impl Term {
             })
         };
         Runtime::for_stream(node_stream, reader)
-            .with_config(RuntimeConfig::default().concurrency(concurrency))
+            // Every queued node at once (one reconcile per node at most): they wait for one of
+            // the context's slots, which bound the API work and order it (see `slots`).
+            .with_config(RuntimeConfig::default().concurrency(0))
             .owns_stream(cm_stream)
             .owns_stream(svc_stream)
             .owns_stream(sts_stream)

@@ -16,7 +16,9 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use seinode_tls_crds::contract::required_dns_names;
 use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate};
-use seinode_tls_crds::{DEFAULT_SIDECAR_PORT, PlanPhase, SeiNode, SeiNodePhase, SeiNodeStatus};
+use seinode_tls_crds::{
+    DEFAULT_SIDECAR_PORT, PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -32,6 +34,7 @@ use crate::plan::Task;
 use crate::probe::{ProbeResult, SidecarProber};
 use crate::resources;
 use crate::secrets::SecretJudge;
+use crate::slots::{Priority, Slot, Slots};
 use crate::{lock, short_digest};
 
 /// Field manager of everything the controller applies.
@@ -92,6 +95,8 @@ pub struct Context {
     pub leadership: Leadership,
     /// Who reports events (`reportingInstance`).
     pub instance: String,
+    /// `--max-concurrent-reconciles` slots for API work, undecided nodes first.
+    pub slots: Slots,
     failures: Mutex<HashMap<String, u32>>,
     expiry_warned: Mutex<HashSet<(String, i64)>>,
     /// Nodes this process has reconciled (to re-send events a killed predecessor may have lost).
@@ -137,6 +142,7 @@ impl Context {
             config.sidecar_probe_timeout,
         );
         Self {
+            slots: Slots::new(usize::from(config.max_concurrent_reconciles)),
             client,
             config,
             metrics,
@@ -210,9 +216,14 @@ impl Context {
 
 /// kube-runtime entry point: one reconcile, with metrics and the backoff bookkeeping.
 pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let Some(slot) = ctx.slots.acquire(priority(&node)).await else {
+        // The term is over.
+        return Ok(Action::await_change());
+    };
     let started = Instant::now();
     let span = tracing::info_span!("reconcile", namespace = %node.namespace().unwrap_or_default(), name = %node.name_any());
-    let result = tracing::Instrument::instrument(reconcile_newest(node.clone(), &ctx), span).await;
+    let result =
+        tracing::Instrument::instrument(reconcile_newest(node.clone(), &ctx, slot), span).await;
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -281,10 +292,14 @@ enum Step {
 
 /// Reconciles from the newest known version; a status write that finds the node changed
 /// re-reads it and decides again (never forcing a status decided from an older one).
-async fn reconcile_newest(cached: Arc<SeiNode>, ctx: &Context) -> Result<Step, Error> {
+async fn reconcile_newest(
+    cached: Arc<SeiNode>,
+    ctx: &Context,
+    mut slot: Slot<'_>,
+) -> Result<Step, Error> {
     let mut node = ctx.newest(cached);
     for _ in 0..CONFLICT_ATTEMPTS {
-        match reconcile_node(&node, ctx).await? {
+        match reconcile_node(&node, ctx, &mut slot).await? {
             Some(step) => return Ok(step),
             None => {
                 let namespace = node.namespace().unwrap_or_default();
@@ -307,9 +322,31 @@ async fn reconcile_newest(cached: Arc<SeiNode>, ctx: &Context) -> Result<Step, E
     })
 }
 
+/// Urgent: a node with no status yet, or a TLS node whose status holds no verdict on its Secret
+/// yet; until decided, its user sees nothing of what may be wrong.
+fn priority(node: &SeiNode) -> Priority {
+    let decided = node.status.as_ref().is_some_and(|status| {
+        node.sidecar_tls().is_none()
+            || status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == SIDECAR_TLS_SECRET_READY)
+    });
+    if decided {
+        Priority::Normal
+    } else {
+        Priority::Urgent
+    }
+}
+
 /// One observe → decide → act round (two decides when a task ran). `None`: the status changed
 /// under the decision; read it again.
-async fn reconcile_node(node: &Arc<SeiNode>, ctx: &Context) -> Result<Option<Step>, Error> {
+async fn reconcile_node(
+    node: &Arc<SeiNode>,
+    ctx: &Context,
+    slot: &mut Slot<'_>,
+) -> Result<Option<Step>, Error> {
     if node.meta().deletion_timestamp.is_some() {
         return Ok(Some(Step::Done(Action::await_change())));
     }
@@ -361,6 +398,10 @@ async fn reconcile_node(node: &Arc<SeiNode>, ctx: &Context) -> Result<Option<Ste
         if observed.ran.is_some() {
             // One task per reconcile: the next one waits its turn behind other nodes.
             return Ok(Some(Step::Done(Action::requeue(Duration::ZERO))));
+        }
+        // Decided: the plan's work waits behind the nodes still waiting for their decision.
+        if slot.priority() == Priority::Urgent && !slot.demote().await {
+            return Ok(Some(Step::Done(Action::await_change())));
         }
         if !ctx.leadership.is_leading() {
             return Ok(Some(Step::Done(Action::await_change())));
