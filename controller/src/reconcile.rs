@@ -222,8 +222,13 @@ pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, 
     };
     let started = Instant::now();
     let span = tracing::info_span!("reconcile", namespace = %node.namespace().unwrap_or_default(), name = %node.name_any());
-    let result =
-        tracing::Instrument::instrument(reconcile_newest(node.clone(), &ctx, slot), span).await;
+    // Boxed: every queued node's reconcile waits above for a slot, and an unboxed future is as
+    // large as its largest state (the whole reconcile) while it waits.
+    let result = Box::pin(tracing::Instrument::instrument(
+        reconcile_newest(node.clone(), &ctx, slot),
+        span,
+    ))
+    .await;
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
