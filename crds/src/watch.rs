@@ -151,6 +151,10 @@ where
         WatchScope::Namespaces(namespaces) => merge_namespaces(
             namespaces
                 .iter()
+                // A scope built without `WatchScope::namespaces` may name one twice; two watches
+                // of it would hold its objects twice and delete what the other still has.
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
                 .map(|ns| {
                     watcher(Api::<K>::namespaced(client.clone(), ns), config.clone())
                         .default_backoff()
