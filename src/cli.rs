@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
 use seinode_tls_controller::probe::SidecarAddresses;
 use seinode_tls_controller::{ControllerConfig, LeaderElection};
+use seinode_tls_crds::watch::WatchScope;
 use seinode_tls_webhook::{GuardPolicy, SecretPolicy, WebhookConfig};
 
 use crate::offline::{self, CertificateSpec, CheckSecretArgs, ContractFormat, OutputFormat};
@@ -176,6 +177,11 @@ pub struct ServeArgs {
     /// Cluster DNS domain of the contract.
     #[arg(long, env = "SEINODE_TLS_CLUSTER_DOMAIN", default_value = seinode_tls_crds::contract::DEFAULT_CLUSTER_DOMAIN)]
     pub cluster_domain: String,
+    /// Watch only these namespaces (comma-separated), for an install whose RBAC covers only
+    /// them; empty watches the whole cluster. Register the webhooks for the same namespaces (the
+    /// chart's watchNamespaces does both).
+    #[arg(long, env = "SEINODE_TLS_WATCH_NAMESPACES", value_name = "NS[,NS...]", default_value = "", value_parser = parse_watch_scope)]
+    pub watch_namespaces: WatchScope,
 }
 
 #[derive(Debug, clap::Args)]
@@ -331,6 +337,7 @@ impl WebhookArgs {
         config.max_connections = self.max_connections as usize;
         config.max_concurrent_requests = self.max_concurrent_requests as usize;
         config.idle_timeout = self.idle_timeout;
+        config.watch_scope = serve.watch_namespaces.clone();
         config
     }
 }
@@ -368,9 +375,14 @@ impl ControllerArgs {
             sidecar_probe_timeout: self.sidecar_probe_timeout,
             sidecar_ca_bundle: self.sidecar_ca_bundle,
             node_service_account: self.node_service_account,
+            watch_scope: serve.watch_namespaces.clone(),
             ..ControllerConfig::default()
         }
     }
+}
+
+fn parse_watch_scope(value: &str) -> Result<WatchScope, String> {
+    WatchScope::parse(value).map_err(|e| e.to_string())
 }
 
 fn parse_sidecar_address(value: &str) -> Result<(String, std::net::SocketAddr), String> {
@@ -562,5 +574,58 @@ mod tests {
         assert_eq!(flags.idle_timeout, library.idle_timeout);
         assert_eq!(flags.request_deadline, library.request_deadline);
         assert_eq!(flags.shutdown_grace, library.shutdown_grace);
+        assert_eq!(flags.watch_scope, library.watch_scope);
+    }
+
+    fn run_cli(args: &[&str]) -> Result<RunCli, clap::Error> {
+        let argv = [
+            "seinode-tls",
+            "run",
+            "--tls-cert-file=c",
+            "--tls-key-file=k",
+        ];
+        match Cli::try_parse_from(argv.iter().chain(args))?.command {
+            Command::Run(run) => Ok(run),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn watch_namespaces_reach_both_co_processes() {
+        let args = run_cli(&["--watch-namespaces=sei-a,sei-b"]).unwrap();
+        let expected = WatchScope::Namespaces(vec!["sei-a".into(), "sei-b".into()]);
+        let RunCli {
+            serve,
+            webhook,
+            controller,
+        } = args;
+        assert_eq!(webhook.into_config(&serve).watch_scope, expected);
+        assert_eq!(controller.into_config(&serve).watch_scope, expected);
+    }
+
+    #[test]
+    fn no_watch_namespaces_watches_the_cluster() {
+        let args = run_cli(&[]).unwrap();
+        assert_eq!(args.serve.watch_namespaces, WatchScope::Cluster);
+        let args = run_cli(&["--watch-namespaces="]).unwrap();
+        assert_eq!(args.serve.watch_namespaces, WatchScope::Cluster);
+    }
+
+    #[test]
+    fn bad_watch_namespaces_are_refused_with_the_reason() {
+        for (value, reason) in [
+            ("sei,Sei", "\"Sei\" is not a namespace name"),
+            ("sei,sei", "namespace \"sei\" is listed twice"),
+            ("sei,,b", "empty entry"),
+        ] {
+            let error = run_cli(&[&format!("--watch-namespaces={value}")])
+                .err()
+                .unwrap_or_else(|| panic!("{value:?} accepted"))
+                .to_string();
+            assert!(
+                error.contains("--watch-namespaces") && error.contains(reason),
+                "{value:?}: {error}"
+            );
+        }
     }
 }

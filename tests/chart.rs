@@ -7,14 +7,13 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use common::chart::{Release, chart_dir, documents_of, ensure_namespace, own_cert_values, text};
 use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
 use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
 use seinode_tls_controller::{Controller, LeaderElection};
@@ -25,63 +24,14 @@ use serde_json::json;
 /// Release name and namespace of the chart in these tests.
 const RELEASE: &str = "seinode-tls";
 const RELEASE_NS: &str = "seinode-tls-system";
-const SERVICE_ACCOUNT: &str = "system:serviceaccount:seinode-tls-system:seinode-tls";
+const CHART: Release = Release {
+    name: RELEASE,
+    namespace: RELEASE_NS,
+};
 const WAIT: Duration = Duration::from_secs(30);
 
-fn chart_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/seinode-tls")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Values for the "own certificate" mode: no cert-manager, a Secret and CA bundle we supply.
-fn own_cert_values() -> Vec<String> {
-    let ca = CertificateAuthority::new("chart test CA").unwrap();
-    let ca_file = std::env::temp_dir().join(format!("chart-ca-{}.pem", std::process::id()));
-    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
-    vec![
-        "--set".into(),
-        "tls.certManager.enabled=false".into(),
-        "--set".into(),
-        "tls.secretName=seinode-tls-webhook".into(),
-        "--set-file".into(),
-        format!("tls.caBundle={}", ca_file.display()),
-    ]
-}
-
 fn render(extra: &[String]) -> String {
-    let chart = chart_dir();
-    let mut args = vec![
-        "template",
-        RELEASE,
-        chart.to_str().unwrap(),
-        "--namespace",
-        RELEASE_NS,
-        "--include-crds",
-    ];
-    args.extend(extra.iter().map(String::as_str));
-    let out = common::helm(&args);
-    assert!(
-        out.status.success(),
-        "helm template failed: {}",
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-/// The rendered documents of the given kinds.
-fn documents_of(rendered: &str, kinds: &[&str]) -> String {
-    rendered
-        .split("\n---")
-        .filter(|doc| {
-            kinds
-                .iter()
-                .any(|k| doc.contains(&format!("\nkind: {k}\n")))
-        })
-        .map(|doc| format!("---{doc}\n"))
-        .collect()
+    CHART.render(extra)
 }
 
 /// cert-manager's real CRDs (its Issuer and Certificate schemas check the chart's), and
@@ -112,54 +62,20 @@ fn install_crds() {
     });
 }
 
-fn ensure_namespace(ns: &str) {
-    let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n");
-    let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-}
-
 /// Installs, for real, the chart's ServiceAccount, RBAC and status policy (not the Deployment:
 /// there is no kubelet), once per test binary; waits until the policy is enforced.
 fn install_rbac_and_policy() {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        ensure_namespace(RELEASE_NS);
-        let rendered = render(&own_cert_values());
-        let objects = documents_of(
-            &rendered,
-            &[
-                "ServiceAccount",
-                "ClusterRole",
-                "ClusterRoleBinding",
-                "Role",
-                "RoleBinding",
-                "ValidatingAdmissionPolicy",
-                "ValidatingAdmissionPolicyBinding",
-            ],
-        );
-        let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &objects);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-    });
+    DONE.get_or_init(|| CHART.install_rbac_and_policy(&own_cert_values()));
 }
 
 /// A client that acts as the chart's ServiceAccount (impersonation by the admin).
 async fn service_account_client() -> Client {
-    seinode_tls::telemetry::install_crypto_provider();
-    let kubeconfig = Kubeconfig::read_from(common::control_plane().kubeconfig()).unwrap();
-    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    config.auth_info.impersonate = Some(SERVICE_ACCOUNT.to_owned());
-    Client::try_from(config).unwrap()
+    CHART.service_account_client().await
 }
 
 fn can_i(args: &[&str]) -> bool {
-    let mut all = vec!["auth", "can-i"];
-    all.extend_from_slice(args);
-    let as_sa = format!("--as={SERVICE_ACCOUNT}");
-    all.push(&as_sa);
-    let out = common::kubectl(&all, "");
-    text(&out.stdout).trim() == "yes"
+    CHART.can_i(args)
 }
 
 #[test]
@@ -499,50 +415,75 @@ fn the_deployment_passes_each_flag_once_and_the_binary_accepts_its_args() {
 
 /// The chart's webhook registrations and `webhook/src/registration.rs` (what `local` and the
 /// tests register) are the same rules: operations, match conditions, failure and side-effect
-/// policies.
+/// policies, and the namespaces they apply to, cluster-wide and with `watchNamespaces`.
 #[test]
 fn the_charts_webhooks_match_the_registration_code() {
+    use seinode_tls_crds::watch::WatchScope;
     use seinode_tls_webhook::registration::{
-        Endpoint, mutating_configuration, validating_configuration,
+        Endpoint, mutating_configuration_in, validating_configuration_in,
     };
     let endpoint = Endpoint::Url("https://example.invalid".to_owned());
-    let code = [
-        serde_json::to_value(validating_configuration(&endpoint, b"ca", &[])).unwrap(),
-        serde_json::to_value(mutating_configuration(&endpoint, b"ca", &[])).unwrap(),
-    ];
-    let rendered = render(&[]);
-    let chart: Vec<serde_json::Value> = rendered
-        .split("\n---")
-        .filter_map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).ok())
-        .filter(|doc| {
-            doc["kind"]
-                .as_str()
-                .is_some_and(|k| k.ends_with("WebhookConfiguration"))
-        })
-        .collect();
-    assert_eq!(chart.len(), 2, "two configurations in the chart");
-    let fields = [
-        "rules",
-        "matchConditions",
-        "failurePolicy",
-        "sideEffects",
-        "matchPolicy",
-        "reinvocationPolicy",
-        "admissionReviewVersions",
-    ];
-    for expected in &code {
-        let kind = expected["kind"].as_str().unwrap();
-        let rendered = chart.iter().find(|c| c["kind"] == kind).unwrap();
-        for hook in expected["webhooks"].as_array().unwrap() {
-            let name = hook["name"].as_str().unwrap();
-            let other = rendered["webhooks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|h| h["name"] == name)
-                .unwrap_or_else(|| panic!("{kind} {name} is not in the chart"));
-            for field in fields {
-                assert_eq!(other[field], hook[field], "{kind} {name}: {field}");
+    // The chart always excludes kube-system and its own namespace.
+    let excluded = ["kube-system".to_owned(), RELEASE_NS.to_owned()];
+    let watched = WatchScope::Namespaces(vec!["sei-a".to_owned(), "sei-b".to_owned()]);
+    for (scope, values) in [
+        (WatchScope::Cluster, vec![]),
+        (
+            watched,
+            vec![
+                "--set".to_owned(),
+                "watchNamespaces={sei-a,sei-b}".to_owned(),
+            ],
+        ),
+    ] {
+        let code = [
+            serde_json::to_value(validating_configuration_in(
+                &endpoint, b"ca", &excluded, &scope,
+            ))
+            .unwrap(),
+            serde_json::to_value(mutating_configuration_in(
+                &endpoint, b"ca", &excluded, &scope,
+            ))
+            .unwrap(),
+        ];
+        let rendered = render(&values);
+        let chart: Vec<serde_json::Value> = rendered
+            .split("\n---")
+            .filter_map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).ok())
+            .filter(|doc| {
+                doc["kind"]
+                    .as_str()
+                    .is_some_and(|k| k.ends_with("WebhookConfiguration"))
+            })
+            .collect();
+        assert_eq!(chart.len(), 2, "two configurations in the chart");
+        let fields = [
+            "rules",
+            "matchConditions",
+            "failurePolicy",
+            "sideEffects",
+            "matchPolicy",
+            "reinvocationPolicy",
+            "admissionReviewVersions",
+            "namespaceSelector",
+        ];
+        for expected in &code {
+            let kind = expected["kind"].as_str().unwrap();
+            let rendered = chart.iter().find(|c| c["kind"] == kind).unwrap();
+            for hook in expected["webhooks"].as_array().unwrap() {
+                let name = hook["name"].as_str().unwrap();
+                let other = rendered["webhooks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|h| h["name"] == name)
+                    .unwrap_or_else(|| panic!("{kind} {name} is not in the chart"));
+                for field in fields {
+                    assert_eq!(
+                        other[field], hook[field],
+                        "{kind} {name}: {field} ({scope:?})"
+                    );
+                }
             }
         }
     }

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use seinode_tls_crds::watch::WatchScope;
+
 use crate::probe::SidecarAddresses;
 
 /// The only token audience the node pods' kube-rbac-proxy accepts (`--auth-token-audiences`), for
@@ -47,6 +49,9 @@ pub struct ControllerConfig {
     /// ServiceAccount of the node pods (kube-rbac-proxy runs as it and needs TokenReview and
     /// SubjectAccessReview); the namespace's default when `None`.
     pub node_service_account: Option<String>,
+    /// Where SeiNodes, their objects and TLS Secrets are watched: the whole cluster, or only
+    /// some namespaces (an install whose RBAC covers only those).
+    pub watch_scope: WatchScope,
 }
 
 impl Default for ControllerConfig {
@@ -64,6 +69,7 @@ impl Default for ControllerConfig {
             sidecar_addresses: SidecarAddresses::default(),
             node_service_account: None,
             max_concurrent_reconciles: 4,
+            watch_scope: WatchScope::Cluster,
         }
     }
 }

@@ -31,10 +31,11 @@ use kube::runtime::{
     Config as RuntimeConfig, Controller as Runtime, PredicateConfig, WatchStreamExt, predicates,
     reflector, watcher,
 };
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::validation::TLS_SECRET_TYPE;
+use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -191,17 +192,18 @@ struct Term {
     instance: Option<String>,
 }
 
-/// A watch of `api` (labelled objects only when `labels`), managedFields dropped, feeding `store`;
-/// yields changed objects. Errors are logged here (each watch backs off on its own) and never
-/// reach the controller, whose shared backoff would otherwise pause every trigger.
+/// A watch of `K` over `scope` with `config`, managedFields dropped, feeding `writer`; yields
+/// changed objects. Errors are logged here (each watch backs off on its own) and never reach the
+/// controller, whose shared backoff would otherwise pause every trigger.
 fn watch_into<K>(
-    api: Api<K>,
+    client: Client,
+    scope: &WatchScope,
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
     what: &'static str,
 ) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
-    K: kube::Resource<DynamicType = ()>
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
@@ -211,8 +213,7 @@ where
 {
     reflector::reflector(
         writer,
-        watcher(api, config)
-            .default_backoff()
+        scoped_watcher(client, scope, config)
             .modify(|object: &mut K| object.managed_fields_mut().clear()),
     )
     .touched_objects()
@@ -262,6 +263,7 @@ impl Term {
     /// The kube-runtime controller over SeiNodes, their owned objects and TLS Secrets.
     async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let client = self.client;
+        let scope = self.config.watch_scope.clone();
         let latest = Latest::default();
         let own = latest.clone();
         let (reader, writer) = reflector::store();
@@ -269,12 +271,8 @@ impl Term {
         let node_index = index.clone();
         let node_stream = reflector::reflector(
             writer,
-            watcher(
-                Api::<SeiNode>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .modify(|node: &mut SeiNode| node.managed_fields_mut().clear()),
+            scoped_watcher::<SeiNode>(client.clone(), &scope, watcher::Config::default())
+                .modify(|node: &mut SeiNode| node.managed_fields_mut().clear()),
         )
         .inspect(move |event| {
             if let Ok(event) = event {
@@ -294,31 +292,24 @@ impl Term {
         let (config_maps, cm_writer) = reflector::store();
         let (services, svc_writer) = reflector::store();
         let (stateful_sets, sts_writer) = reflector::store();
-        let cm_stream = watch_into(
-            Api::<ConfigMap>::all(client.clone()),
+        let cm_stream = watch_into::<ConfigMap>(
+            client.clone(),
+            &scope,
             owned.clone(),
             cm_writer,
             "ConfigMap",
         );
-        let svc_stream = watch_into(
-            Api::<Service>::all(client.clone()),
-            owned.clone(),
-            svc_writer,
-            "Service",
-        );
-        let sts_stream = watch_into(
-            Api::<StatefulSet>::all(client.clone()),
-            owned,
-            sts_writer,
-            "StatefulSet",
-        );
+        let svc_stream =
+            watch_into::<Service>(client.clone(), &scope, owned.clone(), svc_writer, "Service");
+        let sts_stream =
+            watch_into::<StatefulSet>(client.clone(), &scope, owned, sts_writer, "StatefulSet");
         // Metadata only, and only Secrets some node names: the reconcile reads the one it needs.
         let secret_index = index.clone();
-        let secrets = watcher(
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        let secrets = scoped_watcher::<PartialObjectMeta<Secret>>(
+            client.clone(),
+            &scope,
             watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
         )
-        .default_backoff()
         .touched_objects()
         .filter_map(triggers(
             "Secret",

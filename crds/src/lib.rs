@@ -1,13 +1,16 @@
 //! The SeiNode API, the sidecar TLS contract and the pure validation of TLS Secrets.
 //!
 //! Everything here is free of I/O so that the webhook, the controller and the `check-secret`
-//! command share one implementation and can never disagree.
+//! command share one implementation and can never disagree. The one exception is [`watch`]: the
+//! cluster- or namespace-scoped watch both co-processes use, here because this is the one crate
+//! they share.
 
 pub mod contract;
 pub mod crd;
 pub mod inspections;
 mod types;
 pub mod validation;
+pub mod watch;
 
 pub use types::*;
 

@@ -16,6 +16,8 @@ use seinode_tls_crds::error_chain;
 use seinode_tls_devcluster::cluster::{Cluster, ClusterConfig, RunPods};
 use seinode_tls_devcluster::control_plane::{self, ControlPlane};
 
+pub mod chart;
+
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 /// The test binary's control plane, with the SeiNode CRD installed.

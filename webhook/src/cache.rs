@@ -24,6 +24,7 @@ use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{
     InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
 };
+use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
 
 use crate::metrics::WebhookMetrics;
 
@@ -397,35 +398,43 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Starts watching through `client`; the returned future runs the watches until dropped.
+    /// Starts watching the whole cluster through `client`; the returned future runs the watches
+    /// until dropped.
     pub fn watch(
         client: Client,
         metrics: Arc<WebhookMetrics>,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        Self::watch_in(client, metrics, &WatchScope::Cluster)
+    }
+
+    /// Starts watching `scope` through `client`; the returned future runs the watches until
+    /// dropped.
+    pub fn watch_in(
+        client: Client,
+        metrics: Arc<WebhookMetrics>,
+        scope: &WatchScope,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let secrets = Arc::new(SecretCache::with_client(client.clone(), metrics));
         let (reader, writer) = reflector::store();
 
         // Metadata only: a tenant's Secrets cost the webhook their names, not their bytes.
-        let secret_api: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
         let secret_config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
         let secret_cache = secrets.clone();
-        let secret_watch = watcher(secret_api, secret_config)
-            .default_backoff()
-            .for_each(move |event| {
-                match event {
-                    Ok(event) => secret_cache.apply_meta_event(&event),
-                    Err(error) => tracing::warn!(%error, "Secret watch failed; retrying"),
-                }
-                std::future::ready(())
-            });
+        let secret_watch =
+            scoped_watcher::<PartialObjectMeta<Secret>>(client.clone(), scope, secret_config)
+                .for_each(move |event| {
+                    match event {
+                        Ok(event) => secret_cache.apply_meta_event(&event),
+                        Err(error) => tracing::warn!(%error, "Secret watch failed; retrying"),
+                    }
+                    std::future::ready(())
+                });
 
         let nodes = NodeCache::new(reader);
-        let node_api: Api<SeiNode> = Api::all(client);
         let node_cache = nodes.clone();
         let node_watch = reflector::reflector(
             writer,
-            watcher(node_api, watcher::Config::default())
-                .default_backoff()
+            scoped_watcher::<SeiNode>(client, scope, watcher::Config::default())
                 // The guard reads names and spec.sidecar.tls only: the status (a plan, its
                 // conditions), managedFields and annotations (kubectl's copy of the object)
                 // would only take memory.

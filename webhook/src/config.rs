@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use seinode_tls_crds::watch::WatchScope;
+
 /// What happens when a new TLS SeiNode names a Secret that exists but fails the contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SecretPolicy {
@@ -52,6 +54,9 @@ pub struct WebhookConfig {
     /// request head may take). Longer than the 90 s after which Go clients such as the API server
     /// drop idle connections themselves, so the webhook never closes one a client is about to use.
     pub idle_timeout: Duration,
+    /// Where Secrets and SeiNodes are watched: the whole cluster, or only some namespaces (an
+    /// install whose RBAC covers only those; its registrations must select them too).
+    pub watch_scope: WatchScope,
 }
 
 impl WebhookConfig {
@@ -75,6 +80,7 @@ impl WebhookConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            watch_scope: WatchScope::Cluster,
         }
     }
 }

@@ -12,6 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
 };
 
+use seinode_tls_crds::watch::WatchScope;
+
 use crate::config::WEBHOOK_TIMEOUT_SECONDS;
 use crate::server::{MUTATE_SEINODES_PATH, VALIDATE_SECRETS_PATH, VALIDATE_SEINODES_PATH};
 
@@ -74,14 +76,21 @@ impl Endpoint {
     }
 }
 
-/// Namespaces the webhooks never apply to (no lock-out of the system, or of the webhook's own).
-fn namespace_selector(excluded: &[String]) -> LabelSelector {
+/// Namespaces the webhooks apply to: never the excluded ones (no lock-out of the system, or of
+/// the webhook's own), and with a namespace scope only the watched ones (elsewhere the webhook
+/// sees no Secret and would tell a SeiNode its Secret does not exist yet).
+fn namespace_selector(excluded: &[String], scope: &WatchScope) -> LabelSelector {
+    let name_is = |operator: &str, values: &[String]| LabelSelectorRequirement {
+        key: "kubernetes.io/metadata.name".to_owned(),
+        operator: operator.to_owned(),
+        values: Some(values.to_vec()),
+    };
+    let mut expressions = vec![name_is("NotIn", excluded)];
+    if let WatchScope::Namespaces(watched) = scope {
+        expressions.push(name_is("In", watched));
+    }
     LabelSelector {
-        match_expressions: Some(vec![LabelSelectorRequirement {
-            key: "kubernetes.io/metadata.name".to_owned(),
-            operator: "NotIn".to_owned(),
-            values: Some(excluded.to_vec()),
-        }]),
+        match_expressions: Some(expressions),
         match_labels: None,
     }
 }
@@ -105,6 +114,21 @@ pub fn validating_configuration(
     ca_bundle: &[u8],
     excluded_namespaces: &[String],
 ) -> ValidatingWebhookConfiguration {
+    validating_configuration_in(
+        endpoint,
+        ca_bundle,
+        excluded_namespaces,
+        &WatchScope::Cluster,
+    )
+}
+
+/// [`validating_configuration`] for a webhook that watches `scope`: the webhooks apply only there.
+pub fn validating_configuration_in(
+    endpoint: &Endpoint,
+    ca_bundle: &[u8],
+    excluded_namespaces: &[String],
+    scope: &WatchScope,
+) -> ValidatingWebhookConfiguration {
     let common = |name: &str, path: &str, rules, failure_policy: &str| ValidatingWebhook {
         name: name.to_owned(),
         client_config: endpoint.client_config(path, ca_bundle),
@@ -113,7 +137,7 @@ pub fn validating_configuration(
         side_effects: "None".to_owned(),
         admission_review_versions: vec!["v1".to_owned()],
         timeout_seconds: Some(WEBHOOK_TIMEOUT_SECONDS),
-        namespace_selector: Some(namespace_selector(excluded_namespaces)),
+        namespace_selector: Some(namespace_selector(excluded_namespaces, scope)),
         match_policy: Some("Equivalent".to_owned()),
         ..ValidatingWebhook::default()
     };
@@ -154,6 +178,21 @@ pub fn mutating_configuration(
     ca_bundle: &[u8],
     excluded_namespaces: &[String],
 ) -> MutatingWebhookConfiguration {
+    mutating_configuration_in(
+        endpoint,
+        ca_bundle,
+        excluded_namespaces,
+        &WatchScope::Cluster,
+    )
+}
+
+/// [`mutating_configuration`] for a webhook that watches `scope`: the webhook applies only there.
+pub fn mutating_configuration_in(
+    endpoint: &Endpoint,
+    ca_bundle: &[u8],
+    excluded_namespaces: &[String],
+    scope: &WatchScope,
+) -> MutatingWebhookConfiguration {
     MutatingWebhookConfiguration {
         metadata: ObjectMeta {
             name: Some(CONFIGURATION_NAME.to_owned()),
@@ -167,7 +206,7 @@ pub fn mutating_configuration(
             side_effects: "None".to_owned(),
             admission_review_versions: vec!["v1".to_owned()],
             timeout_seconds: Some(WEBHOOK_TIMEOUT_SECONDS),
-            namespace_selector: Some(namespace_selector(excluded_namespaces)),
+            namespace_selector: Some(namespace_selector(excluded_namespaces, scope)),
             match_policy: Some("Equivalent".to_owned()),
             reinvocation_policy: Some("Never".to_owned()),
             ..MutatingWebhook::default()

@@ -62,4 +62,57 @@ namespaceSelector:
         {{- range .Values.webhook.excludedNamespaces }}
         - {{ . }}
         {{- end }}
+    {{- with .Values.watchNamespaces }}
+    # Only the watched namespaces: elsewhere this release neither sees the Secrets (a SeiNode
+    # would be told its Secret does not exist yet) nor reconciles the nodes.
+    - key: kubernetes.io/metadata.name
+      operator: In
+      values:
+        {{- range . }}
+        - {{ . }}
+        {{- end }}
+    {{- end }}
+{{- end -}}
+
+{{/* What the ServiceAccount may do where it watches: a ClusterRole's rules, or each watched
+namespace's Role's (watchNamespaces). */}}
+{{- define "seinode-tls.rules" -}}
+# Webhook and controller caches; the controller writes only the status (a replace on the
+# resourceVersion it decided from, so an older status never overwrites a newer one).
+- apiGroups: ["sei.io"]
+  resources: ["seinodes"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["sei.io"]
+  resources: ["seinodes/status"]
+  verbs: ["update"]
+# TLS Secrets: the webhook's cache (list/watch), the controller's read (get) and watch.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch"]
+# What the plans create and then server-side apply, and watch; get only when a create finds
+# the name taken (to tell a lagging watch from an object in the way, which is never adopted).
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Events are created once each (named after what they report), never patched.
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}
+
+{{/* watchNamespaces must be namespace names, each once (the binary refuses anything else). */}}
+{{- define "seinode-tls.checkWatchNamespaces" -}}
+{{- $seen := dict -}}
+{{- range .Values.watchNamespaces -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$" (toString .)) -}}
+{{- fail (printf "watchNamespaces: %q is not a namespace name (a DNS-1123 label)" (toString .)) -}}
+{{- end -}}
+{{- if hasKey $seen (toString .) -}}
+{{- fail (printf "watchNamespaces: %q is listed twice" (toString .)) -}}
+{{- end -}}
+{{- $_ := set $seen (toString .) true -}}
+{{- end -}}
 {{- end -}}

@@ -1,0 +1,128 @@
+//! The Helm chart in the tests: rendering a release, picking its documents, installing its
+//! RBAC, and acting as its ServiceAccount (tests/chart.rs, tests/chart_namespaced.rs).
+
+use std::path::PathBuf;
+
+use kube::Client;
+use kube::Config;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use seinode_tls_testkit::CertificateAuthority;
+
+/// A release of the chart: its name (which contains the chart's, so it is also the full name
+/// and the ServiceAccount's name) and namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct Release {
+    pub name: &'static str,
+    pub namespace: &'static str,
+}
+
+pub fn chart_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/seinode-tls")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Values for the "own certificate" mode: no cert-manager, a Secret and CA bundle we supply.
+pub fn own_cert_values() -> Vec<String> {
+    let ca = CertificateAuthority::new("chart test CA").unwrap();
+    let ca_file = std::env::temp_dir().join(format!("chart-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    vec![
+        "--set".into(),
+        "tls.certManager.enabled=false".into(),
+        "--set".into(),
+        "tls.secretName=seinode-tls-webhook".into(),
+        "--set-file".into(),
+        format!("tls.caBundle={}", ca_file.display()),
+    ]
+}
+
+/// The rendered documents of the given kinds.
+pub fn documents_of(rendered: &str, kinds: &[&str]) -> String {
+    rendered
+        .split("\n---")
+        .filter(|doc| {
+            kinds
+                .iter()
+                .any(|k| doc.contains(&format!("\nkind: {k}\n")))
+        })
+        .map(|doc| format!("---{doc}\n"))
+        .collect()
+}
+
+pub fn ensure_namespace(ns: &str) {
+    let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n");
+    let out = super::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+impl Release {
+    /// The user name of the release's ServiceAccount.
+    pub fn service_account(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+    }
+
+    /// `helm template` of the release with `extra` arguments (CRDs included).
+    pub fn render(&self, extra: &[String]) -> String {
+        let chart = chart_dir();
+        let mut args = vec![
+            "template",
+            self.name,
+            chart.to_str().unwrap(),
+            "--namespace",
+            self.namespace,
+            "--include-crds",
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        let out = super::helm(&args);
+        assert!(
+            out.status.success(),
+            "helm template failed: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// Applies, for real, the release's ServiceAccount, RBAC and status policy rendered with
+    /// `extra` (not the Deployment: there is no image to run).
+    pub fn install_rbac_and_policy(&self, extra: &[String]) {
+        ensure_namespace(self.namespace);
+        let objects = documents_of(
+            &self.render(extra),
+            &[
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
+            ],
+        );
+        let out = super::kubectl(&["apply", "--server-side", "-f", "-"], &objects);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
+    /// A client that acts as the release's ServiceAccount (impersonation by the admin).
+    pub async fn service_account_client(&self) -> Client {
+        seinode_tls::telemetry::install_crypto_provider();
+        let kubeconfig = Kubeconfig::read_from(super::control_plane().kubeconfig()).unwrap();
+        let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+        config.auth_info.impersonate = Some(self.service_account());
+        Client::try_from(config).unwrap()
+    }
+
+    /// `kubectl auth can-i ARGS` as the release's ServiceAccount.
+    pub fn can_i(&self, args: &[&str]) -> bool {
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        let as_sa = format!("--as={}", self.service_account());
+        all.push(&as_sa);
+        let out = super::kubectl(&all, "");
+        text(&out.stdout).trim() == "yes"
+    }
+}
