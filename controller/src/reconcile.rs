@@ -382,7 +382,14 @@ async fn reconcile_node(
                 None => return Ok(None),
             }
         }
+        // Decided and published in the status: its events and the plan's work wait behind the
+        // nodes still waiting for their decision (a node's condition is what its user reads).
+        let slotted = slot.priority() == Priority::Normal || slot.demote().await;
         publish(ctx, &current, &decision.events).await;
+        if !slotted {
+            // The term is over.
+            return Ok(Some(Step::Done(Action::await_change())));
+        }
         if observed.first_sight {
             lock(&ctx.seen).insert(uid(node));
         }
@@ -403,10 +410,6 @@ async fn reconcile_node(
         if observed.ran.is_some() {
             // One task per reconcile: the next one waits its turn behind other nodes.
             return Ok(Some(Step::Done(Action::requeue(Duration::ZERO))));
-        }
-        // Decided: the plan's work waits behind the nodes still waiting for their decision.
-        if slot.priority() == Priority::Urgent && !slot.demote().await {
-            return Ok(Some(Step::Done(Action::await_change())));
         }
         if !ctx.leadership.is_leading() {
             return Ok(Some(Step::Done(Action::await_change())));
