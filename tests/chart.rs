@@ -136,17 +136,7 @@ fn the_rendered_chart_applies_with_a_server_side_dry_run_in_both_certificate_mod
     for (cert_manager, mut values) in [(true, vec![]), (false, own_cert_values())] {
         values.extend(monitoring.iter().map(|s| (*s).to_owned()));
         let rendered = render(&values);
-        let out = common::kubectl(
-            &["apply", "--server-side", "--dry-run=server", "-f", "-"],
-            &rendered,
-        );
-        assert!(
-            out.status.success(),
-            "dry run failed: {}\n{}",
-            text(&out.stderr),
-            text(&out.stdout)
-        );
-        let stdout = text(&out.stdout);
+        let stdout = common::chart::server_dry_run(&rendered);
         for object in [
             "deployment.apps/seinode-tls",
             "validatingwebhookconfiguration",

@@ -26,8 +26,8 @@ use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
 use seinode_tls_controller::{Controller, LeaderElection};
+use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
-use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNode};
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use seinode_tls_webhook::{Webhook, WebhookConfig};
 use serde_json::json;
@@ -145,17 +145,7 @@ fn the_chart_renders_roles_in_the_watched_namespaces_and_nothing_cluster_wide() 
 #[test]
 fn the_whole_namespaced_chart_applies_with_a_server_side_dry_run() {
     install();
-    let out = common::kubectl(
-        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
-        &SCOPED.render(&values()),
-    );
-    assert!(
-        out.status.success(),
-        "dry run failed: {}\n{}",
-        text(&out.stderr),
-        text(&out.stdout)
-    );
-    let stdout = text(&out.stdout);
+    let stdout = common::chart::server_dry_run(&SCOPED.render(&values()));
     for object in [
         "deployment.apps/seinode-tls-scoped",
         "validatingwebhookconfiguration.admissionregistration.k8s.io/seinode-tls-scoped",
@@ -337,17 +327,6 @@ fn contract(ns: &str, name: &str) -> Vec<String> {
     seinode_tls_crds::contract::required_dns_names(name, ns, "cluster.local")
 }
 
-/// The reason of the node's `SidecarTLSSecretReady` condition, if it has one.
-fn tls_reason(node: &SeiNode) -> Option<String> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == SIDECAR_TLS_SECRET_READY)
-        .map(|c| format!("{} {}", c.status, c.reason))
-}
-
 /// The webhook, serving on loopback as the ServiceAccount in namespaced mode.
 async fn start_webhook(
     sa: kube::Client,
@@ -447,7 +426,10 @@ async fn the_webhook_and_the_controller_work_in_the_watched_namespaces_only() {
         let (node, decided) = common::poll(
             WAIT,
             || async { nodes.get(name).await.unwrap() },
-            |n| tls_reason(n).as_deref() == Some(expected),
+            |n| {
+                common::tls_reason(n)
+                    .is_some_and(|(status, reason)| format!("{status} {reason}") == expected)
+            },
         )
         .await;
         assert!(

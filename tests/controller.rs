@@ -101,16 +101,6 @@ fn phase(node: &SeiNode) -> Option<SeiNodePhase> {
     node.status.as_ref().and_then(|s| s.phase)
 }
 
-fn tls_reason(node: &SeiNode) -> Option<(String, String)> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == SIDECAR_TLS_SECRET_READY)
-        .map(|c| (c.status.clone(), c.reason.clone()))
-}
-
 /// Waits until the node satisfies `check`, failing with its last status.
 async fn wait_node(
     api: &Api<SeiNode>,
@@ -133,7 +123,7 @@ async fn wait_reason(api: &Api<SeiNode>, name: &str, status: &str, reason: &str)
         api,
         name,
         &format!("{SIDECAR_TLS_SECRET_READY}={status} {reason}"),
-        |n| tls_reason(n) == expected,
+        |n| common::tls_reason(n) == expected,
     )
     .await
 }
@@ -520,7 +510,7 @@ async fn a_node_without_tls_gets_no_condition_no_contract_no_proxy_and_no_8443()
     let running = bring_to_running(&client, &api, &ns, "plain").await;
     let status = running.status.unwrap();
     assert!(status.sidecar_tls.is_none());
-    assert!(tls_reason(&api.get("plain").await.unwrap()).is_none());
+    assert!(common::tls_reason(&api.get("plain").await.unwrap()).is_none());
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     assert!(
         cms.get_opt("plain-rbac-proxy-config")

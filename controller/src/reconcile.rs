@@ -34,7 +34,7 @@ use crate::plan::Task;
 use crate::probe::{ProbeResult, SidecarProber};
 use crate::resources;
 use crate::secrets::SecretJudge;
-use crate::slots::{Priority, Slot, Slots};
+use crate::slots::{Priority, Slots};
 use crate::{lock, short_digest};
 
 /// Field manager of everything the controller applies.
@@ -216,7 +216,7 @@ impl Context {
 
 /// kube-runtime entry point: one reconcile, with metrics and the backoff bookkeeping.
 pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let Some(slot) = ctx.slots.acquire(priority(&node)).await else {
+    let Some(slot) = ctx.slots.acquire(priority(&ctx.newest(node.clone()))).await else {
         // The term is over.
         return Ok(Action::await_change());
     };
@@ -225,10 +225,11 @@ pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, 
     // Boxed: every queued node's reconcile waits above for a slot, and an unboxed future is as
     // large as its largest state (the whole reconcile) while it waits.
     let result = Box::pin(tracing::Instrument::instrument(
-        reconcile_newest(node.clone(), &ctx, slot),
+        reconcile_newest(node.clone(), &ctx, slot.priority()),
         span,
     ))
     .await;
+    drop(slot);
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -300,11 +301,11 @@ enum Step {
 async fn reconcile_newest(
     cached: Arc<SeiNode>,
     ctx: &Context,
-    mut slot: Slot<'_>,
+    priority: Priority,
 ) -> Result<Step, Error> {
     let mut node = ctx.newest(cached);
     for _ in 0..CONFLICT_ATTEMPTS {
-        match reconcile_node(&node, ctx, &mut slot).await? {
+        match reconcile_node(&node, ctx, priority).await? {
             Some(step) => return Ok(step),
             None => {
                 let namespace = node.namespace().unwrap_or_default();
@@ -350,7 +351,7 @@ fn priority(node: &SeiNode) -> Priority {
 async fn reconcile_node(
     node: &Arc<SeiNode>,
     ctx: &Context,
-    slot: &mut Slot<'_>,
+    priority: Priority,
 ) -> Result<Option<Step>, Error> {
     if node.meta().deletion_timestamp.is_some() {
         return Ok(Some(Step::Done(Action::await_change())));
@@ -376,20 +377,28 @@ async fn reconcile_node(
         if !ctx.leadership.is_leading() {
             return Ok(Some(Step::Done(Action::await_change())));
         }
-        if decision.status != base {
+        let wrote = decision.status != base;
+        if wrote {
             match write_status(ctx, &current, &decision.status).await? {
                 Some(written) => current = written,
                 None => return Ok(None),
             }
         }
-        // Decided and published in the status: its events and the plan's work wait behind the
-        // nodes still waiting for their decision (a node's condition is what its user reads).
-        let slotted = slot.priority() == Priority::Normal || slot.demote().await;
-        publish(ctx, &current, &decision.events).await;
-        if !slotted {
-            // The term is over.
-            return Ok(Some(Step::Done(Action::await_change())));
+        if priority == Priority::Urgent && wrote && self::priority(&current) == Priority::Normal {
+            // Decided, and published in the status: its events and the plan's work wait behind
+            // the nodes still waiting for their decision (a node's condition is what its user
+            // reads). Nothing is held meanwhile: the events wait in `unsent`, which the node's
+            // next reconcile sends first (a successor process re-sends recent flips itself).
+            if !decision.events.is_empty() {
+                lock(&ctx.unsent)
+                    .entry(uid(node))
+                    .or_default()
+                    .extend(decision.events.iter().cloned());
+            }
+            lock(&ctx.seen).insert(uid(node));
+            return Ok(Some(Step::Done(Action::requeue(Duration::ZERO))));
         }
+        publish(ctx, &current, &decision.events).await;
         if observed.first_sight {
             lock(&ctx.seen).insert(uid(node));
         }

@@ -5,7 +5,9 @@
 //! yields, in no particular order, so at a cold start with 1,000 nodes the first decisions and the
 //! plans' applies interleave and the last node is decided only when nearly all the work is done.
 //! Here kube-runtime runs every queued reconcile at once (at most one per node), each waits for a
-//! slot, and an urgent one (a node with no decision yet) takes a free slot before any other.
+//! slot holding nothing but its node, and an urgent one (a node with no decision yet) takes a
+//! free slot before any other. A node just decided ends its reconcile there and is queued again,
+//! as normal work (see `reconcile`).
 
 use std::sync::Mutex;
 
@@ -39,7 +41,6 @@ struct State {
 pub struct Slot<'a> {
     slots: &'a Slots,
     priority: Priority,
-    held: bool,
 }
 
 impl Slots {
@@ -56,15 +57,6 @@ impl Slots {
 
     /// Waits for a free slot (an urgent waiter goes first); `None` once the slots are closed.
     pub async fn acquire(&self, priority: Priority) -> Option<Slot<'_>> {
-        self.take(priority).await.then_some(Slot {
-            slots: self,
-            priority,
-            held: true,
-        })
-    }
-
-    /// Waits until a slot is taken for `priority` (`true`) or the slots are closed (`false`).
-    async fn take(&self, priority: Priority) -> bool {
         let _waiting = (priority == Priority::Urgent).then(|| UrgentWaiting::new(self));
         loop {
             let changed = self.changed.notified();
@@ -74,11 +66,14 @@ impl Slots {
             {
                 let mut state = lock(&self.state);
                 if state.closed {
-                    return false;
+                    return None;
                 }
                 if state.free > 0 && (priority == Priority::Urgent || state.urgent_waiting == 0) {
                     state.free -= 1;
-                    return true;
+                    return Some(Slot {
+                        slots: self,
+                        priority,
+                    });
                 }
             }
             changed.await;
@@ -102,26 +97,11 @@ impl Slot<'_> {
     pub fn priority(&self) -> Priority {
         self.priority
     }
-
-    /// Gives the slot back and waits for a normal one: a node just decided does its plan work
-    /// after the nodes still waiting for their first decision. `false` once closed (the slot is
-    /// then no longer held).
-    pub async fn demote(&mut self) -> bool {
-        if self.held {
-            self.held = false;
-            self.slots.release();
-        }
-        self.held = self.slots.take(Priority::Normal).await;
-        self.priority = Priority::Normal;
-        self.held
-    }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        if self.held {
-            self.slots.release();
-        }
+        self.slots.release();
     }
 }
 
@@ -189,28 +169,6 @@ mod tests {
         drop(b);
         let _third = third.await.unwrap();
         drop(a);
-    }
-
-    #[tokio::test]
-    async fn a_demoted_slot_waits_behind_the_urgent_waiters() {
-        let slots = Slots::new(1);
-        let mut decided = slots.acquire(Priority::Urgent).await.unwrap();
-        let mut next = Box::pin(slots.acquire(Priority::Urgent));
-        assert!(still_waiting(&mut next).await);
-        {
-            let mut demoted = Box::pin(decided.demote());
-            assert!(still_waiting(&mut demoted).await);
-            let next = (&mut next).await.unwrap();
-            assert!(still_waiting(&mut demoted).await);
-            drop(next);
-            assert!(demoted.await);
-        }
-        assert_eq!(decided.priority(), Priority::Normal);
-        // The demoted slot is held: nobody else gets one until it is dropped.
-        let mut other = Box::pin(slots.acquire(Priority::Urgent));
-        assert!(still_waiting(&mut other).await);
-        drop(decided);
-        assert!(other.await.is_some());
     }
 
     #[tokio::test]

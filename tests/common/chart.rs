@@ -52,6 +52,22 @@ pub fn documents_of(rendered: &str, kinds: &[&str]) -> String {
         .collect()
 }
 
+/// Applies `manifests` with a server-side dry run, panics with kubectl's output if it fails,
+/// and returns what kubectl printed (one line per object).
+pub fn server_dry_run(manifests: &str) -> String {
+    let out = super::kubectl(
+        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+        manifests,
+    );
+    assert!(
+        out.status.success(),
+        "dry run failed: {}\n{}",
+        text(&out.stderr),
+        text(&out.stdout)
+    );
+    text(&out.stdout)
+}
+
 pub fn ensure_namespace(ns: &str) {
     let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n");
     let out = super::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);

@@ -386,3 +386,14 @@ pub fn http_status(url: &str, headers: &[(String, String)]) -> String {
     let out = curl.arg(url).output().expect("run curl");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The status and reason of the node's `SidecarTLSSecretReady` condition, if it has one.
+pub fn tls_reason(node: &seinode_tls_crds::SeiNode) -> Option<(String, String)> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == seinode_tls_crds::SIDECAR_TLS_SECRET_READY)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
