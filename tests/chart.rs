@@ -16,7 +16,7 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
-use seinode_tls_controller::{Controller, LeaderElection};
+use seinode_tls_controller::Controller;
 use seinode_tls_crds::{SeiNode, SeiNodePhase, SeiNodeStatus};
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use serde_json::json;
@@ -225,17 +225,7 @@ async fn the_controller_and_the_webhook_caches_work_as_the_service_account() {
     watch.abort();
 
     // The controller, with leader election in the release namespace, takes a TLS node to Running.
-    let config = seinode_tls_controller::ControllerConfig {
-        leader_election: Some(LeaderElection {
-            lease_name: "seinode-tls".to_owned(),
-            lease_namespace: RELEASE_NS.to_owned(),
-            identity: "chart-test".to_owned(),
-            lease_duration: Duration::from_secs(10),
-            renew_deadline: Duration::from_secs(7),
-            retry_period: Duration::from_secs(2),
-        }),
-        ..common::test_controller_config()
-    };
+    let config = common::chart::leader_config("seinode-tls", RELEASE_NS, "chart-test");
     let controller = RunningController::start(
         Controller::new(config, &mut Registry::default()).unwrap(),
         sa.clone(),

@@ -25,7 +25,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
-use seinode_tls_controller::{Controller, LeaderElection};
+use seinode_tls_controller::Controller;
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
@@ -403,15 +403,7 @@ async fn the_webhook_and_the_controller_work_in_the_watched_namespaces_only() {
 
     let config = seinode_tls_controller::ControllerConfig {
         watch_scope: scope(),
-        leader_election: Some(LeaderElection {
-            lease_name: SCOPED.name.to_owned(),
-            lease_namespace: SCOPED.namespace.to_owned(),
-            identity: "chart-namespaced-test".to_owned(),
-            lease_duration: Duration::from_secs(10),
-            renew_deadline: Duration::from_secs(7),
-            retry_period: Duration::from_secs(2),
-        }),
-        ..common::test_controller_config()
+        ..common::chart::leader_config(SCOPED.name, SCOPED.namespace, "chart-namespaced-test")
     };
     let controller = RunningController::start(
         Controller::new(config, &mut Registry::default()).unwrap(),

@@ -68,6 +68,27 @@ pub fn server_dry_run(manifests: &str) -> String {
     text(&out.stdout)
 }
 
+/// A controller configuration that leads through the Lease `lease_name` in `lease_namespace`
+/// (where the chart's Role allows it), as the chart runs the controller.
+pub fn leader_config(
+    lease_name: &str,
+    lease_namespace: &str,
+    identity: &str,
+) -> seinode_tls_controller::ControllerConfig {
+    use std::time::Duration;
+    seinode_tls_controller::ControllerConfig {
+        leader_election: Some(seinode_tls_controller::LeaderElection {
+            lease_name: lease_name.to_owned(),
+            lease_namespace: lease_namespace.to_owned(),
+            identity: identity.to_owned(),
+            lease_duration: Duration::from_secs(10),
+            renew_deadline: Duration::from_secs(7),
+            retry_period: Duration::from_secs(2),
+        }),
+        ..super::test_controller_config()
+    }
+}
+
 pub fn ensure_namespace(ns: &str) {
     let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n");
     let out = super::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);
