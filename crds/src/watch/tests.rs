@@ -77,6 +77,15 @@ fn script(ns: &str, steps: &[&str]) -> Vec<Item<ConfigMap>> {
 }
 
 /// Runs the merge over `(namespace index, event)` in this order; returns what it sent per step.
+/// Namespace `a`'s steps, then namespace `b`'s (watch indexes 0 and 1).
+fn a_then_b(a: &[&str], b: &[&str]) -> Vec<(usize, Item<ConfigMap>)> {
+    script("a", a)
+        .into_iter()
+        .map(|e| (0, e))
+        .chain(script("b", b).into_iter().map(|e| (1, e)))
+        .collect()
+}
+
 fn run(namespaces: usize, steps: Vec<(usize, Item<ConfigMap>)>) -> Vec<Vec<Item<ConfigMap>>> {
     let mut merge = Merge::new(namespaces);
     steps
@@ -130,15 +139,10 @@ fn the_first_sync_is_one_init_and_one_init_done_once_every_namespace_listed() {
 
 #[test]
 fn live_events_of_a_listed_namespace_before_the_first_sync_are_folded_into_it() {
-    let steps: Vec<_> = script("a", &["init", "+x1", "+y1", "done", "x2", "-y1", "z1"])
-        .into_iter()
-        .map(|e| (0, e))
-        .chain(
-            script("b", &["init", "+w1", "done"])
-                .into_iter()
-                .map(|e| (1, e)),
-        )
-        .collect();
+    let steps = a_then_b(
+        &["init", "+x1", "+y1", "done", "x2", "-y1", "z1"],
+        &["init", "+w1", "done"],
+    );
     let out = run(2, steps);
     let sent: Vec<String> = out.iter().flat_map(|o| lines(o)).collect();
     assert_eq!(
@@ -157,15 +161,7 @@ fn live_events_of_a_listed_namespace_before_the_first_sync_are_folded_into_it() 
 #[test]
 fn a_relist_after_the_first_sync_applies_what_it_lists_and_deletes_what_it_dropped() {
     let mut writer = Writer::<ConfigMap>::default();
-    let first: Vec<_> = script("a", &["init", "+x1", "+y1", "done"])
-        .into_iter()
-        .map(|e| (0, e))
-        .chain(
-            script("b", &["init", "+w1", "done"])
-                .into_iter()
-                .map(|e| (1, e)),
-        )
-        .collect();
+    let first = a_then_b(&["init", "+x1", "+y1", "done"], &["init", "+w1", "done"]);
     let mut merge = Merge::new(2);
     for (index, item) in first {
         feed(&mut writer, &merge.step(index, item));
