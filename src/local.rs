@@ -217,13 +217,23 @@ pub async fn start_webhook(
     let excluded = ["kube-system".to_owned()];
     control_plane::apply(
         &Api::all(client.clone()),
-        &validating_configuration(&endpoint, ca.as_bytes(), &excluded),
+        &validating_configuration(
+            &endpoint,
+            ca.as_bytes(),
+            &excluded,
+            &seinode_tls_crds::watch::WatchScope::Cluster,
+        ),
     )
     .await
     .context("failed to register the validating webhooks")?;
     control_plane::apply(
         &Api::all(client.clone()),
-        &mutating_configuration(&endpoint, ca.as_bytes(), &excluded),
+        &mutating_configuration(
+            &endpoint,
+            ca.as_bytes(),
+            &excluded,
+            &seinode_tls_crds::watch::WatchScope::Cluster,
+        ),
     )
     .await
     .context("failed to register the mutating webhook")?;

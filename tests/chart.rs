@@ -215,7 +215,11 @@ async fn the_controller_and_the_webhook_caches_work_as_the_service_account() {
     let metrics = Arc::new(seinode_tls_webhook::metrics::WebhookMetrics::register(
         &mut prometheus_client::registry::Registry::default(),
     ));
-    let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(sa.clone(), metrics);
+    let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(
+        sa.clone(),
+        metrics,
+        &seinode_tls_crds::watch::WatchScope::Cluster,
+    );
     let watch = tokio::spawn(watch);
     let (_, synced) = common::poll(WAIT, || async { caches.is_synced() }, |s| *s).await;
     assert!(
@@ -400,7 +404,7 @@ fn the_deployment_passes_each_flag_once_and_the_binary_accepts_its_args() {
 fn the_charts_webhooks_match_the_registration_code() {
     use seinode_tls_crds::watch::WatchScope;
     use seinode_tls_webhook::registration::{
-        Endpoint, mutating_configuration_in, validating_configuration_in,
+        Endpoint, mutating_configuration, validating_configuration,
     };
     let endpoint = Endpoint::Url("https://example.invalid".to_owned());
     // The chart always excludes kube-system and its own namespace.
@@ -417,14 +421,12 @@ fn the_charts_webhooks_match_the_registration_code() {
         ),
     ] {
         let code = [
-            serde_json::to_value(validating_configuration_in(
+            serde_json::to_value(validating_configuration(
                 &endpoint, b"ca", &excluded, &scope,
             ))
             .unwrap(),
-            serde_json::to_value(mutating_configuration_in(
-                &endpoint, b"ca", &excluded, &scope,
-            ))
-            .unwrap(),
+            serde_json::to_value(mutating_configuration(&endpoint, b"ca", &excluded, &scope))
+                .unwrap(),
         ];
         let rendered = render(&values);
         let chart: Vec<serde_json::Value> = rendered

@@ -503,7 +503,12 @@ spec:
         name: "webhook".to_owned(),
         port: 443,
     };
-    let mut registration = mutating_configuration(&endpoint, cp.ca().cert_pem().as_bytes(), &[]);
+    let mut registration = mutating_configuration(
+        &endpoint,
+        cp.ca().cert_pem().as_bytes(),
+        &[],
+        &seinode_tls_crds::watch::WatchScope::Cluster,
+    );
     registration.metadata.name = Some(format!("{ns}-by-service"));
     for hook in registration.webhooks.iter_mut().flatten() {
         hook.namespace_selector = Some(
@@ -575,12 +580,22 @@ spec:
         match_labels: Some([("kubernetes.io/metadata.name".to_owned(), ns.clone())].into()),
         ..Default::default()
     };
-    let mut validating = validating_configuration(&endpoint, ca.as_bytes(), &[]);
+    let mut validating = validating_configuration(
+        &endpoint,
+        ca.as_bytes(),
+        &[],
+        &seinode_tls_crds::watch::WatchScope::Cluster,
+    );
     validating.metadata.name = Some(format!("{ns}-outage"));
     for hook in validating.webhooks.iter_mut().flatten() {
         hook.namespace_selector = Some(only_here.clone());
     }
-    let mut mutating = mutating_configuration(&endpoint, ca.as_bytes(), &[]);
+    let mut mutating = mutating_configuration(
+        &endpoint,
+        ca.as_bytes(),
+        &[],
+        &seinode_tls_crds::watch::WatchScope::Cluster,
+    );
     mutating.metadata.name = Some(format!("{ns}-outage"));
     for hook in mutating.webhooks.iter_mut().flatten() {
         hook.namespace_selector = Some(only_here.clone());

@@ -307,7 +307,11 @@ async fn a_tenants_large_tls_secrets_cost_the_webhook_their_names_not_their_byte
     let metrics = Arc::new(seinode_tls_webhook::metrics::WebhookMetrics::register(
         &mut registry,
     ));
-    let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(client.clone(), metrics);
+    let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(
+        client.clone(),
+        metrics,
+        &seinode_tls_crds::watch::WatchScope::Cluster,
+    );
     let watch = tokio::spawn(watch);
 
     // 20 valid TLS Secrets of 600 KiB each (a valid Secret may carry extra keys).

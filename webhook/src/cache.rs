@@ -398,18 +398,7 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Starts watching the whole cluster through `client`; the returned future runs the watches
-    /// until dropped.
     pub fn watch(
-        client: Client,
-        metrics: Arc<WebhookMetrics>,
-    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        Self::watch_in(client, metrics, &WatchScope::Cluster)
-    }
-
-    /// Starts watching `scope` through `client`; the returned future runs the watches until
-    /// dropped.
-    pub fn watch_in(
         client: Client,
         metrics: Arc<WebhookMetrics>,
         scope: &WatchScope,

@@ -108,22 +108,8 @@ fn rule(group: &str, resource: &str, operations: &[&str]) -> RuleWithOperations 
 }
 
 /// The validating configuration: SeiNode CREATE/UPDATE (failurePolicy Fail) and the Secret guard
-/// on UPDATE/DELETE of TLS Secrets (failurePolicy Ignore).
+/// on UPDATE/DELETE of TLS Secrets (failurePolicy Ignore), in the namespaces of `scope`.
 pub fn validating_configuration(
-    endpoint: &Endpoint,
-    ca_bundle: &[u8],
-    excluded_namespaces: &[String],
-) -> ValidatingWebhookConfiguration {
-    validating_configuration_in(
-        endpoint,
-        ca_bundle,
-        excluded_namespaces,
-        &WatchScope::Cluster,
-    )
-}
-
-/// [`validating_configuration`] for a webhook that watches `scope`: the webhooks apply only there.
-pub fn validating_configuration_in(
     endpoint: &Endpoint,
     ca_bundle: &[u8],
     excluded_namespaces: &[String],
@@ -172,22 +158,8 @@ pub fn validating_configuration_in(
 
 /// The mutating configuration: SeiNode CREATE only (failurePolicy Fail, no reinvocation needed):
 /// the annotation is a preview for a node about to be created; `status.sidecarTLS` is the
-/// contract afterwards, so no update has to wait on the webhook.
+/// contract afterwards, so no update has to wait on the webhook. In the namespaces of `scope`.
 pub fn mutating_configuration(
-    endpoint: &Endpoint,
-    ca_bundle: &[u8],
-    excluded_namespaces: &[String],
-) -> MutatingWebhookConfiguration {
-    mutating_configuration_in(
-        endpoint,
-        ca_bundle,
-        excluded_namespaces,
-        &WatchScope::Cluster,
-    )
-}
-
-/// [`mutating_configuration`] for a webhook that watches `scope`: the webhook applies only there.
-pub fn mutating_configuration_in(
     endpoint: &Endpoint,
     ca_bundle: &[u8],
     excluded_namespaces: &[String],

@@ -495,8 +495,7 @@ impl Webhook {
         registry: Arc<Registry>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), WebhookError> {
-        let (caches, watch) =
-            Caches::watch_in(client, self.metrics.clone(), &self.config.watch_scope);
+        let (caches, watch) = Caches::watch(client, self.metrics.clone(), &self.config.watch_scope);
         let state = Arc::new(AdmissionState::from_config(
             &self.config,
             caches.secrets,
