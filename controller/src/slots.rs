@@ -9,9 +9,10 @@
 //! free slot before any other. A node just decided ends its reconcile there and is queued again,
 //! as normal work (see `reconcile`).
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 use crate::lock;
 
@@ -25,14 +26,20 @@ pub enum Priority {
 }
 
 /// A fixed number of slots with two priorities; closed at the end of a leadership term.
+///
+/// A released slot is handed to exactly one waiter (the first urgent one, else the first normal
+/// one), never announced to all: with a thousand reconciles queued, waking every waiter on each
+/// release cost more CPU than the reconciles themselves.
 pub struct Slots {
     state: Mutex<State>,
-    changed: Notify,
 }
 
+/// Invariant: a slot is free only while no live waiter is queued (a release hands its slot to a
+/// waiter if there is one).
 struct State {
     free: usize,
-    urgent_waiting: usize,
+    urgent: VecDeque<oneshot::Sender<()>>,
+    normal: VecDeque<oneshot::Sender<()>>,
     closed: bool,
 }
 
@@ -48,48 +55,69 @@ impl Slots {
         Self {
             state: Mutex::new(State {
                 free: slots,
-                urgent_waiting: 0,
+                urgent: VecDeque::new(),
+                normal: VecDeque::new(),
                 closed: false,
             }),
-            changed: Notify::new(),
         }
     }
 
-    /// Waits for a free slot (an urgent waiter goes first); `None` once the slots are closed.
+    /// Waits for a free slot (urgent waiters first, each priority in arrival order); `None`
+    /// once the slots are closed.
     pub async fn acquire(&self, priority: Priority) -> Option<Slot<'_>> {
-        let _waiting = (priority == Priority::Urgent).then(|| UrgentWaiting::new(self));
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before the state is read, so a change in between still wakes this.
-            changed.as_mut().enable();
-            {
-                let mut state = lock(&self.state);
-                if state.closed {
-                    return None;
-                }
-                if state.free > 0 && (priority == Priority::Urgent || state.urgent_waiting == 0) {
-                    state.free -= 1;
-                    return Some(Slot {
-                        slots: self,
-                        priority,
-                    });
-                }
+        let handed = {
+            let mut state = lock(&self.state);
+            if state.closed {
+                return None;
             }
-            changed.await;
-        }
+            if state.free > 0 {
+                state.free -= 1;
+                return Some(Slot {
+                    slots: self,
+                    priority,
+                });
+            }
+            let (tx, rx) = oneshot::channel();
+            match priority {
+                Priority::Urgent => state.urgent.push_back(tx),
+                Priority::Normal => state.normal.push_back(tx),
+            }
+            rx
+        };
+        let mut waiting = Waiting {
+            slots: self,
+            handed,
+        };
+        // An error: the slots closed, dropping every queued sender.
+        (&mut waiting.handed).await.ok()?;
+        Some(Slot {
+            slots: self,
+            priority,
+        })
     }
 
-    /// Wakes every waiter with `None`, now and later: the term is over, so queued reconciles
-    /// end without API work instead of holding up the controller's shutdown.
+    /// Ends every wait with `None`, now and later: the term is over, so queued reconciles end
+    /// without API work instead of holding up the controller's shutdown.
     pub fn close(&self) {
-        lock(&self.state).closed = true;
-        self.changed.notify_waiters();
+        let mut state = lock(&self.state);
+        state.closed = true;
+        state.urgent.clear();
+        state.normal.clear();
     }
 
+    /// Hands the slot to the first waiter still waiting, or frees it.
     fn release(&self) {
-        lock(&self.state).free += 1;
-        self.changed.notify_waiters();
+        let mut state = lock(&self.state);
+        while let Some(waiter) = state
+            .urgent
+            .pop_front()
+            .or_else(|| state.normal.pop_front())
+        {
+            if waiter.send(()).is_ok() {
+                return;
+            }
+        }
+        state.free += 1;
     }
 }
 
@@ -105,21 +133,19 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// Counts an urgent waiter while it waits (also when its reconcile is dropped mid-wait).
-struct UrgentWaiting<'a>(&'a Slots);
-
-impl<'a> UrgentWaiting<'a> {
-    fn new(slots: &'a Slots) -> Self {
-        lock(&slots.state).urgent_waiting += 1;
-        Self(slots)
-    }
+/// A queued waiter. Dropped mid-wait (its reconcile cancelled), it passes on a slot that was
+/// handed to it but not yet taken, so no slot is lost.
+struct Waiting<'a> {
+    slots: &'a Slots,
+    handed: oneshot::Receiver<()>,
 }
 
-impl Drop for UrgentWaiting<'_> {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        lock(&self.0.state).urgent_waiting -= 1;
-        // Normal waiters held back by this one may go now.
-        self.0.changed.notify_waiters();
+        self.handed.close();
+        if self.handed.try_recv().is_ok() {
+            self.slots.release();
+        }
     }
 }
 
@@ -182,6 +208,60 @@ mod tests {
         drop(urgent);
         drop(held);
         assert!(normal.await.is_some());
+    }
+
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl futures::task::ArcWake for Wakes {
+        fn wake_by_ref(wakes: &Arc<Self>) {
+            wakes.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_release_wakes_one_waiter_in_arrival_order_not_every_waiter() {
+        let slots = Slots::new(1);
+        let held = slots
+            .acquire(Priority::Normal)
+            .now_or_never()
+            .flatten()
+            .unwrap();
+        let wakes = Arc::new(Wakes::default());
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut waiters: Vec<_> = (0..100)
+            .map(|_| Box::pin(slots.acquire(Priority::Normal)))
+            .collect();
+        for waiter in &mut waiters {
+            assert!(waiter.as_mut().poll(&mut cx).is_pending());
+        }
+
+        drop(held);
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let std::task::Poll::Ready(Some(first)) = waiters[0].as_mut().poll(&mut cx) else {
+            panic!("the first waiter did not get the released slot");
+        };
+        for waiter in &mut waiters[1..] {
+            assert!(waiter.as_mut().poll(&mut cx).is_pending());
+        }
+        drop(first);
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(waiters[1].as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_dropped_after_a_slot_was_handed_to_it_passes_the_slot_on() {
+        let slots = Slots::new(1);
+        let held = slots.acquire(Priority::Normal).await.unwrap();
+        let mut first = Box::pin(slots.acquire(Priority::Normal));
+        assert!(still_waiting(&mut first).await);
+        let mut second = Box::pin(slots.acquire(Priority::Normal));
+        assert!(still_waiting(&mut second).await);
+        // Handed to `first`, which is cancelled before it runs again.
+        drop(held);
+        drop(first);
+        assert!(second.await.is_some());
     }
 
     #[tokio::test]
