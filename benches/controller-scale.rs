@@ -192,7 +192,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         .await;
     controller.check_running()?;
     let writes_settled = ApiWrites::wait_quiet(&client, writes_before.clone()).await?;
-    let reconciles_settled = controller.reconciles().await?;
+    let work_settled = controller.work().await?;
     let memory = controller.memory()?;
     let decided = decided.map(|at| at.duration_since(controller_started));
     let settled = settled.map(|at| at.duration_since(controller_started));
@@ -202,7 +202,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     // === Steady state ===
     sampler.set_phase(Phase::Steady);
     let steady_writes_before = ApiWrites::scrape(&client).await?;
-    let steady_reconciles_before = controller.reconciles().await?;
+    let steady_work_before = controller.work().await?;
     eprintln!(
         "controller-scale: settled; steady state for {}",
         humantime::format_duration(args.steady)
@@ -211,7 +211,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     tokio::time::sleep(args.steady).await;
     controller.check_running()?;
     let steady_writes = ApiWrites::scrape(&client).await?;
-    let steady_reconciles = controller.reconciles().await?;
+    let steady_work = controller.work().await?;
 
     // === Late Secrets ===
     sampler.set_phase(Phase::Late);
@@ -246,11 +246,11 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         settled,
         undecided,
         settle_writes: writes_settled.delta(&writes_before),
-        settle_reconciles: reconciles_settled,
+        settle_work: work_settled,
         connections,
         memory,
         steady_writes: steady_writes.delta(&steady_writes_before),
-        steady_reconciles: steady_reconciles.saturating_sub(steady_reconciles_before),
+        steady_work: steady_work.since(steady_work_before),
         late,
         webhook,
     };
@@ -1182,16 +1182,25 @@ impl ControllerProcess {
         Ok(())
     }
 
-    /// Reconciles so far, every outcome, from the controller's own counter.
-    async fn reconciles(&self) -> anyhow::Result<u64> {
+    /// Reconciles (every outcome) and Secret reads so far, from the controller's own counters.
+    async fn work(&self) -> anyhow::Result<Work> {
         let addr = self.metrics;
         let text = tokio::task::spawn_blocking(move || http_get(addr, "/metrics")).await??;
-        let total = text
-            .lines()
-            .filter(|l| l.starts_with("seinode_tls_controller_reconciles_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
-        Ok(total.round() as u64)
+        let total = |series: &str| {
+            let sum = text
+                .lines()
+                .filter(|l| {
+                    l.strip_prefix(series)
+                        .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+            sum.round() as u64
+        };
+        Ok(Work {
+            reconciles: total("seinode_tls_controller_reconciles_total"),
+            secret_reads: total("seinode_tls_controller_secret_reads_total"),
+        })
     }
 
     /// `VmRSS` and `VmHWM`, in KiB.
@@ -1327,13 +1336,29 @@ struct Report<'a> {
     settled: Option<Duration>,
     undecided: BTreeMap<String, usize>,
     settle_writes: BTreeMap<WriteKey, u64>,
-    settle_reconciles: u64,
+    settle_work: Work,
     connections: [usize; 3],
     memory: (u64, u64),
     steady_writes: BTreeMap<WriteKey, u64>,
-    steady_reconciles: u64,
+    steady_work: Work,
     late: Option<Late>,
     webhook: WebhookMemory,
+}
+
+/// The controller's work so far, from its counters.
+#[derive(Clone, Copy)]
+struct Work {
+    reconciles: u64,
+    secret_reads: u64,
+}
+
+impl Work {
+    fn since(self, before: Work) -> Work {
+        Work {
+            reconciles: self.reconciles.saturating_sub(before.reconciles),
+            secret_reads: self.secret_reads.saturating_sub(before.secret_reads),
+        }
+    }
 }
 
 /// `seinode-tls webhook` alone over the fleet's Secrets.
@@ -1444,8 +1469,8 @@ impl Report<'_> {
             total(&self.settle_writes, Writer::ControlPlane)
         );
         println!(
-            "| reconciles, start → settled | {} | |",
-            self.settle_reconciles
+            "| reconciles / Secret reads, start → settled | {} / {} | |",
+            self.settle_work.reconciles, self.settle_work.secret_reads
         );
         println!(
             "| peak API connections: settling / steady / late | {} / {} / {} | ≤ 8 |",
@@ -1457,10 +1482,11 @@ impl Report<'_> {
             mib(self.memory.1)
         );
         println!(
-            "| steady state ({}): controller writes / reconciles | {} / {} | 0 writes |",
+            "| steady state ({}): controller writes / reconciles / Secret reads | {} / {} / {} | 0 writes |",
             humantime::format_duration(self.args.steady),
             total(&self.steady_writes, Writer::Controller),
-            self.steady_reconciles
+            self.steady_work.reconciles,
+            self.steady_work.secret_reads
         );
         println!(
             "| steady state: other writes | {} | |",

@@ -44,6 +44,7 @@ use index::SecretIndex;
 use leader::{Elector, Leadership};
 use metrics::ControllerMetrics;
 use reconcile::{Context, Latest, OwnedStores};
+use secrets::WatchedVersions;
 
 #[derive(Debug, Error)]
 pub enum ControllerError {
@@ -303,13 +304,21 @@ impl Term {
             watch_into::<Service>(client.clone(), &scope, owned.clone(), svc_writer, "Service");
         let sts_stream =
             watch_into::<StatefulSet>(client.clone(), &scope, owned, sts_writer, "StatefulSet");
-        // Metadata only, and only Secrets some node names: the reconcile reads the one it needs.
+        // Metadata only: each Secret's version (a reconcile reads a Secret only when its version
+        // moved), and the Secrets some node names wake those nodes.
         let secret_index = index.clone();
+        let secret_versions = Arc::new(WatchedVersions::default());
+        let versions = secret_versions.clone();
         let secrets = scoped_watcher::<PartialObjectMeta<Secret>>(
             client.clone(),
             &scope,
             watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
         )
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                versions.apply(event);
+            }
+        })
         .touched_objects()
         .filter_map(triggers(
             "Secret",
@@ -336,6 +345,7 @@ impl Term {
             self.leadership,
             instance,
             latest,
+            secret_versions,
         ));
         // kube-runtime wants a Sync trigger; relay the caller's future through a channel. The
         // reconciles queued for a slot end at once, so the shutdown waits only for the running.

@@ -149,6 +149,7 @@ pub struct ControllerMetrics {
     pub reconciles: Family<OutcomeLabels, Counter>,
     pub probes: Family<ProbeLabels, Counter>,
     pub reconcile_duration: Histogram,
+    pub secret_reads: Counter,
     pub tls: Arc<TlsState>,
 }
 
@@ -172,12 +173,19 @@ impl ControllerMetrics {
             "Probes of sidecars through their front door, by result",
             probes.clone(),
         );
+        let secret_reads = Counter::default();
+        registry.register(
+            "controller_secret_reads",
+            "Reads of TLS Secrets from the API server (a reconcile reads its node's Secret only when the Secret watch reports a version not judged yet)",
+            secret_reads.clone(),
+        );
         let tls = Arc::new(TlsState::default());
         registry.register_collector(Box::new(TlsCollector { state: tls.clone() }));
         Self {
             reconciles,
             probes,
             reconcile_duration,
+            secret_reads,
             tls,
         }
     }

@@ -33,7 +33,7 @@ use crate::metrics::{ControllerMetrics, NodeTls, OutcomeLabels, ProbeLabels, Rec
 use crate::plan::Task;
 use crate::probe::{ProbeResult, SidecarProber};
 use crate::resources;
-use crate::secrets::SecretJudge;
+use crate::secrets::{SecretJudge, WatchedVersions};
 use crate::slots::{Priority, Slots};
 use crate::{lock, short_digest};
 
@@ -135,6 +135,7 @@ impl Context {
         leadership: Leadership,
         instance: String,
         latest: Latest,
+        secret_versions: Arc<WatchedVersions>,
     ) -> Self {
         let prober = SidecarProber::new(
             config.sidecar_addresses.clone(),
@@ -145,8 +146,8 @@ impl Context {
             slots: Slots::new(usize::from(config.max_concurrent_reconciles)),
             client,
             config,
+            secrets: SecretJudge::new(secret_versions, metrics.secret_reads.clone()),
             metrics,
-            secrets: SecretJudge::default(),
             prober,
             store,
             owned,

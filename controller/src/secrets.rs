@@ -1,25 +1,96 @@
-//! Reading a node's TLS Secret and judging it, parsing each Secret version once.
+//! Reading a node's TLS Secret and judging it, parsing each Secret version once, and reading
+//! it only when the Secret watch says it changed since.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client};
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
 use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{InspectedSecret, SecretLookup, SecretVerdict, judge};
 
 /// Inspections kept whole (the probe trusts their leaf and `ca.crt`), replaced when the
 /// version moves and pruned when no node names the Secret any more.
-#[derive(Default)]
 pub struct SecretJudge {
     inspections: Inspections,
+    versions: Arc<WatchedVersions>,
+    reads: Counter,
+}
+
+/// The resourceVersion of every `kubernetes.io/tls` Secret as the controller's Secret watch
+/// last reported it (metadata only; about 150 bytes a Secret). A held inspection of exactly
+/// that version is the Secret as it stands, so a reconcile needs no read: a later change
+/// reaches the watch, which moves the version and wakes the Secret's nodes.
+#[derive(Default)]
+pub struct WatchedVersions {
+    state: Mutex<Versions>,
+}
+
+#[derive(Default)]
+struct Versions {
+    /// Namespace → name → (resourceVersion, the list that last reported it).
+    current: HashMap<String, HashMap<String, (String, u64)>>,
+    /// Counts the lists: a relist keeps only what it listed.
+    list: u64,
+}
+
+impl WatchedVersions {
+    /// Follows the Secret watch. A relist drops, when done, the Secrets it did not list.
+    pub fn apply(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+        let mut state = crate::lock(&self.state);
+        let list = state.list;
+        match event {
+            watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => {
+                let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+                let names = state.current.entry(namespace).or_default();
+                match secret.metadata.resource_version.clone() {
+                    Some(version) => names.insert(name, (version, list)),
+                    None => names.remove(&name),
+                };
+            }
+            watcher::Event::Delete(secret) => {
+                if let Some(names) = state
+                    .current
+                    .get_mut(&secret.namespace().unwrap_or_default())
+                {
+                    names.remove(&secret.name_any());
+                }
+            }
+            watcher::Event::Init => state.list += 1,
+            watcher::Event::InitDone => state.current.retain(|_, names| {
+                names.retain(|_, (_, listed)| *listed == list);
+                !names.is_empty()
+            }),
+        }
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<String> {
+        let state = crate::lock(&self.state);
+        let (version, _) = state.current.get(namespace)?.get(name)?;
+        Some(version.clone())
+    }
 }
 
 impl SecretJudge {
-    /// Reads `namespace/name` from the API server (authoritative: a Secret of another type is
-    /// reported as malformed, not as missing) and judges it against `required` at `now`. A
-    /// failed read is `TLSSecretUnavailable`, never `TLSSecretNotFound`. Also returns the
-    /// inspection, whose leaf the sidecar probe trusts.
+    /// A judge that reads a Secret only when `versions` (fed by the Secret watch) holds no
+    /// version of it that was inspected already; each read counts in `reads`.
+    pub fn new(versions: Arc<WatchedVersions>, reads: Counter) -> Self {
+        Self {
+            inspections: Inspections::default(),
+            versions,
+            reads,
+        }
+    }
+
+    /// Judges `namespace/name` against `required` at `now`: from the held inspection when the
+    /// watch reports that very version, else read from the API server (authoritative: a Secret
+    /// of another type is reported as malformed, not as missing). A failed read is
+    /// `TLSSecretUnavailable`, never `TLSSecretNotFound`. Also returns the inspection, whose
+    /// leaf the sidecar probe trusts.
     pub async fn verdict(
         &self,
         client: &Client,
@@ -28,6 +99,18 @@ impl SecretJudge {
         required: &[String],
         now: Timestamp,
     ) -> (SecretVerdict, Option<Arc<InspectedSecret>>) {
+        let watched = self.versions.get(namespace, name);
+        if let Some(inspected) = self.inspections.held(namespace, name, watched.as_deref()) {
+            let verdict = judge(
+                namespace,
+                name,
+                SecretLookup::Found(&inspected),
+                required,
+                now,
+            );
+            return (verdict, Some(inspected));
+        }
+        self.reads.inc();
         let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
         match api.get_opt(name).await {
             Ok(Some(secret)) => {
@@ -69,5 +152,155 @@ impl SecretJudge {
     /// Keeps only the Secrets for which `keep(namespace, name)` holds.
     pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
         self.inspections.retain(keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use seinode_tls_crds::validation::Reason;
+    use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
+
+    use super::*;
+
+    /// An API server holding at most one Secret, counting the reads it serves.
+    #[derive(Clone, Default)]
+    struct FakeApi {
+        secret: Arc<Mutex<Option<Secret>>>,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl FakeApi {
+        fn client(&self) -> Client {
+            let api = self.clone();
+            let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+                let api = api.clone();
+                async move {
+                    assert_eq!(request.method(), http::Method::GET);
+                    assert_eq!(
+                        request.uri().path(),
+                        "/api/v1/namespaces/sei/secrets/rpc-tls"
+                    );
+                    api.reads.fetch_add(1, Ordering::SeqCst);
+                    let (code, body) = match crate::lock(&api.secret).clone() {
+                        Some(secret) => (200, serde_json::to_vec(&secret)?),
+                        None => (
+                            404,
+                            serde_json::to_vec(&serde_json::json!({
+                                "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "reason": "NotFound", "code": 404, "message": "not found",
+                            }))?,
+                        ),
+                    };
+                    http::Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .body(kube::client::Body::from(body))
+                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                }
+            });
+            Client::new(service, "default")
+        }
+
+        /// Stores `secret` at `version`; returns its metadata as the watch reports it.
+        fn put(&self, secret: &Secret, version: &str) -> PartialObjectMeta<Secret> {
+            let mut secret = secret.clone();
+            secret.metadata.resource_version = Some(version.to_owned());
+            *crate::lock(&self.secret) = Some(secret.clone());
+            PartialObjectMeta {
+                types: None,
+                metadata: ObjectMeta {
+                    resource_version: Some(version.to_owned()),
+                    ..secret.metadata
+                },
+                _phantom: std::marker::PhantomData,
+            }
+        }
+
+        fn reads(&self) -> usize {
+            self.reads.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_secret_is_read_only_when_the_watch_reports_a_version_not_judged_yet() {
+        let required = required_names();
+        let ca = CertificateAuthority::new("test CA").unwrap();
+        let names: Vec<&str> = required.iter().map(String::as_str).collect();
+        let leaf = ca
+            .issue(&LeafSpec {
+                common_name: "rpc",
+                organizations: &[],
+                dns_names: &names,
+                ip_addresses: &[],
+                server: true,
+                client: false,
+                valid_days: None,
+            })
+            .unwrap();
+        let good =
+            seinode_tls_testkit::tls_secret("sei", "rpc-tls", &leaf.cert_pem, &leaf.key_pem, None);
+        let api = FakeApi::default();
+        let client = api.client();
+        let versions = Arc::new(WatchedVersions::default());
+        let judge = SecretJudge::new(versions.clone(), Counter::default());
+        let reason = |verdict: (SecretVerdict, _)| verdict.0.reason;
+        let verdict = || judge.verdict(&client, "sei", "rpc-tls", &required, Timestamp::now());
+
+        // Before the watch has reported it: read every time.
+        api.put(&good, "1");
+        assert_eq!(reason(verdict().await), Reason::Ready);
+        assert_eq!(reason(verdict().await), Reason::Ready);
+        assert_eq!(api.reads(), 2);
+
+        // The watch reports the version judged already: no read.
+        versions.apply(&watcher::Event::Apply(api.put(&good, "1")));
+        assert_eq!(reason(verdict().await), Reason::Ready);
+        assert_eq!(api.reads(), 2);
+
+        // A new version: read once, then judged from the inspection.
+        let mut broken = good.clone();
+        broken.data.as_mut().unwrap().insert(
+            "tls.crt".to_owned(),
+            k8s_openapi::ByteString(b"-----BEGIN CERTIFICATE-----\nAAAA\n".to_vec()),
+        );
+        versions.apply(&watcher::Event::Apply(api.put(&broken, "2")));
+        assert_eq!(reason(verdict().await), Reason::Malformed);
+        assert_eq!(reason(verdict().await), Reason::Malformed);
+        assert_eq!(api.reads(), 3);
+        assert_eq!(judge.reads.get(), 3);
+
+        // Deleted: read (and found missing) every time.
+        let gone = api.put(&broken, "2");
+        *crate::lock(&api.secret) = None;
+        versions.apply(&watcher::Event::Delete(gone));
+        assert_eq!(reason(verdict().await), Reason::NotFound);
+        assert_eq!(reason(verdict().await), Reason::NotFound);
+        assert_eq!(api.reads(), 5);
+
+        // Back, then gone while the watch was away: the relist that does not list it drops it.
+        versions.apply(&watcher::Event::Apply(api.put(&good, "3")));
+        assert_eq!(reason(verdict().await), Reason::Ready);
+        assert_eq!(reason(verdict().await), Reason::Ready);
+        assert_eq!(api.reads(), 6);
+        *crate::lock(&api.secret) = None;
+        versions.apply(&watcher::Event::Init);
+        versions.apply(&watcher::Event::InitDone);
+        assert_eq!(reason(verdict().await), Reason::NotFound);
+        assert_eq!(api.reads(), 7);
+
+        // A relist that does list it keeps it.
+        versions.apply(&watcher::Event::Init);
+        versions.apply(&watcher::Event::InitApply(api.put(&good, "4")));
+        versions.apply(&watcher::Event::InitDone);
+        assert_eq!(reason(verdict().await), Reason::Ready);
+        assert_eq!(reason(verdict().await), Reason::Ready);
+        assert_eq!(api.reads(), 8);
+    }
+
+    fn required_names() -> Vec<String> {
+        seinode_tls_crds::contract::required_dns_names("rpc", "sei", "cluster.local")
     }
 }
