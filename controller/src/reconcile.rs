@@ -329,21 +329,22 @@ async fn reconcile_newest(
     })
 }
 
-/// Urgent: a node with no status yet, or a TLS node whose status holds no verdict on its Secret
-/// yet; until decided, its user sees nothing of what may be wrong.
+/// Urgent: a node with no status yet, or a TLS node whose Secret is not (yet) judged ready: its
+/// user waits on this verdict, and its reconcile is short (one Secret check, at most one
+/// status write), so a Secret that arrives or is fixed does not queue behind plan work.
 fn priority(node: &SeiNode) -> Priority {
-    let decided = node.status.as_ref().is_some_and(|status| {
-        node.sidecar_tls().is_none()
-            || status
+    let waiting = node.status.as_ref().is_none_or(|status| {
+        node.sidecar_tls().is_some()
+            && !status
                 .conditions
                 .iter()
                 .flatten()
-                .any(|c| c.type_ == SIDECAR_TLS_SECRET_READY)
+                .any(|c| c.type_ == SIDECAR_TLS_SECRET_READY && c.status == "True")
     });
-    if decided {
-        Priority::Normal
-    } else {
+    if waiting {
         Priority::Urgent
+    } else {
+        Priority::Normal
     }
 }
 
@@ -874,6 +875,62 @@ mod tests {
         let fewer = json!({"spec": {"replicas": 1, "template": {"containers": []}}});
         assert!(!covers(&fewer, &desired));
         assert!(covers(&json!({"a": 1}), &json!({"a": 1, "b": null})));
+    }
+
+    #[test]
+    fn a_node_waiting_on_its_secret_verdict_is_urgent() {
+        use seinode_tls_crds::{SeiNodeSpec, SidecarSpec, SidecarTls};
+
+        let with_tls = |tls: bool, ready: Option<bool>| {
+            let mut node = SeiNode::new(
+                "rpc",
+                SeiNodeSpec {
+                    sidecar: tls.then(|| SidecarSpec {
+                        tls: Some(SidecarTls {
+                            secret_name: "rpc-tls".to_owned(),
+                        }),
+                        ..SidecarSpec::default()
+                    }),
+                    ..SeiNodeSpec::default()
+                },
+            );
+            node.status = ready.map(|ok| SeiNodeStatus {
+                conditions: Some(vec![crate::status::condition(
+                    SIDECAR_TLS_SECRET_READY,
+                    ok,
+                    "Reason",
+                    "message",
+                    None,
+                    None,
+                    Timestamp::UNIX_EPOCH,
+                )]),
+                ..SeiNodeStatus::default()
+            });
+            node
+        };
+        let mut no_verdict = with_tls(true, Some(true));
+        no_verdict.status.as_mut().unwrap().conditions = None;
+        let mut plain_decided = with_tls(false, None);
+        plain_decided.status = Some(SeiNodeStatus::default());
+
+        for (node, want, what) in [
+            (with_tls(true, None), Priority::Urgent, "TLS, no status"),
+            (no_verdict, Priority::Urgent, "TLS, no verdict yet"),
+            (
+                with_tls(true, Some(false)),
+                Priority::Urgent,
+                "TLS, Secret not ready",
+            ),
+            (
+                with_tls(true, Some(true)),
+                Priority::Normal,
+                "TLS, Secret ready",
+            ),
+            (with_tls(false, None), Priority::Urgent, "no TLS, no status"),
+            (plain_decided, Priority::Normal, "no TLS, with status"),
+        ] {
+            assert_eq!(priority(&node), want, "{what}");
+        }
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! yields, in no particular order, so at a cold start with 1,000 nodes the first decisions and the
 //! plans' applies interleave and the last node is decided only when nearly all the work is done.
 //! Here kube-runtime runs every queued reconcile at once (at most one per node), each waits for a
-//! slot holding nothing but its node, and an urgent one (a node with no decision yet) takes a
-//! free slot before any other. A node just decided ends its reconcile there and is queued again,
-//! as normal work (see `reconcile`).
+//! slot holding nothing but its node, and an urgent one (a node whose user waits on the verdict
+//! about its Secret) takes a free slot before any other. A node whose Secret has just been judged
+//! ready ends its reconcile there and is queued again, as normal work (see `reconcile`).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -19,7 +19,8 @@ use crate::lock;
 /// Which reconciles a free slot goes to first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Priority {
-    /// A node with no decision yet: its condition tells the user what is wrong.
+    /// A node with no verdict on its Secret yet, or one whose Secret is not ready: its condition
+    /// tells the user what is wrong, and a Secret that arrives releases its plan.
     Urgent,
     /// Everything else (plan tasks, re-checks).
     Normal,
