@@ -6,6 +6,7 @@
 //! (by label), and `kubernetes.io/tls` Secrets (metadata only), mapped to the nodes that name
 //! them through an index. With leader election only the Lease holder reconciles.
 
+pub mod compact;
 pub mod config;
 pub mod decide;
 pub mod events;
@@ -39,6 +40,7 @@ use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
 use thiserror::Error;
 use tokio::sync::watch;
 
+use compact::Compact;
 pub use config::{ControllerConfig, LeaderElection};
 use index::SecretIndex;
 use leader::{Elector, Leadership};
@@ -293,17 +295,27 @@ impl Term {
         let (config_maps, cm_writer) = reflector::store();
         let (services, svc_writer) = reflector::store();
         let (stateful_sets, sts_writer) = reflector::store();
-        let cm_stream = watch_into::<ConfigMap>(
+        let cm_stream = watch_into::<Compact<ConfigMap>>(
             client.clone(),
             &scope,
             owned.clone(),
             cm_writer,
             "ConfigMap",
         );
-        let svc_stream =
-            watch_into::<Service>(client.clone(), &scope, owned.clone(), svc_writer, "Service");
-        let sts_stream =
-            watch_into::<StatefulSet>(client.clone(), &scope, owned, sts_writer, "StatefulSet");
+        let svc_stream = watch_into::<Compact<Service>>(
+            client.clone(),
+            &scope,
+            owned.clone(),
+            svc_writer,
+            "Service",
+        );
+        let sts_stream = watch_into::<Compact<StatefulSet>>(
+            client.clone(),
+            &scope,
+            owned,
+            sts_writer,
+            "StatefulSet",
+        );
         // Metadata only: each Secret's version (a reconcile reads a Secret only when its version
         // moved), and the Secrets some node names wake those nodes.
         let secret_index = index.clone();

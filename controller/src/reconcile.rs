@@ -10,6 +10,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -23,6 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::compact::Compact;
 use crate::config::ControllerConfig;
 use crate::decide::{
     Decision, IN_THE_WAY, ObjectState, Objects, Observed, Outcome, Settings, decide,
@@ -74,12 +76,12 @@ pub enum Error {
     Conflict { namespace: String, name: String },
 }
 
-/// The watched state of the objects nodes own (labelled, managedFields dropped).
+/// The watched state of the objects nodes own (labelled, managedFields dropped, kept compact).
 #[derive(Clone)]
 pub struct OwnedStores {
-    pub config_maps: Store<ConfigMap>,
-    pub services: Store<Service>,
-    pub stateful_sets: Store<StatefulSet>,
+    pub config_maps: Store<Compact<ConfigMap>>,
+    pub services: Store<Compact<Service>>,
+    pub stateful_sets: Store<Compact<StatefulSet>>,
 }
 
 /// What reconciles share. One per leadership term: nothing a previous term learnt is trusted.
@@ -551,16 +553,19 @@ fn objects(node: &SeiNode, ctx: &Context) -> Objects {
             Some(&stamp(resources::service(node))),
         ),
         stateful_set: state(node, stateful_set.as_deref(), desired_sts.as_ref()),
-        rolled_out: stateful_set.as_deref().is_some_and(|sts| {
-            resources::stateful_set_ready(sts)
-                && resources::stateful_set_image(sts).as_deref() == Some(node.spec.image.as_str())
-        }),
+        rolled_out: stateful_set
+            .and_then(|sts| sts.object().ok())
+            .is_some_and(|sts| {
+                resources::stateful_set_ready(&sts)
+                    && resources::stateful_set_image(&sts).as_deref()
+                        == Some(node.spec.image.as_str())
+            }),
     }
 }
 
-fn state<K: Resource + Serialize>(
+fn state<K: Resource<DynamicType = ()> + Serialize + DeserializeOwned>(
     node: &SeiNode,
-    observed: Option<&K>,
+    observed: Option<&Compact<K>>,
     desired: Option<&K>,
 ) -> ObjectState {
     let Some(observed) = observed else {
@@ -574,24 +579,19 @@ fn state<K: Resource + Serialize>(
         .find(|o| o.controller == Some(true));
     match controller {
         Some(owner) if Some(&owner.uid) == node.metadata.uid.as_ref() => {
-            let hash = |object: &K| {
-                object
-                    .meta()
-                    .annotations
+            let hash = |meta: &ObjectMeta| {
+                meta.annotations
                     .as_ref()?
                     .get(TEMPLATE_HASH_ANNOTATION)
                     .cloned()
             };
-            if desired.is_some_and(|desired| hash(desired) != hash(observed)) {
+            if desired.is_some_and(|desired| hash(desired.meta()) != hash(observed.meta())) {
                 // Built from another template (an older controller, other flags): the next
                 // plan of the node applies the current one.
                 return ObjectState::Current;
             }
             let covered = desired.is_none_or(|desired| {
-                match (
-                    serde_json::to_value(observed),
-                    serde_json::to_value(desired),
-                ) {
+                match (observed.value(), serde_json::to_value(desired)) {
                     (Ok(observed), Ok(desired)) => covers(&observed, &desired),
                     _ => true,
                 }
@@ -696,16 +696,15 @@ async fn ensure<K>(
     state: &ObjectState,
 ) -> Result<Outcome, Error>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Serialize
         + DeserializeOwned
         + Clone
         + std::fmt::Debug,
-    K::DynamicType: Default,
 {
     let namespace = node.namespace().unwrap_or_default();
     let name = object.meta().name.clone().unwrap_or_default();
-    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let kind = K::kind(&()).into_owned();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let in_the_way = |why: &str| {
         Outcome::Failed(format!(
@@ -725,7 +724,7 @@ where
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     // Something holds the name that the watch has not shown (it is not
                     // labelled as ours, or the watch lags): look before applying over it.
-                    let existing = api
+                    let existing = Api::<Compact<K>>::namespaced(ctx.client.clone(), &namespace)
                         .get_opt(&name)
                         .await
                         .map_err(|source| api_error("read", &kind, &namespace, &name, source))?;
