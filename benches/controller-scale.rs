@@ -19,7 +19,8 @@
 //! - the writes the API server served until then, against the minimum the design needs;
 //! - the controller's concurrent TCP connections to the API server (peak of 100 ms samples);
 //! - its memory once settled;
-//! - writes and reconciles over `--steady` of steady state;
+//! - reconciles and Secret reads to settling, and writes, reconciles and Secret reads over
+//!   `--steady` of steady state;
 //! - the latency from creating a Secret to the True condition, for `--late` nodes created
 //!   without their Secrets, whose Secrets then arrive at 10 per second.
 //!
