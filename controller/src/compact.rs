@@ -112,27 +112,12 @@ impl<K: Resource<DynamicType = ()>> Resource for Compact<K> {
 mod tests {
     use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
-    use seinode_tls_crds::{SeiNode, SeiNodeSpec, SidecarSpec, SidecarTls};
 
     use super::*;
     use crate::config::ControllerConfig;
 
     fn watched_stateful_set() -> StatefulSet {
-        let mut node = SeiNode::new(
-            "rpc",
-            SeiNodeSpec {
-                image: "ghcr.io/sei-protocol/sei:v6.3.0".to_owned(),
-                sidecar: Some(SidecarSpec {
-                    tls: Some(SidecarTls {
-                        secret_name: "rpc-tls".to_owned(),
-                    }),
-                    ..SidecarSpec::default()
-                }),
-                ..SeiNodeSpec::default()
-            },
-        );
-        node.metadata.namespace = Some("sei".to_owned());
-        node.metadata.uid = Some("u-1".to_owned());
+        let node = crate::decide::tests::node("ghcr.io/sei-protocol/sei:v6.3.0", 1);
         let mut sts = crate::resources::stateful_set(&node, &ControllerConfig::default())
             .expect("a StatefulSet for a valid node");
         sts.metadata.resource_version = Some("42".to_owned());

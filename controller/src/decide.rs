@@ -546,7 +546,7 @@ fn set_phase(status: &mut SeiNodeStatus, phase: SeiNodePhase, now: Timestamp) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use seinode_tls_crds::validation::Reason;
     use seinode_tls_crds::{SeiNodeSpec, SidecarSpec, SidecarTls};
@@ -563,7 +563,8 @@ mod tests {
         at(NOW)
     }
 
-    fn node(image: &str, generation: i64) -> SeiNode {
+    /// A TLS node `sei/rpc` (uid `u-1`) running `image`.
+    pub(crate) fn node(image: &str, generation: i64) -> SeiNode {
         let mut node = SeiNode::new(
             "rpc",
             SeiNodeSpec {

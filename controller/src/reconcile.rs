@@ -878,21 +878,11 @@ mod tests {
 
     #[test]
     fn a_node_waiting_on_its_secret_verdict_is_urgent() {
-        use seinode_tls_crds::{SeiNodeSpec, SidecarSpec, SidecarTls};
-
         let with_tls = |tls: bool, ready: Option<bool>| {
-            let mut node = SeiNode::new(
-                "rpc",
-                SeiNodeSpec {
-                    sidecar: tls.then(|| SidecarSpec {
-                        tls: Some(SidecarTls {
-                            secret_name: "rpc-tls".to_owned(),
-                        }),
-                        ..SidecarSpec::default()
-                    }),
-                    ..SeiNodeSpec::default()
-                },
-            );
+            let mut node = crate::decide::tests::node("ghcr.io/sei-protocol/sei:v6.3.0", 1);
+            if !tls {
+                node.spec.sidecar = None;
+            }
             node.status = ready.map(|ok| SeiNodeStatus {
                 conditions: Some(vec![crate::status::condition(
                     SIDECAR_TLS_SECRET_READY,

@@ -100,53 +100,38 @@ impl SecretJudge {
         now: Timestamp,
     ) -> (SecretVerdict, Option<Arc<InspectedSecret>>) {
         let watched = self.versions.get(namespace, name);
-        if let Some(inspected) = self.inspections.held(namespace, name, watched.as_deref()) {
-            let verdict = judge(
-                namespace,
-                name,
-                SecretLookup::Found(&inspected),
-                required,
-                now,
-            );
-            return (verdict, Some(inspected));
-        }
-        self.reads.inc();
-        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-        match api.get_opt(name).await {
-            Ok(Some(secret)) => {
-                let inspected = self.inspections.of(&secret);
-                let verdict = judge(
-                    namespace,
-                    name,
-                    SecretLookup::Found(&inspected),
-                    required,
-                    now,
-                );
-                (verdict, Some(inspected))
-            }
-            Ok(None) => (
-                judge(namespace, name, SecretLookup::NotFound, required, now),
-                None,
-            ),
-            Err(error) => {
-                let cause = match &error {
-                    kube::Error::Api(status) => {
-                        format!("API error {}: {}", status.code, status.message)
+        let inspected = match self.inspections.held(namespace, name, watched.as_deref()) {
+            Some(held) => held,
+            None => {
+                self.reads.inc();
+                let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+                match api.get_opt(name).await {
+                    Ok(Some(secret)) => self.inspections.of(&secret),
+                    Ok(None) => {
+                        let verdict = judge(namespace, name, SecretLookup::NotFound, required, now);
+                        return (verdict, None);
                     }
-                    other => other.to_string(),
-                };
-                (
-                    judge(
-                        namespace,
-                        name,
-                        SecretLookup::Unavailable(&cause),
-                        required,
-                        now,
-                    ),
-                    None,
-                )
+                    Err(error) => {
+                        let cause = match &error {
+                            kube::Error::Api(status) => {
+                                format!("API error {}: {}", status.code, status.message)
+                            }
+                            other => other.to_string(),
+                        };
+                        let lookup = SecretLookup::Unavailable(&cause);
+                        return (judge(namespace, name, lookup, required, now), None);
+                    }
+                }
             }
-        }
+        };
+        let verdict = judge(
+            namespace,
+            name,
+            SecretLookup::Found(&inspected),
+            required,
+            now,
+        );
+        (verdict, Some(inspected))
     }
 
     /// Keeps only the Secrets for which `keep(namespace, name)` holds.
