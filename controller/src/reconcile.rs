@@ -10,7 +10,6 @@ use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -526,46 +525,52 @@ async fn probe(node: &SeiNode, ctx: &Context, leaf: Option<&LeafCertificate>) ->
     }
 }
 
-/// The owned objects as the watches see them, against what the controller would apply now.
+/// The owned objects as the watches see them (each parsed once), against what the controller
+/// would apply now.
 fn objects(node: &SeiNode, ctx: &Context) -> Objects {
     let namespace = node.namespace().unwrap_or_default();
     let name = node.name_any();
-    let stateful_set = ctx
-        .owned
-        .stateful_sets
-        .get(&ObjectRef::new(&name).within(&namespace));
+    fn parsed<K: DeserializeOwned>(compact: Option<Arc<Compact<K>>>) -> Option<K> {
+        compact.and_then(|compact| compact.object().ok())
+    }
+    let config_map: Option<ConfigMap> = parsed(
+        ctx.owned
+            .config_maps
+            .get(&ObjectRef::new(&resources::rbac_proxy_config_name(node)).within(&namespace)),
+    );
+    let service: Option<Service> = parsed(
+        ctx.owned
+            .services
+            .get(&ObjectRef::new(&name).within(&namespace)),
+    );
+    let stateful_set: Option<StatefulSet> = parsed(
+        ctx.owned
+            .stateful_sets
+            .get(&ObjectRef::new(&name).within(&namespace)),
+    );
     let desired_sts = resources::stateful_set(node, &ctx.config).ok().map(stamp);
     Objects {
         config_map: state(
             node,
-            ctx.owned
-                .config_maps
-                .get(&ObjectRef::new(&resources::rbac_proxy_config_name(node)).within(&namespace))
-                .as_deref(),
+            config_map.as_ref(),
             Some(&stamp(resources::rbac_proxy_config_map(node))),
         ),
         service: state(
             node,
-            ctx.owned
-                .services
-                .get(&ObjectRef::new(&name).within(&namespace))
-                .as_deref(),
+            service.as_ref(),
             Some(&stamp(resources::service(node))),
         ),
-        stateful_set: state(node, stateful_set.as_deref(), desired_sts.as_ref()),
-        rolled_out: stateful_set
-            .and_then(|sts| sts.object().ok())
-            .is_some_and(|sts| {
-                resources::stateful_set_ready(&sts)
-                    && resources::stateful_set_image(&sts).as_deref()
-                        == Some(node.spec.image.as_str())
-            }),
+        stateful_set: state(node, stateful_set.as_ref(), desired_sts.as_ref()),
+        rolled_out: stateful_set.as_ref().is_some_and(|sts| {
+            resources::stateful_set_ready(sts)
+                && resources::stateful_set_image(sts).as_deref() == Some(node.spec.image.as_str())
+        }),
     }
 }
 
-fn state<K: Resource<DynamicType = ()> + Serialize + DeserializeOwned>(
+fn state<K: Resource + Serialize>(
     node: &SeiNode,
-    observed: Option<&Compact<K>>,
+    observed: Option<&K>,
     desired: Option<&K>,
 ) -> ObjectState {
     let Some(observed) = observed else {
@@ -579,19 +584,24 @@ fn state<K: Resource<DynamicType = ()> + Serialize + DeserializeOwned>(
         .find(|o| o.controller == Some(true));
     match controller {
         Some(owner) if Some(&owner.uid) == node.metadata.uid.as_ref() => {
-            let hash = |meta: &ObjectMeta| {
-                meta.annotations
+            let hash = |object: &K| {
+                object
+                    .meta()
+                    .annotations
                     .as_ref()?
                     .get(TEMPLATE_HASH_ANNOTATION)
                     .cloned()
             };
-            if desired.is_some_and(|desired| hash(desired.meta()) != hash(observed.meta())) {
+            if desired.is_some_and(|desired| hash(desired) != hash(observed)) {
                 // Built from another template (an older controller, other flags): the next
                 // plan of the node applies the current one.
                 return ObjectState::Current;
             }
             let covered = desired.is_none_or(|desired| {
-                match (observed.value(), serde_json::to_value(desired)) {
+                match (
+                    serde_json::to_value(observed),
+                    serde_json::to_value(desired),
+                ) {
                     (Ok(observed), Ok(desired)) => covers(&observed, &desired),
                     _ => true,
                 }
@@ -696,15 +706,16 @@ async fn ensure<K>(
     state: &ObjectState,
 ) -> Result<Outcome, Error>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Serialize
         + DeserializeOwned
         + Clone
         + std::fmt::Debug,
+    K::DynamicType: Default,
 {
     let namespace = node.namespace().unwrap_or_default();
     let name = object.meta().name.clone().unwrap_or_default();
-    let kind = K::kind(&()).into_owned();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let in_the_way = |why: &str| {
         Outcome::Failed(format!(
@@ -724,7 +735,7 @@ where
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     // Something holds the name that the watch has not shown (it is not
                     // labelled as ours, or the watch lags): look before applying over it.
-                    let existing = Api::<Compact<K>>::namespaced(ctx.client.clone(), &namespace)
+                    let existing = api
                         .get_opt(&name)
                         .await
                         .map_err(|source| api_error("read", &kind, &namespace, &name, source))?;
