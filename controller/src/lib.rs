@@ -46,7 +46,7 @@ use index::SecretIndex;
 use leader::{Elector, Leadership};
 use metrics::ControllerMetrics;
 use reconcile::{Context, Latest, OwnedStores};
-use secrets::WatchedVersions;
+use seinode_tls_crds::versions::SecretVersions;
 
 #[derive(Debug, Error)]
 pub enum ControllerError {
@@ -319,7 +319,7 @@ impl Term {
         // Metadata only: each Secret's version (a reconcile reads a Secret only when its version
         // moved), and the Secrets some node names wake those nodes.
         let secret_index = index.clone();
-        let secret_versions = Arc::new(WatchedVersions::default());
+        let secret_versions = Arc::new(SecretVersions::default());
         let versions = secret_versions.clone();
         let secrets = scoped_watcher::<PartialObjectMeta<Secret>>(
             client.clone(),

@@ -34,9 +34,10 @@ use crate::metrics::{ControllerMetrics, NodeTls, OutcomeLabels, ProbeLabels, Rec
 use crate::plan::Task;
 use crate::probe::{ProbeResult, SidecarProber};
 use crate::resources;
-use crate::secrets::{SecretJudge, WatchedVersions};
+use crate::secrets::SecretJudge;
 use crate::slots::{Priority, Slots};
 use crate::{lock, short_digest};
+use seinode_tls_crds::versions::SecretVersions;
 
 /// Field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = "seinode-tls-controller";
@@ -136,7 +137,7 @@ impl Context {
         leadership: Leadership,
         instance: String,
         latest: Latest,
-        secret_versions: Arc<WatchedVersions>,
+        secret_versions: Arc<SecretVersions>,
     ) -> Self {
         let prober = SidecarProber::new(
             config.sidecar_addresses.clone(),

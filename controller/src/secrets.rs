@@ -1,84 +1,30 @@
 //! Reading a node's TLS Secret and judging it, parsing each Secret version once, and reading
 //! it only when the Secret watch says it changed since.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::core::PartialObjectMeta;
-use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use prometheus_client::metrics::counter::Counter;
 use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{InspectedSecret, SecretLookup, SecretVerdict, judge};
+use seinode_tls_crds::versions::SecretVersions;
 
 /// Inspections kept whole (the probe trusts their leaf and `ca.crt`), replaced when the
 /// version moves and pruned when no node names the Secret any more.
 pub struct SecretJudge {
     inspections: Inspections,
-    versions: Arc<WatchedVersions>,
+    versions: Arc<SecretVersions>,
     reads: Counter,
-}
-
-/// The resourceVersion of every `kubernetes.io/tls` Secret as the controller's Secret watch
-/// last reported it (metadata only; about 150 bytes a Secret). A held inspection of exactly
-/// that version is the Secret as it stands, so a reconcile needs no read: a later change
-/// reaches the watch, which moves the version and wakes the Secret's nodes.
-#[derive(Default)]
-pub struct WatchedVersions {
-    state: Mutex<Versions>,
-}
-
-#[derive(Default)]
-struct Versions {
-    /// Namespace → name → (resourceVersion, the list that last reported it).
-    current: HashMap<String, HashMap<String, (String, u64)>>,
-    /// Counts the lists: a relist keeps only what it listed.
-    list: u64,
-}
-
-impl WatchedVersions {
-    /// Follows the Secret watch. A relist drops, when done, the Secrets it did not list.
-    pub fn apply(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
-        let mut state = crate::lock(&self.state);
-        let list = state.list;
-        match event {
-            watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => {
-                let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
-                let names = state.current.entry(namespace).or_default();
-                match secret.metadata.resource_version.clone() {
-                    Some(version) => names.insert(name, (version, list)),
-                    None => names.remove(&name),
-                };
-            }
-            watcher::Event::Delete(secret) => {
-                if let Some(names) = state
-                    .current
-                    .get_mut(&secret.namespace().unwrap_or_default())
-                {
-                    names.remove(&secret.name_any());
-                }
-            }
-            watcher::Event::Init => state.list += 1,
-            watcher::Event::InitDone => state.current.retain(|_, names| {
-                names.retain(|_, (_, listed)| *listed == list);
-                !names.is_empty()
-            }),
-        }
-    }
-
-    fn get(&self, namespace: &str, name: &str) -> Option<String> {
-        let state = crate::lock(&self.state);
-        let (version, _) = state.current.get(namespace)?.get(name)?;
-        Some(version.clone())
-    }
 }
 
 impl SecretJudge {
     /// A judge that reads a Secret only when `versions` (fed by the Secret watch) holds no
-    /// version of it that was inspected already; each read counts in `reads`.
-    pub fn new(versions: Arc<WatchedVersions>, reads: Counter) -> Self {
+    /// version of it that was inspected already; each read counts in `reads`. A held inspection
+    /// of exactly the version the watch reports is the Secret as it stands: a later change
+    /// reaches the watch, which moves the version and wakes the Secret's nodes.
+    pub fn new(versions: Arc<SecretVersions>, reads: Counter) -> Self {
         Self {
             inspections: Inspections::default(),
             versions,
@@ -99,7 +45,7 @@ impl SecretJudge {
         required: &[String],
         now: Timestamp,
     ) -> (SecretVerdict, Option<Arc<InspectedSecret>>) {
-        let watched = self.versions.get(namespace, name);
+        let watched = self.versions.get(namespace, name).flatten();
         let inspected = match self.inspections.held(namespace, name, watched.as_deref()) {
             Some(held) => held,
             None => {
@@ -142,9 +88,12 @@ impl SecretJudge {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::watcher;
     use seinode_tls_crds::validation::Reason;
     use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 
@@ -229,7 +178,7 @@ mod tests {
             seinode_tls_testkit::tls_secret("sei", "rpc-tls", &leaf.cert_pem, &leaf.key_pem, None);
         let api = FakeApi::default();
         let client = api.client();
-        let versions = Arc::new(WatchedVersions::default());
+        let versions = Arc::new(SecretVersions::default());
         let judge = SecretJudge::new(versions.clone(), Counter::default());
         let reason = |verdict: (SecretVerdict, _)| verdict.0.reason;
         let verdict = || judge.verdict(&client, "sei", "rpc-tls", &required, Timestamp::now());

@@ -10,6 +10,7 @@ pub mod crd;
 pub mod inspections;
 mod types;
 pub mod validation;
+pub mod versions;
 pub mod watch;
 
 pub use types::*;

@@ -8,9 +8,8 @@
 //!   few hundred bytes each, whatever their size.
 //! - [`NodeCache`]: every SeiNode, for the Secret guard's "who uses this Secret?".
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -24,6 +23,7 @@ use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{
     InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
 };
+use seinode_tls_crds::versions::SecretVersions;
 use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
 
 use crate::metrics::WebhookMetrics;
@@ -65,9 +65,7 @@ impl CachedLookup {
 /// decision needed.
 pub struct SecretCache {
     /// resourceVersion by Secret, from the metadata watch (or a read).
-    known: RwLock<HashMap<Key, Option<String>>>,
-    /// Entries collected during a (re)list, swapped in when it completes.
-    relist: RwLock<Option<HashMap<Key, Option<String>>>>,
+    versions: SecretVersions,
     inspections: Inspections,
     synced: AtomicBool,
     /// For the on-demand read; without one (tests, benchmarks) only [`SecretCache::apply`]
@@ -79,8 +77,7 @@ pub struct SecretCache {
 impl Default for SecretCache {
     fn default() -> Self {
         Self {
-            known: RwLock::default(),
-            relist: RwLock::default(),
+            versions: SecretVersions::default(),
             inspections: Inspections::new(retainable),
             synced: AtomicBool::new(false),
             client: None,
@@ -120,17 +117,12 @@ impl SecretCache {
 
     /// (TLS Secrets known, inspections held).
     pub fn sizes(&self) -> (usize, usize) {
-        let known = self.known.read().unwrap_or_else(|e| e.into_inner()).len();
-        (known, self.inspections.len())
+        (self.versions.len(), self.inspections.len())
     }
 
     /// The resourceVersion the cache knows of a Secret; `None` when it knows no such Secret.
     fn version(&self, namespace: &str, name: &str) -> Option<Option<String>> {
-        self.known
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .cloned()
+        self.versions.get(namespace, name)
     }
 
     /// Whether the cache holds the inspection of the current version of this Secret (tests).
@@ -226,33 +218,12 @@ impl SecretCache {
     pub fn apply_meta(&self, namespace: &str, name: &str, resource_version: Option<&str>) {
         self.inspections
             .forget_other_versions(namespace, name, resource_version);
-        let key = (namespace.to_owned(), name.to_owned());
-        let version = resource_version.map(str::to_owned);
-        // Lock order: relist, then known.
-        let mut relist = self.relist.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(pending) = relist.as_mut() {
-            pending.insert(key.clone(), version.clone());
-        }
-        // The live map keeps serving until a relist completes.
-        self.known
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, version);
-        drop(relist);
+        self.versions.set(namespace, name, resource_version);
         self.publish_sizes();
     }
 
     pub fn remove(&self, namespace: &str, name: &str) {
-        let key = (namespace.to_owned(), name.to_owned());
-        let mut relist = self.relist.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(pending) = relist.as_mut() {
-            pending.remove(&key);
-        }
-        self.known
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
-        drop(relist);
+        self.versions.remove(namespace, name);
         self.inspections.remove(namespace, name);
         self.publish_sizes();
     }
@@ -264,25 +235,6 @@ impl SecretCache {
         self.publish_sizes();
     }
 
-    fn begin_relist(&self) {
-        *self.relist.write().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
-    }
-
-    fn finish_relist(&self) {
-        if let Some(pending) = self
-            .relist
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            self.inspections
-                .retain(|ns, name| pending.contains_key(&(ns.to_owned(), name.to_owned())));
-            *self.known.write().unwrap_or_else(|e| e.into_inner()) = pending;
-        }
-        self.mark_synced();
-        self.publish_sizes();
-    }
-
     fn publish_sizes(&self) {
         if let Some(metrics) = &self.metrics {
             let (known, inspected) = self.sizes();
@@ -291,10 +243,12 @@ impl SecretCache {
         }
     }
 
-    /// Applies one event of the metadata watch.
+    /// Applies one event of the metadata watch: the versions follow it, the inspections of
+    /// versions it moved past or Secrets it no longer lists are dropped, and its first
+    /// completed list makes the cache synced.
     pub fn apply_meta_event(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
         match event {
-            watcher::Event::Init => self.begin_relist(),
+            watcher::Event::Init => self.versions.apply(event),
             watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => self.apply_meta(
                 &secret.namespace().unwrap_or_default(),
                 &secret.name_any(),
@@ -303,7 +257,13 @@ impl SecretCache {
             watcher::Event::Delete(secret) => {
                 self.remove(&secret.namespace().unwrap_or_default(), &secret.name_any());
             }
-            watcher::Event::InitDone => self.finish_relist(),
+            watcher::Event::InitDone => {
+                self.versions.apply(event);
+                self.inspections
+                    .retain(|ns, name| self.versions.contains(ns, name));
+                self.mark_synced();
+                self.publish_sizes();
+            }
         }
     }
 }
