@@ -105,6 +105,13 @@ struct Args {
     /// figures say how far it got.
     #[arg(long, env = "CONTROLLER_SCALE_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Instead of `seinode-tls run`, decide every node with the fewest requests any controller
+    /// could make (a list of SeiNodes, then per node one Secret read and one status replace
+    /// giving the reason the fleet plan calls for), this many nodes in flight, beside two idle
+    /// SeiNode watches (`run` holds two); report the time to decide them all and stop: the API
+    /// server's floor for the "every node decided" figure on this machine.
+    #[arg(long, env = "CONTROLLER_SCALE_FLOOR", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    floor: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -178,6 +185,21 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     }
     let (mut changes, watch) = tracker.watch(client.clone());
     tracker.wait_synced(&mut changes, args.timeout).await?;
+    if let Some(in_flight) = args.floor {
+        let client = cp.client().await?;
+        decide_floor(
+            args,
+            &client,
+            &fleet,
+            &tracker,
+            &mut changes,
+            in_flight.into(),
+        )
+        .await?;
+        drop(watch);
+        drop(cp);
+        return Ok(());
+    }
 
     // === The controller ===
     let writes_before = ApiWrites::scrape(&client).await?;
@@ -199,6 +221,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let settled = settled.map(|at| at.duration_since(controller_started));
     let undecided = tracker.undecided(&all_nodes);
     let decided_quantiles = tracker.decided_quantiles(&all_nodes, controller_started);
+    let last_decided = tracker.last_decided(&all_nodes, controller_started);
 
     // === Steady state ===
     sampler.set_phase(Phase::Steady);
@@ -244,6 +267,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         setup,
         decided,
         decided_quantiles,
+        last_decided,
         settled,
         undecided,
         settle_writes: writes_settled.delta(&writes_before),
@@ -571,6 +595,9 @@ struct Watched {
     expect: Reason,
     /// The condition's reason in the last event.
     reason: Option<String>,
+    /// Each reason the condition showed before the node was decided, with its message, when
+    /// first shown (a node decided late tells what held it).
+    shown: Vec<(Instant, String)>,
     decided_at: Option<Instant>,
     /// Decided and, when the Secret is good, every apply task of the plan complete.
     settled_at: Option<Instant>,
@@ -601,6 +628,16 @@ impl Watched {
         let Some(condition) = condition else {
             return;
         };
+        if self.decided_at.is_none()
+            && self
+                .shown
+                .last()
+                .is_none_or(|(_, shown)| !shown.starts_with(&format!("{}: ", condition.reason)))
+        {
+            let message: String = condition.message.chars().take(160).collect();
+            self.shown
+                .push((now, format!("{}: {message}", condition.reason)));
+        }
         if condition.status == "True" && self.ready_at.is_none() {
             self.ready_at = Some(now);
         }
@@ -641,6 +678,7 @@ impl Tracker {
             Watched {
                 expect: reason,
                 reason: None,
+                shown: Vec::new(),
                 decided_at: None,
                 settled_at: None,
                 ready_at: None,
@@ -747,6 +785,25 @@ impl Tracker {
             .collect()
     }
 
+    /// The node of `keys` decided last, and what its condition showed before, after `start`.
+    fn last_decided(&self, keys: &[NodeKey], start: Instant) -> Option<LastDecided> {
+        let nodes = self.lock();
+        let (key, watched) = keys
+            .iter()
+            .filter_map(|k| Some((k, nodes.get(k)?)))
+            .filter(|(_, w)| w.decided_at.is_some())
+            .max_by_key(|(_, w)| w.decided_at)?;
+        Some(LastDecided {
+            node: format!("{}/{}", key.0, key.1),
+            at: watched.decided_at?.duration_since(start),
+            shown: watched
+                .shown
+                .iter()
+                .map(|(at, shown)| (at.duration_since(start), shown.clone()))
+                .collect(),
+        })
+    }
+
     /// Nodes of `keys` not decided, by the reason they showed last.
     fn undecided(&self, keys: &[NodeKey]) -> BTreeMap<String, usize> {
         let nodes = self.lock();
@@ -762,6 +819,13 @@ impl Tracker {
         }
         by_reason
     }
+}
+
+/// The node decided last: which, when, and the reasons its condition showed on the way.
+struct LastDecided {
+    node: String,
+    at: Duration,
+    shown: Vec<(Duration, String)>,
 }
 
 /// Aborts a task when dropped (before the control plane it talks to stops).
@@ -780,6 +844,109 @@ struct Late {
     /// Secret created (response received) → condition True, per node that got there.
     latencies: Vec<Duration>,
     writes: BTreeMap<WriteKey, u64>,
+}
+
+/// `--floor`: decides every node of `fleet` with one Secret read and one status replace each,
+/// `in_flight` at a time, and prints when the watch saw them all decided.
+async fn decide_floor(
+    args: &Args,
+    client: &Client,
+    fleet: &FleetPlan,
+    tracker: &Tracker,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    // The fan-out of each status write to `run`'s two SeiNode watches.
+    let idle_watches: Vec<AbortOnDrop> = (0..2)
+        .map(|_| {
+            let nodes = Api::<SeiNode>::all(client.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                let events = watcher(nodes, watcher::Config::default()).default_backoff();
+                let mut events = std::pin::pin!(events);
+                while events.next().await.is_some() {}
+            }))
+        })
+        .collect();
+    let started = Instant::now();
+    let listed = Api::<SeiNode>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .context("failed to list the SeiNodes")?;
+    let kinds: HashMap<NodeKey, Kind> = fleet.nodes.iter().map(|n| (n.key(), n.kind)).collect();
+    let decided = futures::stream::iter(listed.items)
+        .map(|node| {
+            let key = (node.namespace().unwrap_or_default(), node.name_any());
+            let kind = kinds.get(&key).copied();
+            async move {
+                match kind {
+                    Some(kind) => decide_one(client, node, kind).await,
+                    None => Ok(()),
+                }
+            }
+        })
+        .buffer_unordered(in_flight)
+        .try_fold(0usize, |count, ()| async move { Ok(count + 1) })
+        .await?;
+    let keys = fleet.keys();
+    let all = tracker
+        .wait_all(changes, &keys, args.timeout, Watched::decided_at)
+        .await;
+    let quantiles = tracker.decided_quantiles(&keys, started);
+    drop(idle_watches);
+    let elapsed = |d: Option<Duration>| {
+        d.map_or_else(
+            || format!("not within {}", humantime::format_duration(args.timeout)),
+            |d| format!("{:.2} s", d.as_secs_f64()),
+        )
+    };
+    println!(
+        "controller-scale floor: {decided} nodes, {in_flight} in flight: every node decided {}; \
+         first / 50 % / 90 % / 99 % {}",
+        elapsed(all.map(|at| at.duration_since(started))),
+        quantiles
+            .iter()
+            .map(|d| elapsed(*d))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    Ok(())
+}
+
+/// The floor's decision for one node: its Secret read, and the status a decision publishes
+/// (contract and condition), replaced on the listed version.
+async fn decide_one(client: &Client, mut node: SeiNode, kind: Kind) -> anyhow::Result<()> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use seinode_tls_crds::{SeiNodeStatus, SidecarTlsStatus};
+
+    let namespace = node.namespace().unwrap_or_default();
+    let name = node.name_any();
+    let secret_name = format!("{name}-tls");
+    Api::<Secret>::namespaced(client.clone(), &namespace)
+        .get_opt(&secret_name)
+        .await
+        .with_context(|| format!("failed to read Secret {namespace}/{secret_name}"))?;
+    let reason = kind.reason();
+    node.status = Some(SeiNodeStatus {
+        sidecar_tls: Some(SidecarTlsStatus {
+            secret_name: secret_name.clone(),
+            required_dns_names: required_dns_names(&name, &namespace, DEFAULT_CLUSTER_DOMAIN),
+        }),
+        conditions: Some(vec![Condition {
+            type_: SIDECAR_TLS_SECRET_READY.to_owned(),
+            status: if reason.is_ready() { "True" } else { "False" }.to_owned(),
+            reason: reason.as_str().to_owned(),
+            message: format!("Secret {namespace}/{secret_name}: {}", reason.as_str()),
+            observed_generation: node.metadata.generation,
+            last_transition_time: Time(jiff::Timestamp::now()),
+        }]),
+        observed_generation: node.metadata.generation,
+        ..SeiNodeStatus::default()
+    });
+    Api::<SeiNode>::namespaced(client.clone(), &namespace)
+        .replace_status(&name, &PostParams::default(), &node)
+        .await
+        .with_context(|| format!("failed to write the status of SeiNode {namespace}/{name}"))?;
+    Ok(())
 }
 
 /// Creates `--late` nodes without Secrets, waits until each is decided `TLSSecretNotFound`,
@@ -1334,6 +1501,7 @@ struct Report<'a> {
     decided: Option<Duration>,
     /// First node, 50 %, 90 %, 99 % decided.
     decided_quantiles: Vec<Option<Duration>>,
+    last_decided: Option<LastDecided>,
     settled: Option<Duration>,
     undecided: BTreeMap<String, usize>,
     settle_writes: BTreeMap<WriteKey, u64>,
@@ -1534,6 +1702,17 @@ impl Report<'_> {
         if !self.undecided.is_empty() {
             println!();
             println!("undecided nodes by last reason: {:?}", self.undecided);
+        }
+        if let Some(last) = &self.last_decided {
+            println!();
+            println!(
+                "decided last: {} at {:.2} s; its condition showed:",
+                last.node,
+                last.at.as_secs_f64()
+            );
+            for (at, shown) in &last.shown {
+                println!("- {:.2} s {shown}", at.as_secs_f64());
+            }
         }
 
         println!();
