@@ -221,7 +221,10 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let settled = settled.map(|at| at.duration_since(controller_started));
     let undecided = tracker.undecided(&all_nodes);
     let decided_quantiles = tracker.decided_quantiles(&all_nodes, controller_started);
-    let last_decided = tracker.last_decided(&all_nodes, controller_started);
+    let mut last_decided = tracker.last_decided(&all_nodes, controller_started);
+    if let Some(last) = last_decided.as_mut() {
+        last.logged = controller.log_lines_naming(&last.name);
+    }
 
     // === Steady state ===
     sampler.set_phase(Phase::Steady);
@@ -795,6 +798,8 @@ impl Tracker {
             .max_by_key(|(_, w)| w.decided_at)?;
         Some(LastDecided {
             node: format!("{}/{}", key.0, key.1),
+            name: key.1.clone(),
+            logged: Vec::new(),
             at: watched.decided_at?.duration_since(start),
             shown: watched
                 .shown
@@ -824,8 +829,11 @@ impl Tracker {
 /// The node decided last: which, when, and the reasons its condition showed on the way.
 struct LastDecided {
     node: String,
+    name: String,
     at: Duration,
     shown: Vec<(Duration, String)>,
+    /// What `run` logged that names the node (its log level: `CONTROLLER_SCALE_RUN_LOG`).
+    logged: Vec<String>,
 }
 
 /// Aborts a task when dropped (before the control plane it talks to stops).
@@ -1237,6 +1245,7 @@ impl ControllerProcess {
             .arg(&key_file)
             .env("KUBECONFIG", cp.kubeconfig())
             .env_remove("RUST_LOG")
+            .envs(std::env::var_os("CONTROLLER_SCALE_RUN_LOG").map(|filter| ("RUST_LOG", filter)))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -1256,6 +1265,25 @@ impl ControllerProcess {
             ca_pem: cp.ca().cert_pem(),
             _watchdog: watchdog,
         })
+    }
+
+    /// The lines of its log that contain `name` as a whole word (at most the last 40).
+    fn log_lines_naming(&self, name: &str) -> Vec<String> {
+        let Ok(text) = std::fs::read_to_string(&self.log) else {
+            return vec![format!("(cannot read {})", self.log.display())];
+        };
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|line| {
+                line.match_indices(name).any(|(at, _)| {
+                    let after = line[at + name.len()..].chars().next();
+                    !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+            })
+            .map(str::to_owned)
+            .collect();
+        lines.drain(..lines.len().saturating_sub(40));
+        lines
     }
 
     /// Waits for `/readyz` (caches synced).
@@ -1712,6 +1740,10 @@ impl Report<'_> {
             );
             for (at, shown) in &last.shown {
                 println!("- {:.2} s {shown}", at.as_secs_f64());
+            }
+            println!("`run` logged about it: {} lines", last.logged.len());
+            for line in &last.logged {
+                println!("    {line}");
             }
         }
 

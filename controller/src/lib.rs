@@ -349,11 +349,7 @@ impl Term {
             self.ca_bundle,
             self.metrics,
             reader.clone(),
-            OwnedStores {
-                config_maps,
-                services,
-                stateful_sets,
-            },
+            OwnedStores::new(config_maps, services, stateful_sets),
             self.leadership,
             instance,
             latest,

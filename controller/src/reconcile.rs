@@ -6,6 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
@@ -82,6 +84,45 @@ pub struct OwnedStores {
     pub config_maps: Store<Compact<ConfigMap>>,
     pub services: Store<Compact<Service>>,
     pub stateful_sets: Store<Compact<StatefulSet>>,
+    listed: Shared<BoxFuture<'static, ()>>,
+}
+
+impl OwnedStores {
+    pub fn new(
+        config_maps: Store<Compact<ConfigMap>>,
+        services: Store<Compact<Service>>,
+        stateful_sets: Store<Compact<StatefulSet>>,
+    ) -> Self {
+        // One wait on kube-runtime's readiness, shared by every reconcile: the future of
+        // `Store::wait_until_ready` keeps the waker of only the task that polled it last, so of
+        // several reconciles each waiting on its own, all but one missed the wake-up and held
+        // their slot until `SYNC_WAIT` polled them again (a node decided 10 s late).
+        let listed = {
+            let stores = (config_maps.clone(), services.clone(), stateful_sets.clone());
+            async move {
+                // A dropped writer (the term is ending) ends the wait too.
+                let _ = futures::future::join3(
+                    stores.0.wait_until_ready(),
+                    stores.1.wait_until_ready(),
+                    stores.2.wait_until_ready(),
+                )
+                .await;
+            }
+            .boxed()
+            .shared()
+        };
+        Self {
+            config_maps,
+            services,
+            stateful_sets,
+            listed,
+        }
+    }
+
+    /// Completes once all three stores have been listed; any number of tasks may wait.
+    pub fn listed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.listed.clone()
+    }
 }
 
 /// What reconciles share. One per leadership term: nothing a previous term learnt is trusted.
@@ -361,13 +402,10 @@ async fn reconcile_node(
         return Ok(Some(Step::Done(Action::await_change())));
     }
     // Until the owned objects are listed, every one would look missing.
-    let owned = &ctx.owned;
-    let listed = futures::future::join3(
-        owned.config_maps.wait_until_ready(),
-        owned.services.wait_until_ready(),
-        owned.stateful_sets.wait_until_ready(),
-    );
-    if tokio::time::timeout(SYNC_WAIT, listed).await.is_err() {
+    if tokio::time::timeout(SYNC_WAIT, ctx.owned.listed())
+        .await
+        .is_err()
+    {
         return Err(Error::NotSynced);
     }
     send_unsent(ctx, node).await;
@@ -872,7 +910,42 @@ async fn send_unsent(ctx: &Context, node: &SeiNode) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::runtime::{reflector, watcher};
     use serde_json::json;
+
+    /// Reconciles in separate tasks all wait for the owned stores' first lists; every one of them
+    /// must wake when the lists complete, not only the one that asked last.
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_reconcile_waiting_for_the_owned_lists_wakes_when_they_complete() {
+        let (config_maps, mut cm_writer) = reflector::store::<Compact<ConfigMap>>();
+        let (services, mut svc_writer) = reflector::store::<Compact<Service>>();
+        let (stateful_sets, mut sts_writer) = reflector::store::<Compact<StatefulSet>>();
+        let owned = OwnedStores::new(config_maps, services, stateful_sets);
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let (listed, done) = (owned.listed(), done.clone());
+                tokio::spawn(async move {
+                    listed.await;
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                })
+            })
+            .collect();
+        // One thread: after these yields every waiter has polled and is parked.
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
+        cm_writer.apply_watcher_event(&watcher::Event::InitDone);
+        svc_writer.apply_watcher_event(&watcher::Event::InitDone);
+        sts_writer.apply_watcher_event(&watcher::Event::InitDone);
+        let all = futures::future::join_all(waiters);
+        let joined = tokio::time::timeout(Duration::from_secs(5), all)
+            .await
+            .expect("every waiter wakes, not only the last to poll");
+        assert!(joined.iter().all(Result::is_ok));
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 8);
+    }
 
     #[test]
     fn covers_ignores_what_the_server_adds_and_sees_what_changed() {
