@@ -1267,7 +1267,8 @@ impl ControllerProcess {
         })
     }
 
-    /// The lines of its log that contain `name` as a whole word (at most the last 40).
+    /// The lines of its log that contain `name` followed by no letter, digit or `-` (so not
+    /// `node-1` in `node-10` or `node-1-tls`), at most the last 40.
     fn log_lines_naming(&self, name: &str) -> Vec<String> {
         let Ok(text) = std::fs::read_to_string(&self.log) else {
             return vec![format!("(cannot read {})", self.log.display())];
