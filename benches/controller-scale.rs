@@ -600,12 +600,20 @@ struct Watched {
     reason: Option<String>,
     /// Each reason the condition showed before the node was decided, with its message, when
     /// first shown (a node decided late tells what held it).
-    shown: Vec<(Instant, String)>,
+    shown: Vec<Shown>,
     decided_at: Option<Instant>,
     /// Decided and, when the Secret is good, every apply task of the plan complete.
     settled_at: Option<Instant>,
     /// The condition first True.
     ready_at: Option<Instant>,
+}
+
+/// A reason a node's condition showed, with its message (cut to 160 characters), and when.
+#[derive(Debug, Clone)]
+struct Shown {
+    at: Instant,
+    reason: String,
+    message: String,
 }
 
 impl Watched {
@@ -635,11 +643,13 @@ impl Watched {
             && self
                 .shown
                 .last()
-                .is_none_or(|(_, shown)| !shown.starts_with(&format!("{}: ", condition.reason)))
+                .is_none_or(|shown| shown.reason != condition.reason)
         {
-            let message: String = condition.message.chars().take(160).collect();
-            self.shown
-                .push((now, format!("{}: {message}", condition.reason)));
+            self.shown.push(Shown {
+                at: now,
+                reason: condition.reason.clone(),
+                message: condition.message.chars().take(160).collect(),
+            });
         }
         if condition.status == "True" && self.ready_at.is_none() {
             self.ready_at = Some(now);
@@ -804,7 +814,10 @@ impl Tracker {
             shown: watched
                 .shown
                 .iter()
-                .map(|(at, shown)| (at.duration_since(start), shown.clone()))
+                .map(|shown| {
+                    let at = shown.at.duration_since(start);
+                    (at, format!("{}: {}", shown.reason, shown.message))
+                })
                 .collect(),
         })
     }
@@ -880,14 +893,15 @@ async fn decide_floor(
         .list(&Default::default())
         .await
         .context("failed to list the SeiNodes")?;
-    let kinds: HashMap<NodeKey, Kind> = fleet.nodes.iter().map(|n| (n.key(), n.kind)).collect();
+    let planned: HashMap<NodeKey, &PlannedNode> =
+        fleet.nodes.iter().map(|n| (n.key(), n)).collect();
     let decided = futures::stream::iter(listed.items)
         .map(|node| {
             let key = (node.namespace().unwrap_or_default(), node.name_any());
-            let kind = kinds.get(&key).copied();
+            let plan = planned.get(&key).copied();
             async move {
-                match kind {
-                    Some(kind) => decide_one(client, node, kind).await,
+                match plan {
+                    Some(plan) => decide_one(client, node, plan).await,
                     None => Ok(()),
                 }
             }
@@ -899,41 +913,48 @@ async fn decide_floor(
     let all = tracker
         .wait_all(changes, &keys, args.timeout, Watched::decided_at)
         .await;
-    let quantiles = tracker.decided_quantiles(&keys, started);
+    let decided_quantiles = tracker.decided_quantiles(&keys, started);
     drop(idle_watches);
-    let elapsed = |d: Option<Duration>| {
-        d.map_or_else(
-            || format!("not within {}", humantime::format_duration(args.timeout)),
-            |d| format!("{:.2} s", d.as_secs_f64()),
-        )
-    };
     println!(
         "controller-scale floor: {decided} nodes, {in_flight} in flight: every node decided {}; \
          first / 50 % / 90 % / 99 % {}",
-        elapsed(all.map(|at| at.duration_since(started))),
-        quantiles
-            .iter()
-            .map(|d| elapsed(*d))
-            .collect::<Vec<_>>()
-            .join(" / ")
+        elapsed(all.map(|at| at.duration_since(started)), args.timeout),
+        quantiles(&decided_quantiles, args.timeout)
     );
     Ok(())
 }
 
+/// A phase's duration in seconds, or that it did not end within `timeout`.
+fn elapsed(duration: Option<Duration>, timeout: Duration) -> String {
+    duration.map_or_else(
+        || format!("not within {}", humantime::format_duration(timeout)),
+        |d| format!("{:.2} s", d.as_secs_f64()),
+    )
+}
+
+/// Quantiles as `elapsed` prints them, separated by slashes.
+fn quantiles(quantiles: &[Option<Duration>], timeout: Duration) -> String {
+    quantiles
+        .iter()
+        .map(|d| elapsed(*d, timeout))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
 /// The floor's decision for one node: its Secret read, and the status a decision publishes
 /// (contract and condition), replaced on the listed version.
-async fn decide_one(client: &Client, mut node: SeiNode, kind: Kind) -> anyhow::Result<()> {
+async fn decide_one(client: &Client, mut node: SeiNode, plan: &PlannedNode) -> anyhow::Result<()> {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use seinode_tls_crds::{SeiNodeStatus, SidecarTlsStatus};
 
     let namespace = node.namespace().unwrap_or_default();
     let name = node.name_any();
-    let secret_name = format!("{name}-tls");
+    let secret_name = plan.secret_name();
     Api::<Secret>::namespaced(client.clone(), &namespace)
         .get_opt(&secret_name)
         .await
         .with_context(|| format!("failed to read Secret {namespace}/{secret_name}"))?;
-    let reason = kind.reason();
+    let reason = plan.kind.reason();
     node.status = Some(SeiNodeStatus {
         sidecar_tls: Some(SidecarTlsStatus {
             secret_name: secret_name.clone(),
@@ -1610,17 +1631,7 @@ impl Report<'_> {
         let bad = fleet.nodes.len() - good;
         let minimum = MIN_WRITES_GOOD * good as u64 + MIN_WRITES_BAD * bad as u64;
         let writes = total(&self.settle_writes, Writer::Controller);
-        let elapsed = |d: Option<Duration>| {
-            d.map_or_else(
-                || {
-                    format!(
-                        "not within {}",
-                        humantime::format_duration(self.args.timeout)
-                    )
-                },
-                |d| format!("{:.2} s", d.as_secs_f64()),
-            )
-        };
+        let elapsed = |d: Option<Duration>| elapsed(d, self.args.timeout);
         let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
 
         println!();
@@ -1647,11 +1658,7 @@ impl Report<'_> {
         );
         println!(
             "| controller start → first / 50 % / 90 % / 99 % of nodes decided | {} | |",
-            self.decided_quantiles
-                .iter()
-                .map(|d| elapsed(*d))
-                .collect::<Vec<_>>()
-                .join(" / ")
+            quantiles(&self.decided_quantiles, self.args.timeout)
         );
         println!(
             "| controller start → every good node's apply tasks complete | {} | |",
