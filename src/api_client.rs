@@ -7,10 +7,16 @@
 //! connection, as with client-go: one TLS session for the API server to keep, whatever the
 //! number of watches and reconciles.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper_util::client::legacy::connect::HttpConnector;
+use futures::future::BoxFuture;
+use hyper::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::client::ConfigExt as _;
 use kube::client::retry::RetryPolicy;
@@ -23,19 +29,48 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A ping not answered within this time closes the connection; watches then reconnect.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Whether a fenced client may send now. Asked before every write to the socket, so it must be
+/// cheap.
+pub type Fence = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The client configuration from the cluster (in-cluster) or `KUBECONFIG`.
+pub async fn infer_config() -> anyhow::Result<kube::Config> {
+    kube::Config::infer()
+        .await
+        .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")
+}
+
 /// A client from the in-cluster configuration or `KUBECONFIG`.
 pub async fn infer() -> anyhow::Result<kube::Client> {
-    let config = kube::Config::infer()
-        .await
-        .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
-    from_config(config)
+    from_config(infer_config().await?, None)
+}
+
+/// The client of `controller`'s reconciles: `client` itself without leader election; with it,
+/// a client of its own (one more connection) fenced by the controller's leadership.
+pub fn work_client(
+    controller: &seinode_tls_controller::Controller,
+    config: kube::Config,
+    client: &kube::Client,
+) -> anyhow::Result<kube::Client> {
+    match controller.fence() {
+        None => Ok(client.clone()),
+        Some(fence) => from_config(config, Some(Arc::new(fence))),
+    }
 }
 
 /// A client for `config` that multiplexes every request and watch over one HTTP/2 connection
 /// when the API server offers HTTP/2 (ALPN), and falls back to HTTP/1.1 when it does not.
 /// Through a proxy (`proxy_url`), kube's own client is used, over HTTP/1.1.
-pub fn from_config(config: kube::Config) -> anyhow::Result<kube::Client> {
+///
+/// With a `fence`, every write to the connection's socket asks it first and fails while it is
+/// closed (the request fails; nothing of it reaches the API server). A proxy is refused then:
+/// kube's client has no place for the check.
+pub fn from_config(config: kube::Config, fence: Option<Fence>) -> anyhow::Result<kube::Client> {
     if config.proxy_url.is_some() {
+        anyhow::ensure!(
+            fence.is_none(),
+            "leader election needs a direct connection to the API server: the kubeconfig's proxy-url is not supported with --leader-elect"
+        );
         return kube::Client::try_from(config).context("failed to build the Kubernetes client");
     }
     let tls = config
@@ -56,7 +91,9 @@ pub fn from_config(config: kube::Config) -> anyhow::Result<kube::Client> {
         }
         None => builder,
     };
-    let connector = builder.enable_all_versions().wrap_connector(http);
+    let connector = builder
+        .enable_all_versions()
+        .wrap_connector(Fenced { inner: http, fence });
     let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
@@ -84,4 +121,105 @@ pub fn from_config(config: kube::Config) -> anyhow::Result<kube::Client> {
         .map_err(BoxError::from)
         .service(http);
     Ok(kube::Client::new(service, config.default_namespace))
+}
+
+/// The connector (and its connections) under TLS that asks the fence before every write.
+#[derive(Clone)]
+struct Fenced<T> {
+    inner: T,
+    fence: Option<Fence>,
+}
+
+impl<T> Fenced<T> {
+    /// Fails while the fence is closed. The error ends the connection; HTTP/2 reports it to
+    /// the requests on it as a broken pipe, so the reason is logged here.
+    fn check(&self) -> io::Result<()> {
+        match &self.fence {
+            Some(fence) if !fence() => {
+                tracing::info!(
+                    "not sending to the API server: this replica no longer leads (its renew deadline passed); closing the connection of its reconciles"
+                );
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "fenced: this replica no longer leads",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<S> tower::Service<Uri> for Fenced<S>
+where
+    S: tower::Service<Uri>,
+    S::Future: Send + 'static,
+    S::Response: Send,
+    S::Error: Send,
+{
+    type Response = Fenced<S::Response>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let fence = self.fence.clone();
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            Ok(Fenced {
+                inner: connecting.await?,
+                fence,
+            })
+        })
+    }
+}
+
+impl<T: Connection> Connection for Fenced<T> {
+    fn connected(&self) -> Connected {
+        self.inner.connected()
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Fenced<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Fenced<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

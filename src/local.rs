@@ -92,7 +92,7 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     };
     let controller = Controller::new(controller_config, &mut registry)?;
     let webhook = start_webhook(control_plane, client.clone(), registry).await?;
-    let controller = RunningController::start(controller, client.clone());
+    let controller = RunningController::start(controller, control_plane.config().await?)?;
     let addresses = tokio::spawn(feed_pod_addresses(client.clone(), sidecar_addresses));
     eprintln!("controller running");
 
@@ -156,9 +156,15 @@ type StopSignal = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 pub type RunningController = Stoppable<seinode_tls_controller::ControllerError>;
 
 impl RunningController {
-    /// Runs `controller` on the current runtime until [`Stoppable::stop`].
-    pub fn start(controller: Controller, client: kube::Client) -> Self {
-        Self::spawn("controller", |stop| controller.run(client, stop))
+    /// Runs `controller` against the cluster `config` names, on the current runtime, until
+    /// [`Stoppable::stop`]; with leader election its reconciles get a fenced client
+    /// ([`crate::api_client::work_client`]).
+    pub fn start(controller: Controller, config: kube::Config) -> anyhow::Result<Self> {
+        let client = crate::api_client::from_config(config.clone(), None)?;
+        let work = crate::api_client::work_client(&controller, config, &client)?;
+        Ok(Self::spawn("controller", |stop| {
+            controller.run(client, work, stop)
+        }))
     }
 }
 

@@ -33,9 +33,11 @@ pub fn webhook_main(config: WebhookConfig) -> ExitCode {
 /// `health_addr`.
 pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAddr) -> ExitCode {
     run_to_exit(async move {
-        let client = crate::api_client::infer().await?;
+        let kubeconfig = crate::api_client::infer_config().await?;
+        let client = crate::api_client::from_config(kubeconfig.clone(), None)?;
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let controller = Controller::new(config, &mut registry)?;
+        let work = crate::api_client::work_client(&controller, kubeconfig, &client)?;
         let shutdown = shutdown_signal().shared();
         let listener = tokio::net::TcpListener::bind(health_addr)
             .await
@@ -43,7 +45,7 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
         let health = axum::serve(listener, health_router(|| Ok(()), Arc::new(registry)))
             .with_graceful_shutdown(shutdown.clone());
         let health = tokio::spawn(async move { health.await });
-        controller.run(client, shutdown).await?;
+        controller.run(client, work, shutdown).await?;
         health
             .await
             .context("health server task")?
@@ -56,10 +58,12 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
 /// serves the webhook; with leader election only the leader reconciles.
 pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCode {
     run_to_exit(async move {
-        let client = crate::api_client::infer().await?;
+        let kubeconfig = crate::api_client::infer_config().await?;
+        let client = crate::api_client::from_config(kubeconfig.clone(), None)?;
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let webhook = Webhook::bind(webhook, &mut registry)?;
         let controller = Controller::new(controller, &mut registry)?;
+        let work = crate::api_client::work_client(&controller, kubeconfig, &client)?;
         let registry = Arc::new(registry);
         let shutdown = shutdown_signal().shared();
         // If either co-process fails, stop the other too.
@@ -88,7 +92,7 @@ pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCod
                 result
             })
         };
-        let controller_result = controller.run(client, stop).await;
+        let controller_result = controller.run(client, work, stop).await;
         if controller_result.is_err() {
             let _ = failed_tx.send(true);
         }

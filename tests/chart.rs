@@ -232,8 +232,9 @@ async fn the_controller_and_the_webhook_caches_work_as_the_service_account() {
     let config = common::chart::leader_config("seinode-tls", RELEASE_NS, "chart-test");
     let controller = RunningController::start(
         Controller::new(config, &mut Registry::default()).unwrap(),
-        sa.clone(),
-    );
+        CHART.service_account_config().await,
+    )
+    .unwrap();
 
     let ns = common::namespace(&admin, "chart-sa").await;
     let dns = [

@@ -407,8 +407,9 @@ async fn the_webhook_and_the_controller_work_in_the_watched_namespaces_only() {
     };
     let controller = RunningController::start(
         Controller::new(config, &mut Registry::default()).unwrap(),
-        sa.clone(),
-    );
+        SCOPED.service_account_config().await,
+    )
+    .unwrap();
 
     for (ns, name, expected) in [
         ("scoped-a", "good", "True TLSSecretReady"),

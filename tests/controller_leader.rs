@@ -6,11 +6,11 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kube::Client;
 use kube::api::{Api, PostParams};
 use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
@@ -19,11 +19,11 @@ use seinode_tls_crds::SeiNode;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn start(client: &Client, config: ControllerConfig) -> (RunningController, Arc<Registry>) {
+async fn start(config: ControllerConfig) -> (RunningController, Arc<Registry>) {
     let mut registry = Registry::default();
     let controller = Controller::new(config, &mut registry).unwrap();
     (
-        RunningController::start(controller, client.clone()),
+        RunningController::start(controller, common::kube_config().await).unwrap(),
         Arc::new(registry),
     )
 }
@@ -63,10 +63,10 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
             .unwrap_or_default()
     };
 
-    let (first, first_metrics) = start(&client, config("first"));
+    let (first, first_metrics) = start(config("first")).await;
     let (who, ok) = common::poll(WAIT, holder, |h| h.starts_with("first_")).await;
     assert!(ok, "first never took the lease (holder {who:?})");
-    let (second, second_metrics) = start(&client, config("second"));
+    let (second, second_metrics) = start(config("second")).await;
 
     let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
     nodes
@@ -125,4 +125,56 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
                 .ends_with("rbac-proxy-config"))
     );
     second.stop().await;
+}
+
+/// The transport under the leader's checks: a client fenced by a closed fence sends nothing,
+/// whatever the code above it decided while it still led (a paused process wakes right there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_client_sends_nothing_while_its_fence_is_closed() {
+    let admin = common::client().await;
+    let ns = common::namespace(&admin, "fence").await;
+    let open = Arc::new(AtomicBool::new(true));
+    let fence: seinode_tls::api_client::Fence = {
+        let open = open.clone();
+        Arc::new(move || open.load(Ordering::SeqCst))
+    };
+    let fenced =
+        seinode_tls::api_client::from_config(common::kube_config().await, Some(fence)).unwrap();
+    let maps: Api<ConfigMap> = Api::namespaced(fenced, &ns);
+    let map = |name: &str| ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // Open: the request goes out, and leaves a pooled connection behind.
+    maps.create(&PostParams::default(), &map("before"))
+        .await
+        .unwrap();
+    // Closed: the request fails (its connection ends; HTTP/2 calls it a broken pipe).
+    open.store(false, Ordering::SeqCst);
+    maps.create(&PostParams::default(), &map("fenced"))
+        .await
+        .expect_err("a request through a closed fence fails");
+    // Open again (a new term): requests go out again.
+    open.store(true, Ordering::SeqCst);
+    maps.create(&PostParams::default(), &map("after"))
+        .await
+        .unwrap();
+    let mut names: Vec<String> = Api::<ConfigMap>::namespaced(admin, &ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .filter(|n| n != "kube-root-ca.crt")
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["after", "before"],
+        "nothing of the fenced request reached the API server"
+    );
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
@@ -19,9 +18,9 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn start(client: &Client, config: ControllerConfig) -> RunningController {
+async fn start(config: ControllerConfig) -> RunningController {
     let controller = Controller::new(config, &mut Registry::default()).unwrap();
-    RunningController::start(controller, client.clone())
+    RunningController::start(controller, common::kube_config().await).unwrap()
 }
 
 async fn wait_phase(api: &Api<SeiNode>, name: &str, phase: SeiNodePhase) {
@@ -58,7 +57,7 @@ async fn a_restarted_controller_resumes_the_plan_without_repeating_finished_task
         .await
         .unwrap();
 
-    let controller = start(&client, common::test_controller_config());
+    let controller = start(common::test_controller_config()).await;
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let (_, applied) = common::poll(
         WAIT,

@@ -53,7 +53,7 @@ fn controller() -> &'static Shared {
                         .unwrap();
                 tx.send(()).unwrap();
                 controller
-                    .run(client, std::future::pending())
+                    .run(client.clone(), client, std::future::pending())
                     .await
                     .unwrap();
             });

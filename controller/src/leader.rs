@@ -31,7 +31,8 @@ impl Leadership {
         Self(None)
     }
 
-    fn elected() -> Self {
+    /// A replica that leads only while its leader election says so.
+    pub(crate) fn elected() -> Self {
         Self(Some(Arc::default()))
     }
 
@@ -64,7 +65,8 @@ pub struct Elector {
 }
 
 impl Elector {
-    pub fn new(client: Client, election: LeaderElection) -> Self {
+    /// A candidate whose renewals keep `leadership` (from [`Leadership::elected`]) current.
+    pub fn new(client: Client, election: LeaderElection, leadership: Leadership) -> Self {
         let suffix = format!("{:08x}", fastrand::u32(..));
         let identity = format!("{}_{suffix}", election.identity);
         Self {
@@ -72,17 +74,13 @@ impl Elector {
             api: Api::namespaced(client, &election.lease_namespace),
             election,
             identity,
-            leadership: Leadership::elected(),
+            leadership,
             observed: None,
         }
     }
 
     pub fn identity(&self) -> &str {
         &self.identity
-    }
-
-    pub fn leadership(&self) -> Leadership {
-        self.leadership.clone()
     }
 
     /// Campaigns and renews until `stop` flips to true, publishing whether this replica leads

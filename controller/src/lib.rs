@@ -61,6 +61,7 @@ pub struct Controller {
     config: ControllerConfig,
     ca_bundle: Option<Vec<u8>>,
     metrics: Arc<ControllerMetrics>,
+    leadership: Leadership,
 }
 
 impl Controller {
@@ -109,34 +110,55 @@ impl Controller {
             None => None,
         };
         let metrics = Arc::new(ControllerMetrics::register(registry));
+        let leadership = match config.leader_election {
+            Some(_) => Leadership::elected(),
+            None => Leadership::always(),
+        };
         Ok(Self {
             config,
             ca_bundle,
             metrics,
+            leadership,
         })
+    }
+
+    /// With leader election, whether this replica may send anything for its reconciles now;
+    /// `None` without leader election. The client given to [`Controller::run`] as `work` must
+    /// ask it before every write to its connections (not only before each request): a request
+    /// admitted while leading may otherwise leave the process after a pause, when another
+    /// replica leads.
+    pub fn fence(&self) -> Option<impl Fn() -> bool + Send + Sync + 'static> {
+        self.config.leader_election.as_ref()?;
+        let leadership = self.leadership.clone();
+        Some(move || leadership.is_leading())
     }
 
     /// Reconciles until `shutdown` resolves. With leader election, reconciles only while this
     /// replica leads; each term starts from what the cluster says, nothing remembered.
+    ///
+    /// `client` carries the Lease; `work`, everything the reconciles send (watches, reads,
+    /// writes, events). With leader election `work` must be fenced by [`Controller::fence`];
+    /// without, it may be `client` itself.
     pub async fn run(
         self,
         client: Client,
+        work: Client,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ControllerError> {
         let Some(election) = self.config.leader_election.clone() else {
             let term = Term {
-                client,
+                client: work,
                 config: self.config,
                 ca_bundle: self.ca_bundle,
                 metrics: self.metrics,
-                leadership: Leadership::always(),
+                leadership: self.leadership,
                 instance: None,
             };
             term.run(shutdown).await;
             return Ok(());
         };
-        let elector = Elector::new(client.clone(), election.clone());
-        let leadership = elector.leadership();
+        let elector = Elector::new(client, election.clone(), self.leadership.clone());
+        let leadership = self.leadership.clone();
         let identity = elector.identity().to_owned();
         let (leading_tx, mut leading) = watch::channel(false);
         let (stop_elector, stop_rx) = watch::channel(false);
@@ -158,7 +180,7 @@ impl Controller {
             tracing::info!(%identity, "leading: reconciling");
             let (stop_term, term_stopped) = tokio::sync::oneshot::channel::<()>();
             let term = Term {
-                client: client.clone(),
+                client: work.clone(),
                 config: self.config.clone(),
                 ca_bundle: self.ca_bundle.clone(),
                 metrics: self.metrics.clone(),

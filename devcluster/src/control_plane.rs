@@ -734,6 +734,11 @@ impl ControlPlane {
         client_from_kubeconfig(&self.kubeconfig).await
     }
 
+    /// The admin's client configuration.
+    pub async fn config(&self) -> Result<Config, ControlPlaneError> {
+        config_from_kubeconfig(&self.kubeconfig).await
+    }
+
     /// `kubectl` with `KUBECONFIG` set to this control plane.
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(&self.binaries.kubectl);
@@ -792,18 +797,22 @@ async fn is_ready(client: &Client) -> bool {
 
 /// A client for the cluster described by a kubeconfig file.
 pub async fn client_from_kubeconfig(path: &Path) -> Result<Client, ControlPlaneError> {
+    Ok(Client::try_from(config_from_kubeconfig(path).await?)?)
+}
+
+/// The client configuration in a kubeconfig file.
+pub async fn config_from_kubeconfig(path: &Path) -> Result<Config, ControlPlaneError> {
     let kubeconfig =
         Kubeconfig::read_from(path).map_err(|source| ControlPlaneError::Kubeconfig {
             path: path.to_owned(),
             source,
         })?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|source| ControlPlaneError::Kubeconfig {
             path: path.to_owned(),
             source,
-        })?;
-    Ok(Client::try_from(config)?)
+        })
 }
 
 /// Server-side applies `object` with this project's field manager.

@@ -144,13 +144,18 @@ impl Release {
 
     /// A client that acts as the release's ServiceAccount (impersonation by the admin).
     pub async fn service_account_client(&self) -> Client {
+        Client::try_from(self.service_account_config().await).unwrap()
+    }
+
+    /// The admin's client configuration, impersonating the release's ServiceAccount.
+    pub async fn service_account_config(&self) -> Config {
         seinode_tls::telemetry::install_crypto_provider();
         let kubeconfig = Kubeconfig::read_from(super::control_plane().kubeconfig()).unwrap();
         let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
             .unwrap();
         config.auth_info.impersonate = Some(self.service_account());
-        Client::try_from(config).unwrap()
+        config
     }
 
     /// `kubectl auth can-i ARGS` as the release's ServiceAccount.

@@ -68,6 +68,15 @@ pub async fn client() -> Client {
     control_plane().client().await.expect("client")
 }
 
+/// The admin's client configuration (for clients the code under test builds itself).
+pub async fn kube_config() -> kube::Config {
+    seinode_tls::telemetry::install_crypto_provider();
+    control_plane()
+        .config()
+        .await
+        .expect("client configuration")
+}
+
 /// Creates a fresh namespace for one test and returns its name.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -209,7 +218,7 @@ pub fn controller() {
                 .expect("controller config");
                 tx.send(()).expect("report");
                 controller
-                    .run(client, std::future::pending())
+                    .run(client.clone(), client, std::future::pending())
                     .await
                     .expect("controller runs");
             });
