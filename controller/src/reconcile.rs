@@ -564,14 +564,32 @@ async fn probe(node: &SeiNode, ctx: &Context, leaf: Option<&LeafCertificate>) ->
     }
 }
 
+/// The cached object. One whose JSON does not parse as `K` (the watch keeps the API server's
+/// JSON unchecked; never seen) counts as missing, with a warning: the create that follows gets
+/// a conflict and reads the object itself.
+fn parsed<K: DeserializeOwned + Resource<DynamicType = ()>>(
+    compact: Option<Arc<Compact<K>>>,
+) -> Option<K> {
+    let compact = compact?;
+    compact
+        .object()
+        .inspect_err(|error| {
+            tracing::warn!(
+                kind = %K::kind(&()),
+                namespace = compact.namespace().unwrap_or_default(),
+                name = compact.name_any(),
+                %error,
+                "a watched object does not parse from the cache; treating it as missing"
+            );
+        })
+        .ok()
+}
+
 /// The owned objects as the watches see them (each parsed once), against what the controller
 /// would apply now.
 fn objects(node: &SeiNode, ctx: &Context) -> Objects {
     let namespace = node.namespace().unwrap_or_default();
     let name = node.name_any();
-    fn parsed<K: DeserializeOwned>(compact: Option<Arc<Compact<K>>>) -> Option<K> {
-        compact.and_then(|compact| compact.object().ok())
-    }
     let config_map: Option<ConfigMap> = parsed(
         ctx.owned
             .config_maps
@@ -912,6 +930,23 @@ mod tests {
     use super::*;
     use kube::runtime::{reflector, watcher};
     use serde_json::json;
+
+    #[test]
+    fn a_cached_object_that_does_not_parse_counts_as_missing() {
+        let compact = |spec: serde_json::Value| -> Arc<Compact<Service>> {
+            Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": "n", "namespace": "ns"},
+                    "spec": spec,
+                }))
+                .unwrap(),
+            )
+        };
+        let good = parsed(Some(compact(json!({"clusterIP": "None"})))).unwrap();
+        assert_eq!(good.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+        assert!(parsed(Some(compact(json!({"ports": "not a list"})))).is_none());
+        assert!(parsed::<Service>(None).is_none());
+    }
 
     /// Reconciles in separate tasks all wait for the owned stores' first lists; every one of them
     /// must wake when the lists complete, not only the one that asked last.
