@@ -223,3 +223,23 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Fenced<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fenced_client_through_a_proxy_is_refused_with_the_reason() {
+        let mut config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        config.proxy_url = Some("http://127.0.0.1:3128".parse().unwrap());
+        let fence: Fence = Arc::new(|| true);
+        let Err(error) = from_config(config, Some(fence)) else {
+            panic!("a fenced client through a proxy was built");
+        };
+        let error = error.to_string();
+        assert!(
+            error.contains("proxy-url is not supported with --leader-elect"),
+            "{error}"
+        );
+    }
+}
