@@ -45,17 +45,20 @@ pub async fn infer() -> anyhow::Result<kube::Client> {
     from_config(infer_config().await?, None)
 }
 
-/// The client of `controller`'s reconciles: `client` itself without leader election; with it,
-/// a client of its own (one more connection) fenced by the controller's leadership.
-pub fn work_client(
+/// The two clients [`seinode_tls_controller::Controller::run`] takes, in its order: the
+/// process's client (the Lease; the webhook in `run`), and the client of the reconciles. Without
+/// leader election they are one; with it, the reconciles get a client of their own (one more
+/// connection) fenced by the controller's leadership.
+pub fn controller_clients(
     controller: &seinode_tls_controller::Controller,
     config: kube::Config,
-    client: &kube::Client,
-) -> anyhow::Result<kube::Client> {
-    match controller.fence() {
-        None => Ok(client.clone()),
-        Some(fence) => from_config(config, Some(Arc::new(fence))),
-    }
+) -> anyhow::Result<(kube::Client, kube::Client)> {
+    let client = from_config(config.clone(), None)?;
+    let work = match controller.fence() {
+        None => client.clone(),
+        Some(fence) => from_config(config, Some(Arc::new(fence)))?,
+    };
+    Ok((client, work))
 }
 
 /// A client for `config` that multiplexes every request and watch over one HTTP/2 connection
@@ -63,8 +66,9 @@ pub fn work_client(
 /// Through a proxy (`proxy_url`), kube's own client is used, over HTTP/1.1.
 ///
 /// With a `fence`, every write to the connection's socket asks it first and fails while it is
-/// closed (the request fails; nothing of it reaches the API server). A proxy is refused then:
-/// kube's client has no place for the check.
+/// closed: the request fails, and no byte of it written after the fence closed is sent. (Bytes
+/// the kernel took before are sent, even by a paused process's kernel.) A proxy is refused
+/// then: kube's client has no place for the check.
 pub fn from_config(config: kube::Config, fence: Option<Fence>) -> anyhow::Result<kube::Client> {
     if config.proxy_url.is_some() {
         anyhow::ensure!(
@@ -93,7 +97,7 @@ pub fn from_config(config: kube::Config, fence: Option<Fence>) -> anyhow::Result
     };
     let connector = builder
         .enable_all_versions()
-        .wrap_connector(Fenced { inner: http, fence });
+        .wrap_connector(FencedConnector { inner: http, fence });
     let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
@@ -123,33 +127,14 @@ pub fn from_config(config: kube::Config, fence: Option<Fence>) -> anyhow::Result
     Ok(kube::Client::new(service, config.default_namespace))
 }
 
-/// The connector (and its connections) under TLS that asks the fence before every write.
+/// The connector under TLS whose connections ask the fence before every write.
 #[derive(Clone)]
-struct Fenced<T> {
-    inner: T,
+struct FencedConnector<C> {
+    inner: C,
     fence: Option<Fence>,
 }
 
-impl<T> Fenced<T> {
-    /// Fails while the fence is closed. The error ends the connection; HTTP/2 reports it to
-    /// the requests on it as a broken pipe, so the reason is logged here.
-    fn check(&self) -> io::Result<()> {
-        match &self.fence {
-            Some(fence) if !fence() => {
-                tracing::info!(
-                    "not sending to the API server: this replica no longer leads (its renew deadline passed); closing the connection of its reconciles"
-                );
-                Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "fenced: this replica no longer leads",
-                ))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-impl<S> tower::Service<Uri> for Fenced<S>
+impl<S> tower::Service<Uri> for FencedConnector<S>
 where
     S: tower::Service<Uri>,
     S::Future: Send + 'static,
@@ -171,8 +156,38 @@ where
             Ok(Fenced {
                 inner: connecting.await?,
                 fence,
+                refused: false,
             })
         })
+    }
+}
+
+/// A connection (TCP, under TLS) that asks its fence before every write.
+struct Fenced<T> {
+    inner: T,
+    fence: Option<Fence>,
+    /// Whether it has refused a write (and logged why).
+    refused: bool,
+}
+
+impl<T> Fenced<T> {
+    /// Fails while the fence is closed. The error ends the connection, and HTTP/2 reports it
+    /// to the requests on it as a broken pipe, so the reason is logged here, once.
+    fn check(&mut self) -> io::Result<()> {
+        match &self.fence {
+            Some(fence) if !fence() => {
+                if !std::mem::replace(&mut self.refused, true) {
+                    tracing::info!(
+                        "not sending to the API server: this replica no longer leads (its renew deadline passed); closing the connection of its reconciles"
+                    );
+                }
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "fenced: this replica no longer leads",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -158,10 +158,9 @@ pub type RunningController = Stoppable<seinode_tls_controller::ControllerError>;
 impl RunningController {
     /// Runs `controller` against the cluster `config` names, on the current runtime, until
     /// [`Stoppable::stop`]; with leader election its reconciles get a fenced client
-    /// ([`crate::api_client::work_client`]).
+    /// ([`crate::api_client::controller_clients`]).
     pub fn start(controller: Controller, config: kube::Config) -> anyhow::Result<Self> {
-        let client = crate::api_client::from_config(config.clone(), None)?;
-        let work = crate::api_client::work_client(&controller, config, &client)?;
+        let (client, work) = crate::api_client::controller_clients(&controller, config)?;
         Ok(Self::spawn("controller", |stop| {
             controller.run(client, work, stop)
         }))

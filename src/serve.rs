@@ -33,11 +33,12 @@ pub fn webhook_main(config: WebhookConfig) -> ExitCode {
 /// `health_addr`.
 pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAddr) -> ExitCode {
     run_to_exit(async move {
-        let kubeconfig = crate::api_client::infer_config().await?;
-        let client = crate::api_client::from_config(kubeconfig.clone(), None)?;
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let controller = Controller::new(config, &mut registry)?;
-        let work = crate::api_client::work_client(&controller, kubeconfig, &client)?;
+        let (client, work) = crate::api_client::controller_clients(
+            &controller,
+            crate::api_client::infer_config().await?,
+        )?;
         let shutdown = shutdown_signal().shared();
         let listener = tokio::net::TcpListener::bind(health_addr)
             .await
@@ -58,12 +59,13 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
 /// serves the webhook; with leader election only the leader reconciles.
 pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCode {
     run_to_exit(async move {
-        let kubeconfig = crate::api_client::infer_config().await?;
-        let client = crate::api_client::from_config(kubeconfig.clone(), None)?;
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let webhook = Webhook::bind(webhook, &mut registry)?;
         let controller = Controller::new(controller, &mut registry)?;
-        let work = crate::api_client::work_client(&controller, kubeconfig, &client)?;
+        let (client, work) = crate::api_client::controller_clients(
+            &controller,
+            crate::api_client::infer_config().await?,
+        )?;
         let registry = Arc::new(registry);
         let shutdown = shutdown_signal().shared();
         // If either co-process fails, stop the other too.

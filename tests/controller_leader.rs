@@ -6,7 +6,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -127,39 +127,55 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
     second.stop().await;
 }
 
-/// The transport under the leader's checks: a client fenced by a closed fence sends nothing,
-/// whatever the code above it decided while it still led (a paused process wakes right there).
+/// The transport under the leader's checks: a client whose fence closes sends nothing more,
+/// whatever the code above it decided while it still led (a paused process wakes right there),
+/// not even the rest of a request already on its way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fenced_client_sends_nothing_while_its_fence_is_closed() {
+async fn a_fenced_client_sends_nothing_once_its_fence_closes_even_mid_request() {
     let admin = common::client().await;
     let ns = common::namespace(&admin, "fence").await;
-    let open = Arc::new(AtomicBool::new(true));
+    // How many more writes to the socket the fence lets through.
+    let budget = Arc::new(AtomicI64::new(i64::MAX));
     let fence: seinode_tls::api_client::Fence = {
-        let open = open.clone();
-        Arc::new(move || open.load(Ordering::SeqCst))
+        let budget = budget.clone();
+        Arc::new(move || budget.fetch_sub(1, Ordering::SeqCst) > 0)
     };
     let fenced =
         seinode_tls::api_client::from_config(common::kube_config().await, Some(fence)).unwrap();
     let maps: Api<ConfigMap> = Api::namespaced(fenced, &ns);
-    let map = |name: &str| ConfigMap {
+    let map = |name: &str, size: usize| ConfigMap {
         metadata: kube::api::ObjectMeta {
             name: Some(name.to_owned()),
             ..Default::default()
         },
+        data: Some([("data".to_owned(), "x".repeat(size))].into()),
         ..Default::default()
     };
     // Open: the request goes out, and leaves a pooled connection behind.
-    maps.create(&PostParams::default(), &map("before"))
+    maps.create(&PostParams::default(), &map("before", 1))
         .await
         .unwrap();
-    // Closed: the request fails (its connection ends; HTTP/2 calls it a broken pipe).
-    open.store(false, Ordering::SeqCst);
-    maps.create(&PostParams::default(), &map("fenced"))
+    // Closed before the request: it fails (its connection ends; HTTP/2 calls it a broken pipe).
+    budget.store(0, Ordering::SeqCst);
+    maps.create(&PostParams::default(), &map("fenced", 1))
         .await
         .expect_err("a request through a closed fence fails");
+    // Closing mid-request: on a new connection (opened by a read), two of the writes of a
+    // 900 kB request (about 18 here) go out, then the fence closes. A check per request would
+    // let it all through.
+    budget.store(i64::MAX, Ordering::SeqCst);
+    maps.list(&Default::default()).await.unwrap();
+    budget.store(2, Ordering::SeqCst);
+    maps.create(&PostParams::default(), &map("cut", 900_000))
+        .await
+        .expect_err("a request whose fence closed on the way fails");
+    assert!(
+        budget.load(Ordering::SeqCst) < 0,
+        "the fence was asked again after its last allowed write"
+    );
     // Open again (a new term): requests go out again.
-    open.store(true, Ordering::SeqCst);
-    maps.create(&PostParams::default(), &map("after"))
+    budget.store(i64::MAX, Ordering::SeqCst);
+    maps.create(&PostParams::default(), &map("after", 1))
         .await
         .unwrap();
     let mut names: Vec<String> = Api::<ConfigMap>::namespaced(admin, &ns)
@@ -175,6 +191,6 @@ async fn a_fenced_client_sends_nothing_while_its_fence_is_closed() {
     assert_eq!(
         names,
         ["after", "before"],
-        "nothing of the fenced request reached the API server"
+        "nothing of the fenced requests was created"
     );
 }
