@@ -158,7 +158,6 @@ impl Controller {
             return Ok(());
         };
         let elector = Elector::new(client, election.clone(), self.leadership.clone());
-        let leadership = self.leadership.clone();
         let identity = elector.identity().to_owned();
         let (leading_tx, mut leading) = watch::channel(false);
         let (stop_elector, stop_rx) = watch::channel(false);
@@ -184,7 +183,7 @@ impl Controller {
                 config: self.config.clone(),
                 ca_bundle: self.ca_bundle.clone(),
                 metrics: self.metrics.clone(),
-                leadership: leadership.clone(),
+                leadership: self.leadership.clone(),
                 instance: Some(identity.clone()),
             };
             let term = tokio::spawn(term.run(async move {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use kube::Client;
 use kube::Config;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use seinode_tls_testkit::CertificateAuthority;
 
 /// A release of the chart: its name (which contains the chart's, so it is also the full name
@@ -149,11 +148,7 @@ impl Release {
 
     /// The admin's client configuration, impersonating the release's ServiceAccount.
     pub async fn service_account_config(&self) -> Config {
-        seinode_tls::telemetry::install_crypto_provider();
-        let kubeconfig = Kubeconfig::read_from(super::control_plane().kubeconfig()).unwrap();
-        let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .unwrap();
+        let mut config = super::kube_config().await;
         config.auth_info.impersonate = Some(self.service_account());
         config
     }
