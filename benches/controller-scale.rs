@@ -47,6 +47,7 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource, ResourceExt as _};
 use seinode_tls_crds::contract::{DEFAULT_CLUSTER_DOMAIN, required_dns_names};
 use seinode_tls_crds::validation::Reason;
+use seinode_tls_crds::versions::read_secret;
 use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNode, TaskStatus, error_chain};
 use seinode_tls_devcluster::control_plane::{
     self, ControlPlane, ControlPlaneConfig, log_tail, write_private,
@@ -950,8 +951,10 @@ async fn decide_one(client: &Client, mut node: SeiNode, plan: &PlannedNode) -> a
     let namespace = node.namespace().unwrap_or_default();
     let name = node.name_any();
     let secret_name = plan.secret_name();
-    Api::<Secret>::namespaced(client.clone(), &namespace)
-        .get_opt(&secret_name)
+    // From the API server's cache, as the controller reads a Secret its watch reported (this
+    // benchmark keeps no Secret watch: version 0, any version, is the same path on the server).
+    let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
+    read_secret(&secrets, &secret_name, Some("0"))
         .await
         .with_context(|| format!("failed to read Secret {namespace}/{secret_name}"))?;
     let reason = plan.kind.reason();

@@ -368,3 +368,72 @@ async fn a_tenants_large_tls_secrets_cost_the_webhook_their_names_not_their_byte
     assert_eq!(secrets.inspections(), 1);
     watch.abort();
 }
+
+/// The webhook's and the controller's Secret read (`read_secret`) against the real API server:
+/// at a version a watch reported it is served from the watch cache, never returns an older
+/// Secret, and finds a deleted one gone.
+#[tokio::test]
+async fn a_secret_read_at_a_watched_version_is_never_older_than_it() {
+    use seinode_tls_crds::versions::read_secret;
+
+    let client = common::client().await;
+    let ns = common::namespace(&client, "read-at").await;
+    let cache_reads_before = secret_reads_from_watch_cache(&client).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let first = secrets
+        .create(&PostParams::default(), &tls_secret(&ns, "rpc-tls", &["a"]))
+        .await
+        .unwrap();
+    let first_version = first.metadata.resource_version.clone().unwrap();
+    let read = read_secret(&secrets, "rpc-tls", Some(&first_version))
+        .await
+        .unwrap()
+        .expect("present");
+    assert_eq!(read.data, first.data);
+
+    let mut changed = tls_secret(&ns, "rpc-tls", &["b"]);
+    changed.metadata.resource_version = Some(first_version.clone());
+    let second = secrets
+        .replace("rpc-tls", &PostParams::default(), &changed)
+        .await
+        .unwrap();
+    let read = read_secret(&secrets, "rpc-tls", Some(&first_version))
+        .await
+        .unwrap()
+        .expect("present");
+    assert_eq!(
+        read.metadata.resource_version,
+        second.metadata.resource_version
+    );
+    assert_eq!(read.data, second.data);
+
+    secrets
+        .delete("rpc-tls", &Default::default())
+        .await
+        .unwrap();
+    let gone = read_secret(
+        &secrets,
+        "rpc-tls",
+        second.metadata.resource_version.as_deref(),
+    )
+    .await;
+    assert!(matches!(gone, Ok(None)), "{gone:?}");
+    // All three were answered by the watch cache (other tests' reads only add to the count).
+    let cache_reads = secret_reads_from_watch_cache(&client).await - cache_reads_before;
+    assert!(
+        cache_reads >= 3,
+        "{cache_reads} Secret reads from the watch cache"
+    );
+}
+
+/// Reads of Secrets at a version the API server served from its watch cache, so far.
+async fn secret_reads_from_watch_cache(client: &kube::Client) -> u64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let metrics = client.request_text(request).await.unwrap();
+    let prefix = "apiserver_watch_cache_read_wait_seconds_count{";
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(prefix) && line.contains("resource=\"secrets\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

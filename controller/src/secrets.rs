@@ -9,7 +9,7 @@ use kube::{Api, Client};
 use prometheus_client::metrics::counter::Counter;
 use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{InspectedSecret, SecretLookup, SecretVerdict, judge};
-use seinode_tls_crds::versions::SecretVersions;
+use seinode_tls_crds::versions::{SecretVersions, read_secret};
 
 /// Inspections kept whole (the probe trusts their leaf and `ca.crt`), replaced when the
 /// version moves and pruned when no node names the Secret any more.
@@ -51,7 +51,7 @@ impl SecretJudge {
             None => {
                 self.reads.inc();
                 let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-                match api.get_opt(name).await {
+                match read_secret(&api, name, watched.as_deref()).await {
                     Ok(Some(secret)) => self.inspections.of(&secret),
                     Ok(None) => {
                         let verdict = judge(namespace, name, SecretLookup::NotFound, required, now);
@@ -99,11 +99,13 @@ mod tests {
 
     use super::*;
 
-    /// An API server holding at most one Secret, counting the reads it serves.
+    /// An API server holding at most one Secret, counting the reads it serves and keeping the
+    /// version each asked for.
     #[derive(Clone, Default)]
     struct FakeApi {
         secret: Arc<Mutex<Option<Secret>>>,
         reads: Arc<AtomicUsize>,
+        asked: Arc<Mutex<Vec<Option<String>>>>,
     }
 
     impl FakeApi {
@@ -118,6 +120,13 @@ mod tests {
                         "/api/v1/namespaces/sei/secrets/rpc-tls"
                     );
                     api.reads.fetch_add(1, Ordering::SeqCst);
+                    let version = request.uri().query().and_then(|query| {
+                        query
+                            .split('&')
+                            .find_map(|pair| pair.strip_prefix("resourceVersion="))
+                            .map(str::to_owned)
+                    });
+                    crate::lock(&api.asked).push(version);
                     let (code, body) = match crate::lock(&api.secret).clone() {
                         Some(secret) => (200, serde_json::to_vec(&secret)?),
                         None => (
@@ -155,6 +164,11 @@ mod tests {
 
         fn reads(&self) -> usize {
             self.reads.load(Ordering::SeqCst)
+        }
+
+        /// The versions the reads since the last call asked for (`None`: a quorum read).
+        fn asked(&self) -> Vec<Option<String>> {
+            std::mem::take(&mut *crate::lock(&self.asked))
         }
     }
 
@@ -205,6 +219,8 @@ mod tests {
         assert_eq!(reason(verdict().await), Reason::Malformed);
         assert_eq!(api.reads(), 3);
         assert_eq!(judge.reads.get(), 3);
+        // Unknown to the watch: quorum reads; at a version the watch reported: from the cache.
+        assert_eq!(api.asked(), [None, None, Some("2".to_owned())]);
 
         // Deleted: read (and found missing) every time.
         let gone = api.put(&broken, "2");
@@ -232,6 +248,9 @@ mod tests {
         assert_eq!(reason(verdict().await), Reason::Ready);
         assert_eq!(reason(verdict().await), Reason::Ready);
         assert_eq!(api.reads(), 8);
+        // Deleted (two reads), back at 3, dropped by the relist, back at 4.
+        let expected = [None, None, Some("3"), None, Some("4")].map(|v| v.map(str::to_owned));
+        assert_eq!(api.asked(), expected);
     }
 
     fn required_names() -> Vec<String> {

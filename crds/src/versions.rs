@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::ResourceExt;
+use kube::api::GetParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
 
 /// Secret versions by namespace and name (about 150 bytes a Secret). A relist replaces the set
 /// when it completes: until then the versions known before keep answering, updated by what the
@@ -117,6 +118,25 @@ impl SecretVersions {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Reads Secret `name`; `None` when it does not exist. Given the `version` a watch reported,
+/// it asks for the Secret no older than that version, which the API server serves from its
+/// watch cache: no quorum read from etcd and, where Secrets are encrypted at rest, no
+/// decryption. (An API server whose cache lags behind that version, one replica of several,
+/// waits up to 3 s for it and then answers 504, which the client retries as any 504.) Without
+/// a version, a quorum read.
+pub async fn read_secret(
+    api: &Api<Secret>,
+    name: &str,
+    version: Option<&str>,
+) -> kube::Result<Option<Secret>> {
+    let params = version.map_or_else(GetParams::default, GetParams::at);
+    match api.get_with(name, &params).await {
+        Ok(secret) => Ok(Some(secret)),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(None),
+        Err(error) => Err(error),
     }
 }
 

@@ -23,7 +23,7 @@ use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{
     InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
 };
-use seinode_tls_crds::versions::SecretVersions;
+use seinode_tls_crds::versions::{SecretVersions, read_secret};
 use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
 
 use crate::metrics::WebhookMetrics;
@@ -158,21 +158,27 @@ impl SecretCache {
     }
 
     /// Makes sure [`SecretCache::lookup`] can answer for a Secret the watch knows: reads it
-    /// (one GET, at most [`READ_TIMEOUT`]) unless the inspection of its current version is held.
+    /// unless the inspection of its current version is held (one GET at the version the watch
+    /// reported, which the API server serves from its cache; at most [`READ_TIMEOUT`]).
     /// A failed read is logged and counted; the lookup then says the Secret could not be read.
     pub async fn ensure(&self, namespace: &str, name: &str) {
         let Some(client) = &self.client else { return };
-        let needed = self.is_synced()
-            && self.version(namespace, name).is_some_and(|v| {
-                self.inspections
-                    .held(namespace, name, v.as_deref())
-                    .is_none()
-            });
-        if !needed {
+        if !self.is_synced() {
+            return;
+        }
+        let Some(version) = self.version(namespace, name) else {
+            return;
+        };
+        if self
+            .inspections
+            .held(namespace, name, version.as_deref())
+            .is_some()
+        {
             return;
         }
         let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-        let result = match tokio::time::timeout(READ_TIMEOUT, api.get_opt(name)).await {
+        let read = read_secret(&api, name, version.as_deref());
+        let result = match tokio::time::timeout(READ_TIMEOUT, read).await {
             Ok(Ok(secret)) => Ok(secret),
             Ok(Err(error)) => Err(seinode_tls_crds::error_chain(&error)),
             Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
