@@ -9,7 +9,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,9 +28,7 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A ping not answered within this time closes the connection; watches then reconnect.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Whether a fenced client may send now. Asked before every write to the socket, so it must be
-/// cheap.
-pub type Fence = Arc<dyn Fn() -> bool + Send + Sync>;
+pub use seinode_tls_controller::Fence;
 
 /// The client configuration from the cluster (in-cluster) or `KUBECONFIG`.
 pub async fn infer_config() -> anyhow::Result<kube::Config> {
@@ -45,20 +42,14 @@ pub async fn infer() -> anyhow::Result<kube::Client> {
     from_config(infer_config().await?, None)
 }
 
-/// The two clients [`seinode_tls_controller::Controller::run`] takes, in its order: the
-/// process's client (the Lease; the webhook in `run`), and the client of the reconciles. Without
-/// leader election they are one; with it, the reconciles get a client of their own (one more
-/// connection) fenced by the controller's leadership.
+/// The clients [`seinode_tls_controller::Controller::run`] takes, for the cluster `config`
+/// names: with leader election the reconciles' is fenced ([`from_config`]).
 pub fn controller_clients(
     controller: &seinode_tls_controller::Controller,
     config: kube::Config,
-) -> anyhow::Result<(kube::Client, kube::Client)> {
+) -> anyhow::Result<seinode_tls_controller::Clients> {
     let client = from_config(config.clone(), None)?;
-    let work = match controller.fence() {
-        None => client.clone(),
-        Some(fence) => from_config(config, Some(Arc::new(fence)))?,
-    };
-    Ok((client, work))
+    controller.clients(client, |fence| from_config(config, Some(fence)))
 }
 
 /// A client for `config` that multiplexes every request and watch over one HTTP/2 connection
@@ -241,6 +232,8 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Fenced<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]

@@ -160,9 +160,9 @@ impl RunningController {
     /// [`Stoppable::stop`]; with leader election its reconciles get a fenced client
     /// ([`crate::api_client::controller_clients`]).
     pub fn start(controller: Controller, config: kube::Config) -> anyhow::Result<Self> {
-        let (client, work) = crate::api_client::controller_clients(&controller, config)?;
+        let clients = crate::api_client::controller_clients(&controller, config)?;
         Ok(Self::spawn("controller", |stop| {
-            controller.run(client, work, stop)
+            controller.run(clients, stop)
         }))
     }
 }

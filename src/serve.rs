@@ -35,7 +35,7 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
     run_to_exit(async move {
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let controller = Controller::new(config, &mut registry)?;
-        let (client, work) = crate::api_client::controller_clients(
+        let clients = crate::api_client::controller_clients(
             &controller,
             crate::api_client::infer_config().await?,
         )?;
@@ -46,7 +46,7 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
         let health = axum::serve(listener, health_router(|| Ok(()), Arc::new(registry)))
             .with_graceful_shutdown(shutdown.clone());
         let health = tokio::spawn(async move { health.await });
-        controller.run(client, work, shutdown).await?;
+        controller.run(clients, shutdown).await?;
         health
             .await
             .context("health server task")?
@@ -62,7 +62,7 @@ pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCod
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let webhook = Webhook::bind(webhook, &mut registry)?;
         let controller = Controller::new(controller, &mut registry)?;
-        let (client, work) = crate::api_client::controller_clients(
+        let clients = crate::api_client::controller_clients(
             &controller,
             crate::api_client::infer_config().await?,
         )?;
@@ -83,7 +83,7 @@ pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCod
         };
         let webhook_task = {
             let (client, registry, stop, failed_tx) = (
-                client.clone(),
+                clients.lease().clone(),
                 registry.clone(),
                 stop.clone(),
                 failed_tx.clone(),
@@ -94,7 +94,7 @@ pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCod
                 result
             })
         };
-        let controller_result = controller.run(client, work, stop).await;
+        let controller_result = controller.run(clients, stop).await;
         if controller_result.is_err() {
             let _ = failed_tx.send(true);
         }

@@ -35,7 +35,7 @@ struct Shared {
 fn controller() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let cp = common::control_plane();
+        common::control_plane();
         let addresses = SidecarAddresses::only();
         let config = seinode_tls_controller::ControllerConfig {
             sidecar_addresses: addresses.clone(),
@@ -47,13 +47,17 @@ fn controller() -> &'static Shared {
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
-                let client = cp.client().await.unwrap();
                 let controller =
                     seinode_tls_controller::Controller::new(config, &mut Registry::default())
                         .unwrap();
+                let clients = seinode_tls::api_client::controller_clients(
+                    &controller,
+                    common::kube_config().await,
+                )
+                .unwrap();
                 tx.send(()).unwrap();
                 controller
-                    .run(client.clone(), client, std::future::pending())
+                    .run(clients, std::future::pending())
                     .await
                     .unwrap();
             });

@@ -36,6 +36,11 @@ impl Leadership {
         Self(Some(Arc::default()))
     }
 
+    /// Whether leader election decides (else this replica always leads).
+    pub fn is_elected(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// True while the last renewal is younger than the renew deadline.
     pub fn is_leading(&self) -> bool {
         match &self.0 {

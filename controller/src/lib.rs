@@ -56,6 +56,26 @@ pub enum ControllerError {
     Config { flag: &'static str, reason: String },
 }
 
+/// Whether the reconciles may send now. A fenced client asks it before every write to its
+/// connection, so it must be cheap.
+pub type Fence = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The two clients [`Controller::run`] takes, built by [`Controller::clients`]: the process's
+/// own (the Lease), and the reconciles' (watches, reads, writes, events). Without leader
+/// election they are one; with it, the reconciles' is a client of its own (one more
+/// connection) fenced by the controller's leadership.
+pub struct Clients {
+    lease: Client,
+    work: Client,
+}
+
+impl Clients {
+    /// The process's own client, which no fence closes (the webhook in `run` uses it too).
+    pub fn lease(&self) -> &Client {
+        &self.lease
+    }
+}
+
 /// The controller, with its metrics registered.
 pub struct Controller {
     config: ControllerConfig,
@@ -122,29 +142,39 @@ impl Controller {
         })
     }
 
-    /// With leader election, whether this replica may send anything for its reconciles now;
-    /// `None` without leader election. The client given to [`Controller::run`] as `work` must
-    /// ask it before every write to its connections (not only before each request): a request
-    /// admitted while leading may otherwise leave the process after a pause, when another
-    /// replica leads.
-    pub fn fence(&self) -> Option<impl Fn() -> bool + Send + Sync + 'static> {
-        self.config.leader_election.as_ref()?;
-        let leadership = self.leadership.clone();
-        Some(move || leadership.is_leading())
+    /// The clients for [`Controller::run`] around `client`, the process's own. With leader
+    /// election the reconciles get the client `connect` builds with the fence: it must ask the
+    /// fence before every write to its connections, not only before each request, as a
+    /// request admitted while leading may otherwise leave the process after a pause, when
+    /// another replica leads. Without leader election `connect` is not called.
+    pub fn clients<E>(
+        &self,
+        client: Client,
+        connect: impl FnOnce(Fence) -> Result<Client, E>,
+    ) -> Result<Clients, E> {
+        let work = if self.leadership.is_elected() {
+            let leadership = self.leadership.clone();
+            connect(Arc::new(move || leadership.is_leading()))?
+        } else {
+            client.clone()
+        };
+        Ok(Clients {
+            lease: client,
+            work,
+        })
     }
 
     /// Reconciles until `shutdown` resolves. With leader election, reconciles only while this
     /// replica leads; each term starts from what the cluster says, nothing remembered.
-    ///
-    /// `client` carries the Lease; `work`, everything the reconciles send (watches, reads,
-    /// writes, events). With leader election `work` must be fenced by [`Controller::fence`];
-    /// without, it may be `client` itself.
     pub async fn run(
         self,
-        client: Client,
-        work: Client,
+        clients: Clients,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ControllerError> {
+        let Clients {
+            lease: client,
+            work,
+        } = clients;
         let Some(election) = self.config.leader_election.clone() else {
             let term = Term {
                 client: work,

@@ -204,21 +204,23 @@ pub fn kubectl(args: &[&str], stdin: &str) -> std::process::Output {
 pub fn controller() {
     static CONTROLLER: OnceLock<()> = OnceLock::new();
     CONTROLLER.get_or_init(|| {
-        let cp = control_plane();
+        control_plane();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             runtime.block_on(async move {
-                let client = cp.client().await.expect("client");
                 let mut registry = prometheus_client::registry::Registry::default();
                 let controller = seinode_tls_controller::Controller::new(
                     test_controller_config(),
                     &mut registry,
                 )
                 .expect("controller config");
+                let clients =
+                    seinode_tls::api_client::controller_clients(&controller, kube_config().await)
+                        .expect("clients");
                 tx.send(()).expect("report");
                 controller
-                    .run(client.clone(), client, std::future::pending())
+                    .run(clients, std::future::pending())
                     .await
                     .expect("controller runs");
             });
