@@ -15,7 +15,6 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject;
 use seinode_tls_controller::probe::SidecarAddresses;
 use seinode_tls_crds::SeiNode;
@@ -35,34 +34,13 @@ struct Shared {
 fn controller() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
-        common::control_plane();
         let addresses = SidecarAddresses::only();
-        let config = seinode_tls_controller::ControllerConfig {
+        common::spawn_controller(seinode_tls_controller::ControllerConfig {
             sidecar_addresses: addresses.clone(),
             sidecar_probe_interval: Duration::from_secs(1),
             sidecar_probe_timeout: Duration::from_secs(2),
             ..common::test_controller_config()
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(async move {
-                let controller =
-                    seinode_tls_controller::Controller::new(config, &mut Registry::default())
-                        .unwrap();
-                let clients = seinode_tls::api_client::controller_clients(
-                    &controller,
-                    common::kube_config().await,
-                )
-                .unwrap();
-                tx.send(()).unwrap();
-                controller
-                    .run(clients, std::future::pending())
-                    .await
-                    .unwrap();
-            });
         });
-        rx.recv().unwrap();
         Shared { addresses }
     })
 }

@@ -203,30 +203,31 @@ pub fn kubectl(args: &[&str], stdin: &str) -> std::process::Output {
 /// once; it reconciles for the life of the binary.
 pub fn controller() {
     static CONTROLLER: OnceLock<()> = OnceLock::new();
-    CONTROLLER.get_or_init(|| {
-        control_plane();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            runtime.block_on(async move {
-                let mut registry = prometheus_client::registry::Registry::default();
-                let controller = seinode_tls_controller::Controller::new(
-                    test_controller_config(),
-                    &mut registry,
-                )
+    CONTROLLER.get_or_init(|| spawn_controller(test_controller_config()));
+}
+
+/// Runs a controller with `config` on a thread and runtime of its own, through the clients the
+/// binaries build, for the life of the test binary; returns once it is built.
+pub fn spawn_controller(config: seinode_tls_controller::ControllerConfig) {
+    control_plane();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        runtime.block_on(async move {
+            let mut registry = prometheus_client::registry::Registry::default();
+            let controller = seinode_tls_controller::Controller::new(config, &mut registry)
                 .expect("controller config");
-                let clients =
-                    seinode_tls::api_client::controller_clients(&controller, kube_config().await)
-                        .expect("clients");
-                tx.send(()).expect("report");
-                controller
-                    .run(clients, std::future::pending())
-                    .await
-                    .expect("controller runs");
-            });
+            let clients =
+                seinode_tls::api_client::controller_clients(&controller, kube_config().await)
+                    .expect("clients");
+            tx.send(()).expect("report");
+            controller
+                .run(clients, std::future::pending())
+                .await
+                .expect("controller runs");
         });
-        rx.recv().expect("controller started");
     });
+    rx.recv().expect("controller started");
 }
 
 /// The controller configuration the tests use: defaults, with a short expiry warning and
