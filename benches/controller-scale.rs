@@ -42,7 +42,7 @@ use clap::Parser;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret};
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource, ResourceExt as _};
 use seinode_tls_crds::contract::{DEFAULT_CLUSTER_DOMAIN, required_dns_names};
@@ -113,6 +113,21 @@ struct Args {
     /// server's floor for the "every node decided" figure on this machine.
     #[arg(long, env = "CONTROLLER_SCALE_FLOOR", value_parser = clap::value_parser!(u16).range(1..=1024))]
     floor: Option<u16>,
+    /// With `--floor`: idle SeiNode watches beside the decisions (`run` holds two).
+    #[arg(long, env = "CONTROLLER_SCALE_FLOOR_WATCHES", default_value_t = 2)]
+    floor_watches: usize,
+    /// With `--floor`: how each status is written: `replace` (a PUT of the whole node, as the
+    /// controller writes) or `merge` (a JSON merge patch of the status carrying the listed
+    /// resourceVersion, the same precondition in a smaller body).
+    #[arg(long, env = "CONTROLLER_SCALE_FLOOR_WRITE", value_enum, default_value_t = FloorWrite::Replace)]
+    floor_write: FloorWrite,
+}
+
+/// How `--floor` writes a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FloorWrite {
+    Replace,
+    Merge,
 }
 
 fn main() -> ExitCode {
@@ -879,7 +894,7 @@ async fn decide_floor(
     in_flight: usize,
 ) -> anyhow::Result<()> {
     // The fan-out of each status write to `run`'s two SeiNode watches.
-    let idle_watches: Vec<AbortOnDrop> = (0..2)
+    let idle_watches: Vec<AbortOnDrop> = (0..args.floor_watches)
         .map(|_| {
             let nodes = Api::<SeiNode>::all(client.clone());
             AbortOnDrop(tokio::spawn(async move {
@@ -902,7 +917,7 @@ async fn decide_floor(
             let plan = planned.get(&key).copied();
             async move {
                 match plan {
-                    Some(plan) => decide_one(client, node, plan).await,
+                    Some(plan) => decide_one(client, node, plan, args.floor_write).await,
                     None => Ok(()),
                 }
             }
@@ -917,8 +932,10 @@ async fn decide_floor(
     let decided_quantiles = tracker.decided_quantiles(&keys, started);
     drop(idle_watches);
     println!(
-        "controller-scale floor: {decided} nodes, {in_flight} in flight: every node decided {}; \
-         first / 50 % / 90 % / 99 % {}",
+        "controller-scale floor: {decided} nodes, {in_flight} in flight, {} idle watches, {:?} \
+         writes: every node decided {}; first / 50 % / 90 % / 99 % {}",
+        args.floor_watches,
+        args.floor_write,
         elapsed(all.map(|at| at.duration_since(started)), args.timeout),
         quantiles(&decided_quantiles, args.timeout)
     );
@@ -944,7 +961,12 @@ fn quantiles(quantiles: &[Option<Duration>], timeout: Duration) -> String {
 
 /// The floor's decision for one node: its Secret read, and the status a decision publishes
 /// (contract and condition), replaced on the listed version.
-async fn decide_one(client: &Client, mut node: SeiNode, plan: &PlannedNode) -> anyhow::Result<()> {
+async fn decide_one(
+    client: &Client,
+    mut node: SeiNode,
+    plan: &PlannedNode,
+    write: FloorWrite,
+) -> anyhow::Result<()> {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use seinode_tls_crds::{SeiNodeStatus, SidecarTlsStatus};
 
@@ -974,10 +996,24 @@ async fn decide_one(client: &Client, mut node: SeiNode, plan: &PlannedNode) -> a
         observed_generation: node.metadata.generation,
         ..SeiNodeStatus::default()
     });
-    Api::<SeiNode>::namespaced(client.clone(), &namespace)
-        .replace_status(&name, &PostParams::default(), &node)
-        .await
-        .with_context(|| format!("failed to write the status of SeiNode {namespace}/{name}"))?;
+    let nodes = Api::<SeiNode>::namespaced(client.clone(), &namespace);
+    match write {
+        FloorWrite::Replace => {
+            nodes
+                .replace_status(&name, &PostParams::default(), &node)
+                .await
+        }
+        FloorWrite::Merge => {
+            let patch = json!({
+                "metadata": { "resourceVersion": node.metadata.resource_version },
+                "status": node.status,
+            });
+            nodes
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+        }
+    }
+    .with_context(|| format!("failed to write the status of SeiNode {namespace}/{name}"))?;
     Ok(())
 }
 
