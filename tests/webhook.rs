@@ -397,10 +397,16 @@ async fn a_secret_read_at_a_watched_version_is_never_older_than_it() {
         .replace("rpc-tls", &PostParams::default(), &changed)
         .await
         .unwrap();
-    let read = read_secret(&secrets, "rpc-tls", Some(&first_version))
-        .await
-        .unwrap()
-        .expect("present");
+    // At the version the replace returned: the cache has it (at an older version it might not
+    // have it yet, and "no older than" allows the first).
+    let read = read_secret(
+        &secrets,
+        "rpc-tls",
+        second.metadata.resource_version.as_deref(),
+    )
+    .await
+    .unwrap()
+    .expect("present");
     assert_eq!(
         read.metadata.resource_version,
         second.metadata.resource_version
@@ -411,10 +417,15 @@ async fn a_secret_read_at_a_watched_version_is_never_older_than_it() {
         .delete("rpc-tls", &Default::default())
         .await
         .unwrap();
+    // A Secret written after the delete: a cache at its version has seen the delete.
+    let marker = secrets
+        .create(&PostParams::default(), &tls_secret(&ns, "marker", &["m"]))
+        .await
+        .unwrap();
     let gone = read_secret(
         &secrets,
         "rpc-tls",
-        second.metadata.resource_version.as_deref(),
+        marker.metadata.resource_version.as_deref(),
     )
     .await;
     assert!(matches!(gone, Ok(None)), "{gone:?}");

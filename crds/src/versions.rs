@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::GetParams;
@@ -95,6 +96,51 @@ impl SecretVersions {
         }
     }
 
+    /// Moves `namespace/name` from `expected` to `version` (what a read at `expected` found), if
+    /// the watch has not moved it meanwhile: the watch's word is the newer one. Whether it moved.
+    pub fn replace_if(
+        &self,
+        namespace: &str,
+        name: &str,
+        expected: Option<&str>,
+        version: Option<&str>,
+    ) -> bool {
+        let state = &mut *self.write();
+        let known = state
+            .by_namespace
+            .get_mut(namespace)
+            .and_then(|names| names.get_mut(name));
+        match known {
+            // Listed as before: the read says nothing of the list under way.
+            Some((known, _)) if known.as_deref() == expected => {
+                *known = version.map(str::to_owned);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets `namespace/name` (a read at `expected` found it gone) if the watch still has it
+    /// at `expected`. Whether it was forgotten.
+    pub fn remove_if(&self, namespace: &str, name: &str, expected: Option<&str>) -> bool {
+        let state = &mut *self.write();
+        let Some(names) = state.by_namespace.get_mut(namespace) else {
+            return false;
+        };
+        if names
+            .get(name)
+            .is_none_or(|(known, _)| known.as_deref() != expected)
+        {
+            return false;
+        }
+        names.remove(name);
+        state.len -= 1;
+        if names.is_empty() {
+            state.by_namespace.remove(namespace);
+        }
+        true
+    }
+
     /// The version of `namespace/name`: `None` when no such Secret is known, `Some(None)` when
     /// it is known without a version.
     pub fn get(&self, namespace: &str, name: &str) -> Option<Option<String>> {
@@ -121,19 +167,38 @@ impl SecretVersions {
     }
 }
 
+/// How long a read at a watched version may take before a quorum read replaces it. The API
+/// server's watch cache answers in milliseconds; one that lags behind the version (a replica of
+/// several, or one that has just restarted) waits up to 3 s and then answers 504, which the
+/// client retries: a reconcile slot would be held for minutes.
+pub const CACHE_READ_PATIENCE: Duration = Duration::from_millis(500);
+
 /// Reads Secret `name`; `None` when it does not exist. Given the `version` a watch reported,
 /// it asks for the Secret no older than that version, which the API server serves from its
 /// watch cache: no quorum read from etcd and, where Secrets are encrypted at rest, no
-/// decryption. (An API server whose cache lags behind that version, one replica of several,
-/// waits up to 3 s for it and then answers 504, which the client retries as any 504.) Without
-/// a version, a quorum read.
+/// decryption. Without a version, or when that read takes longer than [`CACHE_READ_PATIENCE`],
+/// a quorum read.
 pub async fn read_secret(
     api: &Api<Secret>,
     name: &str,
     version: Option<&str>,
 ) -> kube::Result<Option<Secret>> {
-    let params = version.map_or_else(GetParams::default, GetParams::at);
-    match api.get_with(name, &params).await {
+    if let Some(version) = version {
+        let at = GetParams::at(version);
+        let cached = get_secret(api, name, &at);
+        if let Ok(result) = tokio::time::timeout(CACHE_READ_PATIENCE, cached).await {
+            return result;
+        }
+    }
+    get_secret(api, name, &GetParams::default()).await
+}
+
+async fn get_secret(
+    api: &Api<Secret>,
+    name: &str,
+    params: &GetParams,
+) -> kube::Result<Option<Secret>> {
+    match api.get_with(name, params).await {
         Ok(secret) => Ok(Some(secret)),
         Err(kube::Error::Api(status)) if status.is_not_found() => Ok(None),
         Err(error) => Err(error),
@@ -157,6 +222,108 @@ mod tests {
             },
             ..PartialObjectMeta::default()
         }
+    }
+
+    #[test]
+    fn a_read_moves_or_forgets_a_version_only_if_the_watch_has_not_moved_it() {
+        let versions = SecretVersions::default();
+        versions.apply(&Event::Apply(meta("sei", "a", Some("1"))));
+        // Read at 1, found at 2: moved.
+        assert!(versions.replace_if("sei", "a", Some("1"), Some("2")));
+        assert_eq!(versions.get("sei", "a"), Some(Some("2".to_owned())));
+        // The watch reported 3 while a read at 2 was in flight: the read's 2 is older.
+        versions.apply(&Event::Apply(meta("sei", "a", Some("3"))));
+        assert!(!versions.replace_if("sei", "a", Some("2"), Some("2")));
+        assert!(!versions.remove_if("sei", "a", Some("2")));
+        assert_eq!(versions.get("sei", "a"), Some(Some("3".to_owned())));
+        // Not known: nothing to move.
+        assert!(!versions.replace_if("sei", "b", None, Some("1")));
+        assert_eq!(versions.get("sei", "b"), None);
+        // Read at 3 and found gone: forgotten.
+        assert!(versions.remove_if("sei", "a", Some("3")));
+        assert_eq!(versions.get("sei", "a"), None);
+        assert!(versions.is_empty());
+    }
+
+    /// A relist under way keeps only what it lists: a read is no listing.
+    #[test]
+    fn a_read_during_a_relist_does_not_keep_a_secret_the_relist_did_not_list() {
+        let versions = SecretVersions::default();
+        versions.apply(&Event::Apply(meta("sei", "a", Some("1"))));
+        versions.apply(&Event::Init);
+        assert!(versions.replace_if("sei", "a", Some("1"), Some("2")));
+        versions.apply(&Event::InitDone);
+        assert_eq!(versions.get("sei", "a"), None);
+    }
+
+    /// The version each read asked for (`None`: a quorum read).
+    type Asked = std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>;
+
+    /// An API server that answers a read at a version from `cached` (never, if `None`) and a
+    /// quorum read with the Secret at version 9; records the version each read asked for.
+    fn api_server(cached: Option<&'static str>) -> (Api<Secret>, Asked) {
+        let asked = Asked::default();
+        let seen = asked.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let version = request.uri().query().and_then(|query| {
+                query
+                    .split('&')
+                    .find_map(|pair| pair.strip_prefix("resourceVersion="))
+                    .map(str::to_owned)
+            });
+            seen.lock().unwrap().push(version.clone());
+            async move {
+                let answer = match version {
+                    Some(_) => match cached {
+                        Some(answer) => answer,
+                        None => std::future::pending().await,
+                    },
+                    None => "9",
+                };
+                let secret = serde_json::json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "a", "namespace": "sei", "resourceVersion": answer},
+                });
+                http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(serde_json::to_vec(&secret)?))
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            }
+        });
+        let client = kube::Client::new(service, "sei");
+        (Api::namespaced(client, "sei"), asked)
+    }
+
+    fn version_of(read: kube::Result<Option<Secret>>) -> Option<String> {
+        read.unwrap().unwrap().metadata.resource_version
+    }
+
+    #[tokio::test]
+    async fn a_read_at_a_watched_version_comes_from_the_cache_and_others_from_a_quorum_read() {
+        let (api, asked) = api_server(Some("5"));
+        assert_eq!(
+            version_of(read_secret(&api, "a", Some("4")).await).as_deref(),
+            Some("5")
+        );
+        assert_eq!(
+            version_of(read_secret(&api, "a", None).await).as_deref(),
+            Some("9")
+        );
+        assert_eq!(*asked.lock().unwrap(), [Some("4".to_owned()), None]);
+    }
+
+    /// A lagging watch cache holds the read up to 3 s and then answers 504, which the client
+    /// retries: past the patience, the quorum read answers instead.
+    #[tokio::test]
+    async fn a_read_the_cache_does_not_answer_in_time_is_made_again_as_a_quorum_read() {
+        let (api, asked) = api_server(None);
+        let started = std::time::Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(10), read_secret(&api, "a", Some("4")))
+            .await
+            .expect("the read waited on the cache instead of reading from etcd");
+        assert_eq!(version_of(read).as_deref(), Some("9"));
+        assert!(started.elapsed() >= CACHE_READ_PATIENCE);
+        assert_eq!(*asked.lock().unwrap(), [Some("4".to_owned()), None]);
     }
 
     #[test]

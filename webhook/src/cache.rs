@@ -159,7 +159,8 @@ impl SecretCache {
 
     /// Makes sure [`SecretCache::lookup`] can answer for a Secret the watch knows: reads it
     /// unless the inspection of its current version is held (one GET at the version the watch
-    /// reported, which the API server serves from its cache; at most [`READ_TIMEOUT`]).
+    /// reported, which the API server serves from its cache, or a quorum read if the cache has
+    /// not answered within `CACHE_READ_PATIENCE`; at most [`READ_TIMEOUT`] in all).
     /// A failed read is logged and counted; the lookup then says the Secret could not be read.
     pub async fn ensure(&self, namespace: &str, name: &str) {
         let Some(client) = &self.client else { return };
@@ -183,14 +184,28 @@ impl SecretCache {
             Ok(Err(error)) => Err(seinode_tls_crds::error_chain(&error)),
             Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
         };
+        // Each outcome is recorded only if the watch has not moved the Secret while the read was
+        // in flight: the watch's word is then the newer one.
         let outcome = match result {
             Ok(Some(secret)) if secret.type_.as_deref() == Some(TLS_SECRET_TYPE) => {
-                self.apply(&secret);
+                let read = secret.metadata.resource_version.as_deref();
+                if self
+                    .versions
+                    .replace_if(namespace, name, version.as_deref(), read)
+                {
+                    self.inspections
+                        .forget_other_versions(namespace, name, read);
+                    self.inspections.of(&secret);
+                    self.publish_sizes();
+                }
                 "read"
             }
             // Gone (or retyped) since the watch saw it: the watch will say so too.
             Ok(_) => {
-                self.remove(namespace, name);
+                if self.versions.remove_if(namespace, name, version.as_deref()) {
+                    self.inspections.remove(namespace, name);
+                    self.publish_sizes();
+                }
                 "not_found"
             }
             Err(cause) => {
@@ -542,6 +557,80 @@ mod tests {
             text.contains(r#"webhook_secret_reads_total{result="failed"} 1"#),
             "{text}"
         );
+    }
+
+    /// A client whose GET of `sei/a` answers `answer` (a 404 if `None`) once the test lets it,
+    /// having said that the read arrived.
+    fn held_read(
+        answer: Option<Secret>,
+    ) -> (
+        Client,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (arrived_tx, arrived_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let release = Arc::new(std::sync::Mutex::new(Some(release_rx)));
+        let service = tower::service_fn(move |_: http::Request<kube::client::Body>| {
+            let _ = arrived_tx.send(());
+            let release = release.lock().unwrap().take();
+            let answer = answer.clone();
+            async move {
+                if let Some(release) = release {
+                    let _ = release.await;
+                }
+                let (code, body) = match answer {
+                    Some(secret) => (200, serde_json::to_vec(&secret)?),
+                    None => (
+                        404,
+                        serde_json::to_vec(&serde_json::json!({
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "reason": "NotFound", "code": 404, "message": "not found",
+                        }))?,
+                    ),
+                };
+                http::Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body))
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            }
+        });
+        (Client::new(service, "sei"), arrived_rx, release_tx)
+    }
+
+    /// The watch moves a Secret while a read of it is in flight: the read's older answer (its
+    /// content, or that it is gone) must not replace what the watch reported.
+    #[tokio::test]
+    async fn a_read_overtaken_by_the_watch_leaves_the_watch_s_version() {
+        for answer in [Some(secret("a", "2")), None] {
+            let (client, mut arrived, release) = held_read(answer.clone());
+            let mut registry = prometheus_client::registry::Registry::default();
+            let metrics = Arc::new(WebhookMetrics::register(&mut registry));
+            let cache = SecretCache::with_client(client, metrics);
+            cache.mark_synced();
+            cache.apply_meta("sei", "a", Some("1"));
+            let overtake = async {
+                arrived.recv().await;
+                // Recreated, or changed again, while the read was in flight.
+                cache.apply_meta_event(&watcher::Event::Apply(meta("a", "3")));
+                let _ = release.send(());
+            };
+            let read = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::join!(cache.ensure("sei", "a"), overtake)
+            });
+            read.await.expect("the read ends once released");
+            assert_eq!(
+                cache.version("sei", "a"),
+                Some(Some("3".to_owned())),
+                "a read answering {} replaced the watch's version",
+                answer.map_or("not found", |_| "version 2")
+            );
+            assert!(matches!(
+                cache.lookup("sei", "a"),
+                CachedLookup::Unavailable(NOT_READ)
+            ));
+        }
     }
 
     #[test]
