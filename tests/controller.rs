@@ -655,6 +655,41 @@ async fn an_object_in_the_way_is_never_adopted_and_the_plan_resumes_once_it_is_g
     );
 }
 
+/// The API server stores a StatefulSet's quantities in its canonical form (`1024Mi` as `1Gi`);
+/// sidecar resources written in another notation must not make the applied StatefulSet look
+/// edited, which would hold the node's init plan at AwaitStatefulSetReady for good.
+#[tokio::test]
+async fn sidecar_resources_in_any_notation_let_the_node_run() {
+    let (client, ns) = setup("ctl-quantities").await;
+    let mut spec = serde_json::to_value(node(&ns, "rpc", None)).unwrap();
+    spec["spec"]["sidecar"] = json!({"resources": {
+        "limits": {"memory": "1024Mi", "cpu": "0.5"},
+        "requests": {"memory": "0.25Gi", "cpu": "100m"},
+    }});
+    let api = create_node(&client, &serde_json::from_value(spec).unwrap()).await;
+    let running = bring_to_running(&client, &api, &ns, "rpc").await;
+    let plan = running.status.unwrap().plan.unwrap();
+    assert_eq!(
+        (plan.id.as_str(), plan.phase),
+        ("init-1", PlanPhase::Complete)
+    );
+    // The notations did differ: the API server rewrote them.
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let stored = sts.get("rpc").await.unwrap();
+    let limits = stored
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers
+        .into_iter()
+        .find_map(|c| c.resources?.limits)
+        .unwrap();
+    assert_eq!(limits["memory"].0, "1Gi");
+    assert_eq!(limits["cpu"].0, "500m");
+}
+
 #[tokio::test]
 async fn objects_of_a_running_node_that_are_deleted_or_edited_are_restored() {
     let (client, ns) = setup("ctl-drift").await;

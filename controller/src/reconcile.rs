@@ -693,11 +693,23 @@ pub fn stamp<K: Resource + Serialize>(mut object: K) -> K {
 
 /// Whether `observed` holds everything in `desired`: every field `desired` sets has the same
 /// value (objects recursively, lists item by item; the server may add fields and defaults).
+/// The quantities of `limits` and `requests` are compared by value: the API server stores them
+/// in its canonical form (`1024Mi` as `1Gi`, `0.5` as `500m`), and a SeiNode's sidecar
+/// resources are copied as their author wrote them.
 pub fn covers(observed: &serde_json::Value, desired: &serde_json::Value) -> bool {
+    covers_at(observed, desired, false)
+}
+
+fn covers_at(observed: &serde_json::Value, desired: &serde_json::Value, quantities: bool) -> bool {
     use serde_json::Value;
     match (observed, desired) {
         (Value::Object(observed), Value::Object(desired)) => desired.iter().all(|(key, want)| {
-            want.is_null() || observed.get(key).is_some_and(|have| covers(have, want))
+            // The values of a `limits` or `requests` map (flat: resource name → quantity).
+            let quantities = quantities || matches!(key.as_str(), "limits" | "requests");
+            want.is_null()
+                || observed
+                    .get(key)
+                    .is_some_and(|have| covers_at(have, want, quantities))
         }),
         (Value::Array(observed), Value::Array(desired)) => {
             observed.len() >= desired.len()
@@ -706,8 +718,74 @@ pub fn covers(observed: &serde_json::Value, desired: &serde_json::Value) -> bool
                     .zip(observed)
                     .all(|(want, have)| covers(have, want))
         }
+        (Value::String(have), Value::String(want)) if quantities && have != want => {
+            quantity_value(have).is_some_and(|have| quantity_value(want) == Some(have))
+        }
         (observed, desired) => observed == desired,
     }
+}
+
+/// A resource quantity's exact value as (negative, digits, power of ten), the digits without
+/// trailing zeros (zero is `(false, 0, 0)`), so equal values compare equal whatever their
+/// notation: `1Gi`, `1024Mi`, `1073741824`; `0.5`, `500m`, `5e-1`. `None` for what is not a
+/// quantity, or too large to hold exactly.
+fn quantity_value(text: &str) -> Option<(bool, u128, i64)> {
+    let (negative, text) = match text.as_bytes().first()? {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let number_len = text
+        .bytes()
+        .take_while(|b| b.is_ascii_digit() || *b == b'.')
+        .count();
+    let (number, suffix) = text.split_at(number_len);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
+        return None;
+    }
+    let mut digits: u128 = 0;
+    for digit in whole.bytes().chain(fraction.bytes()) {
+        digits = digits
+            .checked_mul(10)?
+            .checked_add(u128::from(digit - b'0'))?;
+    }
+    let mut exponent = -i64::try_from(fraction.len()).ok()?;
+    let binary = |power: u32| digits.checked_mul(1u128.checked_shl(10 * power)?);
+    match suffix {
+        "Ki" => digits = binary(1)?,
+        "Mi" => digits = binary(2)?,
+        "Gi" => digits = binary(3)?,
+        "Ti" => digits = binary(4)?,
+        "Pi" => digits = binary(5)?,
+        "Ei" => digits = binary(6)?,
+        "n" => exponent -= 9,
+        "u" => exponent -= 6,
+        "m" => exponent -= 3,
+        "" => {}
+        "k" => exponent += 3,
+        "M" => exponent += 6,
+        "G" => exponent += 9,
+        "T" => exponent += 12,
+        "P" => exponent += 15,
+        "E" => exponent += 18,
+        _ => {
+            let power = suffix.strip_prefix(['e', 'E'])?;
+            let digits_only = power.strip_prefix(['-', '+']).unwrap_or(power);
+            if digits_only.is_empty() || !digits_only.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            exponent = exponent.checked_add(power.parse::<i64>().ok()?)?;
+        }
+    }
+    if digits == 0 {
+        return Some((false, 0, 0));
+    }
+    while digits.is_multiple_of(10) {
+        digits /= 10;
+        exponent += 1;
+    }
+    Some((negative, digits, exponent))
 }
 
 /// Runs an apply task: creates a missing object (never adopting one that exists and is not
@@ -994,6 +1072,53 @@ mod tests {
         let fewer = json!({"spec": {"replicas": 1, "template": {"containers": []}}});
         assert!(!covers(&fewer, &desired));
         assert!(covers(&json!({"a": 1}), &json!({"a": 1, "b": null})));
+    }
+
+    #[test]
+    fn quantities_are_compared_by_value_whatever_their_notation() {
+        for (a, b) in [
+            ("1Gi", "1024Mi"),
+            ("1Gi", "1073741824"),
+            ("500m", "0.5"),
+            ("500m", "5e-1"),
+            ("1", "1000m"),
+            ("1k", "1000"),
+            ("1.5Gi", "1536Mi"),
+            ("0", "0Mi"),
+            ("-1", "-1000m"),
+            ("2E", "2e18"),
+        ] {
+            assert!(
+                quantity_value(a).is_some() && quantity_value(a) == quantity_value(b),
+                "{a} and {b}: {:?} {:?}",
+                quantity_value(a),
+                quantity_value(b)
+            );
+        }
+        for (a, b) in [("1Gi", "1G"), ("500m", "5"), ("1", "-1"), ("1Ki", "1k")] {
+            assert_ne!(quantity_value(a), quantity_value(b), "{a} and {b}");
+        }
+        for text in [
+            "", "Gi", ".", "1..2", "1.2.3", "1x", "1e", "1e+", "one", "--1", "1 Gi",
+        ] {
+            assert_eq!(quantity_value(text), None, "{text:?}");
+        }
+        // Too large to hold exactly: not a quantity here (the objects then differ).
+        assert_eq!(
+            quantity_value("999999999999999999999999999999999999999Ei"),
+            None
+        );
+    }
+
+    #[test]
+    fn covers_compares_resource_quantities_by_value_and_nothing_else() {
+        let desired = json!({"resources": {"limits": {"memory": "1024Mi", "cpu": "0.5"}, "requests": {"storage": "0.5Ti"}}});
+        let canonical = json!({"resources": {"limits": {"memory": "1Gi", "cpu": "500m"}, "requests": {"storage": "512Gi"}}});
+        assert!(covers(&canonical, &desired));
+        let edited = json!({"resources": {"limits": {"memory": "2Gi", "cpu": "500m"}, "requests": {"storage": "512Gi"}}});
+        assert!(!covers(&edited, &desired));
+        // Elsewhere a string is a string.
+        assert!(!covers(&json!({"image": "1k"}), &json!({"image": "1000"})));
     }
 
     #[test]
