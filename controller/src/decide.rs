@@ -490,8 +490,14 @@ fn retry_in_the_way(plan: &TaskPlan, observed: &Observed) -> Option<Task> {
     {
         return None;
     }
-    Task::parse(&failed.r#type)
-        .filter(|task| !matches!(observed.objects.of(*task), ObjectState::Foreign(_)))
+    // Not while a deleted node's object holds the name: it is the garbage collector's, never
+    // adopted (its deletion wakes the node).
+    Task::parse(&failed.r#type).filter(|task| {
+        !matches!(
+            observed.objects.of(*task),
+            ObjectState::Foreign(_) | ObjectState::Orphaned
+        )
+    })
 }
 
 /// Whether the next task waits for the garbage collector.
@@ -958,6 +964,11 @@ pub(crate) mod tests {
         seen.ran = Some((Task::ApplyRbacProxyConfig, Outcome::Failed(error)));
         let again = decide(&v1, &blocked.status, &seen, &settings(), now());
         assert_eq!(again.status, blocked.status);
+        // Now shown by the watch as a deleted node's object: awaited, never applied over.
+        seen.ran = None;
+        seen.objects.config_map = ObjectState::Orphaned;
+        let awaited = decide(&v1, &blocked.status, &seen, &settings(), now());
+        assert_eq!(awaited.task, None, "an orphan in the way is not adopted");
         assert!(again.events.is_empty());
         assert_eq!(again.task, None, "one try per reconcile");
         // Gone: the plan resumes where it failed.

@@ -141,7 +141,9 @@ pub struct Context {
     /// `--max-concurrent-reconciles` slots for API work, undecided nodes first.
     pub slots: Slots,
     failures: Mutex<HashMap<String, u32>>,
-    expiry_warned: Mutex<HashSet<(String, i64)>>,
+    /// Per node, the notAfter (seconds) of the certificate it was last warned about: one entry
+    /// a node, however often its certificate is renewed.
+    expiry_warned: Mutex<HashMap<String, i64>>,
     /// Nodes this process has reconciled (to re-send events a killed predecessor may have lost).
     seen: Mutex<HashSet<String>>,
     /// The node as this controller's last status write returned it: the watch may still hand
@@ -248,7 +250,7 @@ impl Context {
             .tls
             .retain(|ns, name| self.store.get(&ObjectRef::new(name).within(ns)).is_some());
         lock(&self.failures).retain(|u, _| uids.contains(u));
-        lock(&self.expiry_warned).retain(|(u, _)| uids.contains(u));
+        lock(&self.expiry_warned).retain(|u, _| uids.contains(u));
         lock(&self.seen).retain(|u| uids.contains(u));
         lock(&self.latest.0).retain(|u, _| uids.contains(u));
         lock(&self.unsent).retain(|u, _| uids.contains(u));
@@ -262,6 +264,10 @@ impl Context {
 pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, Error> {
     let Some(slot) = ctx.slots.acquire(priority(&ctx.newest(node.clone()))).await else {
         // The term is over.
+        return Ok(Action::await_change());
+    };
+    // The wait for a slot can be long (a cold start): the node may have changed, or gone.
+    let Some(node) = ctx.store.get(&ObjectRef::from_obj(&*node)) else {
         return Ok(Action::await_change());
     };
     let started = Instant::now();
@@ -505,7 +511,7 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
             leaf = Some(usable.clone());
         }
         observed.expiry_warned = verdict.not_after.is_some_and(|not_after| {
-            lock(&ctx.expiry_warned).contains(&(uid(node), not_after.as_second()))
+            lock(&ctx.expiry_warned).get(&uid(node)) == Some(&not_after.as_second())
         });
         ctx.metrics.tls.set(
             &namespace,
@@ -878,11 +884,7 @@ where
                         match self::state(node, Some(&existing), None) {
                             ObjectState::Current | ObjectState::Drifted => {}
                             ObjectState::Foreign(why) => return Ok(in_the_way(&why)),
-                            ObjectState::Orphaned => {
-                                return Ok(in_the_way(
-                                    "it belongs to a deleted SeiNode of the same name and waits for the garbage collector",
-                                ));
-                            }
+                            ObjectState::Orphaned => return Ok(in_the_way(ORPHANED)),
                             ObjectState::Missing => {}
                         }
                     }
@@ -890,7 +892,8 @@ where
                 Err(source) => return Err(api_error("create", &kind, &namespace, &name, source)),
             }
         }
-        ObjectState::Current | ObjectState::Drifted | ObjectState::Orphaned => {}
+        ObjectState::Orphaned => return Ok(in_the_way(ORPHANED)),
+        ObjectState::Current | ObjectState::Drifted => {}
     }
     api.patch(
         &name,
@@ -901,6 +904,10 @@ where
     .map_err(|source| api_error("apply", &kind, &namespace, &name, source))?;
     Ok(Outcome::Done)
 }
+
+/// Why an object of a deleted SeiNode of the same name is in the way.
+const ORPHANED: &str =
+    "it belongs to a deleted SeiNode of the same name and waits for the garbage collector";
 
 fn api_error(
     verb: &'static str,
@@ -919,7 +926,8 @@ fn api_error(
 }
 
 /// Replaces the status, on the condition that the node is still the version it was decided
-/// from. `None`: it changed (409); the caller re-reads. A node deleted meanwhile needs nothing.
+/// from. `None`: it changed (409) or is gone (404); the caller re-reads it, and a node deleted
+/// meanwhile needs nothing more (no event, no task).
 async fn write_status(
     ctx: &Context,
     node: &Arc<SeiNode>,
@@ -947,7 +955,7 @@ async fn write_status(
             Ok(Some(written))
         }
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(Some(node.clone())),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
         Err(source) => Err(api_error(
             "update the status of",
             "SeiNode",
@@ -976,7 +984,7 @@ async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
             return;
         }
         if let NodeEvent::CertificateExpiring { not_after, .. } = event {
-            lock(&ctx.expiry_warned).insert((uid(node), not_after.as_second()));
+            lock(&ctx.expiry_warned).insert(uid(node), not_after.as_second());
         }
         let object = event.to_object(regarding.clone(), &ctx.config.reporter, &ctx.instance, now);
         match api.create(&PostParams::default(), &object).await {
@@ -988,11 +996,13 @@ async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
             }
         }
     }
-    let mut unsent = lock(&ctx.unsent);
-    if failed.is_empty() {
-        unsent.remove(&uid(node));
-    } else {
-        unsent.entry(uid(node)).or_default().extend(failed);
+    // Added to what waits already (events put back earlier in this reconcile included): the
+    // pending ones are taken out only by `send_unsent`, which sends them.
+    if !failed.is_empty() {
+        lock(&ctx.unsent)
+            .entry(uid(node))
+            .or_default()
+            .extend(failed);
     }
 }
 
