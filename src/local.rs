@@ -93,7 +93,11 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     let controller = Controller::new(controller_config, &mut registry)?;
     let webhook = start_webhook(control_plane, client.clone(), registry).await?;
     let controller = RunningController::start(controller, control_plane.config().await?)?;
-    let addresses = tokio::spawn(feed_pod_addresses(client.clone(), sidecar_addresses));
+    let addresses = tokio::spawn(feed_pod_addresses(
+        client.clone(),
+        sidecar_addresses,
+        cluster.gateway(),
+    ));
     eprintln!("controller running");
 
     let demo = if config.demo {
@@ -327,17 +331,36 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
 }
 
 /// Keeps `addresses` in step with the Pods: each Pod with a hostname and subdomain maps its
-/// cluster DNS name to its address and sidecar port (what cluster DNS does inside Pods).
-async fn feed_pod_addresses(client: kube::Client, addresses: SidecarAddresses) {
+/// cluster DNS name to its address and sidecar port (what cluster DNS does inside Pods). Only
+/// addresses in the Pod network's /24 (that of `gateway`; none without a Pod network) are
+/// taken: the controller probes them from the host, which must reach nothing else.
+async fn feed_pod_addresses(
+    client: kube::Client,
+    addresses: SidecarAddresses,
+    gateway: Option<Ipv4Addr>,
+) {
+    let Some(gateway) = gateway else { return };
     let pods: Api<Pod> = Api::all(client);
     let mut events = watcher::watcher(pods, watcher::Config::default()).boxed();
     while let Some(event) = events.next().await {
         let Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) = event else {
             continue;
         };
-        if let Some((name, addr)) = sidecar_address(&pod) {
-            addresses.set(&name, addr);
+        match sidecar_address(&pod) {
+            Some((name, addr)) if in_pod_network(addr, gateway) => addresses.set(&name, addr),
+            Some((name, addr)) => {
+                tracing::warn!(%name, %addr, "a Pod's address is outside the Pod network; not probed");
+            }
+            None => {}
         }
+    }
+}
+
+/// Whether `addr` is in the /24 of `gateway`, and not the gateway itself.
+fn in_pod_network(addr: SocketAddr, gateway: Ipv4Addr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets()[..3] == gateway.octets()[..3] && ip != gateway,
+        std::net::IpAddr::V6(_) => false,
     }
 }
 
@@ -475,4 +498,26 @@ fn describe(node: &SeiNode) -> String {
     format!(
         "SeiNode {DEMO_NAMESPACE}/{DEMO_NODE}: phase {phase}, {SIDECAR_TLS_SECRET_READY} {tls}, SidecarReady {sidecar}"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_addresses_of_the_pod_network_are_probed() {
+        let gateway = Ipv4Addr::new(198, 18, 3, 1);
+        let at = |ip: [u8; 4]| SocketAddr::from((Ipv4Addr::from(ip), 8443));
+        assert!(in_pod_network(at([198, 18, 3, 7]), gateway));
+        assert!(!in_pod_network(at([198, 18, 3, 1]), gateway), "the host");
+        assert!(
+            !in_pod_network(at([198, 18, 4, 7]), gateway),
+            "another run's Pods"
+        );
+        assert!(!in_pod_network(at([10, 0, 0, 7]), gateway));
+        assert!(!in_pod_network(
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 8443)),
+            gateway
+        ));
+    }
 }

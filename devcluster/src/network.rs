@@ -24,6 +24,8 @@ const LOCK_DIR: &str = "/run/seinode-tls";
 /// Prefix of the bridges and namespaces made here (bridge `sntls<i>`, netns `sntls<i>-<n>`;
 /// the host ends of the veths are `snv<i>-<n>`).
 pub const NAME_PREFIX: &str = "sntls";
+/// Prefix of the host ends of the Pods' veths: `snv<i>-<n>`.
+const VETH_PREFIX: &str = "snv";
 
 #[derive(Debug, Error)]
 pub enum NetworkError {
@@ -94,6 +96,10 @@ impl PodNetwork {
             }
             // Ours now: whatever is left under this index belongs to a process that died.
             clean_up(index);
+            if let Some(taken) = host_use_of_range(index) {
+                tracing::warn!(index, %taken, "the host already uses this Pod address range; trying the next");
+                continue;
+            }
             let network = Self {
                 index,
                 pool: Arc::default(),
@@ -172,7 +178,7 @@ impl PodNetwork {
         let sandbox = Sandbox {
             netns: format!("{NAME_PREFIX}{}-{n}", self.index),
             ip: Ipv4Addr::new(198, 18, self.index, host_octet),
-            host_veth: format!("snv{}-{n}", self.index),
+            host_veth: format!("{VETH_PREFIX}{}-{n}", self.index),
             pool: self.pool.clone(),
         };
         if let Err(e) = sandbox.create(&self.bridge()) {
@@ -238,8 +244,9 @@ impl Sandbox {
     }
 }
 
-/// Removes everything under `index`: processes in its namespaces, the namespaces, the bridge
-/// and the unreachable route. What the watchdog does from its shell script, too.
+/// Removes everything under `index`: processes in its namespaces, the namespaces, the host ends
+/// of their veths, the bridge and the unreachable routes. What the watchdog does from its shell
+/// script, too.
 fn clean_up(index: u8) {
     let prefix = format!("{NAME_PREFIX}{index}-");
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
@@ -251,6 +258,23 @@ fn clean_up(index: u8) {
             remove_netns(ns);
         }
     }
+    // A namespace goes (and its veth with it) only once its last process has exited, which the
+    // kernel finishes later: the host ends are deleted here, so the names are free on return.
+    let veth_prefix = format!("{VETH_PREFIX}{index}-");
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        for link in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| {
+                // "12: snv0-7@if3: <BROADCAST,...> ..."
+                let name = line.split(": ").nth(1)?;
+                Some(name.split('@').next()?.to_owned())
+            })
+        {
+            if link.starts_with(&veth_prefix) {
+                let _ = ip(&["link", "del", &link]);
+            }
+        }
+    }
     let _ = ip(&["link", "del", &format!("{NAME_PREFIX}{index}")]);
     for range in [
         format!("198.18.{index}.0/24"),
@@ -260,26 +284,114 @@ fn clean_up(index: u8) {
     }
 }
 
-/// Kills every process in network namespace `ns` (a namespace that only loses its name would
-/// hide them from every later clean-up), then deletes it.
-fn remove_netns(ns: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+/// What the host has in `198.18.<index>.0/24` or `198.19.<index>.0/24` (an address, or a route
+/// at least as specific as those /24s), which would compete with the Pod network's routes and
+/// could take its traffic off the machine; `None` when the ranges are free.
+fn host_use_of_range(index: u8) -> Option<String> {
+    let show = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    range_conflict(
+        &show(&["-4", "-o", "route", "show", "table", "all"]),
+        &show(&["-4", "-o", "addr", "show"]),
+        index,
+    )
+}
+
+/// [`host_use_of_range`] over the output of `ip -4 -o route show table all` and
+/// `ip -4 -o addr show`.
+fn range_conflict(routes: &str, addresses: &str, index: u8) -> Option<String> {
+    let ours = |ip: Ipv4Addr| {
+        let [a, b, c, _] = ip.octets();
+        a == 198 && (b == 18 || b == 19) && c == index
+    };
+    let prefix = |text: &str| -> Option<(Ipv4Addr, u8)> {
+        let (ip, len) = text.split_once('/').unwrap_or((text, "32"));
+        Some((ip.parse().ok()?, len.parse().ok()?))
+    };
+    const ROUTE_TYPES: [&str; 9] = [
+        "unicast",
+        "local",
+        "broadcast",
+        "multicast",
+        "anycast",
+        "unreachable",
+        "blackhole",
+        "prohibit",
+        "throw",
+    ];
+    for line in routes.lines() {
+        let mut words = line.split_whitespace();
+        let Some(mut destination) = words.next() else {
+            continue;
+        };
+        if ROUTE_TYPES.contains(&destination) {
+            destination = words.next().unwrap_or_default();
         }
+        if let Some((ip, len)) = prefix(destination)
+            && len >= 24
+            && ours(ip)
+        {
+            return Some(format!("route {}", line.trim()));
+        }
+    }
+    for line in addresses.lines() {
+        let mut words = line.split_whitespace();
+        if words.by_ref().any(|w| w == "inet")
+            && let Some((ip, _)) = words.next().and_then(prefix)
+            && ours(ip)
+        {
+            return Some(format!("address {}", line.trim()));
+        }
+    }
+    None
+}
+
+/// Kills every process in network namespace `ns` (a namespace that only loses its name would
+/// hide them from every later clean-up), again while any is left (one may fork meanwhile) for
+/// at most [`KILL_DEADLINE`], then deletes it.
+fn remove_netns(ns: &str) {
+    let deadline = std::time::Instant::now() + KILL_DEADLINE;
+    loop {
+        let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
+            break;
+        };
+        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .collect();
+        if pids.is_empty() || std::time::Instant::now() >= deadline {
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(KILL_POLL);
     }
     let _ = ip(&["netns", "del", ns]);
 }
 
+/// How long [`remove_netns`] keeps killing what runs in a namespace, and how often it looks.
+const KILL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+const KILL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The shell form of [`clean_up`], for the watchdog: `$1` is the index.
 pub(crate) const CLEAN_UP_SCRIPT: &str = r#"for ns in $(ip netns list | awk -v p="sntls$1-" 'index($1, p) == 1 { print $1 }'); do
-  pids=$(ip netns pids "$ns"); [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+  tries=0
+  while pids=$(ip netns pids "$ns" 2>/dev/null); [ -n "$pids" ] && [ "$tries" -lt 250 ]; do
+    kill -KILL $pids 2>/dev/null; sleep 0.02; tries=$((tries + 1))
+  done
   ip netns del "$ns" 2>/dev/null
+done
+for link in $(ip -o link show | awk -F': ' '{ split($2, n, "@"); print n[1] }' | awk -v p="snv$1-" 'index($1, p) == 1'); do
+  ip link del "$link" 2>/dev/null
 done
 ip link del "sntls$1" 2>/dev/null
 ip route del unreachable "198.18.$1.0/24" metric 4000 2>/dev/null
@@ -341,4 +453,88 @@ pub fn established_connections(pid: u32, port: u16) -> std::io::Result<usize> {
         }
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(args: &[&str]) -> Vec<String> {
+        let out = Command::new("ip").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_range_the_host_uses_is_not_taken() {
+        let routes = "default via 10.0.0.1 dev eth0 proto dhcp src 10.0.0.5 metric 100\n\
+                      10.0.0.0/24 dev eth0 proto kernel scope link src 10.0.0.5\n\
+                      198.18.0.0/15 via 10.0.0.1 dev eth0\n\
+                      local 10.0.0.5 dev eth0 table local proto kernel scope host src 10.0.0.5\n";
+        let addresses = "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever\n\
+                         2: eth0    inet 10.0.0.5/24 brd 10.0.0.255 scope global eth0\n";
+        // A broader route loses to the Pod network's /24.
+        assert_eq!(range_conflict(routes, addresses, 0), None);
+        let vpn = format!("{routes}198.19.7.0/24 dev tun0 scope link\n");
+        assert!(range_conflict(&vpn, addresses, 7).is_some_and(|c| c.contains("tun0")));
+        assert_eq!(range_conflict(&vpn, addresses, 6), None);
+        let host = "unreachable 198.18.2.9 metric 10\n";
+        assert!(range_conflict(host, addresses, 2).is_some());
+        let address = format!("{addresses}3: eth1    inet 198.18.4.20/16 scope global eth1\n");
+        assert!(range_conflict(routes, &address, 4).is_some_and(|c| c.contains("eth1")));
+        assert_eq!(range_conflict(routes, &address, 5), None);
+    }
+
+    /// Needs root and iproute2, as every cluster test does. A range is handed back only once
+    /// nothing of it is left: its lock then lets the next process reuse its names at once.
+    #[test]
+    fn a_dropped_network_leaves_no_namespace_veth_bridge_or_process() {
+        let network = PodNetwork::create().unwrap();
+        let index = network.index();
+        let sandbox = network.sandbox("clean-up-test").unwrap();
+        // A process in the Pod's namespace that has forked: both must go.
+        let mut pod = Command::new("ip")
+            .args(["netns", "exec", &sandbox.netns, "sh", "-c"])
+            .arg("sleep 300 & exec sleep 300")
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while names(&["netns", "pids", &sandbox.netns]).len() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Pod never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Dropped without removing the sandbox, as after a crash of its kubelet.
+        drop(network);
+        assert!(!pod.wait().unwrap().success(), "the Pod was not killed");
+        let netns = format!("{NAME_PREFIX}{index}-");
+        let veth = format!("{VETH_PREFIX}{index}-");
+        let bridge = format!("{NAME_PREFIX}{index}");
+        assert!(
+            !names(&["netns", "list"])
+                .iter()
+                .any(|n| n.starts_with(&netns)),
+            "a namespace is left"
+        );
+        let out = Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap();
+        // "12: snv0-7@if3: <BROADCAST,...> ..."
+        let links: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1)?.split('@').next())
+            .map(str::to_owned)
+            .collect();
+        assert!(links.iter().any(|l| l == "lo"), "links not read: {links:?}");
+        assert!(
+            !links.iter().any(|l| l.starts_with(&veth) || *l == bridge),
+            "links left: {links:?}"
+        );
+    }
 }
