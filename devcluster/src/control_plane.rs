@@ -12,7 +12,7 @@
 //! process stops them too if this process dies without dropping it (SIGKILL, or a test binary
 //! exiting with the control plane in a static).
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
@@ -78,6 +78,11 @@ pub enum ControlPlaneError {
         "{} exists and was not made by seinode-tls; choose an empty or new directory", .dir.display()
     )]
     ForeignDir { dir: PathBuf },
+    #[error(
+        "{} is in use by another seinode-tls control plane (or by the clean-up after one that was \
+         killed, for a few seconds); stop it, or choose another directory", .dir.display()
+    )]
+    InUse { dir: PathBuf },
     #[error("failed to prepare {}", .path.display())]
     Io {
         path: PathBuf,
@@ -278,6 +283,10 @@ pub struct ControlPlane {
     /// How each component was started: program, arguments and log.
     recipes: Vec<Recipe>,
     watchdog: Mutex<Option<Watchdog>>,
+    /// The state directory, open and locked while this control plane (then its watchdog) uses
+    /// it: another one given the same directory refuses to start instead of wiping it. Last:
+    /// released once the directory is gone.
+    _dir_lock: File,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -306,7 +315,7 @@ impl ControlPlane {
                 unique()
             )),
         };
-        prepare_dir(&dir)?;
+        let dir_lock = prepare_dir(&dir)?;
         let dir = fs::canonicalize(&dir).map_err(|source| ControlPlaneError::Io {
             path: dir.clone(),
             source,
@@ -319,7 +328,7 @@ impl ControlPlane {
                 config.advertise_address,
                 config.service_cluster_ip_range.as_deref(),
             );
-            let error = match Self::start_once(&dir, &binaries, network).await {
+            let error = match Self::start_once(&dir, &dir_lock, &binaries, network).await {
                 Ok(cp) => return Ok(cp),
                 Err(ControlPlaneError::Died {
                     component,
@@ -350,6 +359,7 @@ impl ControlPlane {
 
     async fn start_once(
         dir: &Path,
+        dir_lock: &File,
         binaries: &Binaries,
         (advertise, service_range): (Option<Ipv4Addr>, Option<&str>),
     ) -> Result<Self, ControlPlaneError> {
@@ -429,7 +439,9 @@ impl ControlPlane {
             ca,
             components: Mutex::default(),
             recipes: Vec::new(),
-            watchdog: Mutex::new(Watchdog::spawn(None)),
+            // The watchdog keeps the directory locked until it has removed it.
+            watchdog: Mutex::new(Watchdog::spawn(dir_lock.try_clone().ok())),
+            _dir_lock: dir_lock.try_clone().map_err(io(dir))?,
         };
         if let Some(w) = started
             .watchdog
@@ -857,28 +869,43 @@ fn unique() -> u128 {
 }
 
 /// Creates `dir`, or empties it when a previous control plane left it behind.
-fn prepare_dir(dir: &Path) -> Result<(), ControlPlaneError> {
+fn prepare_dir(dir: &Path) -> Result<File, ControlPlaneError> {
     let io = |source| ControlPlaneError::Io {
         path: dir.to_owned(),
         source,
     };
-    if dir.exists() {
-        let empty = fs::read_dir(dir).map_err(io)?.next().is_none();
-        if !empty {
-            if !dir.join(MARKER).is_file() {
-                return Err(ControlPlaneError::ForeignDir {
-                    dir: dir.to_owned(),
-                });
-            }
-            fs::remove_dir_all(dir).map_err(io)?;
-        }
-    }
     fs::create_dir_all(dir).map_err(io)?;
+    // Locked before anything in it is touched; emptied, not removed, so the lock stays on it.
+    let lock = File::open(dir).map_err(io)?;
+    if lock.try_lock().is_err() {
+        return Err(ControlPlaneError::InUse {
+            dir: dir.to_owned(),
+        });
+    }
+    let entries: Vec<fs::DirEntry> = fs::read_dir(dir)
+        .map_err(io)?
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    if !entries.is_empty() && !dir.join(MARKER).is_file() {
+        return Err(ControlPlaneError::ForeignDir {
+            dir: dir.to_owned(),
+        });
+    }
+    for entry in entries {
+        let path = entry.path();
+        let removed = if entry.file_type().map_err(io)?.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|source| ControlPlaneError::Io { path, source })?;
+    }
     fs::write(
         dir.join(MARKER),
         "state of a seinode-tls control plane; removed when it stops\n",
     )
-    .map_err(io)
+    .map_err(io)?;
+    Ok(lock)
 }
 
 /// Writes a file readable by its owner only (keys, kubeconfig).
@@ -1015,4 +1042,46 @@ current-context: seinode-tls-local
         cert = BASE64.encode(&admin.cert_pem),
         key = BASE64.encode(&admin.key_pem),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two control planes given one state directory: the second refuses it while the first
+    /// (or its watchdog) holds it, instead of wiping the first's etcd; once free, a stale
+    /// directory of ours is emptied and reused, and one that is not ours is left alone.
+    #[test]
+    fn a_state_directory_is_used_by_one_control_plane_at_a_time() {
+        let root = std::env::temp_dir().join(format!("seinode-tls-dir-lock-{}", unique()));
+        let dir = root.join("state");
+        let first = prepare_dir(&dir).unwrap();
+        fs::write(dir.join("etcd-data"), "live").unwrap();
+        let second = prepare_dir(&dir);
+        assert!(
+            matches!(second, Err(ControlPlaneError::InUse { .. })),
+            "{second:?}"
+        );
+        assert!(
+            dir.join("etcd-data").is_file(),
+            "the live state was touched"
+        );
+
+        drop(first);
+        let again = prepare_dir(&dir).unwrap();
+        assert!(!dir.join("etcd-data").exists(), "a stale state is emptied");
+        assert!(dir.join(MARKER).is_file());
+        drop(again);
+
+        let foreign = root.join("foreign");
+        fs::create_dir_all(&foreign).unwrap();
+        fs::write(foreign.join("notes"), "mine").unwrap();
+        let refused = prepare_dir(&foreign);
+        assert!(
+            matches!(refused, Err(ControlPlaneError::ForeignDir { .. })),
+            "{refused:?}"
+        );
+        assert!(foreign.join("notes").is_file());
+        fs::remove_dir_all(&root).unwrap();
+    }
 }
