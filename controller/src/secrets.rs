@@ -127,16 +127,8 @@ mod tests {
                             .map(str::to_owned)
                     });
                     crate::lock(&api.asked).push(version);
-                    let (code, body) = match crate::lock(&api.secret).clone() {
-                        Some(secret) => (200, serde_json::to_vec(&secret)?),
-                        None => (
-                            404,
-                            serde_json::to_vec(&serde_json::json!({
-                                "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                "reason": "NotFound", "code": 404, "message": "not found",
-                            }))?,
-                        ),
-                    };
+                    let (code, body) =
+                        seinode_tls_testkit::get_answer(crate::lock(&api.secret).as_ref());
                     http::Response::builder()
                         .status(code)
                         .header("content-type", "application/json")

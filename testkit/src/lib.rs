@@ -141,6 +141,22 @@ impl CertificateAuthority {
     }
 }
 
+/// What an API server answers a GET of a Secret with, for fake API servers in unit tests: the
+/// Secret (200), or a `NotFound` Status (404) when there is none. Status code and JSON body.
+pub fn get_answer(secret: Option<&k8s_openapi::api::core::v1::Secret>) -> (u16, Vec<u8>) {
+    let (code, body) = match secret {
+        Some(secret) => (200, serde_json::to_value(secret).unwrap_or_default()),
+        None => (
+            404,
+            serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404, "message": "not found",
+            }),
+        ),
+    };
+    (code, body.to_string().into_bytes())
+}
+
 /// A `kubernetes.io/tls` Secret holding `cert_pem` and `key_pem`, and `ca_pem` as `ca.crt`.
 pub fn tls_secret(
     namespace: &str,

@@ -579,16 +579,7 @@ mod tests {
                 if let Some(release) = release {
                     let _ = release.await;
                 }
-                let (code, body) = match answer {
-                    Some(secret) => (200, serde_json::to_vec(&secret)?),
-                    None => (
-                        404,
-                        serde_json::to_vec(&serde_json::json!({
-                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                            "reason": "NotFound", "code": 404, "message": "not found",
-                        }))?,
-                    ),
-                };
+                let (code, body) = seinode_tls_testkit::get_answer(answer.as_ref());
                 http::Response::builder()
                     .status(code)
                     .header("content-type", "application/json")
