@@ -483,7 +483,7 @@ fn the_serving_certificate_alerts_fire_as_promtool_evaluates_them() {
     let rule = documents_of(&rendered, &["PrometheusRule"]);
     let rule: serde_json::Value =
         serde_saphyr::from_str(rule.trim_start_matches("---")).expect("the PrometheusRule is YAML");
-    let dir = common::temp_path("promtool");
+    let dir = common::scratch_path("promtool");
     std::fs::create_dir_all(&dir).unwrap();
     // JSON is YAML: the rule's spec is a rule file as it is.
     std::fs::write(dir.join("rules.json"), rule["spec"].to_string()).unwrap();

@@ -332,7 +332,7 @@ async fn start_webhook(
     sa: kube::Client,
     scope: WatchScope,
 ) -> (SocketAddr, Arc<Registry>, tokio::sync::oneshot::Sender<()>) {
-    let dir = common::temp_path("scoped-webhook");
+    let dir = common::scratch_path("scoped-webhook");
     std::fs::create_dir_all(&dir).unwrap();
     let serving = common::control_plane()
         .issue_serving_certificate("seinode-tls-scoped", &["localhost"])

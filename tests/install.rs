@@ -58,8 +58,7 @@ async fn install(client: &kube::Client, ca: &CertificateAuthority) {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    let ca_file: PathBuf =
-        std::env::temp_dir().join(format!("install-ca-{}.pem", std::process::id()));
+    let ca_file: PathBuf = common::scratch_path("install-ca.pem");
     std::fs::write(&ca_file, ca.cert_pem()).unwrap();
     let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/seinode-tls");
     let out = common::helm(&[

@@ -26,7 +26,7 @@ pub fn text(bytes: &[u8]) -> String {
 /// Values for the "own certificate" mode: no cert-manager, a Secret and CA bundle we supply.
 pub fn own_cert_values() -> Vec<String> {
     let ca = CertificateAuthority::new("chart test CA").unwrap();
-    let ca_file = std::env::temp_dir().join(format!("chart-ca-{}.pem", std::process::id()));
+    let ca_file = super::scratch_path("chart-ca.pem");
     std::fs::write(&ca_file, ca.cert_pem()).unwrap();
     vec![
         "--set".into(),
