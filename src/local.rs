@@ -359,7 +359,9 @@ async fn feed_pod_addresses(
 /// Whether `addr` is in the /24 of `gateway`, and not the gateway itself.
 fn in_pod_network(addr: SocketAddr, gateway: Ipv4Addr) -> bool {
     match addr.ip() {
-        std::net::IpAddr::V4(ip) => ip.octets()[..3] == gateway.octets()[..3] && ip != gateway,
+        std::net::IpAddr::V4(ip) => {
+            seinode_tls_devcluster::network::in_pod_network(ip, gateway) && ip != gateway
+        }
         std::net::IpAddr::V6(_) => false,
     }
 }

@@ -249,30 +249,19 @@ impl Sandbox {
 /// script, too.
 fn clean_up(index: u8) {
     let prefix = format!("{NAME_PREFIX}{index}-");
-    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-        for ns in String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|ns| ns.starts_with(&prefix))
-        {
-            remove_netns(ns);
-        }
+    for ns in ip_stdout(&["netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|ns| ns.starts_with(&prefix))
+    {
+        remove_netns(ns);
     }
     // A namespace goes (and its veth with it) only once its last process has exited, which the
     // kernel finishes later: the host ends are deleted here, so the names are free on return.
     let veth_prefix = format!("{VETH_PREFIX}{index}-");
-    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
-        for link in String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| {
-                // "12: snv0-7@if3: <BROADCAST,...> ..."
-                let name = line.split(": ").nth(1)?;
-                Some(name.split('@').next()?.to_owned())
-            })
-        {
-            if link.starts_with(&veth_prefix) {
-                let _ = ip(&["link", "del", &link]);
-            }
+    for link in link_names(&ip_stdout(&["-o", "link", "show"])) {
+        if link.starts_with(&veth_prefix) {
+            let _ = ip(&["link", "del", link]);
         }
     }
     let _ = ip(&["link", "del", &format!("{NAME_PREFIX}{index}")]);
@@ -288,16 +277,9 @@ fn clean_up(index: u8) {
 /// at least as specific as those /24s), which would compete with the Pod network's routes and
 /// could take its traffic off the machine; `None` when the ranges are free.
 fn host_use_of_range(index: u8) -> Option<String> {
-    let show = |args: &[&str]| {
-        Command::new("ip")
-            .args(args)
-            .output()
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-            .unwrap_or_default()
-    };
     range_conflict(
-        &show(&["-4", "-o", "route", "show", "table", "all"]),
-        &show(&["-4", "-o", "addr", "show"]),
+        &ip_stdout(&["-4", "-o", "route", "show", "table", "all"]),
+        &ip_stdout(&["-4", "-o", "addr", "show"]),
         index,
     )
 }
@@ -357,10 +339,7 @@ fn range_conflict(routes: &str, addresses: &str, index: u8) -> Option<String> {
 fn remove_netns(ns: &str) {
     let deadline = std::time::Instant::now() + KILL_DEADLINE;
     loop {
-        let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
-            break;
-        };
-        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+        let pids: Vec<i32> = ip_stdout(&["netns", "pids", ns])
             .split_whitespace()
             .filter_map(|pid| pid.parse().ok())
             .collect();
@@ -396,6 +375,27 @@ done
 ip link del "sntls$1" 2>/dev/null
 ip route del unreachable "198.18.$1.0/24" metric 4000 2>/dev/null
 ip route del unreachable "198.19.$1.0/24" metric 4000 2>/dev/null"#;
+
+/// Whether `ip` is in the Pod network (the /24) of `member`, an address in it.
+pub fn in_pod_network(ip: Ipv4Addr, member: Ipv4Addr) -> bool {
+    ip.octets()[..3] == member.octets()[..3]
+}
+
+/// What `ip args` printed; empty if it could not run.
+fn ip_stdout(args: &[&str]) -> String {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The interface names in the output of `ip -o link show`, without a veth's `@peer`.
+fn link_names(text: &str) -> impl Iterator<Item = &str> {
+    // "12: snv0-7@if3: <BROADCAST,...> ..."
+    text.lines()
+        .filter_map(|line| line.split(": ").nth(1)?.split('@').next())
+}
 
 fn ip(args: &[&str]) -> Result<(), NetworkError> {
     let output = Command::new("ip")
@@ -459,12 +459,12 @@ pub fn established_connections(pid: u32, port: u16) -> std::io::Result<usize> {
 mod tests {
     use super::*;
 
+    /// The first word of each line `ip args` printed (a namespace, a PID).
     fn names(args: &[&str]) -> Vec<String> {
-        let out = Command::new("ip").args(args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
+        ip_stdout(args)
             .lines()
             .filter_map(|line| line.split_whitespace().next())
-            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .map(str::to_owned)
             .collect()
     }
 
@@ -521,17 +521,9 @@ mod tests {
                 .any(|n| n.starts_with(&netns)),
             "a namespace is left"
         );
-        let out = Command::new("ip")
-            .args(["-o", "link", "show"])
-            .output()
-            .unwrap();
-        // "12: snv0-7@if3: <BROADCAST,...> ..."
-        let links: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| line.split(": ").nth(1)?.split('@').next())
-            .map(str::to_owned)
-            .collect();
-        assert!(links.iter().any(|l| l == "lo"), "links not read: {links:?}");
+        let shown = ip_stdout(&["-o", "link", "show"]);
+        let links: Vec<&str> = link_names(&shown).collect();
+        assert!(links.contains(&"lo"), "links not read: {links:?}");
         assert!(
             !links.iter().any(|l| l.starts_with(&veth) || *l == bridge),
             "links left: {links:?}"

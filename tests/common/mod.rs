@@ -136,19 +136,22 @@ pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> b
 /// bundle for helm, a serving certificate): removed with the cluster, by its watchdog when the
 /// test binary exits however it ends, so nothing is left in the temporary directory.
 pub fn scratch_path(prefix: &str) -> std::path::PathBuf {
-    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let scratch = control_plane().dir().join("scratch");
     std::fs::create_dir_all(&scratch).expect("the cluster's scratch directory");
-    scratch.join(format!("{prefix}-{n}"))
+    scratch.join(unique_name(prefix))
 }
 
 /// A fresh directory under the system temp dir (not created): for what must outlive or stand
 /// apart from the test cluster (another control plane's state directory); the test removes it.
 pub fn temp_path(prefix: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(unique_name(prefix))
+}
+
+/// `<prefix>-<pid>-<n>`, never the same twice on the machine while this process runs.
+fn unique_name(prefix: &str) -> String {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()))
+    format!("{prefix}-{}-{n}", std::process::id())
 }
 
 /// The webhook of this test binary, serving and registered with its control plane, running on

@@ -112,7 +112,8 @@ fn probe_target(
         ))
     })?;
     let [a, b, c, _] = pod_ip.octets();
-    let allowed = ip.is_loopback() || matches!(ip, IpAddr::V4(v4) if v4.octets()[..3] == [a, b, c]);
+    let allowed = ip.is_loopback()
+        || matches!(ip, IpAddr::V4(v4) if crate::network::in_pod_network(v4, pod_ip));
     if allowed {
         Ok(ip)
     } else {
