@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
-use seinode_tls_controller::probe::SidecarAddresses;
+use seinode_tls_controller::config::{SidecarClientFiles, SidecarPlatform};
+use seinode_tls_controller::sidecar::SidecarAddresses;
 use seinode_tls_controller::{ControllerConfig, LeaderElection};
 use seinode_tls_crds::watch::WatchScope;
 use seinode_tls_webhook::{GuardPolicy, SecretPolicy, WebhookConfig};
@@ -153,9 +154,13 @@ pub struct LocalCli {
 #[cfg(feature = "local")]
 #[derive(Debug, Subcommand)]
 pub enum StandInCommand {
-    /// The sidecar: plain HTTP on SEI_SIDECAR_LISTEN_ADDRESS (default 0.0.0.0:7777) answering
-    /// GET /healthz and GET /v0/status (with SEI_CHAIN_ID) until SIGTERM.
-    Sidecar,
+    /// The sidecar (the image's `seictl serve`): seictl's API on SEI_SIDECAR_PORT (default
+    /// 7777), authenticated as SEI_SIDECAR_AUTHN_MODE says, until SIGTERM. Takes only an
+    /// optional `serve`.
+    Sidecar {
+        #[arg(value_name = "SEICTL_ARGS")]
+        args: Vec<String>,
+    },
     /// seid: `start --home DIR` writes DIR/stand-in-seid.started, then waits for SIGTERM.
     /// Arguments after `seid` (or after `--`) go to the stand-in unparsed.
     Seid {
@@ -249,14 +254,53 @@ pub struct ControllerArgs {
     /// SubjectAccessReview: bind it to system:auth-delegator); the namespace's default if unset.
     #[arg(long, env = "SEINODE_TLS_NODE_SERVICE_ACCOUNT")]
     pub node_service_account: Option<String>,
-    /// Connect to ADDR (IP:PORT) for sidecar HOST instead of resolving it (repeatable; for
-    /// controllers outside the cluster's DNS).
+    /// The controller's TLS client certificate (PEM, leaf first) for calling the sidecars'
+    /// task API through kube-rbac-proxy; read again for each call, so a renewal needs no
+    /// restart. Without it, TLS nodes wait at their MarkSidecarReady task.
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_CLIENT_CERT_FILE", value_name = "FILE", requires_all = ["sidecar_client_key_file", "sidecar_client_ca_file"])]
+    pub sidecar_client_cert_file: Option<PathBuf>,
+    /// The private key of --sidecar-client-cert-file (PEM).
+    #[arg(
+        long,
+        env = "SEINODE_TLS_SIDECAR_CLIENT_KEY_FILE",
+        value_name = "FILE",
+        requires = "sidecar_client_cert_file"
+    )]
+    pub sidecar_client_key_file: Option<PathBuf>,
+    /// The CA bundle (PEM) the node proxies are to trust for --sidecar-client-cert-file
+    /// (their --client-ca-file); read at start. Never a CA the API server trusts for clients.
+    #[arg(
+        long,
+        env = "SEINODE_TLS_SIDECAR_CLIENT_CA_FILE",
+        value_name = "FILE",
+        requires = "sidecar_client_cert_file"
+    )]
+    pub sidecar_client_ca_file: Option<PathBuf>,
+    /// Sidecar probes at once, apart from the reconcile slots (a sidecar that never answers
+    /// holds one of these, never a reconcile slot).
+    #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_PROBES", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_concurrent_probes: u16,
+    /// Bucket of the fleet's genesis artifacts: the sidecar's SEI_GENESIS_BUCKET, which
+    /// `seictl serve` requires (as the next three).
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_GENESIS_BUCKET", default_value = "")]
+    pub sidecar_genesis_bucket: String,
+    /// Region of the genesis bucket (SEI_GENESIS_REGION).
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_GENESIS_REGION", default_value = "")]
+    pub sidecar_genesis_region: String,
+    /// Bucket of the fleet's snapshots (SEI_SNAPSHOT_BUCKET).
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_SNAPSHOT_BUCKET", default_value = "")]
+    pub sidecar_snapshot_bucket: String,
+    /// Region of the snapshot bucket (SEI_SNAPSHOT_REGION).
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_SNAPSHOT_REGION", default_value = "")]
+    pub sidecar_snapshot_region: String,
+    /// Dial ADDR (IP:PORT) for the pod named HOST (its DNS name) instead of the IP its Pod
+    /// reports (repeatable; for a controller that cannot reach Pod IPs).
     #[arg(long = "sidecar-address", value_name = "HOST=ADDR", value_parser = parse_sidecar_address)]
     pub sidecar_addresses: Vec<(String, std::net::SocketAddr)>,
-    /// Never look sidecar names up in DNS: hosts not given with --sidecar-address are
-    /// reported unreachable.
-    #[arg(long, env = "SEINODE_TLS_NO_SIDECAR_DNS")]
-    pub no_sidecar_dns: bool,
+    /// Dial only Pod IPs inside this IPv4 range (a.b.c.d/n); a Pod reporting another address
+    /// is reported unreachable. Unset: any Pod IP.
+    #[arg(long, env = "SEINODE_TLS_SIDECAR_POD_CIDR", value_name = "CIDR", value_parser = parse_cidr)]
+    pub sidecar_pod_cidr: Option<(std::net::Ipv4Addr, u8)>,
     /// SeiNodes reconciled at once; a node not decided yet goes before plan work.
     #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub max_concurrent_reconciles: u16,
@@ -348,10 +392,12 @@ impl ControllerArgs {
             .leader_election_identity
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| format!("seinode-tls-{}", std::process::id()));
-        let sidecar_addresses = if self.no_sidecar_dns {
-            SidecarAddresses::only()
-        } else {
-            SidecarAddresses::default()
+        let sidecar_addresses = match self.sidecar_pod_cidr {
+            Some((network, bits)) => SidecarAddresses::pod_ips_where(move |ip| match ip {
+                std::net::IpAddr::V4(ip) => in_cidr(ip, network, bits),
+                std::net::IpAddr::V6(_) => false,
+            }),
+            None => SidecarAddresses::default(),
         };
         for (host, addr) in &self.sidecar_addresses {
             sidecar_addresses.set(host, *addr);
@@ -374,6 +420,25 @@ impl ControllerArgs {
             sidecar_probe_interval: self.sidecar_probe_interval,
             sidecar_probe_timeout: self.sidecar_probe_timeout,
             sidecar_ca_bundle: self.sidecar_ca_bundle,
+            sidecar_client: match (
+                self.sidecar_client_cert_file,
+                self.sidecar_client_key_file,
+                self.sidecar_client_ca_file,
+            ) {
+                (Some(cert_file), Some(key_file), Some(ca_file)) => Some(SidecarClientFiles {
+                    cert_file,
+                    key_file,
+                    ca_file,
+                }),
+                _ => None,
+            },
+            max_concurrent_probes: self.max_concurrent_probes,
+            sidecar_platform: SidecarPlatform {
+                genesis_bucket: self.sidecar_genesis_bucket,
+                genesis_region: self.sidecar_genesis_region,
+                snapshot_bucket: self.sidecar_snapshot_bucket,
+                snapshot_region: self.sidecar_snapshot_region,
+            },
             node_service_account: self.node_service_account,
             watch_scope: serve.watch_namespaces.clone(),
             ..ControllerConfig::default()
@@ -383,6 +448,28 @@ impl ControllerArgs {
 
 fn parse_watch_scope(value: &str) -> Result<WatchScope, String> {
     WatchScope::parse(value).map_err(|e| e.to_string())
+}
+
+/// `a.b.c.d/n`.
+fn parse_cidr(value: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (ip, bits) = value
+        .split_once('/')
+        .ok_or_else(|| format!("expected an IPv4 range like 10.0.0.0/8, got {value:?}"))?;
+    let ip = ip
+        .parse()
+        .map_err(|e| format!("{ip:?} is not an IPv4 address: {e}"))?;
+    let bits: u8 = bits
+        .parse()
+        .ok()
+        .filter(|b| *b <= 32)
+        .ok_or_else(|| format!("{bits:?} is not a prefix length from 0 to 32"))?;
+    Ok((ip, bits))
+}
+
+/// Whether `ip` is in `network/bits`.
+pub fn in_cidr(ip: std::net::Ipv4Addr, network: std::net::Ipv4Addr, bits: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(network) & mask
 }
 
 fn parse_sidecar_address(value: &str) -> Result<(String, std::net::SocketAddr), String> {
@@ -492,8 +579,8 @@ pub fn run(cli: Cli) -> ExitCode {
             demo: args.demo,
         }),
         #[cfg(feature = "local")]
-        Command::StandIn(StandInCommand::Sidecar) => {
-            crate::serve::run_to_exit(seinode_tls_devcluster::standin::run_sidecar())
+        Command::StandIn(StandInCommand::Sidecar { args }) => {
+            crate::serve::run_to_exit(seinode_tls_devcluster::standin::run_sidecar(args))
         }
         #[cfg(feature = "local")]
         Command::StandIn(StandInCommand::Seid { args }) => {
@@ -533,8 +620,13 @@ mod stand_in_tests {
     }
 
     #[test]
-    fn stand_in_sidecar_takes_no_arguments_and_is_hidden_from_help() {
-        assert!(matches!(stand_in(&["sidecar"]), StandInCommand::Sidecar));
+    fn stand_in_sidecar_takes_seictls_serve_but_no_flags_and_is_hidden_from_help() {
+        assert!(
+            matches!(stand_in(&["sidecar"]), StandInCommand::Sidecar { args } if args.is_empty())
+        );
+        assert!(
+            matches!(stand_in(&["sidecar", "serve"]), StandInCommand::Sidecar { args } if args == ["serve"])
+        );
         assert!(Cli::try_parse_from(["seinode-tls", "stand-in", "sidecar", "--port=1"]).is_err());
         let help = Cli::command().render_help().to_string();
         assert!(!help.contains("stand-in"), "{help}");

@@ -22,7 +22,8 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
-use seinode_tls_controller::probe::SidecarAddresses;
+use seinode_tls_controller::config::{SidecarClientFiles, SidecarPlatform};
+use seinode_tls_controller::sidecar::SidecarAddresses;
 use seinode_tls_controller::{Controller, ControllerConfig};
 use seinode_tls_crds::contract::{
     DEFAULT_CLUSTER_DOMAIN, REQUIRED_DNS_NAMES_ANNOTATION, required_dns_names,
@@ -81,23 +82,38 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
         control_plane.server()
     );
     control_plane::install_crd(&client).await?;
+    // What the chart grants: kube-rbac-proxy's reviews, and the controller's certificate user
+    // the sidecars' task API.
+    control_plane::install_sidecar_rbac(&client).await.context(
+        "failed to grant the node proxies and the controller's sidecar client their RBAC",
+    )?;
+    let client_files = control_plane.write_sidecar_client()?;
 
     let mut registry = Registry::with_prefix(crate::serve::METRICS_PREFIX);
-    // The controller runs on the host, where cluster names do not resolve: Pod addresses are
-    // fed to it as the kubelet assigns them.
-    let sidecar_addresses = SidecarAddresses::only();
+    // The controller dials the Pod IPs the API reports, and only those of the Pod network this
+    // process made: nothing else on the host's networks is ever dialed.
+    let gateway = cluster.gateway();
     let controller_config = ControllerConfig {
-        sidecar_addresses: sidecar_addresses.clone(),
+        sidecar_addresses: SidecarAddresses::pod_ips_where(move |ip| {
+            gateway.is_some_and(|gateway| in_pod_network(ip, gateway))
+        }),
+        sidecar_client: Some(SidecarClientFiles {
+            cert_file: client_files.cert_file,
+            key_file: client_files.key_file,
+            ca_file: client_files.ca_file,
+        }),
+        // seictl refuses to start without them; nothing here reads them.
+        sidecar_platform: SidecarPlatform {
+            genesis_bucket: "local-genesis".to_owned(),
+            genesis_region: "local".to_owned(),
+            snapshot_bucket: "local-snapshots".to_owned(),
+            snapshot_region: "local".to_owned(),
+        },
         ..ControllerConfig::default()
     };
     let controller = Controller::new(controller_config, &mut registry)?;
     let webhook = start_webhook(control_plane, client.clone(), registry).await?;
     let controller = RunningController::start(controller, control_plane.config().await?)?;
-    let addresses = tokio::spawn(feed_pod_addresses(
-        client.clone(),
-        sidecar_addresses,
-        cluster.gateway(),
-    ));
     eprintln!("controller running");
 
     let demo = if config.demo {
@@ -115,7 +131,6 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     if let Some(demo) = demo {
         demo.abort();
     }
-    addresses.abort();
     controller.stop().await;
     webhook.stop().await;
     drop(cluster);
@@ -330,59 +345,14 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
-/// Keeps `addresses` in step with the Pods: each Pod with a hostname and subdomain maps its
-/// cluster DNS name to its address and sidecar port (what cluster DNS does inside Pods). Only
-/// addresses in the Pod network's /24 (that of `gateway`; none without a Pod network) are
-/// taken: the controller probes them from the host, which must reach nothing else.
-async fn feed_pod_addresses(
-    client: kube::Client,
-    addresses: SidecarAddresses,
-    gateway: Option<Ipv4Addr>,
-) {
-    let Some(gateway) = gateway else { return };
-    let pods: Api<Pod> = Api::all(client);
-    let mut events = watcher::watcher(pods, watcher::Config::default()).boxed();
-    while let Some(event) = events.next().await {
-        let Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) = event else {
-            continue;
-        };
-        match sidecar_address(&pod) {
-            Some((name, addr)) if in_pod_network(addr, gateway) => addresses.set(&name, addr),
-            Some((name, addr)) => {
-                tracing::warn!(%name, %addr, "a Pod's address is outside the Pod network; not probed");
-            }
-            None => {}
-        }
-    }
-}
-
-/// Whether `addr` is in the /24 of `gateway`, and not the gateway itself.
-fn in_pod_network(addr: SocketAddr, gateway: Ipv4Addr) -> bool {
-    match addr.ip() {
+/// Whether `ip` is in the /24 of `gateway`, and not the gateway itself.
+fn in_pod_network(ip: std::net::IpAddr, gateway: Ipv4Addr) -> bool {
+    match ip {
         std::net::IpAddr::V4(ip) => {
             seinode_tls_devcluster::network::in_pod_network(ip, gateway) && ip != gateway
         }
         std::net::IpAddr::V6(_) => false,
     }
-}
-
-/// `<hostname>.<subdomain>.<ns>.svc.<domain>` and the address of the Pod's sidecar port.
-fn sidecar_address(pod: &Pod) -> Option<(String, SocketAddr)> {
-    let spec = pod.spec.as_ref()?;
-    let ip: Ipv4Addr = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
-    let name = format!(
-        "{}.{}.{}.svc.{DEFAULT_CLUSTER_DOMAIN}",
-        spec.hostname.as_ref()?,
-        spec.subdomain.as_ref()?,
-        pod.namespace()?
-    );
-    let port = spec
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .find(|p| matches!(p.name.as_deref(), Some("sidecar-https" | "sidecar-http")))?
-        .container_port;
-    Some((name, SocketAddr::from((ip, u16::try_from(port).ok()?))))
 }
 
 /// Applies an example TLS Secret (issued for the node's contract) and a SeiNode naming it, and
@@ -509,7 +479,7 @@ mod tests {
     #[test]
     fn only_addresses_of_the_pod_network_are_probed() {
         let gateway = Ipv4Addr::new(198, 18, 3, 1);
-        let at = |ip: [u8; 4]| SocketAddr::from((Ipv4Addr::from(ip), 8443));
+        let at = |ip: [u8; 4]| std::net::IpAddr::from(Ipv4Addr::from(ip));
         assert!(in_pod_network(at([198, 18, 3, 7]), gateway));
         assert!(!in_pod_network(at([198, 18, 3, 1]), gateway), "the host");
         assert!(
@@ -518,7 +488,7 @@ mod tests {
         );
         assert!(!in_pod_network(at([10, 0, 0, 7]), gateway));
         assert!(!in_pod_network(
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 8443)),
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
             gateway
         ));
     }

@@ -1,16 +1,20 @@
 //! The Helm chart against a real API server: it renders (with Helm itself), lints, and applies
 //! with a server-side dry run; its RBAC allows exactly what the code does (proven by running the
 //! controller and the webhook's caches as the chart's ServiceAccount, and by `kubectl auth can-i`
-//! for what must stay denied); its admission policy reserves `seinodes/status` for the controller.
+//! for what must stay denied); the nodes' sidecar task API (`seinodetasks`, asked about by
+//! kube-rbac-proxy) is granted to the controller's client certificate user and to whoever an
+//! operator binds, never to the ServiceAccount; its admission policy reserves `seinodes/status`
+//! for the controller.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use common::chart::{Release, chart_dir, documents_of, ensure_namespace, own_cert_values, text};
+use common::chart::{Release, chart_dir, documents_of, ensure_namespace, text};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -29,9 +33,30 @@ const CHART: Release = Release {
     namespace: RELEASE_NS,
 };
 const WAIT: Duration = Duration::from_secs(30);
+/// The chart's default `sidecarClient.user`: the controller's client certificate's CommonName.
+const DEFAULT_SIDECAR_CLIENT_USER: &str = "seinode-tls:sidecar-client";
+/// `sidecarClient.user` of the release installed here. Not the default: the test cluster itself
+/// grants the default user `seinodetasks` (for the controllers the tests run), which would
+/// answer for the chart's binding.
+const SIDECAR_CLIENT_USER: &str = "seinode-tls-chart-test:sidecar-client";
+/// `sidecarClient.secretName` in the "own certificate" mode.
+const SIDECAR_CLIENT_SECRET: &str = "seinode-tls-sidecar-client-own";
 
 fn render(extra: &[String]) -> String {
     CHART.render(extra)
+}
+
+/// Values for the "own certificate" mode: the serving Secret and CA bundle of
+/// `common::chart::own_cert_values`, and the Secret of the controller's sidecar client
+/// certificate, which the chart requires without cert-manager. (Nothing here runs the
+/// Deployment, so neither Secret has to exist; tests/install.rs creates both.)
+fn own_cert_values() -> Vec<String> {
+    let mut values = common::chart::own_cert_values();
+    values.extend([
+        "--set".to_owned(),
+        format!("sidecarClient.secretName={SIDECAR_CLIENT_SECRET}"),
+    ]);
+    values
 }
 
 /// cert-manager's real CRDs (its Issuer and Certificate schemas check the chart's), and
@@ -63,10 +88,18 @@ fn install_crds() {
 }
 
 /// Installs, for real, the chart's ServiceAccount, RBAC and status policy (not the Deployment:
-/// there is no kubelet), once per test binary; waits until the policy is enforced.
+/// there is no kubelet), with [`SIDECAR_CLIENT_USER`], once per test binary; waits until the
+/// policy is enforced.
 fn install_rbac_and_policy() {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| CHART.install_rbac_and_policy(&own_cert_values()));
+    DONE.get_or_init(|| {
+        let mut values = own_cert_values();
+        values.extend([
+            "--set".to_owned(),
+            format!("sidecarClient.user={SIDECAR_CLIENT_USER}"),
+        ]);
+        CHART.install_rbac_and_policy(&values);
+    });
 }
 
 /// A client that acts as the chart's ServiceAccount (impersonation by the admin).
@@ -76,6 +109,50 @@ async fn service_account_client() -> Client {
 
 fn can_i(args: &[&str]) -> bool {
     CHART.can_i(args)
+}
+
+/// `kubectl auth can-i ARGS` as `user`.
+fn can_i_as(user: &str, args: &[&str]) -> bool {
+    let as_user = format!("--as={user}");
+    let mut all = vec!["auth", "can-i", as_user.as_str()];
+    all.extend_from_slice(args);
+    let out = common::kubectl(&all, "");
+    text(&out.stdout).trim() == "yes"
+}
+
+/// The question kube-rbac-proxy asks the API server for a call to node `name`'s sidecar (a
+/// SubjectAccessReview): may `user`, in `groups`, `verb` (`create` for a POST, `get` for a GET)
+/// `seinodetasks.sei.io` named `name` in `ns`? `kubectl auth can-i` cannot ask it: for a resource
+/// no API serves, it drops the group and asks about a resource named `seinodetasks.sei.io` in
+/// the core group, which nothing grants.
+fn may_call_sidecar(user: &str, groups: &[&str], verb: &str, ns: &str, name: &str) -> bool {
+    let review = json!({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": groups, "resourceAttributes": {
+            "group": "sei.io", "resource": "seinodetasks", "verb": verb,
+            "namespace": ns, "name": name}},
+    });
+    let out = common::kubectl(
+        &["create", "-f", "-", "-o", "jsonpath={.status.allowed}"],
+        &review.to_string(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim() == "true"
+}
+
+/// What the chart's sidecar roles hold: the nodes' task API, as kube-rbac-proxy asks about it.
+fn sidecar_task_rules() -> serde_json::Value {
+    json!([{"apiGroups": ["sei.io"], "resources": ["seinodetasks"],
+            "verbs": ["create", "get", "list"]}])
+}
+
+/// The groups the API server gives the chart's ServiceAccount.
+fn service_account_groups() -> [String; 3] {
+    [
+        "system:serviceaccounts".to_owned(),
+        format!("system:serviceaccounts:{RELEASE_NS}"),
+        "system:authenticated".to_owned(),
+    ]
 }
 
 #[test]
@@ -110,6 +187,14 @@ fn the_chart_lints_and_renders_with_helm() {
         );
     }
     assert!(rendered.contains("cert-manager.io/inject-ca-from: seinode-tls-system/seinode-tls"));
+    // The controller's client certificate for the node proxies, and the sidecar roles.
+    for name in [
+        "name: seinode-tls-sidecar-client\n",
+        "name: seinode-tls-sidecar-operator\n",
+    ] {
+        assert!(rendered.contains(name), "renders {name}");
+    }
+    assert!(rendered.contains(&format!("commonName: \"{DEFAULT_SIDECAR_CLIENT_USER}\"")));
     assert!(
         rendered.contains("failurePolicy: Ignore"),
         "the Secret guard fails open"
@@ -141,11 +226,19 @@ fn the_rendered_chart_applies_with_a_server_side_dry_run_in_both_certificate_mod
             "deployment.apps/seinode-tls",
             "validatingwebhookconfiguration",
             "prometheusrule",
+            "clusterrole.rbac.authorization.k8s.io/seinode-tls-sidecar-operator",
+            "clusterrole.rbac.authorization.k8s.io/seinode-tls-sidecar-client",
+            "clusterrolebinding.rbac.authorization.k8s.io/seinode-tls-sidecar-client",
         ] {
             assert!(stdout.contains(object), "{object} in {stdout}");
         }
-        // The default path's Issuer and Certificate, checked against cert-manager's own schema.
-        for object in ["issuer.cert-manager.io/", "certificate.cert-manager.io/"] {
+        // The default path's Issuer and Certificates (serving, sidecar client), checked against
+        // cert-manager's own schema.
+        for object in [
+            "issuer.cert-manager.io/",
+            "certificate.cert-manager.io/seinode-tls ",
+            "certificate.cert-manager.io/seinode-tls-sidecar-client ",
+        ] {
             assert_eq!(
                 stdout.contains(object),
                 cert_manager,
@@ -175,6 +268,10 @@ fn the_service_account_may_do_exactly_what_the_code_does() {
         &["patch", "statefulsets.apps", "-A"],
         &["get", "statefulsets.apps", "-A"],
         &["create", "events.events.k8s.io", "-A"],
+        // The nodes' Pods: the controller dials a node's sidecar at its Pod IP.
+        &["get", "pods", "-A"],
+        &["list", "pods", "-A"],
+        &["watch", "pods", "-A"],
         &["get", "leases.coordination.k8s.io", "-n", RELEASE_NS],
         &["create", "leases.coordination.k8s.io", "-n", RELEASE_NS],
         &["update", "leases.coordination.k8s.io", "-n", RELEASE_NS],
@@ -183,8 +280,6 @@ fn the_service_account_may_do_exactly_what_the_code_does() {
         assert!(can_i(args), "the chart must allow: {}", args.join(" "));
     }
     let denied: &[&[&str]] = &[
-        // The probe sends no credential, so the controller may not call the sidecars' API.
-        &["get", "seinodes.sei.io", "--subresource=sidecar", "-A"],
         &["create", "secrets", "-A"],
         &["update", "secrets", "-A"],
         &["patch", "secrets", "-A"],
@@ -195,7 +290,10 @@ fn the_service_account_may_do_exactly_what_the_code_does() {
         &["delete", "seinodes.sei.io", "-A"],
         &["patch", "events.events.k8s.io", "-A"],
         &["delete", "statefulsets.apps", "-A"],
-        &["get", "pods", "-A"],
+        &["create", "pods", "-A"],
+        &["delete", "pods", "-A"],
+        &["patch", "pods", "-A"],
+        &["create", "pods", "--subresource=exec", "-A"],
         &["create", "deployments.apps", "-A"],
         &["get", "leases.coordination.k8s.io", "-n", "kube-system"],
         &["create", "clusterroles.rbac.authorization.k8s.io"],
@@ -203,6 +301,140 @@ fn the_service_account_may_do_exactly_what_the_code_does() {
     for args in denied {
         assert!(!can_i(args), "the chart must not allow: {}", args.join(" "));
     }
+    // The ServiceAccount is not the sidecars' client: the controller calls them with its client
+    // certificate (sidecarClient.user), whose key never leaves its pods; a token of the
+    // ServiceAccount is worth nothing to a node proxy.
+    let groups = service_account_groups();
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    for verb in ["create", "get", "list"] {
+        assert!(
+            !may_call_sidecar(&CHART.service_account(), &groups, verb, "sei-nodes", "rpc"),
+            "the ServiceAccount must not {verb} seinodetasks"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_sidecar_client_user_and_bound_operators_may_call_the_sidecars_and_nothing_else() {
+    install_rbac_and_policy();
+    let admin = common::client().await;
+    let ns = common::namespace(&admin, "chart-sidecar").await;
+
+    // The controller's certificate identity (the release's sidecarClient.user): every node's
+    // tasks, cluster-wide (a ClusterRoleBinding without watchNamespaces), POST and GET.
+    for verb in ["create", "get"] {
+        for (at, node) in [(ns.as_str(), "rpc"), ("sei-nodes", "archive")] {
+            assert!(
+                may_call_sidecar(SIDECAR_CLIENT_USER, &[], verb, at, node),
+                "{SIDECAR_CLIENT_USER} must {verb} seinodetasks {at}/{node}"
+            );
+        }
+    }
+    // Nobody else: the answer above is the chart's binding.
+    assert!(!may_call_sidecar(
+        "seinode-tls-chart-test:someone-else",
+        &[],
+        "create",
+        &ns,
+        "rpc"
+    ));
+    // ... and nothing in the API server: a certificate of that name is no credential there
+    // anyway (its CA is not the API server's), and the name is granted nothing either.
+    let api_server: &[&[&str]] = &[
+        &["get", "seinodes.sei.io", "-A"],
+        &["get", "secrets", "-A"],
+        &["get", "pods", "-A"],
+        &["create", "pods", "--subresource=exec", "-A"],
+        &["update", "seinodes.sei.io", "--subresource=status", "-A"],
+    ];
+    for args in api_server {
+        assert!(
+            !can_i_as(SIDECAR_CLIENT_USER, args),
+            "{SIDECAR_CLIENT_USER} must not: {}",
+            args.join(" ")
+        );
+    }
+
+    // The operators' ClusterRole: the same rules, bound by nobody until an operator binds it.
+    let out = common::kubectl(
+        &[
+            "get",
+            "clusterrole",
+            "seinode-tls-sidecar-operator",
+            "-o",
+            "json",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let role: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rules = sidecar_task_rules();
+    assert_eq!(role["rules"], rules);
+    let out = common::kubectl(
+        &[
+            "get",
+            "clusterrole",
+            "seinode-tls-sidecar-client",
+            "-o",
+            "json",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let role: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(role["rules"], rules);
+    let operator = ["sei-operators", "system:authenticated"];
+    assert!(!may_call_sidecar("alice", &operator, "create", &ns, "rpc"));
+
+    // examples/sidecar-operator-rolebinding.yaml, applied as its header says: the group's
+    // members may call every node of that namespace, and of no other.
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/sidecar-operator-rolebinding.yaml");
+    let out = common::kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "-n",
+            &ns,
+            "-f",
+            example.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The authorizer learns of a new binding from its watch: wait for the first yes.
+    assert!(
+        common::wait_until(WAIT, || may_call_sidecar(
+            "alice", &operator, "create", &ns, "rpc"
+        )),
+        "the example's RoleBinding did not take effect"
+    );
+    for verb in ["create", "get", "list"] {
+        for node in ["rpc", "archive"] {
+            assert!(
+                may_call_sidecar("alice", &operator, verb, &ns, node),
+                "a sei-operators member must {verb} seinodetasks {ns}/{node}"
+            );
+        }
+    }
+    assert!(!may_call_sidecar(
+        "alice",
+        &operator,
+        "create",
+        "sei-nodes",
+        "rpc"
+    ));
+    assert!(!may_call_sidecar(
+        "bob",
+        &["system:authenticated"],
+        "create",
+        &ns,
+        "rpc"
+    ));
+    assert!(
+        !may_call_sidecar("alice", &operator, "delete", &ns, "rpc"),
+        "DELETE is not granted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,12 +583,17 @@ async fn only_the_controller_may_write_seinode_status() {
         .expect("the controller's ServiceAccount may write status");
 }
 
-/// The container args of the rendered Deployment.
-fn deployment_args(rendered: &str) -> Vec<String> {
+/// The pod spec of the rendered Deployment.
+fn deployment_pod(rendered: &str) -> k8s_openapi::api::core::v1::PodSpec {
     let deployment = documents_of(rendered, &["Deployment"]);
     let deployment: k8s_openapi::api::apps::v1::Deployment =
         serde_saphyr::from_str(deployment.trim_start_matches("---\n")).expect("Deployment parses");
-    let containers = deployment.spec.unwrap().template.spec.unwrap().containers;
+    deployment.spec.unwrap().template.spec.unwrap()
+}
+
+/// The container args of the rendered Deployment.
+fn deployment_args(rendered: &str) -> Vec<String> {
+    let containers = deployment_pod(rendered).containers;
     assert_eq!(containers.len(), 1, "one container");
     containers[0].args.clone().unwrap_or_default()
 }
@@ -395,7 +632,75 @@ fn the_deployment_passes_each_flag_once_and_the_binary_accepts_its_args() {
         {
             assert!(args.contains(&"--node-service-account=sei-node".to_owned()));
         }
+        for flag in [
+            "--sidecar-client-cert-file=/sidecar-client/tls.crt",
+            "--sidecar-client-key-file=/sidecar-client/tls.key",
+            "--sidecar-client-ca-file=/sidecar-client/ca.crt",
+        ] {
+            assert!(args.contains(&flag.to_owned()), "{flag} in {args:?}");
+        }
     }
+}
+
+/// The controller's client certificate reaches it: cert-manager's Secret, or the one named in
+/// `sidecarClient.secretName`, mounted read-only where the flags point.
+#[test]
+fn the_deployment_mounts_the_sidecar_client_secret_in_both_certificate_modes() {
+    for (values, secret) in [
+        (vec![], "seinode-tls-sidecar-client"),
+        (own_cert_values(), SIDECAR_CLIENT_SECRET),
+    ] {
+        let pod = deployment_pod(&render(&values));
+        let volume = pod
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .find(|v| v.name == "sidecar-client")
+            .expect("a sidecar-client volume");
+        assert_eq!(
+            volume.secret.and_then(|s| s.secret_name).as_deref(),
+            Some(secret)
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|m| m.name == "sidecar-client")
+            .expect("the sidecar-client volume is mounted");
+        assert_eq!(mount.mount_path, "/sidecar-client");
+        assert_eq!(mount.read_only, Some(true));
+    }
+}
+
+/// Without cert-manager the chart cannot issue the controller's client certificate: it refuses
+/// to render without `sidecarClient.secretName`, saying so.
+#[test]
+fn without_cert_manager_the_chart_requires_the_sidecar_client_secret() {
+    let chart = chart_dir();
+    let out = common::helm(&[
+        "template",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "--namespace",
+        RELEASE_NS,
+        "--set",
+        "tls.certManager.enabled=false",
+        "--set",
+        "tls.secretName=seinode-tls-webhook",
+        "--set",
+        "tls.caBundle=not-checked-by-helm",
+    ]);
+    assert!(
+        !out.status.success(),
+        "rendered without sidecarClient.secretName"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr
+            .contains("sidecarClient.secretName is required when tls.certManager.enabled is false"),
+        "{stderr}"
+    );
 }
 
 /// The chart's webhook registrations and `webhook/src/registration.rs` (what `local` and the

@@ -1,6 +1,9 @@
 //! The chart's namespace-scoped install (`watchNamespaces`) against a real API server: it renders
-//! Roles in the watched namespaces and nothing cluster-wide; `kubectl auth can-i` proves its
-//! ServiceAccount may act in the watched namespaces only; and the webhook and the controller,
+//! Roles in the watched namespaces and grants nothing cluster-wide (its only ClusterRoles, the
+//! sidecar task roles, are bound per watched namespace or not at all); `kubectl auth can-i`
+//! proves its ServiceAccount may act in the watched namespaces only, and a SubjectAccessReview
+//! that the controller's client certificate user may call the sidecars there only; and the
+//! webhook and the controller,
 //! run in namespaced mode as that ServiceAccount, get ready, decide the SeiNodes of the watched
 //! namespaces, leave the others alone and never hit a Forbidden.
 //!
@@ -16,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::chart::{Release, ensure_namespace, own_cert_values, text};
+use common::chart::{Release, ensure_namespace, text};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
@@ -39,18 +42,48 @@ const SCOPED: Release = Release {
 const WATCHED: [&str; 2] = ["scoped-a", "scoped-b"];
 const UNWATCHED: &str = "scoped-c";
 const WAIT: Duration = Duration::from_secs(30);
+/// `sidecarClient.user` of this release. Not the chart's default: the test cluster itself grants
+/// the default user `seinodetasks` everywhere (for the controllers the tests run), which would
+/// answer for the chart's bindings.
+const SIDECAR_CLIENT_USER: &str = "seinode-tls-scoped:sidecar-client";
 
 fn scope() -> WatchScope {
     WatchScope::Namespaces(WATCHED.map(str::to_owned).to_vec())
 }
 
+/// The "own certificate" values (the serving Secret and CA bundle, and the Secret of the
+/// controller's sidecar client certificate, which the chart requires without cert-manager;
+/// nothing here runs the Deployment, so neither Secret has to exist), [`SIDECAR_CLIENT_USER`],
+/// watching [`WATCHED`].
 fn values() -> Vec<String> {
-    let mut values = own_cert_values();
+    let mut values = common::chart::own_cert_values();
     values.extend([
+        "--set".to_owned(),
+        "sidecarClient.secretName=seinode-tls-scoped-sidecar-client".to_owned(),
+        "--set".to_owned(),
+        format!("sidecarClient.user={SIDECAR_CLIENT_USER}"),
         "--set".to_owned(),
         format!("watchNamespaces={{{}}}", WATCHED.join(",")),
     ]);
     values
+}
+
+/// The question kube-rbac-proxy asks the API server for a call to node `name`'s sidecar (a
+/// SubjectAccessReview): may `user`, in `groups`, `verb` `seinodetasks.sei.io` named `name` in
+/// `ns`? (`kubectl auth can-i` cannot ask it: for a resource no API serves, it drops the group.)
+fn may_call_sidecar(user: &str, groups: &[&str], verb: &str, ns: &str, name: &str) -> bool {
+    let review = json!({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": groups, "resourceAttributes": {
+            "group": "sei.io", "resource": "seinodetasks", "verb": verb,
+            "namespace": ns, "name": name}},
+    });
+    let out = common::kubectl(
+        &["create", "-f", "-", "-o", "jsonpath={.status.allowed}"],
+        &review.to_string(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim() == "true"
 }
 
 /// The namespaces, then the release's ServiceAccount, Roles and status policy, once.
@@ -74,19 +107,38 @@ fn documents(rendered: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn the_chart_renders_roles_in_the_watched_namespaces_and_nothing_cluster_wide() {
+fn the_chart_renders_roles_in_the_watched_namespaces_and_grants_nothing_cluster_wide() {
     let docs = documents(&SCOPED.render(&values()));
     let of_kind = |kind: &str| -> Vec<&serde_json::Value> {
         docs.iter().filter(|d| d["kind"] == kind).collect()
     };
-    assert!(of_kind("ClusterRole").is_empty(), "no ClusterRole");
+    // The only ClusterRoles are the sidecar task roles (a virtual resource only the node proxies
+    // ask about), and nothing binds them cluster-wide.
+    let mut cluster_roles: Vec<&str> = of_kind("ClusterRole")
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    cluster_roles.sort_unstable();
+    assert_eq!(
+        cluster_roles,
+        [
+            format!("{}-sidecar-client", SCOPED.name),
+            format!("{}-sidecar-operator", SCOPED.name)
+        ]
+    );
+    let task_rules = json!([{"apiGroups": ["sei.io"], "resources": ["seinodetasks"],
+                             "verbs": ["create", "get", "list"]}]);
+    for role in of_kind("ClusterRole") {
+        assert_eq!(role["rules"], task_rules, "{}", role["metadata"]["name"]);
+    }
     assert!(
         of_kind("ClusterRoleBinding").is_empty(),
         "no ClusterRoleBinding"
     );
-    let namespaces = |kind: &str| -> Vec<String> {
+    let namespaces = |kind: &str, subject_kind: &str| -> Vec<String> {
         let mut namespaces: Vec<String> = of_kind(kind)
             .iter()
+            .filter(|d| subject_kind.is_empty() || d["subjects"][0]["kind"] == subject_kind)
             .map(|d| d["metadata"]["namespace"].as_str().unwrap().to_owned())
             .collect();
         namespaces.sort();
@@ -94,11 +146,25 @@ fn the_chart_renders_roles_in_the_watched_namespaces_and_nothing_cluster_wide() 
     };
     let expected = ["scoped-a", "scoped-b", SCOPED.namespace];
     assert_eq!(
-        namespaces("Role"),
+        namespaces("Role", ""),
         expected,
         "a Role per watched namespace and the Lease's"
     );
-    assert_eq!(namespaces("RoleBinding"), expected);
+    assert_eq!(namespaces("RoleBinding", "ServiceAccount"), expected);
+    // The controller's client certificate user, per watched namespace.
+    assert_eq!(namespaces("RoleBinding", "User"), WATCHED);
+    for binding in of_kind("RoleBinding")
+        .into_iter()
+        .filter(|d| d["subjects"][0]["kind"] == "User")
+    {
+        assert_eq!(binding["subjects"][0]["name"], SIDECAR_CLIENT_USER);
+        assert_eq!(
+            binding["roleRef"],
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                   "name": format!("{}-sidecar-client", SCOPED.name)})
+        );
+    }
+    assert_eq!(of_kind("RoleBinding").len(), 2 * WATCHED.len() + 1);
 
     // The pod watches the same namespaces, with a flag the binary accepts.
     let deployment = of_kind("Deployment")[0];
@@ -151,6 +217,8 @@ fn the_whole_namespaced_chart_applies_with_a_server_side_dry_run() {
         "validatingwebhookconfiguration.admissionregistration.k8s.io/seinode-tls-scoped",
         "mutatingwebhookconfiguration.admissionregistration.k8s.io/seinode-tls-scoped",
         "role.rbac.authorization.k8s.io/seinode-tls-scoped",
+        "rolebinding.rbac.authorization.k8s.io/seinode-tls-scoped-sidecar-client",
+        "clusterrole.rbac.authorization.k8s.io/seinode-tls-scoped-sidecar-operator",
     ] {
         assert!(stdout.contains(object), "{object} in {stdout}");
     }
@@ -196,6 +264,9 @@ fn the_service_account_may_act_in_the_watched_namespaces_only() {
         &["patch", "statefulsets.apps"],
         &["watch", "statefulsets.apps"],
         &["create", "events.events.k8s.io"],
+        &["get", "pods"],
+        &["list", "pods"],
+        &["watch", "pods"],
     ];
     for args in verbs {
         for ns in WATCHED {
@@ -232,12 +303,40 @@ fn the_service_account_may_act_in_the_watched_namespaces_only() {
         &["create", "secrets", "-n", "scoped-a"],
         &["update", "secrets", "-n", "scoped-a"],
         &["delete", "secrets", "-n", "scoped-a"],
-        &["get", "pods", "-n", "scoped-a"],
+        &["list", "pods", "-A"],
+        &["delete", "pods", "-n", "scoped-a"],
         &["get", "leases.coordination.k8s.io", "-n", "scoped-a"],
         &["create", "clusterroles.rbac.authorization.k8s.io"],
     ];
     for args in denied {
         assert!(!SCOPED.can_i(args), "must not allow: {}", args.join(" "));
+    }
+
+    // The nodes' sidecar task API: the controller's client certificate user in the watched
+    // namespaces only; the ServiceAccount nowhere.
+    let sa_groups = [
+        "system:serviceaccounts".to_owned(),
+        format!("system:serviceaccounts:{}", SCOPED.namespace),
+        "system:authenticated".to_owned(),
+    ];
+    let sa_groups: Vec<&str> = sa_groups.iter().map(String::as_str).collect();
+    for verb in ["create", "get"] {
+        for ns in WATCHED {
+            assert!(
+                may_call_sidecar(SIDECAR_CLIENT_USER, &[], verb, ns, "rpc"),
+                "{SIDECAR_CLIENT_USER} must {verb} seinodetasks in {ns}"
+            );
+        }
+        for ns in WATCHED.iter().chain([&UNWATCHED]) {
+            assert!(
+                !may_call_sidecar(&SCOPED.service_account(), &sa_groups, verb, ns, "rpc"),
+                "the ServiceAccount must not {verb} seinodetasks in {ns}"
+            );
+        }
+        assert!(
+            !may_call_sidecar(SIDECAR_CLIENT_USER, &[], verb, UNWATCHED, "rpc"),
+            "{SIDECAR_CLIENT_USER} must not {verb} seinodetasks outside the watched namespaces"
+        );
     }
 }
 

@@ -136,9 +136,8 @@ spec:
       containers:
       - name: sidecar
         image: {SIDECAR_IMAGE}:v1
-        env: [{{name: SEI_SIDECAR_LISTEN_ADDRESS, value: "0.0.0.0:7777"}}]
         ports: [{{name: http, containerPort: 7777}}]
-        readinessProbe: {{httpGet: {{path: /healthz, port: http}}, periodSeconds: 1}}
+        readinessProbe: {{httpGet: {{path: /v0/livez, port: http}}, periodSeconds: 1}}
         livenessProbe: {{tcpSocket: {{port: 7777}}, periodSeconds: 2}}
 "#
         ),
@@ -154,10 +153,15 @@ spec:
     assert_eq!(status.phase.as_deref(), Some("Running"));
     let ip = status.pod_ip.expect("a Pod address");
     assert!(ip.starts_with("198.18."), "{ip}");
-    // The sidecar stand-in really serves in the Pod's network namespace.
+    // The sidecar stand-in really serves in the Pod's network namespace (unauthenticated mode:
+    // every interface; not ready until mark-ready).
     assert_eq!(
-        common::http_status(&format!("http://{ip}:7777/healthz"), &[]),
+        common::http_status(&format!("http://{ip}:7777/v0/livez"), &[]),
         "200"
+    );
+    assert_eq!(
+        common::http_status(&format!("http://{ip}:7777/v0/healthz"), &[]),
+        "503"
     );
 }
 
@@ -369,7 +373,7 @@ async fn a_tls_node_pod_gives_a_service_account_token_to_kube_rbac_proxy_alone()
     let ns = common::namespace(&client, "cluster-token-scope").await;
     let pod = run_tls_node(&client, &ns, "scoped").await;
     let token = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-    for container in ["seid", "sidecar"] {
+    for container in ["seid", "sei-sidecar"] {
         let pid = container_pid(&pod, container);
         let out = std::process::Command::new("nsenter")
             .args(["-t", &pid, "-m", "-r", "--", "test", "-e", token])

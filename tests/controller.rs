@@ -244,6 +244,7 @@ async fn a_tls_node_waits_for_its_secret_then_runs_as_soon_as_it_appears() {
             "ApplyRBACProxyConfig",
             "ApplyService",
             "ApplyStatefulSet",
+            "MarkSidecarReady",
             "AwaitStatefulSetReady"
         ]
     );
@@ -262,7 +263,7 @@ async fn a_tls_node_waits_for_its_secret_then_runs_as_soon_as_it_appears() {
     assert_eq!(svc.metadata.owner_references.unwrap()[0].name, "rpc");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let cm = cms.get("rpc-rbac-proxy-config").await.unwrap();
-    assert!(cm.data.unwrap()["config.yaml"].contains("resource: seinodes"));
+    assert!(cm.data.unwrap()["config.yaml"].contains("resource: seinodetasks"));
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let pod = sts
         .get("rpc")
@@ -274,10 +275,16 @@ async fn a_tls_node_waits_for_its_secret_then_runs_as_soon_as_it_appears() {
         .spec
         .unwrap();
     let proxy = pod
-        .containers
+        .init_containers
         .iter()
+        .flatten()
         .find(|c| c.name == "kube-rbac-proxy")
         .expect("proxy container");
+    assert_eq!(
+        proxy.restart_policy.as_deref(),
+        Some("Always"),
+        "a native sidecar"
+    );
     assert!(
         proxy
             .args
@@ -682,8 +689,9 @@ async fn sidecar_resources_in_any_notation_let_the_node_run() {
         .template
         .spec
         .unwrap()
-        .containers
+        .init_containers
         .into_iter()
+        .flatten()
         .find_map(|c| c.resources?.limits)
         .unwrap();
     assert_eq!(limits["memory"].0, "1Gi");

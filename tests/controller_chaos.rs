@@ -52,6 +52,7 @@ struct ControllerProcess {
 impl ControllerProcess {
     fn start(name: &str, extra: &[&str]) -> Self {
         let log = common::temp_path(&format!("chaos-{name}"));
+        let client = common::sidecar_client();
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_seinode-tls"))
             .arg("controller")
@@ -60,7 +61,25 @@ impl ControllerProcess {
                 "--cert-expiry-warning=1h",
                 "--sidecar-probe-timeout=1s",
                 "--sidecar-probe-interval=5s",
-                "--no-sidecar-dns",
+            ])
+            .arg(format!("--sidecar-pod-cidr={}", common::pod_cidr()))
+            .arg(format!(
+                "--sidecar-client-cert-file={}",
+                client.cert_file.display()
+            ))
+            .arg(format!(
+                "--sidecar-client-key-file={}",
+                client.key_file.display()
+            ))
+            .arg(format!(
+                "--sidecar-client-ca-file={}",
+                client.ca_file.display()
+            ))
+            .args([
+                "--sidecar-genesis-bucket=test-genesis",
+                "--sidecar-genesis-region=local",
+                "--sidecar-snapshot-bucket=test-snapshots",
+                "--sidecar-snapshot-region=local",
             ])
             .args(extra)
             .env("KUBECONFIG", common::control_plane().kubeconfig())

@@ -1,8 +1,9 @@
 //! The chart as an operator installs it, running: `helm install` of the unchanged chart with a
-//! serving certificate of our own, its two replicas running as Pods under the process kubelet,
-//! the API server calling the webhook through the chart's Service, a TLS SeiNode reaching
-//! `Running` with `SidecarReady=True` from the controller inside its Pod, and `helm uninstall`
-//! leaving nothing that blocks SeiNode edits.
+//! serving certificate and a sidecar client certificate of our own, its two replicas running as
+//! Pods under the process kubelet, the API server calling the webhook through the chart's
+//! Service, a TLS SeiNode reaching `Running` with `SidecarReady=True` from the controller inside
+//! its Pod (which submits the sidecar's tasks through the node's kube-rbac-proxy with that client
+//! certificate), and `helm uninstall` leaving nothing that blocks SeiNode edits.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -23,6 +24,14 @@ use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 
 const RELEASE: &str = "seinode-tls";
 const RELEASE_NS: &str = "seinode-tls-system";
+/// The chart's default `sidecarClient.user`: the CommonName of the controller's client
+/// certificate, which the chart binds to its sidecar-client ClusterRole.
+const SIDECAR_CLIENT_USER: &str = "seinode-tls:sidecar-client";
+/// The Secret holding that certificate (`sidecarClient.secretName`).
+const SIDECAR_CLIENT_SECRET: &str = "seinode-tls-sidecar-client";
+/// The node pods' ServiceAccount (`controller.nodeServiceAccount`), bound to
+/// `system:auth-delegator` in each node namespace as `examples/sidecar-rbac.yaml` shows.
+const NODE_SERVICE_ACCOUNT: &str = "sei-node";
 const WAIT: Duration = Duration::from_secs(120);
 
 fn text(bytes: &[u8]) -> String {
@@ -33,8 +42,49 @@ fn pods_table() -> String {
     text(&common::kubectl(&["get", "pods", "-A", "-o", "wide"], "").stdout)
 }
 
-/// The install steps of docs/operations.md for a serving certificate of one's own: the
-/// namespace, a `kubernetes.io/tls` Secret for the Service's name, and the chart with the CA.
+/// The controller's client certificate for the node proxies, as docs/operations.md has one
+/// provide it without cert-manager: a CA of its own (not one the API server trusts for client
+/// certificates), a leaf with CommonName `sidecarClient.user` and extendedKeyUsage clientAuth,
+/// and a `kubernetes.io/tls` Secret with `tls.crt`, `tls.key` and the CA as `ca.crt`.
+async fn create_sidecar_client_secret(client: &kube::Client) {
+    let ca = CertificateAuthority::new("seinode-tls sidecar client CA").unwrap();
+    let leaf = ca
+        .issue(&LeafSpec {
+            common_name: SIDECAR_CLIENT_USER,
+            client: true,
+            ..LeafSpec::default()
+        })
+        .unwrap();
+    let secret = seinode_tls_testkit::tls_secret(
+        RELEASE_NS,
+        SIDECAR_CLIENT_SECRET,
+        &leaf.cert_pem,
+        &leaf.key_pem,
+        Some(&ca.cert_pem()),
+    );
+    Api::<Secret>::namespaced(client.clone(), RELEASE_NS)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+}
+
+/// What the node pods of namespace `ns` need for kube-rbac-proxy (docs/operations.md,
+/// `examples/sidecar-rbac.yaml`): their ServiceAccount, bound to `system:auth-delegator` so the
+/// proxy may ask for the TokenReviews and SubjectAccessReviews of its callers.
+fn create_node_service_account(ns: &str) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {NODE_SERVICE_ACCOUNT}\n  namespace: {ns}\n\
+         ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {ns}-{NODE_SERVICE_ACCOUNT}-auth-delegator\n\
+         subjects:\n  - kind: ServiceAccount\n    name: {NODE_SERVICE_ACCOUNT}\n    namespace: {ns}\n\
+         roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: system:auth-delegator\n"
+    );
+    let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// The install steps of docs/operations.md for certificates of one's own: the namespace, a
+/// `kubernetes.io/tls` Secret for the Service's name, the sidecar client certificate's Secret,
+/// and the chart with the CA.
 async fn install(client: &kube::Client, ca: &CertificateAuthority) {
     let out = common::kubectl(&["create", "namespace", RELEASE_NS], "");
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -58,6 +108,7 @@ async fn install(client: &kube::Client, ca: &CertificateAuthority) {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
+    create_sidecar_client_secret(client).await;
     let ca_file: PathBuf = common::scratch_path("install-ca.pem");
     std::fs::write(&ca_file, ca.cert_pem()).unwrap();
     let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/seinode-tls");
@@ -73,6 +124,19 @@ async fn install(client: &kube::Client, ca: &CertificateAuthority) {
         "tls.secretName=seinode-tls-webhook",
         "--set-file",
         &format!("tls.caBundle={}", ca_file.display()),
+        "--set",
+        &format!("sidecarClient.secretName={SIDECAR_CLIENT_SECRET}"),
+        "--set",
+        &format!("controller.nodeServiceAccount={NODE_SERVICE_ACCOUNT}"),
+        // seictl serve does not start without them.
+        "--set",
+        "controller.sidecarPlatform.genesisBucket=test-genesis",
+        "--set",
+        "controller.sidecarPlatform.genesisRegion=local",
+        "--set",
+        "controller.sidecarPlatform.snapshotBucket=test-snapshots",
+        "--set",
+        "controller.sidecarPlatform.snapshotRegion=local",
         "--wait",
         "--timeout",
         "3m",
@@ -146,8 +210,11 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
         Some(&names.join(","))
     );
 
-    // A TLS node reaches Running, and the controller in its Pod reaches the node's sidecar
-    // through the real kube-rbac-proxy by the pod's cluster DNS name.
+    // A TLS node reaches Running: the controller in its Pod submits the sidecar's tasks through
+    // the real kube-rbac-proxy with its client certificate (authenticated by the CA it copied
+    // into the node's proxy config, authorized by a SubjectAccessReview on seinodetasks for
+    // sidecarClient.user), and then probes the sidecar by the pod's cluster DNS name.
+    create_node_service_account(&ns);
     let dns: Vec<&str> = names.iter().map(String::as_str).collect();
     let leaf = ca
         .issue(&LeafSpec {

@@ -213,12 +213,22 @@ fn local_demo_runs_the_node_pod_behind_the_real_proxy_and_leaves_nothing_after_s
     assert!(!network_left(&index).is_empty(), "the Pod has a namespace");
 
     // The real kube-rbac-proxy answers on :8443 in the Pod, with the demo Secret's certificate:
-    // health passes without a credential (what the controller's probe uses), the sidecar's API
-    // does not.
-    for (path, expected) in [("healthz", "200"), ("v0/status", "401")] {
+    // the bypass paths pass without a credential (readiness is 200: the controller's mark-ready
+    // went through), the sidecar's API does not. seictl itself is not reachable from outside
+    // the pod: it listens on the pod's loopback.
+    for (path, expected) in [
+        ("v0/livez", "200"),
+        ("v0/healthz", "200"),
+        ("v0/status", "401"),
+    ] {
         let status = common::http_status(&format!("https://{pod_ip}:8443/{path}"), &[]);
         assert_eq!(status, expected, "/{path}");
     }
+    assert_eq!(
+        common::http_status(&format!("http://{pod_ip}:7777/v0/status"), &[]),
+        "000",
+        "seictl listens on the pod's loopback only"
+    );
 
     signal(&local.child, "INT");
     let mut status = None;

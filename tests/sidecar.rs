@@ -1,8 +1,10 @@
 //! The TLS path end to end: the controller's own client calls the sidecar through its front
-//! door. The nodes' Pods run (real kube-rbac-proxy), but the controller is pointed at a stand-in
-//! HTTPS server on loopback that serves the certificate under test — exactly what a rogue Pod
-//! answering in the node's name with the Secret's own certificate would be — through an address
-//! override, while the pod's DNS name still drives SNI and verification.
+//! door. The nodes' Pods run (real kube-rbac-proxy, the seictl stand-in) and reach Running
+//! through it: the controller submits `mark-ready` with its client certificate. Then the
+//! controller is pointed at a stand-in HTTPS server on loopback that serves the certificate
+//! under test — exactly what a rogue Pod answering in the node's name with the Secret's own
+//! certificate would be — through an address override, while the pod's DNS name still drives
+//! SNI and verification.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -16,7 +18,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use rustls::pki_types::pem::PemObject;
-use seinode_tls_controller::probe::SidecarAddresses;
+use seinode_tls_controller::sidecar::SidecarAddresses;
 use seinode_tls_crds::SeiNode;
 use seinode_tls_devcluster::standin::StandInSidecar;
 use seinode_tls_testkit::{CertificateAuthority, Issued, LeafSpec};
@@ -34,7 +36,7 @@ struct Shared {
 fn controller() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let addresses = SidecarAddresses::only();
+        let addresses = common::pod_addresses();
         common::spawn_controller(seinode_tls_controller::ControllerConfig {
             sidecar_addresses: addresses.clone(),
             sidecar_probe_interval: Duration::from_secs(1),
@@ -100,15 +102,15 @@ async fn put_secret(client: &Client, secret: &Secret) {
     .unwrap();
 }
 
-/// A Running TLS node `rpc` whose Secret holds `leaf` (and `ca_crt`), reached at `addr`.
+/// A Running TLS node `rpc` whose Secret holds `leaf` (and `ca_crt`): its real pod made ready
+/// by the controller's `mark-ready`; from then on probed at `addr`, if given.
 async fn running_node(
     client: &Client,
     ns: &str,
     leaf: &Issued,
     ca_crt: Option<&str>,
-    addr: std::net::SocketAddr,
+    addr: Option<std::net::SocketAddr>,
 ) -> Api<SeiNode> {
-    controller().addresses.set(&pod_host(ns), addr);
     put_secret(client, &secret(ns, leaf, ca_crt)).await;
     let node: SeiNode = serde_json::from_value(json!({
         "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode", "metadata": {"name": "rpc", "namespace": ns},
@@ -127,6 +129,18 @@ async fn running_node(
     .await;
     assert!(applied, "the plan applied the StatefulSet");
     common::wait_stateful_set_ready(client, ns, "rpc").await;
+    let (node, running) = common::poll(
+        WAIT,
+        || async { nodes.get("rpc").await.unwrap() },
+        |n| {
+            n.status.as_ref().and_then(|s| s.phase) == Some(seinode_tls_crds::SeiNodePhase::Running)
+        },
+    )
+    .await;
+    assert!(running, "not Running: {:?}", node.status);
+    if let Some(addr) = addr {
+        controller().addresses.set(&pod_host(ns), addr);
+    }
     nodes
 }
 
@@ -194,7 +208,7 @@ async fn a_healthy_sidecar_behind_the_secrets_certificate_is_ready_and_is_sent_n
         .await
         .unwrap();
     // Pinned: no ca.crt in the Secret and no bundle configured.
-    let nodes = running_node(&client, &ns, &leaf, None, stand_in.addr()).await;
+    let nodes = running_node(&client, &ns, &leaf, None, Some(stand_in.addr())).await;
     let message = wait_sidecar(&nodes, "True", "SidecarHealthy").await;
     assert!(
         message.contains(&format!("https://{}:", pod_host(&ns))),
@@ -205,7 +219,7 @@ async fn a_healthy_sidecar_behind_the_secrets_certificate_is_ready_and_is_sent_n
     for request in &requests {
         assert_eq!(
             (request.method.as_str(), request.path.as_str()),
-            ("GET", "/healthz")
+            ("GET", "/v0/healthz")
         );
         assert!(
             !request
@@ -240,7 +254,7 @@ async fn a_server_presenting_another_certificate_is_a_certificate_mismatch() {
     let stand_in = StandInSidecar::start(&old.cert_pem, &old.key_pem)
         .await
         .unwrap();
-    let nodes = running_node(&client, &ns, &in_secret, None, stand_in.addr()).await;
+    let nodes = running_node(&client, &ns, &in_secret, None, Some(stand_in.addr())).await;
     let message = wait_sidecar(&nodes, "False", "SidecarCertificateMismatch").await;
     assert!(
         message.contains("not the leaf in the node's Secret"),
@@ -273,7 +287,7 @@ async fn no_server_is_unreachable_and_an_http_500_is_unhealthy() {
         .await
         .unwrap();
     stand_in.set_status(500);
-    let nodes = running_node(&client, &ns, &leaf, None, stand_in.addr()).await;
+    let nodes = running_node(&client, &ns, &leaf, None, Some(stand_in.addr())).await;
     let message = wait_sidecar(&nodes, "False", "SidecarUnhealthy").await;
     assert!(message.contains("answered HTTP 500"), "{message}");
 
@@ -297,7 +311,14 @@ async fn a_certificate_without_the_pod_name_fails_the_handshake() {
         .unwrap();
     for ca_crt in [Some(ca.cert_pem()), None] {
         let nodes = if ca_crt.is_some() {
-            running_node(&client, &ns, &leaf, ca_crt.as_deref(), stand_in.addr()).await
+            running_node(
+                &client,
+                &ns,
+                &leaf,
+                ca_crt.as_deref(),
+                Some(stand_in.addr()),
+            )
+            .await
         } else {
             put_secret(&client, &secret(&ns, &leaf, None)).await;
             Api::namespaced(client.clone(), &ns)
@@ -321,7 +342,7 @@ async fn rotating_the_secret_and_the_served_certificate_together_returns_to_read
         .unwrap();
     // With ca.crt (trust by CA): a rotation keeps the trust anchor, so only the leaf tells.
     let ca_pem = ca.cert_pem();
-    let nodes = running_node(&client, &ns, &first, Some(&ca_pem), stand_in.addr()).await;
+    let nodes = running_node(&client, &ns, &first, Some(&ca_pem), Some(stand_in.addr())).await;
     wait_sidecar(&nodes, "True", "SidecarHealthy").await;
 
     let second = rotated_contract_cert(&ca, &ns, &first);
@@ -383,9 +404,8 @@ async fn a_rotated_secret_reaches_the_real_kube_rbac_proxy_and_the_probe_follows
     let ca = CertificateAuthority::new("fleet issuer").unwrap();
     let first = contract_cert(&ca, &ns);
     // Pinned (no ca.crt): the probe accepts exactly the Secret's leaf, so it tells which one
-    // the proxy serves. The node's real Pod is probed at its address, as cluster DNS would.
-    let placeholder = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
-    let nodes = running_node(&client, &ns, &first, None, placeholder).await;
+    // the proxy serves. The node's real Pod is probed at the IP the API reports.
+    let nodes = running_node(&client, &ns, &first, None, None).await;
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
     let ip: std::net::IpAddr = pods
         .get("rpc-0")
@@ -397,7 +417,6 @@ async fn a_rotated_secret_reaches_the_real_kube_rbac_proxy_and_the_probe_follows
         .parse()
         .unwrap();
     let proxy = std::net::SocketAddr::new(ip, 8443);
-    controller().addresses.set(&pod_host(&ns), proxy);
     wait_sidecar(&nodes, "True", "SidecarHealthy").await;
     assert_eq!(
         served_leaf(proxy, &pod_host(&ns)).as_deref(),
@@ -454,11 +473,28 @@ async fn a_rogue_pod_in_the_nodes_name_collects_nothing_that_authenticates_anywh
     let rogue = StandInSidecar::start(&leaf.cert_pem, &leaf.key_pem)
         .await
         .unwrap();
-    let nodes = running_node(&client, &ns, &leaf, Some(&ca.cert_pem()), rogue.addr()).await;
+    let nodes = running_node(
+        &client,
+        &ns,
+        &leaf,
+        Some(&ca.cert_pem()),
+        Some(rogue.addr()),
+    )
+    .await;
     wait_sidecar(&nodes, "True", "SidecarHealthy").await;
-    let (recorded, probed) =
-        common::poll(WAIT, || async { rogue.requests() }, |r| r.len() >= 2).await;
-    assert!(probed, "the rogue was probed: {recorded:?}");
+    // The rogue says the sidecar forgot mark-ready: the controller submits the task to it, as
+    // it would to a restarted sidecar.
+    rogue.set_status(503);
+    let (recorded, called) = common::poll(
+        WAIT,
+        || async { rogue.requests() },
+        |r| {
+            r.iter()
+                .any(|r| r.method == "POST" && r.path == "/v0/tasks")
+        },
+    )
+    .await;
+    assert!(called, "the rogue got the task call: {recorded:?}");
     for request in &recorded {
         assert!(
             !request
@@ -495,5 +531,5 @@ async fn a_rogue_pod_in_the_nodes_name_collects_nothing_that_authenticates_anywh
         );
     }
     // And the real proxy does let the probe's health check through without a credential.
-    assert_eq!(replay(&format!("https://{ip}:8443/healthz"), &[]), "200");
+    assert_eq!(replay(&format!("https://{ip}:8443/v0/healthz"), &[]), "200");
 }

@@ -112,7 +112,7 @@ mod tests {
 
     fn watched_stateful_set() -> StatefulSet {
         let node = crate::decide::tests::node("ghcr.io/sei-protocol/sei:v6.3.0", 1);
-        let mut sts = crate::resources::stateful_set(&node, &ControllerConfig::default())
+        let mut sts = crate::resources::stateful_set(&node, &ControllerConfig::default(), true)
             .expect("a StatefulSet for a valid node");
         sts.metadata.resource_version = Some("42".to_owned());
         sts.metadata.managed_fields = Some(vec![ManagedFieldsEntry {

@@ -5,15 +5,16 @@ use std::time::Duration;
 
 use seinode_tls_crds::watch::WatchScope;
 
-use crate::probe::SidecarAddresses;
+use crate::sidecar::SidecarAddresses;
 
-/// The only token audience the node pods' kube-rbac-proxy accepts (`--auth-token-audiences`), for
-/// the sidecar's callers: a token a sidecar receives is useless against the API server, and an
-/// API server token is useless against a sidecar. (The controller's own probe sends no token.)
-pub const SIDECAR_TOKEN_AUDIENCE: &str = "seinode-sidecar";
-/// The sidecar's health path: kube-rbac-proxy passes it through without authentication
-/// (`--ignore-paths`), so the controller's probe needs no credential.
-pub const SIDECAR_HEALTH_PATH: &str = "/healthz";
+/// The sidecar's readiness path (seictl answers 200 once `mark-ready` has completed, 503 before):
+/// a bypass path, so the controller's probe sends no credential.
+pub const SIDECAR_HEALTH_PATH: &str = "/v0/healthz";
+/// The paths seictl serves without an identity in trusted-header mode, and so the paths
+/// kube-rbac-proxy passes through unauthenticated (`--ignore-paths`): the kubelet's probes and
+/// Prometheus carry no token. Nothing else may be listed: every other path drives the node.
+pub const SIDECAR_BYPASS_PATHS: [&str; 4] =
+    ["/v0/healthz", "/v0/startupz", "/v0/livez", "/v0/metrics"];
 
 /// seictl sidecar image used when `spec.sidecar.image` is empty: the release upstream's samples pin.
 pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/sei-protocol/seictl@sha256:2cb320dd583000765520293d4e28ecc79fed4432c76760923d3aaa47803a4dbf";
@@ -42,8 +43,16 @@ pub struct ControllerConfig {
     /// PEM CA bundle file trusted for sidecars whose Secret has no `ca.crt` (else the leaf is
     /// pinned); read once at start.
     pub sidecar_ca_bundle: Option<PathBuf>,
-    /// Connect to these addresses instead of resolving the pod's DNS name (tests and `local`).
+    /// The controller's TLS client certificate for the node proxies (the sidecar's tasks);
+    /// without it, TLS nodes wait at their first sidecar task.
+    pub sidecar_client: Option<SidecarClientFiles>,
+    /// Which Pod addresses the controller may dial (all, in a cluster), and fixed addresses
+    /// for pods the tests serve in-process.
     pub sidecar_addresses: SidecarAddresses,
+    /// Sidecar probes at once, apart from the reconcile slots.
+    pub max_concurrent_probes: u16,
+    /// What `seictl serve` requires of its environment besides the node's chain.
+    pub sidecar_platform: SidecarPlatform,
     /// Reconciles doing API work at once; a node not decided yet goes before plan work.
     pub max_concurrent_reconciles: u16,
     /// ServiceAccount of the node pods (kube-rbac-proxy runs as it and needs TokenReview and
@@ -66,12 +75,56 @@ impl Default for ControllerConfig {
             sidecar_probe_interval: Duration::from_secs(30),
             sidecar_probe_timeout: Duration::from_secs(5),
             sidecar_ca_bundle: None,
+            sidecar_client: None,
+            max_concurrent_probes: 16,
+            sidecar_platform: SidecarPlatform::default(),
             sidecar_addresses: SidecarAddresses::default(),
             node_service_account: None,
             max_concurrent_reconciles: 4,
             watch_scope: WatchScope::Cluster,
         }
     }
+}
+
+/// The buckets and regions of the fleet's genesis and snapshot artifacts: `seictl serve` will not
+/// start unless `SEI_GENESIS_BUCKET`, `SEI_GENESIS_REGION`, `SEI_SNAPSHOT_BUCKET` and
+/// `SEI_SNAPSHOT_REGION` are all set (upstream's controller sets them from its platform
+/// configuration). Empty values are left out of the pod; the controller warns at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SidecarPlatform {
+    pub genesis_bucket: String,
+    pub genesis_region: String,
+    pub snapshot_bucket: String,
+    pub snapshot_region: String,
+}
+
+impl SidecarPlatform {
+    /// The sidecar's variables, in seictl's order.
+    pub fn env(&self) -> [(&'static str, &str); 4] {
+        [
+            ("SEI_GENESIS_BUCKET", &self.genesis_bucket),
+            ("SEI_GENESIS_REGION", &self.genesis_region),
+            ("SEI_SNAPSHOT_BUCKET", &self.snapshot_bucket),
+            ("SEI_SNAPSHOT_REGION", &self.snapshot_region),
+        ]
+    }
+}
+
+/// The files of the controller's client identity towards the node proxies. The node proxies
+/// trust `ca_file` for client certificates (`--client-ca-file`), so a request signed with the
+/// key is authenticated as the certificate's common name, which RBAC grants `seinodetasks`.
+/// The key never leaves the controller: a server that answers in a pod's name learns nothing
+/// it could replay. `ca_file` must not be a CA the API server trusts for clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarClientFiles {
+    /// PEM certificate (leaf first, then its chain); read again for each sidecar call, so a
+    /// renewed certificate is used without a restart.
+    pub cert_file: PathBuf,
+    /// Its PEM private key; read with the certificate.
+    pub key_file: PathBuf,
+    /// PEM CA bundle the node proxies trust for client certificates; read once at start and
+    /// copied into each node's `<node>-rbac-proxy-config` ConfigMap.
+    pub ca_file: PathBuf,
 }
 
 /// Where the controller's Lease lives and who this replica is.

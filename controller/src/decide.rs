@@ -15,7 +15,7 @@ use seinode_tls_crds::{
 
 use crate::events::NodeEvent;
 use crate::plan::{Gate, Task, desired_plan, gate, next_task, repair_plan};
-use crate::probe::ProbeResult;
+use crate::sidecar::ProbeResult;
 use crate::status::{SIDECAR_READY, condition, flipped, remove_condition, set_condition};
 
 /// Safety-net resync of every node (all real triggers are watches).
@@ -30,6 +30,11 @@ pub const REASSERT_WINDOW: SignedDuration = SignedDuration::from_mins(10);
 pub const SIDECAR_GATED: &str = "SidecarTLSSecretNotReady";
 /// What a task failure says when an object not controlled by the node holds the name.
 pub const IN_THE_WAY: &str = "is in the way";
+/// How soon a sidecar task that could not finish yet (the pod starting, the task running) is
+/// tried again; the Pod watch brings the node back sooner when its pod changes.
+pub const SIDECAR_TASK_RETRY: Duration = Duration::from_secs(5);
+/// Condition reason of `SidecarReady` while the plan waits for the sidecar to become ready.
+pub const SIDECAR_STARTING: &str = "SidecarStarting";
 
 /// How an object the node should own looks in the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -62,7 +67,9 @@ impl Objects {
         match task {
             Task::ApplyRbacProxyConfig => &self.config_map,
             Task::ApplyService => &self.service,
-            Task::ApplyStatefulSet | Task::AwaitStatefulSetReady => &self.stateful_set,
+            Task::ApplyStatefulSet | Task::MarkSidecarReady | Task::AwaitStatefulSetReady => {
+                &self.stateful_set
+            }
         }
     }
 }
@@ -71,6 +78,9 @@ impl Objects {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Done,
+    /// Not yet (a sidecar task whose pod is starting, or that runs): the task stays pending
+    /// and is tried again after [`SIDECAR_TASK_RETRY`]; the message says what it waits for.
+    Waiting(String),
     /// Permanent: needs a change of the spec (or, when in the way, of the cluster).
     Failed(String),
 }
@@ -208,6 +218,30 @@ pub fn decide(
     }
     if let Some(plan) = plan.as_mut().filter(|_| open) {
         decision.task = advance(plan, status, node, observed, now);
+        if let (Some(task), Some((ran, Outcome::Waiting(why)))) = (decision.task, &observed.ran)
+            && task == *ran
+        {
+            // Asked just now: look again a little later, not in a loop.
+            decision.task = None;
+            decision.requeue = decision.requeue.min(SIDECAR_TASK_RETRY);
+            let existing = find(&conditions, SIDECAR_READY);
+            let new = condition(
+                SIDECAR_READY,
+                false,
+                SIDECAR_STARTING,
+                &format!(
+                    "waiting for the sidecar to complete {}: {why}",
+                    task.as_str()
+                ),
+                generation,
+                existing,
+                now,
+            );
+            if existing.is_some_and(|c| c.status == "True") {
+                decision.events.push(sidecar_event(&new, now));
+            }
+            set_condition(&mut conditions, new);
+        }
         if decision.task.is_none() && observed.ran.is_none() {
             decision.task = retry_in_the_way(plan, observed);
         }
@@ -353,6 +387,12 @@ fn repair(
                 ),
                 (Task::ApplyService, needs(&objects.service)),
                 (Task::ApplyStatefulSet, needs(&objects.stateful_set)),
+                // A sidecar that restarted forgot `mark-ready` (its pod is not ready, seid
+                // waits): submit it again.
+                (
+                    Task::MarkSidecarReady,
+                    matches!(observed.probe, Some(ProbeResult::NotMarkedReady(_))),
+                ),
             ]
             .into_iter()
             .filter_map(|(task, needed)| needed.then_some(task))
@@ -387,6 +427,8 @@ fn record(
         return;
     };
     match outcome {
+        // Still pending: tried again later (see `decide`).
+        Outcome::Waiting(_) => {}
         Outcome::Done => {
             // A retried task that failed on an object in the way went through: resume.
             if plan.phase == PlanPhase::Failed {
@@ -762,7 +804,7 @@ pub(crate) mod tests {
 
         // The StatefulSet applied and rolled out: the await completes from observation alone.
         let mut base = decision.status;
-        for task in &mut base.plan.as_mut().expect("plan").tasks[..3] {
+        for task in &mut base.plan.as_mut().expect("plan").tasks[..4] {
             task.status = TaskStatus::Complete;
         }
         let mut seen = observed(Reason::Ready);
@@ -903,8 +945,72 @@ pub(crate) mod tests {
         let changed = decide(&node("sei:v1", 1), &running(), &seen, &settings(), now());
         let plan = changed.status.plan.as_ref().expect("plan");
         let types: Vec<&str> = plan.tasks.iter().map(|t| t.r#type.as_str()).collect();
-        assert_eq!(types, ["ApplyStatefulSet", "AwaitStatefulSetReady"]);
+        assert_eq!(
+            types,
+            [
+                "ApplyStatefulSet",
+                "MarkSidecarReady",
+                "AwaitStatefulSetReady"
+            ]
+        );
         assert_eq!(changed.task, Some(Task::ApplyStatefulSet));
+    }
+
+    /// A sidecar task that cannot finish yet (the pod starting) stays pending: nothing runs
+    /// again in this reconcile, the node is looked at again soon, and `SidecarReady` says what
+    /// the plan waits for.
+    #[test]
+    fn a_sidecar_task_that_waits_stays_pending_and_says_why() {
+        let base = first_status(Reason::Ready);
+        let mut plan = base.plan.clone().expect("plan");
+        for task in &mut plan.tasks[..3] {
+            task.status = TaskStatus::Complete;
+        }
+        let base = SeiNodeStatus {
+            plan: Some(plan),
+            ..base
+        };
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        let first = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        assert_eq!(first.task, Some(Task::MarkSidecarReady));
+
+        seen.ran = Some((
+            Task::MarkSidecarReady,
+            Outcome::Waiting("pod ns/rpc-0 has no IP yet".to_owned()),
+        ));
+        let waiting = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        assert_eq!(waiting.task, None);
+        assert!(waiting.requeue <= SIDECAR_TASK_RETRY);
+        let plan = waiting.status.plan.as_ref().expect("plan");
+        assert_eq!(plan.phase, PlanPhase::Active);
+        assert_eq!(plan.tasks[3].status, TaskStatus::Pending);
+        let sidecar = condition_of(&waiting.status, SIDECAR_READY);
+        assert_eq!(
+            (sidecar.status.as_str(), sidecar.reason.as_str()),
+            ("False", SIDECAR_STARTING)
+        );
+        assert!(sidecar.message.contains("MarkSidecarReady") && sidecar.message.contains("no IP"));
+
+        seen.ran = Some((Task::MarkSidecarReady, Outcome::Done));
+        let marked = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        let plan = marked.status.plan.as_ref().expect("plan");
+        assert_eq!(plan.tasks[3].status, TaskStatus::Complete);
+        // The StatefulSet reports the pod ready (as `current()` has it): Running.
+        assert_eq!(marked.status.phase, Some(SeiNodePhase::Running));
+    }
+
+    /// A sidecar that restarted answers 503 until `mark-ready` again: a repair plan submits it.
+    #[test]
+    fn a_sidecar_that_forgot_mark_ready_gets_it_again() {
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        seen.probe = Some(ProbeResult::NotMarkedReady("503".to_owned()));
+        let decision = decide(&node("sei:v1", 1), &running(), &seen, &settings(), now());
+        let plan = decision.status.plan.as_ref().expect("plan");
+        let types: Vec<&str> = plan.tasks.iter().map(|t| t.r#type.as_str()).collect();
+        assert_eq!(types, ["MarkSidecarReady"]);
+        assert_eq!(decision.task, Some(Task::MarkSidecarReady));
     }
 
     #[test]
@@ -912,7 +1018,7 @@ pub(crate) mod tests {
         let mut base = running();
         let plan = base.plan.as_mut().expect("plan");
         plan.phase = PlanPhase::Active;
-        plan.tasks[3].status = TaskStatus::Pending;
+        plan.tasks[4].status = TaskStatus::Pending;
         base.phase = Some(SeiNodePhase::Initializing);
         let mut seen = observed(Reason::Ready);
         seen.objects = current();

@@ -15,10 +15,10 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
-pub mod probe;
 pub mod reconcile;
 pub mod resources;
 pub mod secrets;
+pub mod sidecar;
 pub mod slots;
 pub mod status;
 
@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::core::PartialObjectMeta;
 use kube::runtime::{
     Config as RuntimeConfig, Controller as Runtime, PredicateConfig, WatchStreamExt, predicates,
@@ -80,6 +80,7 @@ impl Clients {
 pub struct Controller {
     config: ControllerConfig,
     ca_bundle: Option<Vec<u8>>,
+    client_ca: Option<String>,
     metrics: Arc<ControllerMetrics>,
     leadership: Leadership,
 }
@@ -129,6 +130,30 @@ impl Controller {
             }
             None => None,
         };
+        let client_ca = match &config.sidecar_client {
+            Some(files) => Some(read_client_ca(&files.ca_file)?),
+            None => None,
+        };
+        if config.max_concurrent_probes == 0 {
+            return Err(ControllerError::Config {
+                flag: "--max-concurrent-probes",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        let unset: Vec<&str> = config
+            .sidecar_platform
+            .env()
+            .into_iter()
+            .filter(|(_, value)| value.is_empty())
+            .map(|(name, _)| name)
+            .collect();
+        if !unset.is_empty() {
+            tracing::warn!(
+                unset = %unset.join(", "),
+                "seictl serve does not start without these variables: set --sidecar-genesis-bucket, \
+                 --sidecar-genesis-region, --sidecar-snapshot-bucket and --sidecar-snapshot-region"
+            );
+        }
         let metrics = Arc::new(ControllerMetrics::register(registry));
         let leadership = match config.leader_election {
             Some(_) => Leadership::elected(),
@@ -137,6 +162,7 @@ impl Controller {
         Ok(Self {
             config,
             ca_bundle,
+            client_ca,
             metrics,
             leadership,
         })
@@ -180,6 +206,7 @@ impl Controller {
                 client: work,
                 config: self.config,
                 ca_bundle: self.ca_bundle,
+                client_ca: self.client_ca,
                 metrics: self.metrics,
                 leadership: self.leadership,
                 instance: None,
@@ -212,6 +239,7 @@ impl Controller {
                 client: work.clone(),
                 config: self.config.clone(),
                 ca_bundle: self.ca_bundle.clone(),
+                client_ca: self.client_ca.clone(),
                 metrics: self.metrics.clone(),
                 leadership: self.leadership.clone(),
                 instance: Some(identity.clone()),
@@ -241,6 +269,7 @@ struct Term {
     client: Client,
     config: ControllerConfig,
     ca_bundle: Option<Vec<u8>>,
+    client_ca: Option<String>,
     metrics: Arc<ControllerMetrics>,
     leadership: Leadership,
     instance: Option<String>,
@@ -293,6 +322,23 @@ fn triggers<K>(
             }
         })
     }
+}
+
+/// The CA bundle the node proxies are to trust for the controller's client certificate.
+fn read_client_ca(path: &std::path::Path) -> Result<String, ControllerError> {
+    let error = |reason: String| ControllerError::Config {
+        flag: "--sidecar-client-ca-file",
+        reason,
+    };
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| error(format!("failed to read {}: {e}", path.display())))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(error(format!(
+            "{} holds no PEM CERTIFICATE",
+            path.display()
+        )));
+    }
+    Ok(pem)
 }
 
 /// Locks `mutex`, taking the data over from a holder that panicked.
@@ -363,10 +409,15 @@ impl Term {
         let sts_stream = watch_into::<Compact<StatefulSet>>(
             client.clone(),
             &scope,
-            owned,
+            owned.clone(),
             sts_writer,
             "StatefulSet",
         );
+        // The node pods (their StatefulSet's template carries the label): where a sidecar is
+        // dialed, and a pod that starts or turns ready wakes its node's sidecar task.
+        let (pods, pod_writer) = reflector::store();
+        let pod_stream =
+            watch_into::<Compact<Pod>>(client.clone(), &scope, owned, pod_writer, "Pod");
         // Metadata only: each Secret's version (a reconcile reads a Secret only when its version
         // moved), and the Secrets some node names wake those nodes.
         let secret_index = index.clone();
@@ -398,9 +449,10 @@ impl Term {
             client.clone(),
             self.config,
             self.ca_bundle,
+            self.client_ca,
             self.metrics,
             reader.clone(),
-            OwnedStores::new(config_maps, services, stateful_sets),
+            OwnedStores::new(config_maps, services, stateful_sets, pods),
             self.leadership,
             instance,
             latest,
@@ -434,6 +486,10 @@ impl Term {
             .owns_stream(cm_stream)
             .owns_stream(svc_stream)
             .owns_stream(sts_stream)
+            .watches_stream(pod_stream, |pod| {
+                let node = pod.labels().get(resources::NODE_LABEL)?;
+                Some(kube::runtime::reflector::ObjectRef::new(node).within(&pod.namespace()?))
+            })
             .watches_stream(secrets, move |secret| {
                 index.nodes_for(&secret.namespace().unwrap_or_default(), &secret.name_any())
             })

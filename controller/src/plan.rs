@@ -20,6 +20,10 @@ pub enum Task {
     ApplyService,
     /// The StatefulSet `N`.
     ApplyStatefulSet,
+    /// Submit seictl's `mark-ready` task to the pod of the StatefulSet's current revision,
+    /// through its front door, and wait until it completed: the pod turns ready (the
+    /// readiness probe is `/v0/healthz`) and seid starts.
+    MarkSidecarReady,
     /// Wait until the StatefulSet reports a ready replica of the current revision.
     AwaitStatefulSetReady,
 }
@@ -30,6 +34,7 @@ impl Task {
             Task::ApplyRbacProxyConfig => "ApplyRBACProxyConfig",
             Task::ApplyService => "ApplyService",
             Task::ApplyStatefulSet => "ApplyStatefulSet",
+            Task::MarkSidecarReady => "MarkSidecarReady",
             Task::AwaitStatefulSetReady => "AwaitStatefulSetReady",
         }
     }
@@ -39,6 +44,7 @@ impl Task {
             Task::ApplyRbacProxyConfig,
             Task::ApplyService,
             Task::ApplyStatefulSet,
+            Task::MarkSidecarReady,
             Task::AwaitStatefulSetReady,
         ]
         .into_iter()
@@ -64,13 +70,14 @@ fn plan(id: String, tasks: &[Task]) -> TaskPlan {
 
 /// The plan that brings a new node to Running.
 pub fn init_plan(generation: i64, tls: bool) -> TaskPlan {
-    let mut tasks = Vec::with_capacity(4);
+    let mut tasks = Vec::with_capacity(5);
     if tls {
         tasks.push(Task::ApplyRbacProxyConfig);
     }
     tasks.extend([
         Task::ApplyService,
         Task::ApplyStatefulSet,
+        Task::MarkSidecarReady,
         Task::AwaitStatefulSetReady,
     ]);
     plan(format!("init-{generation}"), &tasks)
@@ -80,16 +87,22 @@ pub fn init_plan(generation: i64, tls: bool) -> TaskPlan {
 pub fn update_plan(generation: i64) -> TaskPlan {
     plan(
         format!("update-{generation}"),
-        &[Task::ApplyStatefulSet, Task::AwaitStatefulSetReady],
+        &[
+            Task::ApplyStatefulSet,
+            Task::MarkSidecarReady,
+            Task::AwaitStatefulSetReady,
+        ],
     )
 }
 
 /// The plan that restores the objects of a Running node that went missing or changed (`tasks`
-/// are the applies needed, in plan order); a restored StatefulSet is awaited.
+/// are the applies needed, in plan order, or `MarkSidecarReady` for a sidecar that restarted);
+/// a restored StatefulSet's new pod is marked ready and awaited.
 pub fn repair_plan(generation: i64, tasks: &[Task]) -> TaskPlan {
     let mut tasks = tasks.to_vec();
     if tasks.contains(&Task::ApplyStatefulSet) {
-        tasks.push(Task::AwaitStatefulSetReady);
+        tasks.retain(|t| *t != Task::MarkSidecarReady);
+        tasks.extend([Task::MarkSidecarReady, Task::AwaitStatefulSetReady]);
     }
     plan(format!("repair-{generation}"), &tasks)
 }
@@ -265,6 +278,7 @@ mod tests {
                 "ApplyRBACProxyConfig",
                 "ApplyService",
                 "ApplyStatefulSet",
+                "MarkSidecarReady",
                 "AwaitStatefulSetReady"
             ]
         );
@@ -277,7 +291,12 @@ mod tests {
         let plan = desired_plan(&node(false), &SeiNodeStatus::default(), false).expect("plan");
         assert_eq!(
             types(&plan),
-            ["ApplyService", "ApplyStatefulSet", "AwaitStatefulSetReady"]
+            [
+                "ApplyService",
+                "ApplyStatefulSet",
+                "MarkSidecarReady",
+                "AwaitStatefulSetReady"
+            ]
         );
     }
 
@@ -322,7 +341,14 @@ mod tests {
         };
         let plan = desired_plan(&node(true), &status, true).expect("plan");
         assert_eq!(plan.id, "update-3");
-        assert_eq!(types(&plan), ["ApplyStatefulSet", "AwaitStatefulSetReady"]);
+        assert_eq!(
+            types(&plan),
+            [
+                "ApplyStatefulSet",
+                "MarkSidecarReady",
+                "AwaitStatefulSetReady"
+            ]
+        );
 
         let current = SeiNodeStatus {
             current_image: Some("sei:v2".to_owned()),

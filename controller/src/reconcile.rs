@@ -10,7 +10,7 @@ use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -18,9 +18,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use seinode_tls_crds::contract::required_dns_names;
 use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate};
-use seinode_tls_crds::{
-    DEFAULT_SIDECAR_PORT, PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus,
-};
+use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -33,10 +31,10 @@ use crate::decide::{
 use crate::events::NodeEvent;
 use crate::leader::Leadership;
 use crate::metrics::{ControllerMetrics, NodeTls, OutcomeLabels, ProbeLabels, ReconcileOutcome};
-use crate::plan::Task;
-use crate::probe::{ProbeResult, SidecarProber};
+use crate::plan::{Task, next_task};
 use crate::resources;
 use crate::secrets::SecretJudge;
+use crate::sidecar::{ProbeResult, SidecarClient, Target, TaskProgress, TlsTarget, task_id};
 use crate::slots::{Priority, Slots};
 use crate::{lock, short_digest};
 use seinode_tls_crds::versions::SecretVersions;
@@ -50,6 +48,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// object changed by someone else (restored) is told from one built by an older controller or
 /// configuration (left as it is until the node's next plan, so an upgrade rolls no Pod).
 pub const TEMPLATE_HASH_ANNOTATION: &str = "seinode-tls.sei.io/template-hash";
+/// Annotation on every object the controller applies: the sidecar contract the object was
+/// built for. Unlike a template change, an object built for an older contract is re-applied
+/// (its pod rolls): a pod of the first contract left seictl's API open on the pod network.
+pub const SIDECAR_CONTRACT_ANNOTATION: &str = "seinode-tls.sei.io/sidecar-contract";
+/// The contract of this controller's objects: seictl in trusted-header mode behind
+/// kube-rbac-proxy, `/v0` paths, `seinodetasks`.
+pub const SIDECAR_CONTRACT: &str = "seictl-v1";
 /// How long a reconcile waits for the first list of the owned objects.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
 /// A reconcile re-observes at most this often after its status write conflicted.
@@ -69,7 +74,7 @@ pub enum Error {
         source: kube::Error,
     },
     #[error(
-        "the ConfigMap, Service and StatefulSet watches have not listed yet (see their warnings)"
+        "the ConfigMap, Service, StatefulSet and Pod watches have not listed yet (see their warnings)"
     )]
     NotSynced,
     #[error(
@@ -84,6 +89,8 @@ pub struct OwnedStores {
     pub config_maps: Store<Compact<ConfigMap>>,
     pub services: Store<Compact<Service>>,
     pub stateful_sets: Store<Compact<StatefulSet>>,
+    /// The node pods (labelled by the StatefulSets' template): where to dial a sidecar.
+    pub pods: Store<Compact<Pod>>,
     listed: Shared<BoxFuture<'static, ()>>,
 }
 
@@ -92,19 +99,26 @@ impl OwnedStores {
         config_maps: Store<Compact<ConfigMap>>,
         services: Store<Compact<Service>>,
         stateful_sets: Store<Compact<StatefulSet>>,
+        pods: Store<Compact<Pod>>,
     ) -> Self {
         // One wait on kube-runtime's readiness, shared by every reconcile: the future of
         // `Store::wait_until_ready` keeps the waker of only the task that polled it last, so of
         // several reconciles each waiting on its own, all but one missed the wake-up and held
         // their slot until `SYNC_WAIT` polled them again (a node decided 10 s late).
         let listed = {
-            let stores = (config_maps.clone(), services.clone(), stateful_sets.clone());
+            let stores = (
+                config_maps.clone(),
+                services.clone(),
+                stateful_sets.clone(),
+                pods.clone(),
+            );
             async move {
                 // A dropped writer (the term is ending) ends the wait too.
-                let _ = futures::future::join3(
+                let _ = futures::future::join4(
                     stores.0.wait_until_ready(),
                     stores.1.wait_until_ready(),
                     stores.2.wait_until_ready(),
+                    stores.3.wait_until_ready(),
                 )
                 .await;
             }
@@ -115,11 +129,12 @@ impl OwnedStores {
             config_maps,
             services,
             stateful_sets,
+            pods,
             listed,
         }
     }
 
-    /// Completes once all three stores have been listed; any number of tasks may wait.
+    /// Completes once all four stores have been listed; any number of tasks may wait.
     pub fn listed(&self) -> impl Future<Output = ()> + Send + 'static {
         self.listed.clone()
     }
@@ -131,7 +146,12 @@ pub struct Context {
     pub config: ControllerConfig,
     pub metrics: Arc<ControllerMetrics>,
     pub secrets: SecretJudge,
-    pub prober: SidecarProber,
+    pub sidecar: SidecarClient,
+    /// Probes at once (`--max-concurrent-probes`), apart from the reconcile slots: a sidecar
+    /// that never answers holds a probe permit, never a slot other nodes wait for.
+    probes: tokio::sync::Semaphore,
+    /// The CA the node proxies trust for the controller's client certificate.
+    client_ca: Option<String>,
     /// The reflector's view of SeiNodes.
     pub store: Store<SeiNode>,
     pub owned: OwnedStores,
@@ -174,6 +194,7 @@ impl Context {
         client: Client,
         config: ControllerConfig,
         ca_bundle: Option<Vec<u8>>,
+        client_ca: Option<String>,
         metrics: Arc<ControllerMetrics>,
         store: Store<SeiNode>,
         owned: OwnedStores,
@@ -182,18 +203,20 @@ impl Context {
         latest: Latest,
         secret_versions: Arc<SecretVersions>,
     ) -> Self {
-        let prober = SidecarProber::new(
-            config.sidecar_addresses.clone(),
+        let sidecar = SidecarClient::new(
             ca_bundle,
             config.sidecar_probe_timeout,
+            config.sidecar_client.clone(),
         );
         Self {
+            probes: tokio::sync::Semaphore::new(usize::from(config.max_concurrent_probes.max(1))),
+            client_ca,
             slots: Slots::new(usize::from(config.max_concurrent_reconciles)),
             client,
             config,
             secrets: SecretJudge::new(secret_versions, metrics.secret_reads.clone()),
             metrics,
-            prober,
+            sidecar,
             store,
             owned,
             leadership,
@@ -254,7 +277,7 @@ impl Context {
         lock(&self.seen).retain(|u| uids.contains(u));
         lock(&self.latest.0).retain(|u, _| uids.contains(u));
         lock(&self.unsent).retain(|u, _| uids.contains(u));
-        self.prober.retain_hosts(|host| hosts.contains(host));
+        self.sidecar.retain_hosts(|host| hosts.contains(host));
         self.secrets
             .retain(|ns, name| secrets.contains(&(ns.to_owned(), name.to_owned())));
     }
@@ -262,6 +285,9 @@ impl Context {
 
 /// kube-runtime entry point: one reconcile, with metrics and the backoff bookkeeping.
 pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Before a slot: calls to the sidecar wait on it (up to their timeouts), under their own
+    // limit, so a sidecar that never answers holds no slot other nodes wait for.
+    let called = call_sidecar_if_due(&ctx.newest(node.clone()), &ctx).await;
     let Some(slot) = ctx.slots.acquire(priority(&ctx.newest(node.clone()))).await else {
         // The term is over.
         return Ok(Action::await_change());
@@ -275,7 +301,7 @@ pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, 
     // Boxed: every queued node's reconcile waits above for a slot, and an unboxed future is as
     // large as its largest state (the whole reconcile) while it waits.
     let result = Box::pin(tracing::Instrument::instrument(
-        reconcile_newest(node.clone(), &ctx, slot.priority()),
+        reconcile_newest(node.clone(), &ctx, slot.priority(), called),
         span,
     ))
     .await;
@@ -352,10 +378,11 @@ async fn reconcile_newest(
     cached: Arc<SeiNode>,
     ctx: &Context,
     priority: Priority,
+    called: SidecarCalls,
 ) -> Result<Step, Error> {
     let mut node = ctx.newest(cached);
     for _ in 0..CONFLICT_ATTEMPTS {
-        match reconcile_node(&node, ctx, priority).await? {
+        match reconcile_node(&node, ctx, priority, called.clone()).await? {
             Some(step) => return Ok(step),
             None => {
                 let namespace = node.namespace().unwrap_or_default();
@@ -403,6 +430,7 @@ async fn reconcile_node(
     node: &Arc<SeiNode>,
     ctx: &Context,
     priority: Priority,
+    mut called: SidecarCalls,
 ) -> Result<Option<Step>, Error> {
     if node.meta().deletion_timestamp.is_some() {
         return Ok(Some(Step::Done(Action::await_change())));
@@ -418,6 +446,9 @@ async fn reconcile_node(
     let now = Timestamp::now();
     let mut base = node.status.clone().unwrap_or_default();
     let mut observed = observe(node, &base, ctx, now).await;
+    if probe_due(&base, &observed) {
+        observed.probe = called.probe.take();
+    }
     let settings = ctx.settings();
     let mut current = node.clone();
     loop {
@@ -471,7 +502,16 @@ async fn reconcile_node(
         if !ctx.leadership.is_leading() {
             return Ok(Some(Step::Done(Action::await_change())));
         }
-        let outcome = run_task(&current, ctx, task, &observed.objects).await?;
+        let outcome = if task == Task::MarkSidecarReady {
+            // Called before the slot was taken; a task reached in this reconcile without that
+            // call waits for the next one, which makes it.
+            match called.mark_ready.take() {
+                Some(outcome) => outcome,
+                None => return Ok(Some(Step::Done(Action::requeue(Duration::ZERO)))),
+            }
+        } else {
+            run_task(&current, ctx, task, &observed).await?
+        };
         if outcome == Outcome::Done {
             set_state(&mut observed.objects, task, ObjectState::Current);
         }
@@ -484,7 +524,7 @@ fn set_state(objects: &mut Objects, task: Task, state: ObjectState) {
         Task::ApplyRbacProxyConfig => objects.config_map = state,
         Task::ApplyService => objects.service = state,
         Task::ApplyStatefulSet => objects.stateful_set = state,
-        Task::AwaitStatefulSetReady => {}
+        Task::MarkSidecarReady | Task::AwaitStatefulSetReady => {}
     }
 }
 
@@ -499,7 +539,6 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
         objects: objects(node, ctx),
         ..Observed::default()
     };
-    let mut leaf = None;
     if let Some(tls) = node.sidecar_tls() {
         let required = required_dns_names(&name, &namespace, &ctx.config.cluster_domain);
         let (verdict, inspected) = ctx
@@ -508,7 +547,6 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
             .await;
         if let Some(InspectedSecret::Usable(usable)) = inspected.as_deref() {
             observed.not_before = Some(usable.not_before);
-            leaf = Some(usable.clone());
         }
         observed.expiry_warned = verdict.not_after.is_some_and(|not_after| {
             lock(&ctx.expiry_warned).get(&uid(node)) == Some(&not_after.as_second())
@@ -526,12 +564,78 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
     } else {
         ctx.metrics.tls.remove(&namespace, &name);
     }
+    observed
+}
+
+/// Whether a node's sidecar is probed: Running, its plan settled, its Secret ready.
+fn probe_due(base: &SeiNodeStatus, observed: &Observed) -> bool {
     let settled = base
         .plan
         .as_ref()
         .is_none_or(|p| p.phase != PlanPhase::Active);
     let gate_open = observed.verdict.as_ref().is_none_or(|v| v.is_ready());
-    if base.phase == Some(SeiNodePhase::Running) && settled && gate_open && observed.leading {
+    base.phase == Some(SeiNodePhase::Running) && settled && gate_open && observed.leading
+}
+
+/// What a reconcile asked the node's sidecar before it took a slot.
+#[derive(Clone, Debug, Default)]
+struct SidecarCalls {
+    /// The probe, for a node that looked Running and settled.
+    probe: Option<ProbeResult>,
+    /// `mark-ready`, for a node whose plan looked at `MarkSidecarReady`.
+    mark_ready: Option<Outcome>,
+}
+
+/// The sidecar calls a node looks due for, outside the reconcile slots and under the probe
+/// limit (the reconcile checks again whether they are due before using them). The Secret's
+/// verdict they need is the one the reconcile then reads (parsed once per version, so read
+/// once).
+async fn call_sidecar_if_due(node: &SeiNode, ctx: &Context) -> SidecarCalls {
+    let mut calls = SidecarCalls::default();
+    let Some(status) = node.status.as_ref() else {
+        return calls;
+    };
+    let next = status
+        .plan
+        .as_ref()
+        .and_then(next_task)
+        .and_then(|(_, task)| task);
+    let marking = next == Some(Task::MarkSidecarReady);
+    let probing = status.phase == Some(SeiNodePhase::Running) && next.is_none();
+    if !(marking || probing) || !ctx.leadership.is_leading() {
+        return calls;
+    }
+    let Ok(_permit) = ctx.probes.acquire().await else {
+        return calls;
+    };
+    let leaf = match node.sidecar_tls() {
+        Some(tls) => {
+            let namespace = node.namespace().unwrap_or_default();
+            let required =
+                required_dns_names(&node.name_any(), &namespace, &ctx.config.cluster_domain);
+            let (verdict, inspected) = ctx
+                .secrets
+                .verdict(
+                    &ctx.client,
+                    &namespace,
+                    &tls.secret_name,
+                    &required,
+                    Timestamp::now(),
+                )
+                .await;
+            if !verdict.is_ready() {
+                return calls;
+            }
+            match inspected.as_deref() {
+                Some(InspectedSecret::Usable(usable)) => Some(usable.clone()),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    if marking {
+        calls.mark_ready = Some(mark_sidecar_ready(node, ctx, leaf.as_ref()).await);
+    } else {
         let result = probe(node, ctx, leaf.as_ref()).await;
         ctx.metrics
             .probes
@@ -539,34 +643,139 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
                 result: result.reason(),
             })
             .inc();
-        observed.probe = Some(result);
+        calls.probe = Some(result);
     }
-    observed
+    calls
 }
 
-/// Calls the sidecar through its front door.
+/// Calls the sidecar's health path through its front door.
 async fn probe(node: &SeiNode, ctx: &Context, leaf: Option<&LeafCertificate>) -> ProbeResult {
-    let host = pod_host(node, &ctx.config.cluster_domain);
-    match (node.sidecar_tls(), leaf) {
-        (Some(_), Some(leaf)) => {
-            let port = u16::try_from(resources::TLS_PORT).unwrap_or(8443);
-            ctx.prober
-                .probe_tls(&host, port, &leaf.der, leaf.ca_crt.as_deref())
-                .await
-        }
-        (Some(_), None) => ProbeResult::NotProbed(
+    if node.sidecar_tls().is_some() && leaf.is_none() {
+        return ProbeResult::NotProbed(
             "not probed: the node's TLS Secret does not meet the contract (see SidecarTLSSecretReady)".to_owned(),
-        ),
-        (None, _) => {
-            let port = node
-                .spec
-                .sidecar
-                .as_ref()
-                .map_or(DEFAULT_SIDECAR_PORT, |s| s.port);
-            ctx.prober
-                .probe_plain(&host, u16::try_from(port).unwrap_or_default())
-                .await
+        );
+    }
+    match sidecar_target(node, ctx, leaf, false) {
+        Ok(target) => ctx.sidecar.probe(&target).await,
+        Err(why) => ProbeResult::Unreachable(why),
+    }
+}
+
+/// Where the node's sidecar is: pod 0 of the StatefulSet the node controls, at the IP its Pod
+/// reports (never a DNS answer), on the proxy's port with TLS, else the sidecar's. `current`:
+/// only a pod of the StatefulSet's update revision will do (a task must reach the new pod of
+/// a roll, not the old one it replaces).
+fn sidecar_target(
+    node: &SeiNode,
+    ctx: &Context,
+    leaf: Option<&LeafCertificate>,
+    current: bool,
+) -> Result<Target, String> {
+    let namespace = node.namespace().unwrap_or_default();
+    let name = node.name_any();
+    let host = pod_host(node, &ctx.config.cluster_domain);
+    let pod_name = format!("{name}-0");
+    let port = match leaf {
+        Some(_) => resources::TLS_PORT,
+        None => resources::sidecar_port(node),
+    };
+    let port = u16::try_from(port).map_err(|_| format!("port {port} is not a TCP port"))?;
+    let sts: Option<StatefulSet> = parsed(
+        ctx.owned
+            .stateful_sets
+            .get(&ObjectRef::new(&name).within(&namespace)),
+    );
+    let sts = sts
+        .filter(|sts| controlled_by(&sts.metadata, "SeiNode", &name, node.uid().as_deref()))
+        .ok_or_else(|| format!("StatefulSet {namespace}/{name} of this node is not there yet"))?;
+    let pod: Option<Pod> = parsed(
+        ctx.owned
+            .pods
+            .get(&ObjectRef::new(&pod_name).within(&namespace)),
+    );
+    let pod = pod
+        .filter(|pod| {
+            controlled_by(
+                &pod.metadata,
+                "StatefulSet",
+                &name,
+                sts.metadata.uid.as_deref(),
+            )
+        })
+        .ok_or_else(|| {
+            format!("pod {namespace}/{pod_name} of StatefulSet {name} is not there yet")
+        })?;
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err(format!("pod {namespace}/{pod_name} is being deleted"));
+    }
+    if current {
+        let revision = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("controller-revision-hash"));
+        let update = sts.status.as_ref().and_then(|s| s.update_revision.as_ref());
+        if update.is_none() || revision != update {
+            return Err(format!(
+                "pod {namespace}/{pod_name} is not of the StatefulSet's current revision yet"
+            ));
         }
+    }
+    let pod_ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok());
+    let addr = ctx.config.sidecar_addresses.resolve(&host, pod_ip, port)?;
+    Ok(Target {
+        host,
+        addr,
+        tls: leaf.map(|leaf| TlsTarget {
+            leaf_der: leaf.der.clone(),
+            ca_crt: leaf.ca_crt.clone(),
+        }),
+    })
+}
+
+/// Whether `meta`'s controller owner is the `kind` named `name` with `uid`.
+fn controlled_by(meta: &kube::api::ObjectMeta, kind: &str, name: &str, uid: Option<&str>) -> bool {
+    meta.owner_references.iter().flatten().any(|o| {
+        o.controller == Some(true)
+            && o.kind == kind
+            && o.name == name
+            && Some(o.uid.as_str()) == uid
+    })
+}
+
+/// Runs `mark-ready` on the node's current pod through its front door.
+async fn mark_sidecar_ready(
+    node: &SeiNode,
+    ctx: &Context,
+    leaf: Option<&LeafCertificate>,
+) -> Outcome {
+    const KIND: &str = "mark-ready";
+    if node.sidecar_tls().is_some() && leaf.is_none() {
+        return Outcome::Waiting("the node's TLS Secret is not usable".to_owned());
+    }
+    let target = match sidecar_target(node, ctx, leaf, true) {
+        Ok(target) => target,
+        Err(why) => return Outcome::Waiting(why),
+    };
+    let namespace = node.namespace().unwrap_or_default();
+    let pod: Option<Pod> = parsed(
+        ctx.owned
+            .pods
+            .get(&ObjectRef::new(&format!("{}-0", node.name_any())).within(&namespace)),
+    );
+    let pod_uid = pod.and_then(|p| p.metadata.uid).unwrap_or_default();
+    match ctx
+        .sidecar
+        .run_task(&target, &task_id(&pod_uid, KIND), KIND)
+        .await
+    {
+        TaskProgress::Completed => Outcome::Done,
+        TaskProgress::Waiting(why) => Outcome::Waiting(why),
+        TaskProgress::Failed(why) => Outcome::Failed(why),
     }
 }
 
@@ -611,12 +820,17 @@ fn objects(node: &SeiNode, ctx: &Context) -> Objects {
             .stateful_sets
             .get(&ObjectRef::new(&name).within(&namespace)),
     );
-    let desired_sts = resources::stateful_set(node, &ctx.config).ok().map(stamp);
+    let desired_sts = resources::stateful_set(node, &ctx.config, ctx.client_ca.is_some())
+        .ok()
+        .map(stamp);
     Objects {
         config_map: state(
             node,
             config_map.as_ref(),
-            Some(&stamp(resources::rbac_proxy_config_map(node))),
+            Some(&stamp(resources::rbac_proxy_config_map(
+                node,
+                ctx.client_ca.as_deref(),
+            ))),
         ),
         service: state(
             node,
@@ -647,15 +861,18 @@ fn state<K: Resource + Serialize>(
         .find(|o| o.controller == Some(true));
     match controller {
         Some(owner) if Some(&owner.uid) == node.metadata.uid.as_ref() => {
-            let hash = |object: &K| {
-                object
-                    .meta()
-                    .annotations
-                    .as_ref()?
-                    .get(TEMPLATE_HASH_ANNOTATION)
-                    .cloned()
-            };
-            if desired.is_some_and(|desired| hash(desired) != hash(observed)) {
+            let annotation =
+                |object: &K, key: &str| object.meta().annotations.as_ref()?.get(key).cloned();
+            let hash = |object: &K| annotation(object, TEMPLATE_HASH_ANNOTATION);
+            if let Some(desired) = desired
+                && hash(desired) != hash(observed)
+            {
+                if annotation(desired, SIDECAR_CONTRACT_ANNOTATION)
+                    != annotation(observed, SIDECAR_CONTRACT_ANNOTATION)
+                {
+                    // Built for an older sidecar contract: restored now (see the constant).
+                    return ObjectState::Drifted;
+                }
                 // Built from another template (an older controller, other flags): the next
                 // plan of the node applies the current one.
                 return ObjectState::Current;
@@ -685,8 +902,17 @@ fn state<K: Resource + Serialize>(
     }
 }
 
-/// `object` with its [`TEMPLATE_HASH_ANNOTATION`]: a digest of the object as built.
+/// `object` with its [`SIDECAR_CONTRACT_ANNOTATION`] and [`TEMPLATE_HASH_ANNOTATION`]: a digest
+/// of the object as built.
 pub fn stamp<K: Resource + Serialize>(mut object: K) -> K {
+    object
+        .meta_mut()
+        .annotations
+        .get_or_insert_default()
+        .insert(
+            SIDECAR_CONTRACT_ANNOTATION.to_owned(),
+            SIDECAR_CONTRACT.to_owned(),
+        );
     let bytes = serde_json::to_vec(&object).unwrap_or_default();
     let hash = short_digest([bytes.as_slice()]);
     object
@@ -800,27 +1026,32 @@ async fn run_task(
     node: &SeiNode,
     ctx: &Context,
     task: Task,
-    objects: &Objects,
+    observed: &Observed,
 ) -> Result<Outcome, Error> {
     let namespace = node.namespace().unwrap_or_default();
-    let state = objects.of(task);
+    let state = observed.objects.of(task);
     let result = match task {
         Task::ApplyRbacProxyConfig => {
             ensure(
                 ctx,
                 node,
-                &stamp(resources::rbac_proxy_config_map(node)),
+                &stamp(resources::rbac_proxy_config_map(
+                    node,
+                    ctx.client_ca.as_deref(),
+                )),
                 state,
             )
             .await
         }
         Task::ApplyService => ensure(ctx, node, &stamp(resources::service(node)), state).await,
-        Task::ApplyStatefulSet => match resources::stateful_set(node, &ctx.config) {
-            Ok(sts) => ensure(ctx, node, &stamp(sts), state).await,
-            Err(error) => return Ok(Outcome::Failed(error)),
-        },
-        // Decided from the watch; never run.
-        Task::AwaitStatefulSetReady => return Ok(Outcome::Done),
+        Task::ApplyStatefulSet => {
+            match resources::stateful_set(node, &ctx.config, ctx.client_ca.is_some()) {
+                Ok(sts) => ensure(ctx, node, &stamp(sts), state).await,
+                Err(error) => return Ok(Outcome::Failed(error)),
+            }
+        }
+        // Called before the slot (see `reconcile_node`); observation decides the await.
+        Task::MarkSidecarReady | Task::AwaitStatefulSetReady => return Ok(Outcome::Done),
     };
     match result {
         // The API server refused what we built (say, a name that is not a valid Service name):
@@ -1043,7 +1274,8 @@ mod tests {
         let (config_maps, mut cm_writer) = reflector::store::<Compact<ConfigMap>>();
         let (services, mut svc_writer) = reflector::store::<Compact<Service>>();
         let (stateful_sets, mut sts_writer) = reflector::store::<Compact<StatefulSet>>();
-        let owned = OwnedStores::new(config_maps, services, stateful_sets);
+        let (pods, mut pod_writer) = reflector::store::<Compact<Pod>>();
+        let owned = OwnedStores::new(config_maps, services, stateful_sets, pods);
         let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let waiters: Vec<_> = (0..8)
             .map(|_| {
@@ -1062,6 +1294,15 @@ mod tests {
         cm_writer.apply_watcher_event(&watcher::Event::InitDone);
         svc_writer.apply_watcher_event(&watcher::Event::InitDone);
         sts_writer.apply_watcher_event(&watcher::Event::InitDone);
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "the Pod store has not listed yet"
+        );
+        pod_writer.apply_watcher_event(&watcher::Event::InitDone);
         let all = futures::future::join_all(waiters);
         let joined = tokio::time::timeout(Duration::from_secs(5), all)
             .await

@@ -246,13 +246,24 @@ pub fn images(binaries: &Binaries, seinode_tls: Option<&Path>) -> Images {
                 ],
             },
         );
+        // The pod runs `seictl serve` (its `command`); the entrypoint serves a container that
+        // names none. Root, as seictl's distroless image; the pod sets its own user.
         images.insert(
             SIDECAR_IMAGE,
             Image {
                 entrypoint: vec![bin("seinode-tls"), "stand-in".into(), "sidecar".into()],
                 user: (0, 0),
                 env: path,
-                files: vec![binary],
+                files: vec![
+                    binary,
+                    (
+                        bin("seictl"),
+                        ImageFile::Script(format!(
+                            "#!/bin/sh\nexec {} stand-in sidecar \"$@\"\n",
+                            bin("seinode-tls")
+                        )),
+                    ),
+                ],
             },
         );
     }

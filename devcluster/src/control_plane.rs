@@ -773,6 +773,38 @@ impl ControlPlane {
         })?)
     }
 
+    /// Issues the controller's client certificate for the node proxies (user
+    /// [`SIDECAR_CLIENT_USER`]) from a CA of its own, never the API server's (so the
+    /// certificate is worthless against the API server), and writes the certificate, key and
+    /// CA into the state directory. Each call makes a new CA.
+    pub fn write_sidecar_client(&self) -> Result<SidecarClientPaths, ControlPlaneError> {
+        let ca = CertificateAuthority::new("seinode-tls local sidecar client CA")?;
+        let issued = ca.issue(&LeafSpec {
+            common_name: SIDECAR_CLIENT_USER,
+            client: true,
+            ..LeafSpec::default()
+        })?;
+        let dir = self.dir.join(format!("sidecar-client-{}", unique()));
+        let io = |path: &Path, source| ControlPlaneError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let paths = SidecarClientPaths {
+            cert_file: dir.join("tls.crt"),
+            key_file: dir.join("tls.key"),
+            ca_file: dir.join("ca.crt"),
+        };
+        for (path, text) in [
+            (&paths.cert_file, &issued.cert_pem),
+            (&paths.key_file, &issued.key_pem),
+            (&paths.ca_file, &ca.cert_pem()),
+        ] {
+            fs::write(path, text).map_err(|e| io(path, e))?;
+        }
+        Ok(paths)
+    }
+
     /// Process ids of the components, in start order.
     pub fn pids(&self) -> Vec<u32> {
         self.components
@@ -839,6 +871,85 @@ where
         &Patch::Apply(object),
     )
     .await
+}
+
+/// The user the controller's sidecar client certificate names (what the node proxies see).
+pub const SIDECAR_CLIENT_USER: &str = "seinode-tls:sidecar-client";
+
+/// Files of the controller's sidecar client identity (see
+/// [`ControlPlane::write_sidecar_client`]).
+#[derive(Debug, Clone)]
+pub struct SidecarClientPaths {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+/// What the chart grants in a cluster, for the one-machine cluster without it: the node pods'
+/// ServiceAccounts may ask for TokenReviews and SubjectAccessReviews (kube-rbac-proxy's
+/// `system:auth-delegator`; here every ServiceAccount's, the tests making namespaces at will),
+/// and [`SIDECAR_CLIENT_USER`] may create and get `seinodetasks` (the sidecar-client role).
+pub async fn install_sidecar_rbac(client: &Client) -> Result<(), kube::Error> {
+    use k8s_openapi::api::rbac::v1::{
+        ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let binding = |name: &str, role: &str, subject: Subject| ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "ClusterRole".to_owned(),
+            name: role.to_owned(),
+        },
+        subjects: Some(vec![subject]),
+    };
+    let role = ClusterRole {
+        metadata: ObjectMeta {
+            name: Some("seinode-tls-local-sidecar-client".to_owned()),
+            ..ObjectMeta::default()
+        },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["sei.io".to_owned()]),
+            resources: Some(vec!["seinodetasks".to_owned()]),
+            verbs: vec!["create".to_owned(), "get".to_owned(), "list".to_owned()],
+            ..PolicyRule::default()
+        }]),
+        ..ClusterRole::default()
+    };
+    apply(&Api::all(client.clone()), &role).await?;
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    apply(
+        &bindings,
+        &binding(
+            "seinode-tls-local-sidecar-client",
+            "seinode-tls-local-sidecar-client",
+            Subject {
+                api_group: Some("rbac.authorization.k8s.io".to_owned()),
+                kind: "User".to_owned(),
+                name: SIDECAR_CLIENT_USER.to_owned(),
+                namespace: None,
+            },
+        ),
+    )
+    .await?;
+    apply(
+        &bindings,
+        &binding(
+            "seinode-tls-local-node-auth-delegator",
+            "system:auth-delegator",
+            Subject {
+                api_group: Some("rbac.authorization.k8s.io".to_owned()),
+                kind: "Group".to_owned(),
+                name: "system:serviceaccounts".to_owned(),
+                namespace: None,
+            },
+        ),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Installs (or updates) the SeiNode CRD and waits until it is Established.

@@ -54,6 +54,9 @@ pub fn cluster() -> &'static Cluster {
                 control_plane::install_crd(&client)
                     .await
                     .expect("install the SeiNode CRD");
+                control_plane::install_sidecar_rbac(&client)
+                    .await
+                    .expect("grant the node proxies and the sidecar client their RBAC");
                 cluster
             })
         })
@@ -245,16 +248,63 @@ pub fn spawn_controller(config: seinode_tls_controller::ControllerConfig) {
     rx.recv().expect("controller started");
 }
 
+/// The controller's client certificate for the node proxies in this test binary's cluster
+/// (user `seinode-tls:sidecar-client`, from a CA of its own), written once.
+pub fn sidecar_client() -> seinode_tls_controller::config::SidecarClientFiles {
+    static FILES: OnceLock<seinode_tls_controller::config::SidecarClientFiles> = OnceLock::new();
+    FILES
+        .get_or_init(|| {
+            let paths = control_plane()
+                .write_sidecar_client()
+                .expect("issue the sidecar client certificate");
+            seinode_tls_controller::config::SidecarClientFiles {
+                cert_file: paths.cert_file,
+                key_file: paths.key_file,
+                ca_file: paths.ca_file,
+            }
+        })
+        .clone()
+}
+
+/// Only the Pod IPs of this test binary's Pod network: what a test's controller may dial.
+pub fn pod_addresses() -> seinode_tls_controller::sidecar::SidecarAddresses {
+    let gateway = cluster().gateway();
+    seinode_tls_controller::sidecar::SidecarAddresses::pod_ips_where(move |ip| match ip {
+        std::net::IpAddr::V4(ip) => gateway.is_some_and(|gateway| {
+            seinode_tls_devcluster::network::in_pod_network(ip, gateway) && ip != gateway
+        }),
+        std::net::IpAddr::V6(_) => false,
+    })
+}
+
+/// The Pod network as `--sidecar-pod-cidr` takes it (the /24 of the gateway).
+pub fn pod_cidr() -> String {
+    let gateway = cluster().gateway().expect("the test cluster runs Pods");
+    let [a, b, c, _] = gateway.octets();
+    format!("{a}.{b}.{c}.0/24")
+}
+
 /// The controller configuration the tests use: defaults, with a short expiry warning and
-/// short sidecar probes.
+/// short sidecar probes, the sidecar client certificate, and Pod IPs of the test cluster only.
 pub fn test_controller_config() -> seinode_tls_controller::ControllerConfig {
     seinode_tls_controller::ControllerConfig {
         cert_expiry_warning: std::time::Duration::from_secs(3600),
         sidecar_probe_timeout: std::time::Duration::from_secs(1),
-        // Cluster names are never looked up in the host's DNS (no query leaves the machine);
-        // tests/sidecar.rs maps them to Pod addresses, elsewhere probes find them unreachable.
-        sidecar_addresses: seinode_tls_controller::probe::SidecarAddresses::only(),
+        sidecar_addresses: pod_addresses(),
+        sidecar_client: Some(sidecar_client()),
+        sidecar_platform: sidecar_platform(),
         ..Default::default()
+    }
+}
+
+/// Genesis and snapshot locations for the sidecar (seictl will not start without them; the
+/// stand-in checks them as seictl does and never reads them).
+pub fn sidecar_platform() -> seinode_tls_controller::config::SidecarPlatform {
+    seinode_tls_controller::config::SidecarPlatform {
+        genesis_bucket: "test-genesis".to_owned(),
+        genesis_region: "local".to_owned(),
+        snapshot_bucket: "test-snapshots".to_owned(),
+        snapshot_region: "local".to_owned(),
     }
 }
 

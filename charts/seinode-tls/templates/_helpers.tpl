@@ -31,6 +31,33 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret of the controller's client certificate for the node proxies (tls.crt, tls.key,
+ca.crt): cert-manager's, or one the operator provides. */}}
+{{- define "seinode-tls.sidecarClientSecretName" -}}
+{{- if .Values.tls.certManager.enabled -}}
+{{- printf "%s-sidecar-client" (include "seinode-tls.fullname" .) -}}
+{{- else -}}
+{{- required "sidecarClient.secretName is required when tls.certManager.enabled is false: a kubernetes.io/tls Secret in the release namespace with the controller's client certificate (tls.crt, tls.key) and its CA (ca.crt), see docs/operations.md" .Values.sidecarClient.secretName -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The user the node proxies authenticate the controller's client certificate as (its CN). */}}
+{{- define "seinode-tls.sidecarClientUser" -}}
+{{- required "sidecarClient.user is required: the CommonName of the controller's client certificate, bound to the sidecar-client ClusterRole" .Values.sidecarClient.user -}}
+{{- end -}}
+
+{{/* What a caller of a node's sidecar task API needs: kube-rbac-proxy authorizes each request
+with a SubjectAccessReview on the virtual resource seinodetasks (sei.io), named after the SeiNode
+in its namespace, the verb from the method. Nothing in the API server serves seinodetasks: the
+rule means something only to the node proxies. */}}
+{{- define "seinode-tls.sidecarTaskRules" -}}
+# POST (submit a task, e.g. mark-ready) is create, GET (read tasks) is get; list goes with get
+# for the read side. resourceNames in a copy of this rule narrows it to single nodes.
+- apiGroups: ["sei.io"]
+  resources: ["seinodetasks"]
+  verbs: ["create", "get", "list"]
+{{- end -}}
+
 {{/* Annotations and caBundle shared by the webhook configurations. */}}
 {{- define "seinode-tls.webhookAnnotations" -}}
 {{- if .Values.tls.certManager.enabled }}
@@ -97,6 +124,11 @@ namespace's Role's (watchNamespaces). */}}
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# The nodes' Pods (label app.kubernetes.io/managed-by=seinode-tls): the controller watches them
+# and dials a node's sidecar at its Pod IP. Read only: the StatefulSets own the Pods.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
 # Events are created once each (named after what they report), never patched.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
