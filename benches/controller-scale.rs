@@ -62,8 +62,8 @@ use serde_json::json;
 const BAD_EVERY: usize = 20;
 /// Writes the design needs per node whose Secret is good: the status with contract, condition
 /// and plan; for each of the ConfigMap, Service and StatefulSet tasks an apply and a status
-/// write; one event.
-const MIN_WRITES_GOOD: u64 = 8;
+/// write; one event; the status saying what `MarkSidecarReady` waits for (no Pod runs here).
+const MIN_WRITES_GOOD: u64 = 9;
 /// Writes the design needs per node whose Secret is bad: the status, one event.
 const MIN_WRITES_BAD: u64 = 2;
 /// Pace of the late Secrets (10 per second).

@@ -88,12 +88,15 @@ fn running(pod: &Pod) -> bool {
 
 /// Process id of `container` in `pod` (the kubelet reports `devcluster://<pid>`).
 fn container_pid(pod: &Pod, container: &str) -> String {
-    let statuses = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .unwrap();
-    let status = statuses.iter().find(|c| c.name == container).unwrap();
+    let status = pod.status.as_ref().unwrap();
+    // Native sidecars (the node's seictl and kube-rbac-proxy) report as init containers.
+    let status = status
+        .container_statuses
+        .iter()
+        .chain(&status.init_container_statuses)
+        .flatten()
+        .find(|c| c.name == container)
+        .unwrap_or_else(|| panic!("no status of container {container}"));
     let id = status.container_id.as_deref().expect("a container id");
     id.strip_prefix("devcluster://")
         .expect("devcluster://<pid>")
@@ -136,6 +139,13 @@ spec:
       containers:
       - name: sidecar
         image: {SIDECAR_IMAGE}:v1
+        # What seictl serve will not start without.
+        env:
+        - {{name: SEI_CHAIN_ID, value: arctic-1}}
+        - {{name: SEI_GENESIS_BUCKET, value: test-genesis}}
+        - {{name: SEI_GENESIS_REGION, value: local}}
+        - {{name: SEI_SNAPSHOT_BUCKET, value: test-snapshots}}
+        - {{name: SEI_SNAPSHOT_REGION, value: local}}
         ports: [{{name: http, containerPort: 7777}}]
         readinessProbe: {{httpGet: {{path: /v0/livez, port: http}}, periodSeconds: 1}}
         livenessProbe: {{tcpSocket: {{port: 7777}}, periodSeconds: 2}}

@@ -18,6 +18,8 @@ use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhas
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// How long a node whose pod is replaced gets to run again.
+const REPLACED_POD_WAIT: Duration = Duration::from_secs(90);
 
 // === Fixtures ===
 
@@ -175,10 +177,24 @@ async fn wait_failed_task(api: &Api<SeiNode>, name: &str) -> seinode_tls_crds::P
         .expect("a failed task")
 }
 
+/// The controller, and a namespace of its own that enforces the restricted Pod Security level:
+/// a node pod that did not meet it would never be created, and its node never run.
 async fn setup(prefix: &str) -> (Client, String) {
     common::controller();
     let client = common::client().await;
     let ns = common::namespace(&client, prefix).await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            }}})),
+        )
+        .await
+        .unwrap();
     (client, ns)
 }
 
@@ -740,9 +756,85 @@ async fn objects_of_a_running_node_that_are_deleted_or_edited_are_restored() {
         "replicas not restored: {:?}",
         last.spec.and_then(|s| s.replicas)
     );
-    wait_node(&api, "rpc", "Running again after the repair", |n| {
+    // The pod is replaced: the old one stops first (seictl drains for up to 25 s on SIGTERM),
+    // then the new one starts and is marked ready.
+    let (node, running) = common::poll(
+        REPLACED_POD_WAIT,
+        || async { api.get("rpc").await.unwrap() },
+        |n| {
+            phase(n) == Some(SeiNodePhase::Running)
+                && plan_id(n).is_some_and(|(_, phase)| phase == PlanPhase::Complete)
+        },
+    )
+    .await;
+    assert!(
+        running,
+        "not Running again after the repair: {:#?}",
+        node.status
+    );
+}
+
+/// An upgrade from the first pod contract: objects without the sidecar-contract annotation
+/// (what the previous controller applied) are repaired at once, not left until the next image
+/// change, and the node is Running and its sidecar ready again on the new template.
+#[tokio::test]
+async fn objects_of_the_previous_sidecar_contract_are_rolled_onto_the_new_pod() {
+    let (client, ns) = setup("ctl-contract").await;
+    let leaf = valid_cert(&ns, "rpc");
+    put_secret(
+        &client,
+        &secret(&ns, "rpc-tls", &leaf.cert_pem, &leaf.key_pem),
+    )
+    .await;
+    let api = create_node(&client, &node(&ns, "rpc", Some("rpc-tls"))).await;
+    bring_to_running(&client, &api, &ns, "rpc").await;
+
+    // As the previous controller left them: no contract annotation, another template digest.
+    let old = json!({"metadata": {"annotations": {
+        "seinode-tls.sei.io/sidecar-contract": null,
+        "seinode-tls.sei.io/template-hash": "0123456789abcdef",
+    }}});
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    sts.patch("rpc", &PatchParams::default(), &Patch::Merge(&old))
+        .await
+        .unwrap();
+    cms.patch(
+        "rpc-rbac-proxy-config",
+        &PatchParams::default(),
+        &Patch::Merge(&old),
+    )
+    .await
+    .unwrap();
+
+    let contract = |meta: &kube::api::ObjectMeta| {
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get("seinode-tls.sei.io/sidecar-contract").cloned())
+    };
+    let (last, restored) = common::poll(
+        WAIT,
+        || async {
+            (
+                sts.get("rpc").await.unwrap(),
+                cms.get("rpc-rbac-proxy-config").await.unwrap(),
+            )
+        },
+        |(s, c)| contract(&s.metadata).is_some() && contract(&c.metadata).is_some(),
+    )
+    .await;
+    assert!(
+        restored,
+        "not re-applied: {:?}",
+        (last.0.metadata.annotations, last.1.metadata.annotations)
+    );
+    // Each object is repaired as its drift is seen (one plan or two), then the node runs on.
+    wait_node(&api, "rpc", "Running on a completed repair plan", |n| {
+        let plan = n.status.as_ref().and_then(|s| s.plan.as_ref());
         phase(n) == Some(SeiNodePhase::Running)
-            && plan_id(n).is_some_and(|(_, phase)| phase == PlanPhase::Complete)
+            && plan.is_some_and(|p| p.id.starts_with("repair-") && p.phase == PlanPhase::Complete)
     })
     .await;
+    let failed = events(&client, &ns, "PlanFailed").await;
+    assert!(failed.is_empty(), "{failed:?}");
 }

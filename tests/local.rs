@@ -145,24 +145,23 @@ fn get(kubeconfig: &str, args: &[&str]) -> String {
 fn wait_for_demo(kubeconfig: &str) -> String {
     let sidecar_ready =
         "jsonpath={.status.phase} {.status.conditions[?(@.type==\"SidecarReady\")].status}";
-    let mut node = String::new();
+    // seid, and the two native sidecars (seictl, kube-rbac-proxy) as init containers.
+    let containers_ready =
+        "jsonpath={.status.containerStatuses[*].ready} {.status.initContainerStatuses[*].ready}";
+    let (mut node, mut ready) = (String::new(), String::new());
     let ok = common::wait_until(DEMO_TIMEOUT, || {
         node = get(kubeconfig, &["get", "snode", "demo", "-o", sidecar_ready]);
-        node == "Running True"
+        ready = get(
+            kubeconfig,
+            &["get", "pod", "demo-0", "-o", containers_ready],
+        );
+        node == "Running True" && ready == "true true true"
     });
     let pods = get(kubeconfig, &["get", "pods", "-o", "wide"]);
-    assert!(ok, "demo node: {node:?}; pods:\n{pods}");
-    let ready = get(
-        kubeconfig,
-        &[
-            "get",
-            "pod",
-            "demo-0",
-            "-o",
-            "jsonpath={.status.containerStatuses[*].ready}",
-        ],
+    assert!(
+        ok,
+        "demo node: {node:?}; containers ready: {ready:?}; pods:\n{pods}"
     );
-    assert_eq!(ready, "true true true", "pods:\n{pods}");
     get(
         kubeconfig,
         &["get", "pod", "demo-0", "-o", "jsonpath={.status.podIP}"],

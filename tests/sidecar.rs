@@ -214,8 +214,11 @@ async fn a_healthy_sidecar_behind_the_secrets_certificate_is_ready_and_is_sent_n
         message.contains(&format!("https://{}:", pod_host(&ns))),
         "{message}"
     );
-    let requests = stand_in.requests();
-    assert!(!requests.is_empty());
+    // The node may have been probed healthy at its real pod before the override: wait for the
+    // stand-in's own probes.
+    let (requests, probed) =
+        common::poll(WAIT, || async { stand_in.requests() }, |r| !r.is_empty()).await;
+    assert!(probed, "the stand-in was never probed");
     for request in &requests {
         assert_eq!(
             (request.method.as_str(), request.path.as_str()),
@@ -532,4 +535,85 @@ async fn a_rogue_pod_in_the_nodes_name_collects_nothing_that_authenticates_anywh
     }
     // And the real proxy does let the probe's health check through without a credential.
     assert_eq!(replay(&format!("https://{ip}:8443/v0/healthz"), &[]), "200");
+}
+
+/// `kubectl create token` for ServiceAccount `name` in `ns`: a token of the API server's
+/// audience, what an operator's kubeconfig sends (on EKS, `aws eks get-token`).
+fn token(ns: &str, name: &str) -> String {
+    let out = common::kubectl(&["create", "token", name, "-n", ns, "--duration=10m"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Operators reach their node's sidecar through the front door with their own identity: a
+/// grant on `seinodetasks` for the node gets 2xx and the sidecar sees exactly that caller;
+/// without the grant 403; without a token 401.
+#[tokio::test]
+async fn an_operator_granted_seinodetasks_reaches_the_sidecar_others_do_not() {
+    let (client, ns) = setup("sc-operator").await;
+    let ca = CertificateAuthority::new("fleet issuer").unwrap();
+    let leaf = contract_cert(&ca, &ns);
+    running_node(&client, &ns, &leaf, Some(&ca.cert_pem()), None).await;
+    let yaml = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: operator, namespace: {ns}}}\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: bystander, namespace: {ns}}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: rpc-tasks, namespace: {ns}}}\n\
+         rules: [{{apiGroups: [sei.io], resources: [seinodetasks], resourceNames: [rpc], verbs: [create, get]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: rpc-tasks, namespace: {ns}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: rpc-tasks}}\n\
+         subjects: [{{kind: ServiceAccount, name: operator, namespace: {ns}}}]\n"
+    );
+    let out = common::kubectl(&["apply", "-f", "-"], &yaml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = pods.get("rpc-0").await.unwrap();
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
+    let url = format!("https://{ip}:8443/v0/status");
+    let bearer = |token: &str| vec![("Authorization".to_owned(), format!("Bearer {token}"))];
+    // RBAC may take a moment to reach the proxy's SubjectAccessReview.
+    let operator = token(&ns, "operator");
+    let (status, granted) = common::poll(
+        WAIT,
+        || async { common::http_status(&url, &bearer(&operator)) },
+        |status| status == "200",
+    )
+    .await;
+    assert!(granted, "the operator got {status}");
+    assert_eq!(
+        common::http_status(&url, &bearer(&token(&ns, "bystander"))),
+        "403"
+    );
+    assert_eq!(common::http_status(&url, &[]), "401");
+    // A caller's own X-Remote-User is overwritten by the proxy, not appended to it.
+    let mut forged = bearer(&operator);
+    forged.push(("X-Remote-User".to_owned(), "system:admin".to_owned()));
+    assert_eq!(common::http_status(&url, &forged), "200");
+
+    // The sidecar saw the operator, exactly once per request, never the forged name.
+    let log = common::cluster()
+        .container_log(&pod, "sei-sidecar")
+        .expect("the cluster runs Pods");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let caller = format!("caller \"system:serviceaccount:{ns}:operator\"");
+    let statuses: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("GET /v0/status"))
+        .collect();
+    assert!(
+        statuses.len() >= 2
+            && statuses
+                .iter()
+                .all(|l| l.contains("x-remote-user headers: 1") && l.contains(&caller)),
+        "{statuses:#?}"
+    );
+    assert!(!text.contains("system:admin"), "{text}");
 }

@@ -6,6 +6,7 @@
 //! (by label), and `kubernetes.io/tls` Secrets (metadata only), mapped to the nodes that name
 //! them through an index. With leader election only the Lease holder reconciles.
 
+pub mod calls;
 pub mod compact;
 pub mod config;
 pub mod decide;
@@ -445,6 +446,10 @@ impl Term {
         let instance = self
             .instance
             .unwrap_or_else(|| self.config.reporter.clone());
+        let (calls, mut called) =
+            calls::SidecarCalls::new(usize::from(self.config.max_concurrent_probes));
+        // A finished sidecar call wakes its node.
+        let called = futures::stream::poll_fn(move |cx| called.poll_recv(cx));
         let ctx = Arc::new(Context::new(
             client.clone(),
             self.config,
@@ -457,6 +462,7 @@ impl Term {
             instance,
             latest,
             secret_versions,
+            calls,
         ));
         // kube-runtime wants a Sync trigger; relay the caller's future through a channel. The
         // reconciles queued for a slot end at once, so the shutdown waits only for the running.
@@ -466,6 +472,7 @@ impl Term {
             tokio::spawn(async move {
                 shutdown.await;
                 ctx.slots.close();
+                ctx.calls.close();
                 let _ = stop_tx.send(());
             })
         };
@@ -493,6 +500,7 @@ impl Term {
             .watches_stream(secrets, move |secret| {
                 index.nodes_for(&secret.namespace().unwrap_or_default(), &secret.name_any())
             })
+            .reconcile_on(called)
             .graceful_shutdown_on(async move {
                 let _ = stop_rx.await;
             })

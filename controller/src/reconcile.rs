@@ -23,10 +23,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::calls::{CallKind, Finished, SidecarCalls};
 use crate::compact::Compact;
 use crate::config::ControllerConfig;
 use crate::decide::{
-    Decision, IN_THE_WAY, ObjectState, Objects, Observed, Outcome, Settings, decide,
+    Decision, IN_THE_WAY, ObjectState, Objects, Observed, Outcome, SIDECAR_TASK_RETRY, Settings,
+    decide,
 };
 use crate::events::NodeEvent;
 use crate::leader::Leadership;
@@ -55,6 +57,8 @@ pub const SIDECAR_CONTRACT_ANNOTATION: &str = "seinode-tls.sei.io/sidecar-contra
 /// The contract of this controller's objects: seictl in trusted-header mode behind
 /// kube-rbac-proxy, `/v0` paths, `seinodetasks`.
 pub const SIDECAR_CONTRACT: &str = "seictl-v1";
+/// The least time between two `mark-ready` calls of a node.
+const MARK_READY_GAP: Duration = Duration::from_secs(1);
 /// How long a reconcile waits for the first list of the owned objects.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
 /// A reconcile re-observes at most this often after its status write conflicted.
@@ -147,9 +151,8 @@ pub struct Context {
     pub metrics: Arc<ControllerMetrics>,
     pub secrets: SecretJudge,
     pub sidecar: SidecarClient,
-    /// Probes at once (`--max-concurrent-probes`), apart from the reconcile slots: a sidecar
-    /// that never answers holds a probe permit, never a slot other nodes wait for.
-    probes: tokio::sync::Semaphore,
+    /// Sidecar calls, apart from the reconciles (see `calls`).
+    pub calls: SidecarCalls,
     /// The CA the node proxies trust for the controller's client certificate.
     client_ca: Option<String>,
     /// The reflector's view of SeiNodes.
@@ -202,6 +205,7 @@ impl Context {
         instance: String,
         latest: Latest,
         secret_versions: Arc<SecretVersions>,
+        calls: SidecarCalls,
     ) -> Self {
         let sidecar = SidecarClient::new(
             ca_bundle,
@@ -209,7 +213,7 @@ impl Context {
             config.sidecar_client.clone(),
         );
         Self {
-            probes: tokio::sync::Semaphore::new(usize::from(config.max_concurrent_probes.max(1))),
+            calls,
             client_ca,
             slots: Slots::new(usize::from(config.max_concurrent_reconciles)),
             client,
@@ -277,6 +281,7 @@ impl Context {
         lock(&self.seen).retain(|u| uids.contains(u));
         lock(&self.latest.0).retain(|u, _| uids.contains(u));
         lock(&self.unsent).retain(|u, _| uids.contains(u));
+        self.calls.retain(|u| uids.contains(u));
         self.sidecar.retain_hosts(|host| hosts.contains(host));
         self.secrets
             .retain(|ns, name| secrets.contains(&(ns.to_owned(), name.to_owned())));
@@ -285,9 +290,8 @@ impl Context {
 
 /// kube-runtime entry point: one reconcile, with metrics and the backoff bookkeeping.
 pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, Error> {
-    // Before a slot: calls to the sidecar wait on it (up to their timeouts), under their own
-    // limit, so a sidecar that never answers holds no slot other nodes wait for.
-    let called = call_sidecar_if_due(&ctx.newest(node.clone()), &ctx).await;
+    // The sidecar is called apart: what a finished call found, and a call started if due.
+    let called = sidecar_calls(&ctx.newest(node.clone()), &ctx);
     let Some(slot) = ctx.slots.acquire(priority(&ctx.newest(node.clone()))).await else {
         // The term is over.
         return Ok(Action::await_change());
@@ -378,7 +382,7 @@ async fn reconcile_newest(
     cached: Arc<SeiNode>,
     ctx: &Context,
     priority: Priority,
-    called: SidecarCalls,
+    called: Called,
 ) -> Result<Step, Error> {
     let mut node = ctx.newest(cached);
     for _ in 0..CONFLICT_ATTEMPTS {
@@ -430,7 +434,7 @@ async fn reconcile_node(
     node: &Arc<SeiNode>,
     ctx: &Context,
     priority: Priority,
-    mut called: SidecarCalls,
+    mut called: Called,
 ) -> Result<Option<Step>, Error> {
     if node.meta().deletion_timestamp.is_some() {
         return Ok(Some(Step::Done(Action::await_change())));
@@ -503,11 +507,11 @@ async fn reconcile_node(
             return Ok(Some(Step::Done(Action::await_change())));
         }
         let outcome = if task == Task::MarkSidecarReady {
-            // Called before the slot was taken; a task reached in this reconcile without that
-            // call waits for the next one, which makes it.
+            // Called apart (see `sidecar_calls`): the call started or running wakes the node
+            // when it finishes; this is the fallback.
             match called.mark_ready.take() {
                 Some(outcome) => outcome,
-                None => return Ok(Some(Step::Done(Action::requeue(Duration::ZERO)))),
+                None => return Ok(Some(Step::Done(Action::requeue(SIDECAR_TASK_RETRY)))),
             }
         } else {
             run_task(&current, ctx, task, &observed).await?
@@ -577,37 +581,62 @@ fn probe_due(base: &SeiNodeStatus, observed: &Observed) -> bool {
     base.phase == Some(SeiNodePhase::Running) && settled && gate_open && observed.leading
 }
 
-/// What a reconcile asked the node's sidecar before it took a slot.
+/// What the node's finished sidecar calls found, for this reconcile.
 #[derive(Clone, Debug, Default)]
-struct SidecarCalls {
-    /// The probe, for a node that looked Running and settled.
+struct Called {
     probe: Option<ProbeResult>,
-    /// `mark-ready`, for a node whose plan looked at `MarkSidecarReady`.
     mark_ready: Option<Outcome>,
 }
 
-/// The sidecar calls a node looks due for, outside the reconcile slots and under the probe
-/// limit (the reconcile checks again whether they are due before using them). The Secret's
-/// verdict they need is the one the reconcile then reads (parsed once per version, so read
-/// once).
-async fn call_sidecar_if_due(node: &SeiNode, ctx: &Context) -> SidecarCalls {
-    let mut calls = SidecarCalls::default();
+/// Takes the results of the node's finished sidecar calls, and starts the call the node looks
+/// due for (a probe for a Running node with a settled plan, at most once per probe interval;
+/// `mark-ready` for a plan at `MarkSidecarReady`, at most once per [`MARK_READY_GAP`]).
+/// Never waits on a sidecar (the reconcile checks again whether a result applies).
+fn sidecar_calls(node: &Arc<SeiNode>, ctx: &Arc<Context>) -> Called {
+    let uid = uid(node);
+    let mut called = Called::default();
+    if let Some(Finished::Probe(result)) = ctx.calls.take(&uid, CallKind::Probe) {
+        called.probe = Some(result);
+    }
+    if let Some(Finished::MarkReady(outcome)) = ctx.calls.take(&uid, CallKind::MarkReady) {
+        called.mark_ready = Some(outcome);
+    }
     let Some(status) = node.status.as_ref() else {
-        return calls;
+        return called;
     };
     let next = status
         .plan
         .as_ref()
         .and_then(next_task)
         .and_then(|(_, task)| task);
-    let marking = next == Some(Task::MarkSidecarReady);
-    let probing = status.phase == Some(SeiNodePhase::Running) && next.is_none();
-    if !(marking || probing) || !ctx.leadership.is_leading() {
-        return calls;
-    }
-    let Ok(_permit) = ctx.probes.acquire().await else {
-        return calls;
+    let (kind, gap) = if next == Some(Task::MarkSidecarReady) {
+        if called.mark_ready.is_some() {
+            return called;
+        }
+        // A second apart at least; the decision requeues after SIDECAR_TASK_RETRY, and the
+        // Pod watch wakes the node sooner when its pod moves.
+        (CallKind::MarkReady, MARK_READY_GAP)
+    } else if status.phase == Some(SeiNodePhase::Running) && next.is_none() {
+        if called.probe.is_some() {
+            return called;
+        }
+        (CallKind::Probe, ctx.config.sidecar_probe_interval)
+    } else {
+        return called;
     };
+    if !ctx.leadership.is_leading() {
+        return called;
+    }
+    let (node, task_ctx) = (node.clone(), ctx.clone());
+    ctx.calls
+        .start(&uid, ObjectRef::from_obj(&*node), kind, gap, async move {
+            call_sidecar(&node, &task_ctx, kind).await
+        });
+    called
+}
+
+/// One sidecar call of `kind` for `node`, with the Secret's leaf it needs.
+async fn call_sidecar(node: &SeiNode, ctx: &Context, kind: CallKind) -> Finished {
     let leaf = match node.sidecar_tls() {
         Some(tls) => {
             let namespace = node.namespace().unwrap_or_default();
@@ -623,29 +652,28 @@ async fn call_sidecar_if_due(node: &SeiNode, ctx: &Context) -> SidecarCalls {
                     Timestamp::now(),
                 )
                 .await;
-            if !verdict.is_ready() {
-                return calls;
-            }
             match inspected.as_deref() {
-                Some(InspectedSecret::Usable(usable)) => Some(usable.clone()),
+                Some(InspectedSecret::Usable(usable)) if verdict.is_ready() => Some(usable.clone()),
                 _ => None,
             }
         }
         None => None,
     };
-    if marking {
-        calls.mark_ready = Some(mark_sidecar_ready(node, ctx, leaf.as_ref()).await);
-    } else {
-        let result = probe(node, ctx, leaf.as_ref()).await;
-        ctx.metrics
-            .probes
-            .get_or_create(&ProbeLabels {
-                result: result.reason(),
-            })
-            .inc();
-        calls.probe = Some(result);
+    match kind {
+        CallKind::MarkReady => {
+            Finished::MarkReady(mark_sidecar_ready(node, ctx, leaf.as_ref()).await)
+        }
+        CallKind::Probe => {
+            let result = probe(node, ctx, leaf.as_ref()).await;
+            ctx.metrics
+                .probes
+                .get_or_create(&ProbeLabels {
+                    result: result.reason(),
+                })
+                .inc();
+            Finished::Probe(result)
+        }
     }
-    calls
 }
 
 /// Calls the sidecar's health path through its front door.
@@ -1370,6 +1398,49 @@ mod tests {
         assert!(!covers(&edited, &desired));
         // Elsewhere a string is a string.
         assert!(!covers(&json!({"image": "1k"}), &json!({"image": "1000"})));
+    }
+
+    /// An upgrade: objects from another template of the same sidecar contract stay until the
+    /// node's next plan (no pod rolls); objects built for the first contract (no contract
+    /// annotation: seictl's API open on the pod network) are drifted, and restored now.
+    #[test]
+    fn objects_of_an_older_sidecar_contract_are_drifted_other_templates_are_not() {
+        let node = crate::decide::tests::node("ghcr.io/sei-protocol/sei:v6.3.0", 1);
+        let owned = |mut service: Service| {
+            service.metadata.owner_references =
+                Some(node.controller_owner_ref(&()).into_iter().collect());
+            service
+        };
+        let desired = stamp(resources::service(&node));
+        assert_eq!(
+            state(&node, Some(&owned(desired.clone())), Some(&desired)),
+            ObjectState::Current
+        );
+        // Another template of this contract (an older controller's flags): left as it is.
+        let mut other_template = owned(desired.clone());
+        other_template
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(
+                TEMPLATE_HASH_ANNOTATION.to_owned(),
+                "0123456789abcdef".to_owned(),
+            );
+        assert_eq!(
+            state(&node, Some(&other_template), Some(&desired)),
+            ObjectState::Current
+        );
+        // Built by the first contract's controller: no contract annotation, another hash.
+        let mut first_contract = other_template.clone();
+        first_contract
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .remove(SIDECAR_CONTRACT_ANNOTATION);
+        assert_eq!(
+            state(&node, Some(&first_contract), Some(&desired)),
+            ObjectState::Drifted
+        );
     }
 
     #[test]

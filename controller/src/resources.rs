@@ -29,7 +29,7 @@ pub const MANAGED_BY: &str = "seinode-tls";
 /// Label that ties pods to their node (also the Service and StatefulSet selector).
 pub const NODE_LABEL: &str = "sei.io/node";
 /// Port of kube-rbac-proxy, the node's TLS front door (the Service's port `api`).
-pub const TLS_PORT: i32 = 8443;
+pub const TLS_PORT: i32 = seinode_tls_crds::contract::PROXY_PORT;
 /// Names of the node pod's containers.
 pub const SEID_CONTAINER: &str = "seid";
 pub const SIDECAR_CONTAINER: &str = "sei-sidecar";
@@ -178,6 +178,7 @@ pub fn stateful_set(
         .unwrap_or_else(|| config.sidecar_image.clone());
     check_image(&node.spec.image).map_err(|e| format!("spec.image: {e}"))?;
     check_image(&sidecar_image).map_err(|e| format!("spec.sidecar.image: {e}"))?;
+    seinode_tls_crds::contract::check_sidecar_port(sidecar_port(node))?;
 
     let mut init_containers = vec![sidecar_container(node, sidecar_image, config)];
     let mut volumes = vec![Volume {
@@ -844,6 +845,18 @@ mod tests {
                 assert_eq!(seccomp.as_deref(), Some("RuntimeDefault"), "{}", c.name);
             }
         }
+    }
+
+    #[test]
+    fn a_sidecar_on_the_proxys_port_is_refused_with_the_reason() {
+        let mut node = node(true);
+        if let Some(sidecar) = node.spec.sidecar.as_mut() {
+            sidecar.port = TLS_PORT;
+        }
+        let error = stateful_set(&node, &ControllerConfig::default(), true)
+            .err()
+            .unwrap_or_default();
+        assert!(error.contains("spec.sidecar.port 8443"), "{error}");
     }
 
     #[test]

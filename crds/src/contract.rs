@@ -81,6 +81,21 @@ pub fn check_runnable_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Port of kube-rbac-proxy in a node's pod, the TLS front door (the Service's port `api`).
+pub const PROXY_PORT: i32 = 8443;
+
+/// Checks that `spec.sidecar.port` leaves the pod's own ports free: seictl listening on the
+/// proxy's port would keep the proxy from starting, or answer in its place.
+pub fn check_sidecar_port(port: i32) -> Result<(), String> {
+    if port == PROXY_PORT {
+        return Err(format!(
+            "spec.sidecar.port {port} is kube-rbac-proxy's port in the node's pod (the TLS front \
+             door); choose another port for the sidecar, such as the default 7777"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that every required name is a DNS name a certificate can carry.
 pub fn check_satisfiable(required: &[String]) -> Result<(), UnsatisfiableContract> {
     for name in required {

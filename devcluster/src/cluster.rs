@@ -181,6 +181,24 @@ impl Cluster {
     }
 
     /// The Pod network's gateway: where Pods reach the host and the API server.
+    /// The log file of `container` in `pod` (what `kubectl logs` shows), if this cluster runs
+    /// Pods.
+    pub fn container_log(
+        &self,
+        pod: &k8s_openapi::api::core::v1::Pod,
+        container: &str,
+    ) -> Option<PathBuf> {
+        self.network.as_ref()?;
+        Some(
+            self.control_plane
+                .dir()
+                .join("kubelet")
+                .join("pods")
+                .join(crate::kubelet::pod_dir_name(pod))
+                .join(format!("{container}.log")),
+        )
+    }
+
     pub fn gateway(&self) -> Option<Ipv4Addr> {
         self.network.as_ref().map(|n| n.gateway())
     }

@@ -943,14 +943,18 @@ async fn log_request(request: Request, next: Next) -> Response {
     response
 }
 
-/// What the stand-in logs about a request: never a header's value (Authorization carries a
-/// bearer token; X-Remote-User is whatever a caller wrote), nor the query string.
+/// What the stand-in logs about a request: never a credential (Authorization carries a bearer
+/// token) nor the query string. The caller's identity is logged when exactly one
+/// `X-Remote-User` came (quoted, at most 128 characters): who kube-rbac-proxy let through,
+/// what an operator reads to see who called.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct RequestSummary {
     method: Method,
     path: String,
     /// How many `X-Remote-User` headers came: the identity check wants exactly one.
     remote_users: usize,
+    /// The one `X-Remote-User`, if exactly one came.
+    caller: Option<String>,
     authorization: bool,
 }
 
@@ -960,6 +964,19 @@ impl RequestSummary {
             method: method.clone(),
             path: path.to_owned(),
             remote_users: headers.get_all(REMOTE_USER_HEADER).iter().count(),
+            caller: match headers
+                .get_all(REMOTE_USER_HEADER)
+                .iter()
+                .collect::<Vec<_>>()[..]
+            {
+                [one] => Some(
+                    String::from_utf8_lossy(one.as_bytes())
+                        .chars()
+                        .take(128)
+                        .collect(),
+                ),
+                _ => None,
+            },
             authorization: headers.contains_key(header::AUTHORIZATION),
         }
     }
@@ -975,7 +992,11 @@ impl fmt::Display for RequestSummary {
             self.path,
             self.remote_users,
             present(self.authorization)
-        )
+        )?;
+        match &self.caller {
+            Some(caller) => write!(f, " caller {caller:?}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -1258,7 +1279,7 @@ mod tests {
     }
 
     #[test]
-    fn request_summary_counts_identity_headers_and_never_logs_a_value() {
+    fn request_summary_counts_identity_headers_names_one_caller_and_never_logs_a_credential() {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::AUTHORIZATION,
@@ -1274,6 +1295,18 @@ mod tests {
         for value in ["secret-token", "alice", "mallory"] {
             assert!(!with.contains(value), "{with}");
         }
+        let mut one = HeaderMap::new();
+        one.insert(
+            header::AUTHORIZATION,
+            "Bearer secret-token".parse().unwrap(),
+        );
+        one.append(REMOTE_USER_HEADER, "alice".parse().unwrap());
+        let named = RequestSummary::of(&Method::POST, "/v0/tasks", &one).to_string();
+        assert_eq!(
+            named,
+            "POST /v0/tasks (x-remote-user headers: 1, authorization header present) caller \"alice\""
+        );
+        assert!(!named.contains("secret-token"), "{named}");
         let without = RequestSummary::of(&Method::GET, "/v0/healthz", &HeaderMap::new());
         assert_eq!(
             without.to_string(),

@@ -8,7 +8,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use seinode_tls_crds::contract::{
-    REQUIRED_DNS_NAMES_ANNOTATION, check_runnable_name, check_satisfiable, required_dns_names,
+    REQUIRED_DNS_NAMES_ANNOTATION, check_runnable_name, check_satisfiable, check_sidecar_port,
+    required_dns_names,
 };
 use seinode_tls_crds::validation::{
     InspectedSecret, Reason, SecretLookup, SecretVerdict, inspect_tls_secret, judge,
@@ -230,6 +231,16 @@ fn validate_create(
     let name = object_name(request);
     if !name.is_empty()
         && let Err(e) = check_runnable_name(&name)
+    {
+        let namespace = request.namespace.clone().unwrap_or_default();
+        return Decision::deny(
+            request,
+            DenyReason::Invalid,
+            format!("SeiNode \"{namespace}/{name}\" could never run: {e}"),
+        );
+    }
+    if let Some(port) = sidecar_port(request.object.as_ref())
+        && let Err(e) = check_sidecar_port(port)
     {
         let namespace = request.namespace.clone().unwrap_or_default();
         return Decision::deny(
@@ -516,6 +527,17 @@ fn missing_suffix(verdict: &SecretVerdict) -> String {
 
 /// `spec.sidecar.tls.secretName` of an object: `None` when TLS is off, an error when the block is
 /// not the shape the CRD defines.
+/// `spec.sidecar.port`, when the object sets one.
+fn sidecar_port(object: Option<&DynamicObject>) -> Option<i32> {
+    let port = object?
+        .data
+        .get("spec")?
+        .get("sidecar")?
+        .get("port")?
+        .as_i64()?;
+    i32::try_from(port).ok()
+}
+
 fn tls_secret_name(object: Option<&DynamicObject>) -> Result<Option<String>, String> {
     let Some(object) = object else {
         return Ok(None);

@@ -923,6 +923,35 @@ async fn create_of_a_node_whose_pods_revision_label_would_exceed_63_characters_i
 }
 
 #[tokio::test]
+async fn create_of_a_node_whose_sidecar_takes_the_proxys_port_is_denied() {
+    let webhook = setup().build();
+    for tls in [Some(SECRET), None] {
+        let mut node = node(NODE, tls);
+        node["spec"]["sidecar"]["port"] = json!(8443);
+        let message = webhook
+            .validate(&Review::create_node(node))
+            .await
+            .assert_denied(DenyReason::Invalid);
+        assert_contains_all(
+            &message,
+            &[
+                "could never run",
+                "spec.sidecar.port 8443",
+                "kube-rbac-proxy",
+                "7777",
+            ],
+        );
+    }
+    // Any other port is the sidecar's to take.
+    let mut node = node(NODE, None);
+    node["spec"]["sidecar"]["port"] = json!(9000);
+    webhook
+        .validate(&Review::create_node(node))
+        .await
+        .assert_allowed_silently();
+}
+
+#[tokio::test]
 async fn create_of_a_node_whose_name_cannot_name_its_service_is_denied() {
     let webhook = setup().build();
     let message = webhook

@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use images::{DEFAULT_PATH, Image, ImageFile, Images, repository_of};
+pub use pod::pod_dir_name;
 
 use crate::network::PodNetwork;
 use dns::Names;
