@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use common::chart::{Release, chart_dir, documents_of, ensure_namespace, text};
+use common::chart::{Release, chart_dir, documents_of, ensure_namespace, may_call_sidecar, text};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -118,26 +118,6 @@ fn can_i_as(user: &str, args: &[&str]) -> bool {
     all.extend_from_slice(args);
     let out = common::kubectl(&all, "");
     text(&out.stdout).trim() == "yes"
-}
-
-/// The question kube-rbac-proxy asks the API server for a call to node `name`'s sidecar (a
-/// SubjectAccessReview): may `user`, in `groups`, `verb` (`create` for a POST, `get` for a GET)
-/// `seinodetasks.sei.io` named `name` in `ns`? `kubectl auth can-i` cannot ask it: for a resource
-/// no API serves, it drops the group and asks about a resource named `seinodetasks.sei.io` in
-/// the core group, which nothing grants.
-fn may_call_sidecar(user: &str, groups: &[&str], verb: &str, ns: &str, name: &str) -> bool {
-    let review = json!({
-        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-        "spec": {"user": user, "groups": groups, "resourceAttributes": {
-            "group": "sei.io", "resource": "seinodetasks", "verb": verb,
-            "namespace": ns, "name": name}},
-    });
-    let out = common::kubectl(
-        &["create", "-f", "-", "-o", "jsonpath={.status.allowed}"],
-        &review.to_string(),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    text(&out.stdout).trim() == "true"
 }
 
 /// What the chart's sidecar roles hold: the nodes' task API, as kube-rbac-proxy asks about it.

@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::chart::{Release, ensure_namespace, text};
+use common::chart::{Release, ensure_namespace, may_call_sidecar, text};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
@@ -66,24 +66,6 @@ fn values() -> Vec<String> {
         format!("watchNamespaces={{{}}}", WATCHED.join(",")),
     ]);
     values
-}
-
-/// The question kube-rbac-proxy asks the API server for a call to node `name`'s sidecar (a
-/// SubjectAccessReview): may `user`, in `groups`, `verb` `seinodetasks.sei.io` named `name` in
-/// `ns`? (`kubectl auth can-i` cannot ask it: for a resource no API serves, it drops the group.)
-fn may_call_sidecar(user: &str, groups: &[&str], verb: &str, ns: &str, name: &str) -> bool {
-    let review = json!({
-        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-        "spec": {"user": user, "groups": groups, "resourceAttributes": {
-            "group": "sei.io", "resource": "seinodetasks", "verb": verb,
-            "namespace": ns, "name": name}},
-    });
-    let out = common::kubectl(
-        &["create", "-f", "-", "-o", "jsonpath={.status.allowed}"],
-        &review.to_string(),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    text(&out.stdout).trim() == "true"
 }
 
 /// The namespaces, then the release's ServiceAccount, Roles and status policy, once.

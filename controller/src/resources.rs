@@ -587,7 +587,11 @@ mod tests {
     }
 
     fn pod_spec(node: &SeiNode) -> PodSpec {
-        stateful_set(node, &ControllerConfig::default(), true)
+        pod_spec_with(node, &ControllerConfig::default(), true)
+    }
+
+    fn pod_spec_with(node: &SeiNode, config: &ControllerConfig, client_ca: bool) -> PodSpec {
+        stateful_set(node, config, client_ca)
             .ok()
             .and_then(|s| s.spec)
             .and_then(|s| s.template.spec)
@@ -607,6 +611,14 @@ mod tests {
             .into_iter()
             .find(|c| c.name == name)
             .unwrap_or_else(|| panic!("no container {name}"))
+    }
+
+    fn init_names(spec: &PodSpec) -> Vec<&str> {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect()
     }
 
     fn env_of(container: &Container) -> BTreeMap<String, String> {
@@ -659,12 +671,7 @@ mod tests {
     #[test]
     fn a_tls_pod_puts_seictl_in_trusted_header_mode_behind_kube_rbac_proxy() {
         let spec = pod_spec(&node(true));
-        let init: Vec<&str> = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .map(|c| c.name.as_str())
-            .collect();
+        let init = init_names(&spec);
         assert_eq!(init, [SIDECAR_CONTAINER, PROXY_CONTAINER]);
         for name in init {
             let restart = container(&spec, name).restart_policy.as_deref();
@@ -749,11 +756,7 @@ mod tests {
             },
             ..ControllerConfig::default()
         };
-        let spec = stateful_set(&node(true), &config, true)
-            .ok()
-            .and_then(|s| s.spec)
-            .and_then(|s| s.template.spec)
-            .unwrap_or_default();
+        let spec = pod_spec_with(&node(true), &config, true);
         let env = env_of(container(&spec, SIDECAR_CONTAINER));
         for (name, value) in config.sidecar_platform.env() {
             assert_eq!(env.get(name).map(String::as_str), Some(value), "{name}");
@@ -767,11 +770,7 @@ mod tests {
 
     #[test]
     fn the_client_ca_is_trusted_only_when_the_controller_has_one() {
-        let without = stateful_set(&node(true), &ControllerConfig::default(), false)
-            .ok()
-            .and_then(|s| s.spec)
-            .and_then(|s| s.template.spec)
-            .unwrap_or_default();
+        let without = pod_spec_with(&node(true), &ControllerConfig::default(), false);
         let args = container(&without, PROXY_CONTAINER)
             .args
             .clone()
@@ -799,12 +798,7 @@ mod tests {
         let spec = pod_spec(&node(false));
         assert_eq!(spec.automount_service_account_token, Some(false));
         assert!(!all_containers(&spec).into_iter().any(mounts_token));
-        let init: Vec<&str> = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .map(|c| c.name.as_str())
-            .collect();
+        let init = init_names(&spec);
         assert_eq!(init, [SIDECAR_CONTAINER]);
         let sidecar = container(&spec, SIDECAR_CONTAINER);
         assert!(!env_of(sidecar).contains_key("SEI_SIDECAR_AUTHN_MODE"));

@@ -23,6 +23,26 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The question kube-rbac-proxy asks the API server for a call to node `name`'s sidecar (a
+/// SubjectAccessReview): may `user`, in `groups`, `verb` (`create` for a POST, `get` for a GET)
+/// `seinodetasks.sei.io` named `name` in `ns`? `kubectl auth can-i` cannot ask it: for a resource
+/// no API serves, it drops the group and asks about a resource named `seinodetasks.sei.io` in
+/// the core group, which nothing grants.
+pub fn may_call_sidecar(user: &str, groups: &[&str], verb: &str, ns: &str, name: &str) -> bool {
+    let review = serde_json::json!({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": groups, "resourceAttributes": {
+            "group": "sei.io", "resource": "seinodetasks", "verb": verb,
+            "namespace": ns, "name": name}},
+    });
+    let out = super::kubectl(
+        &["create", "-f", "-", "-o", "jsonpath={.status.allowed}"],
+        &review.to_string(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim() == "true"
+}
+
 /// Values for the "own certificate" mode: no cert-manager, a Secret and CA bundle we supply.
 pub fn own_cert_values() -> Vec<String> {
     let ca = CertificateAuthority::new("chart test CA").unwrap();
