@@ -276,8 +276,8 @@ pub struct ControllerArgs {
         requires = "sidecar_client_cert_file"
     )]
     pub sidecar_client_ca_file: Option<PathBuf>,
-    /// Sidecar probes at once, apart from the reconcile slots (a sidecar that never answers
-    /// holds one of these, never a reconcile slot).
+    /// Sidecar calls (probes and mark-ready) at once. They run apart from the reconciles: a
+    /// sidecar that never answers holds one of these until its timeout, never a reconcile.
     #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_PROBES", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub max_concurrent_probes: u16,
     /// Bucket of the fleet's genesis artifacts: the sidecar's SEI_GENESIS_BUCKET, which
@@ -636,6 +636,22 @@ mod stand_in_tests {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn a_pod_cidr_is_an_ipv4_range_and_contains_what_it_should() {
+        let (network, bits) = super::parse_cidr("198.18.3.0/24").unwrap();
+        assert!(super::in_cidr("198.18.3.7".parse().unwrap(), network, bits));
+        assert!(!super::in_cidr(
+            "198.18.4.7".parse().unwrap(),
+            network,
+            bits
+        ));
+        let (any, zero) = super::parse_cidr("0.0.0.0/0").unwrap();
+        assert!(super::in_cidr("10.1.2.3".parse().unwrap(), any, zero));
+        for bad in ["198.18.3.0", "198.18.3.0/33", "fd00::/8", "x/24"] {
+            assert!(super::parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
 
     use super::*;
 
