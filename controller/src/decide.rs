@@ -35,6 +35,8 @@ pub const IN_THE_WAY: &str = "is in the way";
 pub const SIDECAR_TASK_RETRY: Duration = Duration::from_secs(5);
 /// Condition reason of `SidecarReady` while the plan waits for the sidecar to become ready.
 pub const SIDECAR_STARTING: &str = "SidecarStarting";
+/// Condition reason of `SidecarReady` once `mark-ready` completed, until the first probe.
+pub const SIDECAR_MARKED_READY: &str = "SidecarMarkedReady";
 
 /// How an object the node should own looks in the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -238,6 +240,24 @@ pub fn decide(
                 now,
             );
             if existing.is_some_and(|c| c.status == "True") {
+                decision.events.push(sidecar_event(&new, now));
+            }
+            set_condition(&mut conditions, new);
+        }
+        if observed.ran == Some((Task::MarkSidecarReady, Outcome::Done)) {
+            // The sidecar answered through its front door (verified TLS, the controller's
+            // certificate accepted) that it is ready: so it is, until a probe says otherwise.
+            let existing = find(&conditions, SIDECAR_READY);
+            let new = condition(
+                SIDECAR_READY,
+                true,
+                SIDECAR_MARKED_READY,
+                "mark-ready completed through the sidecar's front door; probed from now on",
+                generation,
+                existing,
+                now,
+            );
+            if flipped(existing, &new) {
                 decision.events.push(sidecar_event(&new, now));
             }
             set_condition(&mut conditions, new);
@@ -993,9 +1013,20 @@ pub(crate) mod tests {
         assert!(sidecar.message.contains("MarkSidecarReady") && sidecar.message.contains("no IP"));
 
         seen.ran = Some((Task::MarkSidecarReady, Outcome::Done));
-        let marked = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        let marked = decide(
+            &node("sei:v1", 1),
+            &waiting.status,
+            &seen,
+            &settings(),
+            now(),
+        );
         let plan = marked.status.plan.as_ref().expect("plan");
         assert_eq!(plan.tasks[3].status, TaskStatus::Complete);
+        let sidecar = condition_of(&marked.status, SIDECAR_READY);
+        assert_eq!(
+            (sidecar.status.as_str(), sidecar.reason.as_str()),
+            ("True", SIDECAR_MARKED_READY)
+        );
         // The StatefulSet reports the pod ready (as `current()` has it): Running.
         assert_eq!(marked.status.phase, Some(SeiNodePhase::Running));
     }

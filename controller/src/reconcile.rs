@@ -290,9 +290,10 @@ impl Context {
 
 /// kube-runtime entry point: one reconcile, with metrics and the backoff bookkeeping.
 pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let newest = ctx.newest(node.clone());
     // The sidecar is called apart: what a finished call found, and a call started if due.
-    let called = sidecar_calls(&ctx.newest(node.clone()), &ctx);
-    let Some(slot) = ctx.slots.acquire(priority(&ctx.newest(node.clone()))).await else {
+    let called = sidecar_calls(&newest, &ctx);
+    let Some(slot) = ctx.slots.acquire(priority(&newest)).await else {
         // The term is over.
         return Ok(Action::await_change());
     };
