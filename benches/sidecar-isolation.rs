@@ -14,6 +14,8 @@
 //!
 //! `cargo bench --bench sidecar-isolation -- --hung 20 --nodes 20 --rounds 2`
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -27,6 +29,9 @@ use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNode, TaskStatus};
 use seinode_tls_devcluster::control_plane::{self, ControlPlane, ControlPlaneConfig};
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use serde_json::json;
+
+/// The controller's default `--max-concurrent-probes`: calls in flight at once.
+const MAX_CALLS: usize = 16;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -48,7 +53,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     // Cargo passes `--bench` to every bench target.
     let args = Args::parse_from(std::env::args().filter(|a| a != "--bench"));
-    seinode_tls::telemetry::install_crypto_provider();
+    seinode_tls::telemetry::init();
     let cp = ControlPlane::start(ControlPlaneConfig::default())
         .await
         .context("failed to start the control plane (see docs/control-plane.md)")?;
@@ -58,9 +63,12 @@ async fn main() -> anyhow::Result<()> {
     // The sidecar that never answers: connections are accepted and held.
     let blackhole = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let blackhole_addr = blackhole.local_addr()?;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = blackhole.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
             held.push(stream);
         }
     });
@@ -96,8 +104,12 @@ async fn main() -> anyhow::Result<()> {
                 create_node(&client, &ns, &name, None).await?;
             }
             hung_ns = Some(ns);
-            // Let their calls start hanging before measuring.
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            // Measure only once their calls hang (all of them, or every call permit).
+            let hanging = args.hung.min(MAX_CALLS);
+            let deadline = Instant::now() + args.timeout;
+            while accepted.load(Ordering::Relaxed) < hanging && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         let ns = namespace(&client, &format!("round-{round}")).await?;
         let measured = measure(&client, &ca, &ns, args.nodes, args.timeout).await?;
@@ -109,9 +121,24 @@ async fn main() -> anyhow::Result<()> {
                 "without"
             }
         );
-        rows.push((with_hung, measured));
+        rows.push((with_hung, measured, accepted.swap(0, Ordering::Relaxed)));
         // The hung nodes go with their round (their calls end at their timeout).
         if let Some(ns) = hung_ns {
+            for node in Api::<SeiNode>::namespaced(client.clone(), &ns)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .take(1)
+            {
+                let says = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|c| c.iter().find(|c| c.type_ == "SidecarReady"))
+                    .map(|c| c.message.clone());
+                eprintln!("sidecar-isolation: a hung node's SidecarReady: {says:?}");
+            }
             let api: Api<Namespace> = Api::all(client.clone());
             api.delete(&ns, &Default::default()).await?;
         }
@@ -120,12 +147,12 @@ async fn main() -> anyhow::Result<()> {
     let _ = running.await;
 
     println!(
-        "| round | hung sidecars | nodes | decided p50 / max (ms) | applies done p50 / max (ms) |"
+        "| round | hung sidecars | calls they held | nodes | decided p50 / max (ms) | applies done p50 / max (ms) |"
     );
-    println!("|---|---|---|---|---|");
-    for (i, (with_hung, m)) in rows.iter().enumerate() {
+    println!("|---|---|---|---|---|---|");
+    for (i, (with_hung, m, held)) in rows.iter().enumerate() {
         println!(
-            "| {i} | {} | {} | {} / {} | {} / {} |",
+            "| {i} | {} | {held} | {} | {} / {} | {} / {} |",
             if *with_hung { args.hung } else { 0 },
             args.nodes,
             percentile(&m.decided, 50),

@@ -50,6 +50,8 @@ struct NodeCalls {
     done: Option<Finished>,
     /// When the last call of each kind finished: a new one waits its gap after it.
     finished_at: HashMap<CallKindKey, Instant>,
+    /// A wake-up is due at the end of a gap (a call refused for its gap is asked again then).
+    wake_due: bool,
 }
 
 type CallKindKey = u8;
@@ -106,11 +108,29 @@ impl SidecarCalls {
         {
             let mut nodes = lock(&self.nodes);
             let entry = nodes.entry(uid.to_owned()).or_default();
-            let recent = entry
+            if entry.in_flight.is_some() || entry.done.is_some() {
+                return;
+            }
+            let wait = entry
                 .finished_at
                 .get(&key(kind))
-                .is_some_and(|at| at.elapsed() < gap);
-            if entry.in_flight.is_some() || entry.done.is_some() || recent {
+                .map(|at| gap.saturating_sub(at.elapsed()))
+                .filter(|wait| !wait.is_zero());
+            if let Some(wait) = wait {
+                // Too soon: the node is woken when the gap ends, so what made it ask now (its
+                // pod came up, say) is not left waiting for its next requeue.
+                if !entry.wake_due {
+                    entry.wake_due = true;
+                    let (nodes, wake, uid) =
+                        (self.nodes.clone(), self.wake.clone(), uid.to_owned());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        if let Some(entry) = lock(&nodes).get_mut(&uid) {
+                            entry.wake_due = false;
+                        }
+                        let _ = wake.send(node);
+                    });
+                }
                 return;
             }
             entry.in_flight = Some(kind);
@@ -221,5 +241,36 @@ mod tests {
             Finished::MarkReady(Outcome::Done)
         });
         assert!(woken.recv().await.is_some(), "another kind has its own gap");
+    }
+
+    /// A call refused for its gap wakes its node when the gap ends, so the reason it was
+    /// asked for (its pod came up, say) does not wait for the node's next requeue.
+    #[tokio::test]
+    async fn a_call_refused_for_its_gap_wakes_the_node_when_the_gap_ends() {
+        let (calls, mut woken) = SidecarCalls::new(1);
+        let gap = Duration::from_millis(200);
+        calls.start("a", node_ref(), CallKind::MarkReady, gap, async {
+            Finished::MarkReady(Outcome::Waiting("pod not there yet".to_owned()))
+        });
+        woken.recv().await.unwrap();
+        assert!(calls.take("a", CallKind::MarkReady).is_some());
+        let refused = Instant::now();
+        for _ in 0..3 {
+            calls.start("a", node_ref(), CallKind::MarkReady, gap, async {
+                Finished::MarkReady(Outcome::Done)
+            });
+        }
+        assert!(!calls.in_flight("a"));
+        tokio::time::timeout(Duration::from_secs(5), woken.recv())
+            .await
+            .expect("woken at the end of the gap")
+            .unwrap();
+        assert!(refused.elapsed() < Duration::from_secs(2));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), woken.recv())
+                .await
+                .is_err(),
+            "one wake-up, however often the call was refused"
+        );
     }
 }
