@@ -551,7 +551,8 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
             .verdict(&ctx.client, &namespace, &tls.secret_name, &required, now)
             .await;
         if let Some(InspectedSecret::Usable(usable)) = inspected.as_deref() {
-            observed.not_before = Some(usable.not_before);
+            // When the whole path is valid: the leaf's, or a later issuer's, notBefore.
+            observed.not_before = Some(usable.valid_from());
         }
         observed.expiry_warned = verdict.not_after.is_some_and(|not_after| {
             lock(&ctx.expiry_warned).get(&uid(node)) == Some(&not_after.as_second())

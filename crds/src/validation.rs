@@ -139,6 +139,37 @@ pub struct LeafCertificate {
     pub der: Vec<u8>,
     /// The Secret's `ca.crt` (PEM), when present: the trust anchor for reaching the sidecar.
     pub ca_crt: Option<Vec<u8>>,
+    /// With `ca.crt`: the validity of every other certificate on the verified path (the
+    /// intermediates of `tls.crt` it used, then the CA of `ca.crt`). Clients check each at the
+    /// time they connect, so [`judge`] does too.
+    pub issuers: Vec<IssuerValidity>,
+}
+
+/// When one certificate of the path above the leaf is valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerValidity {
+    /// Which certificate, for messages: `intermediate "CN" in tls.crt`, `CA "CN" in ca.crt`.
+    pub name: String,
+    pub not_before: Timestamp,
+    pub not_after: Timestamp,
+}
+
+impl LeafCertificate {
+    /// The first instant at which the leaf and every issuer are valid.
+    pub fn valid_from(&self) -> Timestamp {
+        self.issuers
+            .iter()
+            .map(|i| i.not_before)
+            .fold(self.not_before, Timestamp::max)
+    }
+
+    /// The last instant at which the leaf and every issuer are valid.
+    pub fn valid_until(&self) -> Timestamp {
+        self.issuers
+            .iter()
+            .map(|i| i.not_after)
+            .fold(self.not_after, Timestamp::min)
+    }
 }
 
 impl fmt::Debug for LeafCertificate {
@@ -150,6 +181,7 @@ impl fmt::Debug for LeafCertificate {
             .field("dns_names", &self.dns_names)
             .field("der_len", &self.der.len())
             .field("ca_crt_len", &self.ca_crt.as_ref().map(Vec::len))
+            .field("issuers", &self.issuers)
             .finish()
     }
 }
@@ -245,7 +277,8 @@ pub fn judge(
         SecretLookup::Found(InspectedSecret::Usable(leaf)) => leaf,
     };
 
-    let not_after = Some(leaf.not_after);
+    // The earliest expiry on the path: when the verdict must be looked at again.
+    let not_after = Some(leaf.valid_until());
     if now < leaf.not_before {
         return verdict(
             Reason::NotYetValid,
@@ -268,6 +301,34 @@ pub fn judge(
             ),
             not_after,
         );
+    }
+
+    // Every certificate on the path must be valid now too, as clients check it (Go refuses an
+    // expired intermediate or CA; a certificate not valid yet likewise).
+    for issuer in &leaf.issuers {
+        if now < issuer.not_before {
+            return verdict(
+                Reason::NotYetValid,
+                format!(
+                    "{secret} chains through the {} that is not valid before {} (now {now}); \
+                     check the issuer's clock, or wait until then",
+                    issuer.name, issuer.not_before
+                ),
+                not_after,
+            );
+        }
+        if now > issuer.not_after {
+            return verdict(
+                Reason::Expired,
+                format!(
+                    "{secret} chains through the {} that expired at {}; re-issue the certificate \
+                     from a valid issuer, and put the issuer's current certificates in tls.crt \
+                     and ca.crt",
+                    issuer.name, issuer.not_after
+                ),
+                not_after,
+            );
+        }
     }
 
     let missing: Vec<String> = required_dns_names
@@ -294,7 +355,7 @@ pub fn judge(
         Reason::Ready,
         format!(
             "{secret} meets the contract: its certificate covers {required} and is valid until {}",
-            leaf.not_after
+            leaf.valid_until()
         ),
         not_after,
     )
@@ -415,22 +476,27 @@ fn inspect(secret: &Secret) -> Result<LeafCertificate, Defect> {
         .and_then(|data| data.get("ca.crt"))
         .filter(|ca| !ca.0.is_empty())
         .map(|ca| ca.0.clone());
-    if let Some(ca_pem) = &ca_crt {
-        check_ca_issues_chain(ca_pem, &chain, validity.not_before.timestamp())?;
-    }
+    let issuers = match &ca_crt {
+        Some(ca_pem) => check_ca_issues_chain(ca_pem, &chain)?,
+        None => Vec::new(),
+    };
     Ok(LeafCertificate {
         not_before,
         not_after,
         dns_names,
         der: chain[0].clone(),
         ca_crt,
+        issuers,
     })
 }
 
 /// A client that trusts `ca.crt` (the controller's probe does) must build the leaf's chain to it,
-/// through the intermediates of `tls.crt`, as rustls/webpki does. Checked at the leaf's
-/// notBefore: when the chain is valid in time is the leaf's own verdict (NotYetValid, Expired).
-fn check_ca_issues_chain(ca_pem: &[u8], chain: &[Vec<u8>], not_before: i64) -> Result<(), Defect> {
+/// through the intermediates of `tls.crt`, as rustls/webpki does. Verified at the first instant
+/// at which the leaf and its intermediates are all valid, so every signature is checked (webpki
+/// checks a certificate's time before its signature); when the path is valid in time is judged
+/// against the clock by [`judge`], from the validity this returns for each certificate of the
+/// path above the leaf, the CA included (webpki does not check a trust anchor's time; Go does).
+fn check_ca_issues_chain(ca_pem: &[u8], chain: &[Vec<u8>]) -> Result<Vec<IssuerValidity>, Defect> {
     let blocks = count_pem_blocks(ca_pem);
     if blocks > MAX_CA_BLOCKS {
         return Err(malformed(format!(
@@ -462,6 +528,7 @@ fn check_ca_issues_chain(ca_pem: &[u8], chain: &[Vec<u8>], not_before: i64) -> R
         })?;
         anchors.push(anchor);
     }
+    let at = common_validity(chain)?;
     let leaf = CertificateDer::from(chain[0].as_slice());
     let leaf = webpki::EndEntityCert::try_from(&leaf).map_err(|e| {
         malformed(format!(
@@ -473,7 +540,7 @@ fn check_ca_issues_chain(ca_pem: &[u8], chain: &[Vec<u8>], not_before: i64) -> R
         .map(|der| CertificateDer::from(der.as_slice()))
         .collect();
     let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-        u64::try_from(not_before).unwrap_or(0),
+        u64::try_from(at).unwrap_or(0),
     ));
     let algorithms = rustls::crypto::ring::default_provider()
         .signature_verification_algorithms
@@ -487,13 +554,30 @@ fn check_ca_issues_chain(ca_pem: &[u8], chain: &[Vec<u8>], not_before: i64) -> R
         None,
         None,
     ) {
-        Ok(_) => Ok(()),
-        // Validity in time is judged against the clock, not here.
-        Err(
-            webpki::Error::CertExpired { .. }
-            | webpki::Error::CertNotValidYet { .. }
-            | webpki::Error::InvalidCertValidity,
-        ) => Ok(()),
+        Ok(path) => {
+            let mut issuers = Vec::new();
+            for der in path.intermediate_certificates() {
+                issuers.push(issuer_validity(
+                    der.der().as_ref(),
+                    "intermediate",
+                    "tls.crt",
+                )?);
+            }
+            let anchor = path.anchor();
+            // The CA of ca.crt the path ends at: the certificate whose subject and key are the
+            // anchor's.
+            let ca = ders.iter().find(|der| {
+                webpki::anchor_from_trusted_cert(der).is_ok_and(|a| {
+                    a.subject.as_ref() == anchor.subject.as_ref()
+                        && a.subject_public_key_info.as_ref()
+                            == anchor.subject_public_key_info.as_ref()
+                })
+            });
+            if let Some(ca) = ca {
+                issuers.push(issuer_validity(ca.as_ref(), "CA", "ca.crt")?);
+            }
+            Ok(issuers)
+        }
         // No CA of that name, or one of that name whose key did not sign the leaf.
         Err(webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey) => {
             Err(malformed(
@@ -506,6 +590,85 @@ fn check_ca_issues_chain(ca_pem: &[u8], chain: &[Vec<u8>], not_before: i64) -> R
             "has a leaf certificate whose chain does not verify against its ca.crt: {e}"
         ))),
     }
+}
+
+/// Most characters of a certificate's name quoted in a message.
+const MAX_CERTIFICATE_NAME: usize = 64;
+
+/// The first second at which every certificate of `chain` (leaf first, then intermediates) is
+/// valid; a chain that is never valid at once is malformed.
+fn common_validity(chain: &[Vec<u8>]) -> Result<i64, Defect> {
+    let mut latest_start: Option<(i64, String)> = None;
+    let mut earliest_end: Option<(i64, String)> = None;
+    for (index, der) in chain.iter().enumerate() {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| {
+            malformed(format!(
+                "has a certificate in tls.crt that does not parse: {e}"
+            ))
+        })?;
+        let what = if index == 0 {
+            "the leaf".to_owned()
+        } else {
+            format!("intermediate {}", certificate_name(&cert))
+        };
+        let validity = cert.validity();
+        let (start, end) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
+        if latest_start.as_ref().is_none_or(|(at, _)| start > *at) {
+            latest_start = Some((start, what.clone()));
+        }
+        if earliest_end.as_ref().is_none_or(|(at, _)| end < *at) {
+            earliest_end = Some((end, what));
+        }
+    }
+    match (latest_start, earliest_end) {
+        (Some((start, starts)), Some((end, ends))) if start > end => Err(malformed(format!(
+            "has a tls.crt whose certificates are never valid at the same time: {ends} \
+             expires at {} before {starts} becomes valid at {}; re-issue the chain",
+            time_text(end),
+            time_text(start)
+        ))),
+        (Some((start, _)), _) => Ok(start),
+        _ => Err(malformed("has no certificate in tls.crt")),
+    }
+}
+
+/// A certificate's subject common name (else its whole subject), quoted and bounded.
+fn certificate_name(cert: &X509Certificate<'_>) -> String {
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| subject.to_string());
+    let bounded: String = name.chars().take(MAX_CERTIFICATE_NAME).collect();
+    if bounded.len() < name.len() {
+        format!("{bounded:?}…")
+    } else {
+        format!("{bounded:?}")
+    }
+}
+
+fn time_text(seconds: i64) -> String {
+    Timestamp::from_second(seconds).map_or_else(|_| seconds.to_string(), |t| t.to_string())
+}
+
+/// The validity of an issuer on the path: `role` and where it came from name it.
+fn issuer_validity(der: &[u8], role: &str, from: &str) -> Result<IssuerValidity, Defect> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| {
+        malformed(format!(
+            "has a certificate in {from} that does not parse: {e}"
+        ))
+    })?;
+    let validity = cert.validity();
+    Ok(IssuerValidity {
+        name: format!("{role} {} in {from}", certificate_name(&cert)),
+        not_before: timestamp(validity.not_before.timestamp())?,
+        not_after: timestamp(validity.not_after.timestamp())?,
+    })
 }
 
 fn data_field<'a>(secret: &'a Secret, key: &str) -> Result<&'a [u8], Defect> {

@@ -513,6 +513,7 @@ mod tests {
             dns_names: vec!["rpc.sei.svc".to_owned()],
             der: vec![1; 2048],
             ca_crt: Some(vec![2; 1 << 20]),
+            issuers: Vec::new(),
         };
         let kept = retainable(InspectedSecret::Usable(leaf.clone())).unwrap();
         let InspectedSecret::Usable(kept) = &kept else {

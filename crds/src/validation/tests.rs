@@ -1178,6 +1178,7 @@ fn inspection_keeps_no_key_material() {
             dns_names: vec![SERVICE_NAME.to_owned(), POD_NAME.to_owned()],
             der: pem::parse(&leaf).expect("leaf PEM").into_contents(),
             ca_crt: None,
+            issuers: Vec::new(),
         })
     );
 
@@ -1326,4 +1327,195 @@ fn rejects_ca_crt_that_is_not_a_pem_certificate() {
         .verdict(),
         &["ca.crt (block 1)", "trust anchor"],
     );
+}
+
+// === The path in time ===
+
+/// Validity windows, in days around [`now`], of a root in ca.crt, an intermediate in tls.crt
+/// and the leaf it signed.
+#[derive(Debug, Clone, Copy)]
+struct Windows {
+    root: (i64, i64),
+    intermediate: (i64, i64),
+    leaf: (i64, i64),
+}
+
+/// A Secret holding a leaf and its intermediate (tls.crt) and the root (ca.crt), each valid in
+/// its window; `forged`: the intermediate is signed by another key of the root's name.
+fn path_case(windows: Windows, forged: bool) -> Case {
+    let (root_key, other_root_key, intermediate_key, leaf_key) =
+        (key_of(0), key_of(1), key_of(2), Key::p256());
+    let mut root_params = ca_params("test root");
+    valid_between(&mut root_params, at(windows.root.0), at(windows.root.1));
+    let root_pem = self_signed(&root_params, root_key);
+    let signer = if forged { other_root_key } else { root_key };
+    let root = Issuer::new(root_params, &signer.signer);
+    let mut intermediate_params = ca_params("test intermediate");
+    valid_between(
+        &mut intermediate_params,
+        at(windows.intermediate.0),
+        at(windows.intermediate.1),
+    );
+    let intermediate = intermediate_params
+        .signed_by(&intermediate_key.signer, &root)
+        .expect("sign the intermediate");
+    let issuer = Issuer::new(intermediate_params, &intermediate_key.signer);
+    let mut leaf_params = leaf_params(&[SERVICE_NAME, POD_NAME]);
+    valid_between(&mut leaf_params, at(windows.leaf.0), at(windows.leaf.1));
+    let leaf = leaf_params
+        .signed_by(&leaf_key.signer, &issuer)
+        .expect("sign the leaf");
+    with_ca(
+        &format!("{}{}", leaf.pem(), intermediate.pem()),
+        &leaf_key,
+        root_pem,
+    )
+}
+
+/// Keys reused across cases (generating one per case would dominate the property test).
+fn key_of(index: usize) -> &'static Key {
+    static KEYS: OnceLock<[Key; 3]> = OnceLock::new();
+    &KEYS.get_or_init(|| [Key::p256(), Key::p256(), Key::p256()])[index]
+}
+
+fn at(day: i64) -> Timestamp {
+    now() + days(day)
+}
+
+#[test]
+fn an_expired_intermediate_is_expired_naming_it() {
+    let case = path_case(
+        Windows {
+            root: (-400, 400),
+            intermediate: (-300, -10),
+            leaf: (-30, 60),
+        },
+        false,
+    );
+    assert_verdict(
+        &case.verdict(),
+        Reason::Expired,
+        &[
+            "intermediate \"test intermediate\" in tls.crt",
+            "expired at",
+        ],
+    );
+}
+
+#[test]
+fn an_expired_ca_in_ca_crt_is_expired_naming_it() {
+    let case = path_case(
+        Windows {
+            root: (-400, -1),
+            intermediate: (-300, 300),
+            leaf: (-30, 60),
+        },
+        false,
+    );
+    let verdict = case.verdict();
+    assert_verdict(
+        &verdict,
+        Reason::Expired,
+        &["CA \"test root\" in ca.crt", "expired at"],
+    );
+    // The verdict is looked at again at the earliest expiry on the path, not the leaf's.
+    assert_eq!(verdict.not_after, Some(at(-1)));
+}
+
+#[test]
+fn an_issuer_not_valid_yet_is_not_yet_valid_naming_it() {
+    let case = path_case(
+        Windows {
+            root: (-400, 400),
+            intermediate: (-10, 300),
+            leaf: (-30, 60),
+        },
+        false,
+    );
+    // At -20 days the leaf is valid and the intermediate is not yet.
+    assert_verdict(
+        &case.verdict_at(at(-20)),
+        Reason::NotYetValid,
+        &[
+            "intermediate \"test intermediate\" in tls.crt",
+            "not valid before",
+        ],
+    );
+    assert_ready(&case.verdict());
+}
+
+/// An intermediate signed by another key is refused whatever its validity: the path is
+/// verified at a time when every certificate in tls.crt is valid, so its signature is checked
+/// (webpki checks time first; at the leaf's notBefore this intermediate was not valid yet, and
+/// its signature went unchecked).
+#[test]
+fn a_forged_intermediate_is_malformed_even_when_the_leaf_predates_it() {
+    let case = path_case(
+        Windows {
+            root: (-400, 400),
+            intermediate: (-10, 300),
+            leaf: (-30, 60),
+        },
+        true,
+    );
+    assert_malformed(&case.verdict(), &["did not issue the leaf"]);
+}
+
+#[test]
+fn a_chain_never_valid_at_once_is_malformed() {
+    let case = path_case(
+        Windows {
+            root: (-400, 400),
+            intermediate: (-300, -100),
+            leaf: (-30, 60),
+        },
+        false,
+    );
+    assert_malformed(
+        &case.verdict(),
+        &[
+            "never valid at the same time",
+            "intermediate \"test intermediate\"",
+            "the leaf",
+        ],
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// The verdict on a root → intermediate → leaf path follows the windows, as Go's clients
+    /// judge it: malformed when tls.crt is never valid at once, else not valid yet or expired
+    /// when now is outside any certificate's window, else ready.
+    #[test]
+    fn the_path_is_judged_at_now_for_every_certificate(
+        root in window(), intermediate in window(), leaf in window(),
+    ) {
+        let windows = Windows { root, intermediate, leaf };
+        let verdict = path_case(windows, false).verdict();
+        let all = [root, intermediate, leaf];
+        let expected = if intermediate.0.max(leaf.0) > intermediate.1.min(leaf.1) {
+            Reason::Malformed
+        } else if leaf.0 > 0 {
+            Reason::NotYetValid
+        } else if leaf.1 < 0 {
+            Reason::Expired
+        } else if all.iter().any(|w| w.0 > 0) {
+            Reason::NotYetValid
+        } else if all.iter().any(|w| w.1 < 0) {
+            Reason::Expired
+        } else {
+            Reason::Ready
+        };
+        proptest::prop_assert_eq!(verdict.reason, expected, "{:?}: {}", windows, verdict.message);
+    }
+}
+
+/// A validity window in days around now, never empty; never touching now, so the verdict does
+/// not hang on the second the test runs.
+fn window() -> impl proptest::strategy::Strategy<Value = (i64, i64)> {
+    use proptest::strategy::Strategy as _;
+    (-300i64..300, 1i64..400)
+        .prop_map(|(start, length)| (start, start + length))
+        .prop_filter("not at now", |(start, end)| *start != 0 && *end != 0)
 }
