@@ -186,7 +186,6 @@ struct TaskRecord {
 }
 
 /// How to trust the sidecar's proxy.
-#[derive(Clone, PartialEq, Eq, Hash)]
 enum Trust {
     /// PEM CA certificates (the Secret's `ca.crt` or the configured bundle).
     Roots(Vec<u8>),
@@ -194,9 +193,28 @@ enum Trust {
     Pinned(Vec<u8>),
 }
 
+/// SHA-256 over the trust anchor and the expected leaf.
+fn trust_digest(trust: &Trust, leaf_der: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let (kind, bytes): (&[u8], &[u8]) = match trust {
+        Trust::Roots(pem) => (b"roots", pem),
+        Trust::Pinned(der) => (b"pinned", der),
+    };
+    let length = u64::try_from(bytes.len()).unwrap_or(u64::MAX).to_be_bytes();
+    Sha256::new()
+        .chain_update(kind)
+        .chain_update(length)
+        .chain_update(bytes)
+        .chain_update(leaf_der)
+        .finalize()
+        .into()
+}
+
 /// A probe's TLS configuration for one pod, kept while its trust and leaf stay the same.
 struct ProbeTls {
-    key: (Trust, Vec<u8>),
+    /// A digest of the trust anchor and the leaf it was built for: the configuration is kept per
+    /// pod, the certificates' bytes are not.
+    key: [u8; 32],
     config: Arc<ClientConfig>,
     seen: Arc<Mutex<Option<Vec<u8>>>>,
 }
@@ -352,13 +370,14 @@ impl SidecarClient {
     /// The probe's TLS configuration for `host`: kept while the trust and the leaf stay the
     /// same (a rotation starts a new one).
     fn probe_config(&self, host: &str, tls: &TlsTarget) -> Result<Arc<ProbeTls>, String> {
-        let key = (self.trust(tls), tls.leaf_der.clone());
+        let trust = self.trust(tls);
+        let key = trust_digest(&trust, &tls.leaf_der);
         let mut configs = lock(&self.probe_tls);
         if let Some(entry) = configs.get(host).filter(|e| e.key == key) {
             return Ok(entry.clone());
         }
         let seen = Arc::new(Mutex::new(None));
-        let verifier = RecordingVerifier::new(&key.0, None, seen.clone())?;
+        let verifier = RecordingVerifier::new(&trust, None, seen.clone())?;
         let mut config = client_config(verifier)?.with_no_client_auth();
         // Every probe verifies the certificate: a resumed session would skip the verifier, and
         // with it the check that the leaf is the Secret's.

@@ -35,6 +35,8 @@ pub const MAX_CERTIFICATE_BLOCKS: usize = 16;
 pub const MAX_CA_BLOCKS: usize = 256;
 /// Most SAN names quoted in a message, so a certificate with thousands cannot flood a condition.
 const MAX_NAMES_IN_MESSAGE: usize = 16;
+/// Most characters of one SAN quoted in a message (a DNS name has at most 253).
+const MAX_NAME_IN_MESSAGE: usize = 253;
 
 /// The condition reason of a verdict. `Ready` is the only one that means the Secret is usable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -365,10 +367,15 @@ fn quote_names(names: &[String]) -> String {
     if names.is_empty() {
         return "no DNS names".to_owned();
     }
+    // A name is quoted up to MAX_NAME_IN_MESSAGE characters: a certificate may carry any
+    // string as a DNS SAN, and a condition message is read by people.
     let shown = names
         .iter()
         .take(MAX_NAMES_IN_MESSAGE)
-        .map(String::as_str)
+        .map(|name| match name.char_indices().nth(MAX_NAME_IN_MESSAGE) {
+            Some((end, _)) => format!("{}…", &name[..end]),
+            None => name.clone(),
+        })
         .collect::<Vec<_>>();
     match names.len() - shown.len() {
         0 => shown.join(", "),

@@ -427,10 +427,14 @@ pub fn guard_secret(
         (_, Some(object)) => match to_secret(object) {
             Ok(secret) => Some(std::sync::Arc::new(inspect_tls_secret(&secret))),
             Err(e) => {
+                // The category, not serde's text, which may quote the Secret's content.
                 return Decision::deny(
                     request,
                     DenyReason::Invalid,
-                    format!("the Secret is not valid: {e}"),
+                    format!(
+                        "the Secret is not a valid Secret object: {}",
+                        serde_category(&e)
+                    ),
                 );
             }
         },
@@ -573,6 +577,19 @@ fn node_ref(request: &AdmissionRequest<DynamicObject>) -> String {
         request.namespace.as_deref().unwrap_or_default(),
         object_name(request)
     )
+}
+
+/// What kind of problem a Secret object has, without quoting any of it.
+fn serde_category(error: &serde_json::Error) -> &'static str {
+    match error.classify() {
+        serde_json::error::Category::Data => {
+            "a field has the wrong type or value (data must map keys to base64 strings)"
+        }
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            "it is not well-formed JSON"
+        }
+        serde_json::error::Category::Io => "it could not be read",
+    }
 }
 
 fn to_secret(object: &DynamicObject) -> Result<Secret, serde_json::Error> {

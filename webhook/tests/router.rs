@@ -1287,6 +1287,25 @@ async fn secret_update_to_wrong_sans_is_allowed_with_a_warning_naming_the_seinod
     assert!(!warning.contains("other"), "{warning}");
 }
 
+/// A Secret object that does not deserialize (a data value that is not base64) is denied as
+/// invalid with the category of the problem; the value itself is never quoted back.
+#[tokio::test]
+async fn a_secret_object_that_does_not_parse_is_denied_without_quoting_it() {
+    let old = valid_secret(SECRET, "1");
+    let webhook = setup().secret(old.clone()).node(tls_node()).build();
+    let mut review = Review::update_secret(&old, &old);
+    review.object.as_mut().unwrap()["data"]["tls.key"] = json!("not base64: SECRET-KEY-BYTES");
+    let message = webhook
+        .guard(&review)
+        .await
+        .assert_denied(DenyReason::Invalid);
+    assert_contains_all(
+        &message,
+        &["not a valid Secret object", "wrong type or value"],
+    );
+    assert!(!message.contains("SECRET-KEY-BYTES"), "{message}");
+}
+
 #[tokio::test]
 async fn secret_update_to_wrong_sans_is_denied_under_the_deny_policy() {
     let old = valid_secret(SECRET, "1");

@@ -1519,3 +1519,15 @@ fn window() -> impl proptest::strategy::Strategy<Value = (i64, i64)> {
         .prop_map(|(start, length)| (start, start + length))
         .prop_filter("not at now", |(start, end)| *start != 0 && *end != 0)
 }
+
+#[test]
+fn a_san_of_any_length_is_quoted_bounded() {
+    let key = Key::p256();
+    let long = format!("{}.example", "a".repeat(1000));
+    let case = Case::tls(self_signed(&leaf_params(&[&long]), &key), &key);
+    let verdict = case.verdict();
+    assert_eq!(verdict.reason, Reason::SansMismatch);
+    assert!(!verdict.message.contains(&long), "{}", verdict.message);
+    assert!(verdict.message.contains(&format!("{}…", "a".repeat(253))));
+    assert!(verdict.message.len() < 1500, "{}", verdict.message.len());
+}
