@@ -563,6 +563,139 @@ async fn only_the_controller_may_write_seinode_status() {
         .expect("the controller's ServiceAccount may write status");
 }
 
+/// A StatefulSet as the controller would write it for SeiNode `node` (owner reference, label,
+/// the node pod's template), changed by `edit`.
+fn node_stateful_set(
+    ns: &str,
+    node: &SeiNode,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> serde_json::Value {
+    let mut sts = json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "rpc", "namespace": ns,
+                     "labels": {"app.kubernetes.io/managed-by": "seinode-tls"},
+                     "ownerReferences": [{"apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
+                                          "name": "rpc", "uid": node.metadata.uid, "controller": true}]},
+        "spec": {"serviceName": "rpc", "replicas": 0,
+                 "selector": {"matchLabels": {"sei.io/node": "rpc"}},
+                 "template": {"metadata": {"labels": {"sei.io/node": "rpc"}},
+                              "spec": {"containers": [{"name": "seid", "image": "ghcr.io/sei-protocol/sei:v6.3.0"}]}}},
+    });
+    edit(&mut sts);
+    sts
+}
+
+/// The writes the controller's RBAC allows but its policy does not: nothing in kube-system, only
+/// objects it owns, StatefulSets only with the node pod's template. Each is tried as the chart's
+/// ServiceAccount and refused by the API server, with the policy's message; what the controller
+/// does write goes through (dry run).
+#[tokio::test]
+async fn the_service_account_writes_only_what_the_controller_owns() {
+    install_rbac_and_policy();
+    let admin = common::client().await;
+    let ns = common::namespace(&admin, "chart-writes").await;
+    let node: SeiNode = serde_json::from_value(json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode", "metadata": {"name": "rpc", "namespace": ns},
+        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {}},
+    }))
+    .unwrap();
+    let node = Api::<SeiNode>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+    let sa = service_account_client().await;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let create = |ns: &str, value: serde_json::Value| {
+        let (sa, ns, dry_run) = (sa.clone(), ns.to_owned(), dry_run.clone());
+        async move {
+            let object: kube::api::DynamicObject = serde_json::from_value(value.clone()).unwrap();
+            let kind = value["kind"].as_str().unwrap().to_owned();
+            let resource = match kind.as_str() {
+                "ConfigMap" => {
+                    kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&())
+                }
+                "Service" => {
+                    kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&())
+                }
+                _ => kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::StatefulSet>(&()),
+            };
+            let api: Api<kube::api::DynamicObject> = Api::namespaced_with(sa, &ns, &resource);
+            api.create(&dry_run, &object)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    let refused = |result: Result<(), String>, says: &str| {
+        let message = result.expect_err("refused");
+        assert!(message.contains(says), "{message}");
+    };
+
+    // The policy takes effect shortly after it is created: wait for the first refusal.
+    let config_map = |ns: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": ns}});
+    let (first, in_force) = common::poll(
+        WAIT,
+        || create("kube-system", config_map("kube-system")),
+        Result::is_err,
+    )
+    .await;
+    assert!(
+        in_force,
+        "a ConfigMap in kube-system was accepted: {first:?}"
+    );
+    refused(first, "writes nothing in kube-system");
+    refused(
+        create(&ns, config_map(&ns)).await,
+        "changes only configmaps it owns",
+    );
+    refused(
+        create(&ns, json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "rpc", "namespace": ns, "labels": {"app.kubernetes.io/managed-by": "seinode-tls"}},
+            "spec": {"ports": [{"port": 8443}]}})).await,
+        "changes only services it owns",
+    );
+    refused(
+        create(
+            &ns,
+            node_stateful_set(&ns, &node, |s| {
+                s["spec"]["template"]["spec"]["serviceAccountName"] = json!("admin");
+            }),
+        )
+        .await,
+        "run as the node pods' ServiceAccount (default) only",
+    );
+    refused(
+        create(
+            &ns,
+            node_stateful_set(&ns, &node, |s| {
+                s["spec"]["template"]["spec"]["volumes"] =
+                    json!([{"name": "root", "hostPath": {"path": "/"}}]);
+            }),
+        )
+        .await,
+        "no host namespace and no hostPath volume",
+    );
+    refused(
+        create(
+            &ns,
+            node_stateful_set(&ns, &node, |s| {
+                // (`privileged` itself this API server refuses on its own: --allow-privileged=false.)
+                s["spec"]["template"]["spec"]["containers"][0]["securityContext"] =
+                    json!({"capabilities": {"add": ["NET_ADMIN"]}});
+            }),
+        )
+        .await,
+        "add no capability",
+    );
+    // What the controller writes goes through.
+    create(&ns, node_stateful_set(&ns, &node, |_| {}))
+        .await
+        .expect("an owned StatefulSet with the node pod's template");
+}
+
 /// The pod spec of the rendered Deployment.
 fn deployment_pod(rendered: &str) -> k8s_openapi::api::core::v1::PodSpec {
     let deployment = documents_of(rendered, &["Deployment"]);
