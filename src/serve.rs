@@ -43,9 +43,12 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
         let listener = tokio::net::TcpListener::bind(health_addr)
             .await
             .with_context(|| format!("failed to bind {health_addr}"))?;
-        let health = axum::serve(listener, health_router(|| Ok(()), Arc::new(registry)))
-            .with_graceful_shutdown(shutdown.clone());
-        let health = tokio::spawn(async move { health.await });
+        let health = tokio::spawn(seinode_tls_webhook::server::serve_health(
+            listener,
+            health_router(|| Ok(()), Arc::new(registry)),
+            seinode_tls_webhook::server::HealthLimits::default(),
+            shutdown.clone(),
+        ));
         controller.run(clients, shutdown).await?;
         health
             .await

@@ -49,6 +49,20 @@ impl ConnectionGuard {
     }
 }
 
+impl ConnectionGuard {
+    /// A guard whose figures are not exported (the health port's: its own connections are not
+    /// the admission port's).
+    pub fn unexported(max_connections: usize, idle_timeout: Duration) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_connections)),
+            idle_timeout,
+            open: Gauge::default(),
+            refused: Counter::default(),
+            idle_closed: Counter::default(),
+        }
+    }
+}
+
 impl<S> Accept<TcpStream, S> for ConnectionGuard {
     type Stream = GuardedStream;
     type Service = S;

@@ -159,6 +159,58 @@ fn admission_router_with(state: Arc<AdmissionState>, extra: Router<Arc<Admission
         .with_state(state)
 }
 
+/// What one client can hold of the health port, which sits in the Service and answers anyone
+/// who reaches the pod: the kubelet's probes and a Prometheus scrape need a few connections and
+/// send their request at once.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthLimits {
+    /// Open connections; over it a new one is closed at once.
+    pub max_connections: usize,
+    /// A connection with no byte moving is closed (keep-alive between scrapes included).
+    pub idle_timeout: Duration,
+    /// The first request's head must arrive within this.
+    pub first_request_timeout: Duration,
+}
+
+impl Default for HealthLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(30),
+            first_request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serves `router` (the health router) on `listener` in plain HTTP within `limits`, until
+/// `shutdown` resolves; then lets requests in flight finish.
+pub async fn serve_health(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: HealthLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = listener.into_std()?;
+    let handle = axum_server::Handle::new();
+    let guard = ConnectionGuard::unexported(limits.max_connections, limits.idle_timeout);
+    let mut server = axum_server::from_tcp(listener)?
+        .acceptor(guard)
+        .first_request_timeout(limits.first_request_timeout)
+        .handle(handle.clone());
+    server
+        .http_builder()
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.first_request_timeout);
+    let stop = tokio::spawn(async move {
+        shutdown.await;
+        handle.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    let served = server.serve(router.into_make_service()).await;
+    stop.abort();
+    served
+}
+
 /// `/healthz` (the process serves), `/readyz` (200 while `ready()` holds, else 503 with its
 /// cause) and `/metrics`: the health router of every server command. The webhook is ready once
 /// its caches synced (the serving certificate is loaded before anything is served); the
@@ -548,13 +600,14 @@ impl Webhook {
             }
         })?;
         let (health_stop_tx, health_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let health = axum::serve(
+        let health = serve_health(
             health_listener,
             health_router(move || state.readiness(), registry),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = health_stop_rx.await;
-        });
+            HealthLimits::default(),
+            async move {
+                let _ = health_stop_rx.await;
+            },
+        );
 
         let watch_task = tokio::spawn(watch);
         let reload_task = tokio::spawn(self.certificate.clone().watch());
@@ -569,7 +622,7 @@ impl Webhook {
         });
         tracing::info!(%https_addr, %health_addr, "webhook serving");
 
-        let health_task = tokio::spawn(async move { health.await });
+        let health_task = tokio::spawn(health);
         let result = https.await.map_err(|source| WebhookError::Serve {
             what: "admission",
             source,
@@ -581,5 +634,91 @@ impl Webhook {
         shutdown_task.abort();
         tracing::info!("webhook stopped");
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// Reads until the server closes the connection; `None` when it stays open past `within`.
+    async fn closed_within(
+        stream: &mut tokio::net::TcpStream,
+        within: Duration,
+    ) -> Option<Vec<u8>> {
+        let mut read = Vec::new();
+        tokio::time::timeout(within, stream.read_to_end(&mut read))
+            .await
+            .ok()
+            .map(|_| read)
+    }
+
+    /// The health port sits in the Service: a stalled connection is closed, connections are
+    /// capped, and it keeps answering a fresh client through both.
+    #[tokio::test]
+    async fn the_health_port_closes_stalled_connections_and_caps_them() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = HealthLimits {
+            max_connections: 2,
+            idle_timeout: Duration::from_millis(300),
+            first_request_timeout: Duration::from_millis(200),
+        };
+        let registry = Arc::new(Registry::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_health(
+            listener,
+            health_router(|| Ok(()), registry),
+            limits,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+
+        // Two stalled connections hold both slots; a third is closed at once.
+        let mut stalled = [
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = third
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await;
+        let answer = closed_within(&mut third, Duration::from_secs(2)).await;
+        assert!(
+            answer.is_some_and(|a| a.is_empty()),
+            "over the cap: closed with no answer"
+        );
+        // The stalled ones are closed by the server, with no answer.
+        for stream in &mut stalled {
+            let read = closed_within(stream, Duration::from_secs(2)).await;
+            assert!(read.is_some(), "a stalled connection stays open");
+        }
+        // A client that asks gets its answer.
+        let mut fresh = tokio::net::TcpStream::connect(addr).await.unwrap();
+        fresh
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = closed_within(&mut fresh, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("stops")
+            .unwrap()
+            .unwrap();
     }
 }
