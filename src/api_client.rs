@@ -27,6 +27,15 @@ use tower::{BoxError, ServiceBuilder};
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A ping not answered within this time closes the connection; watches then reconnect.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Every request but a watch is answered within this, retries included: kube-apiserver's own
+/// request timeout (`--request-timeout`, 60 s) and a margin. A reconcile then never waits on one
+/// call for minutes (kube's default retries up to 15 times, honouring any `Retry-After`).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(70);
+/// Retries of 429, 503 and 504 (with `Retry-After` when the server gives one), from 200 ms to
+/// 2 s apart: a short throttle is ridden out, a long one is the caller's backoff's to handle.
+const MAX_RETRIES: u32 = 3;
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 pub use seinode_tls_controller::Fence;
 
@@ -61,6 +70,14 @@ pub fn controller_clients(
 /// the kernel took before are sent, even by a paused process's kernel.) A proxy is refused
 /// then: kube's client has no place for the check.
 pub fn from_config(config: kube::Config, fence: Option<Fence>) -> anyhow::Result<kube::Client> {
+    build(config, fence, REQUEST_DEADLINE)
+}
+
+fn build(
+    config: kube::Config,
+    fence: Option<Fence>,
+    deadline: Duration,
+) -> anyhow::Result<kube::Client> {
     if config.proxy_url.is_some() {
         anyhow::ensure!(
             fence.is_none(),
@@ -96,12 +113,18 @@ pub fn from_config(config: kube::Config, fence: Option<Fence>) -> anyhow::Result
         .http2_keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .http2_keep_alive_while_idle(true)
         .build(connector);
+    let retry = RetryPolicy::new(RETRY_MIN, RETRY_MAX, MAX_RETRIES, true)
+        .context("the client's retry policy")?;
     let service = ServiceBuilder::new()
+        .layer(tower::layer::layer_fn(move |inner| Deadline {
+            inner,
+            deadline,
+        }))
         .layer(config.base_uri_layer())
         .option_layer(
             config
                 .default_retry
-                .then(|| tower::retry::RetryLayer::new(RetryPolicy::server_retry())),
+                .then(|| tower::retry::RetryLayer::new(retry)),
         )
         .option_layer(
             config
@@ -116,6 +139,50 @@ pub fn from_config(config: kube::Config, fence: Option<Fence>) -> anyhow::Result
         .map_err(BoxError::from)
         .service(http);
     Ok(kube::Client::new(service, config.default_namespace))
+}
+
+/// Bounds every request but a watch (a long poll the server ends itself) to `deadline`,
+/// retries included.
+#[derive(Clone)]
+struct Deadline<S> {
+    inner: S,
+    deadline: Duration,
+}
+
+impl<S, B> tower::Service<hyper::Request<B>> for Deadline<S>
+where
+    S: tower::Service<hyper::Request<B>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: hyper::Request<B>) -> Self::Future {
+        let watch = request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+        let deadline = self.deadline;
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            if watch {
+                return response.await.map_err(Into::into);
+            }
+            match tokio::time::timeout(deadline, response).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(format!(
+                    "the API server did not answer within {deadline:?} (retries included)"
+                )
+                .into()),
+            }
+        })
+    }
 }
 
 /// The connector under TLS whose connections ask the fence before every write.
@@ -235,6 +302,83 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    /// A local API server stand-in: answers every request with `answer` (or never, with
+    /// `None`) and counts them.
+    async fn api_server(
+        answer: Option<&'static str>,
+    ) -> (kube::Config, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                match answer {
+                    Some(answer) => {
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 8192];
+                            while let Ok(n) = stream.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                if stream.write_all(answer.as_bytes()).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    None => held.push(stream),
+                }
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        (config, count)
+    }
+
+    /// Throttled for good (429, Retry-After: 1): the call fails after a bounded number of
+    /// tries, not fifteen with a second or more between them.
+    #[tokio::test]
+    async fn a_throttled_call_is_retried_a_bounded_number_of_times() {
+        let (config, count) = api_server(Some(
+            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        ))
+        .await;
+        let client = from_config(config, None).unwrap();
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, "ns");
+        assert!(pods.get("p").await.is_err());
+        let tries = count.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(tries, 1 + MAX_RETRIES as usize, "tries: {tries}");
+    }
+
+    /// A server that never answers: the call fails at the deadline, with a message saying so;
+    /// a watch is not cut by it.
+    #[tokio::test]
+    async fn a_call_the_server_never_answers_fails_at_the_deadline() {
+        let (config, _) = api_server(None).await;
+        let client = build(config, None, Duration::from_millis(300)).unwrap();
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, "ns");
+        let error = tokio::time::timeout(Duration::from_secs(10), pods.get("p"))
+            .await
+            .expect("the deadline ends the call")
+            .unwrap_err();
+        assert!(
+            seinode_tls_crds::error_chain(&error).contains("did not answer within 300ms"),
+            "{error}"
+        );
+        let params = kube::api::WatchParams::default();
+        let watch = pods.watch(&params, "0");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), watch)
+                .await
+                .is_err(),
+            "a watch outlives the deadline"
+        );
+    }
 
     #[test]
     fn a_fenced_client_through_a_proxy_is_refused_with_the_reason() {
