@@ -8,6 +8,7 @@
 //! since the start of its last successful renewal: a hung or failing renewal, or a paused
 //! process, cannot keep it writing after another replica could have taken over.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,37 +23,85 @@ use crate::config::LeaderElection;
 use crate::lock;
 
 /// Whether this replica may write now; cheap to clone and to ask.
+///
+/// With leader election, each leadership term gets a view of its own ([`Leadership::new_term`]):
+/// it leads while the Lease is renewed *and* its term is the current one. A term's view closes
+/// for good when the next term starts, so a reconcile of an ended term never writes again, even
+/// when the same process leads again.
 #[derive(Clone, Debug)]
-pub struct Leadership(Option<Arc<Mutex<Option<Instant>>>>);
+pub struct Leadership {
+    shared: Option<Arc<Shared>>,
+    /// The term this view belongs to (0: the process's own view, which follows the Lease alone).
+    term: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    until: Mutex<Option<Instant>>,
+    /// The current term.
+    epoch: AtomicU64,
+}
 
 impl Leadership {
     /// A replica without leader election always leads.
     pub fn always() -> Self {
-        Self(None)
+        Self {
+            shared: None,
+            term: 0,
+        }
     }
 
     /// A replica that leads only while its leader election says so.
     pub(crate) fn elected() -> Self {
-        Self(Some(Arc::default()))
+        Self {
+            shared: Some(Arc::default()),
+            term: 0,
+        }
     }
 
     /// Whether leader election decides (else this replica always leads).
     pub fn is_elected(&self) -> bool {
-        self.0.is_some()
+        self.shared.is_some()
     }
 
-    /// True while the last renewal is younger than the renew deadline.
+    /// True while the last renewal is younger than the renew deadline, and (for a term's view)
+    /// while its term is the current one.
     pub fn is_leading(&self) -> bool {
-        match &self.0 {
+        match &self.shared {
             None => true,
-            Some(until) => lock(until).is_some_and(|until| Instant::now() < until),
+            Some(shared) => {
+                (self.term == 0 || shared.epoch.load(Ordering::Acquire) == self.term)
+                    && lock(&shared.until).is_some_and(|until| Instant::now() < until)
+            }
+        }
+    }
+
+    /// Starts a new term and returns its view; every earlier term's view stops leading.
+    pub(crate) fn new_term(&self) -> Self {
+        match &self.shared {
+            None => self.clone(),
+            Some(shared) => Self {
+                shared: Some(shared.clone()),
+                term: shared.epoch.fetch_add(1, Ordering::AcqRel) + 1,
+            },
+        }
+    }
+
+    /// Ends every term: no view leads until the next [`Leadership::new_term`].
+    pub(crate) fn end_terms(&self) {
+        if let Some(shared) = &self.shared {
+            shared.epoch.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     fn lead_until(&self, until: Option<Instant>) {
-        if let Some(slot) = &self.0 {
-            *lock(slot) = until;
+        if let Some(shared) = &self.shared {
+            *lock(&shared.until) = until;
         }
+    }
+
+    fn until(&self) -> Option<Instant> {
+        self.shared.as_ref().and_then(|shared| *lock(&shared.until))
     }
 }
 
@@ -116,10 +165,10 @@ impl Elector {
                 leading.send_replace(now_leading);
             }
             // Wake at the deadline too, to step down on time if renewals hang.
-            let deadline = match &self.leadership.0 {
-                Some(until) => lock(until).map(|u| u.saturating_duration_since(Instant::now())),
-                None => None,
-            };
+            let deadline = self
+                .leadership
+                .until()
+                .map(|u| u.saturating_duration_since(Instant::now()));
             let wait = started + retry;
             let wait = wait.saturating_duration_since(Instant::now());
             let wait = deadline.map_or(wait, |d| wait.min(d + Duration::from_millis(1)));
@@ -260,5 +309,32 @@ impl Elector {
             field_manager: Some(self.manager.clone()),
             ..PostParams::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A term's view leads only while its term is the current one: once the next term starts
+    /// (the same process leading again), a reconcile left over from the old term is fenced off.
+    #[test]
+    fn an_ended_term_never_leads_again_even_when_the_process_does() {
+        let leadership = Leadership::elected();
+        leadership.lead_until(Some(Instant::now() + Duration::from_secs(60)));
+        let first = leadership.new_term();
+        assert!(first.is_leading() && leadership.is_leading());
+
+        leadership.end_terms();
+        assert!(!first.is_leading(), "its term ended");
+        assert!(leadership.is_leading(), "the process still holds the Lease");
+
+        let second = leadership.new_term();
+        assert!(second.is_leading());
+        assert!(!first.is_leading(), "a new term does not reopen an old one");
+
+        leadership.lead_until(None);
+        assert!(!second.is_leading() && !leadership.is_leading());
+        assert!(Leadership::always().new_term().is_leading());
     }
 }

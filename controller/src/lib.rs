@@ -55,19 +55,31 @@ pub enum ControllerError {
     LeaseLost { name: String },
     #[error("invalid {flag}: {reason}")]
     Config { flag: &'static str, reason: String },
+    #[error("the reconciling term ended while leading ({why}); the Lease was released")]
+    TermEnded { why: String },
+    #[error("failed to build the reconciles' client: {0}")]
+    Client(String),
 }
 
 /// Whether the reconciles may send now. A fenced client asks it before every write to its
 /// connection, so it must be cheap.
 pub type Fence = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// The two clients [`Controller::run`] takes, built by [`Controller::clients`]: the process's
-/// own (the Lease), and the reconciles' (watches, reads, writes, events). Without leader
-/// election they are one; with it, the reconciles' is a client of its own (one more
-/// connection) fenced by the controller's leadership.
+/// The clients [`Controller::run`] takes, built by [`Controller::clients`]: the process's own
+/// (the Lease), and the reconciles' (watches, reads, writes, events). Without leader election
+/// they are one; with it, each leadership term gets a client of its own (one more connection)
+/// fenced by that term's leadership, so nothing an ended term still has in flight is sent.
 pub struct Clients {
     lease: Client,
-    work: Client,
+    work: WorkClient,
+}
+
+/// Builds a term's client around its fence.
+type Connect = Box<dyn Fn(Fence) -> Result<Client, String> + Send + Sync>;
+
+enum WorkClient {
+    Shared(Client),
+    PerTerm(Connect),
 }
 
 impl Clients {
@@ -174,16 +186,19 @@ impl Controller {
     /// fence before every write to its connections, not only before each request, as a
     /// request admitted while leading may otherwise leave the process after a pause, when
     /// another replica leads. Without leader election `connect` is not called.
-    pub fn clients<E>(
+    pub fn clients<E: std::fmt::Display>(
         &self,
         client: Client,
-        connect: impl FnOnce(Fence) -> Result<Client, E>,
+        connect: impl Fn(Fence) -> Result<Client, E> + Send + Sync + 'static,
     ) -> Result<Clients, E> {
         let work = if self.leadership.is_elected() {
-            let leadership = self.leadership.clone();
-            connect(Arc::new(move || leadership.is_leading()))?
+            // Built once now, so a configuration it refuses fails at start, not at election.
+            connect(Arc::new(|| false))?;
+            WorkClient::PerTerm(Box::new(move |fence| {
+                connect(fence).map_err(|e| e.to_string())
+            }))
         } else {
-            client.clone()
+            WorkClient::Shared(client.clone())
         };
         Ok(Clients {
             lease: client,
@@ -203,6 +218,12 @@ impl Controller {
             work,
         } = clients;
         let Some(election) = self.config.leader_election.clone() else {
+            let work = match work {
+                WorkClient::Shared(work) => work,
+                WorkClient::PerTerm(connect) => {
+                    connect(Arc::new(|| true)).map_err(ControllerError::Client)?
+                }
+            };
             let term = Term {
                 client: work,
                 config: self.config,
@@ -235,23 +256,56 @@ impl Controller {
                 () = shutdown.clone() => { stop(elector).await; return Ok(()) }
             }
             tracing::info!(%identity, "leading: reconciling");
+            // This term's view of the leadership, and a client fenced by it alone.
+            let leadership = self.leadership.new_term();
+            let fence: Fence = {
+                let leadership = leadership.clone();
+                Arc::new(move || leadership.is_leading())
+            };
+            let work = match &work {
+                WorkClient::Shared(work) => work.clone(),
+                WorkClient::PerTerm(connect) => match connect(fence) {
+                    Ok(work) => work,
+                    Err(error) => {
+                        self.leadership.end_terms();
+                        stop(elector).await;
+                        return Err(ControllerError::Client(error));
+                    }
+                },
+            };
             let (stop_term, term_stopped) = tokio::sync::oneshot::channel::<()>();
             let term = Term {
-                client: work.clone(),
+                client: work,
                 config: self.config.clone(),
                 ca_bundle: self.ca_bundle.clone(),
                 client_ca: self.client_ca.clone(),
                 metrics: self.metrics.clone(),
-                leadership: self.leadership.clone(),
+                leadership,
                 instance: Some(identity.clone()),
             };
-            let term = tokio::spawn(term.run(async move {
+            let mut term = tokio::spawn(term.run(async move {
                 let _ = term_stopped.await;
             }));
             let stopping = tokio::select! {
                 _ = async { leading.wait_for(|leading| !*leading).await.map(|_| ()) } => false,
                 () = shutdown.clone() => true,
+                ended = &mut term => {
+                    // A term ends only when told to: this one panicked or its controller stream
+                    // ended. Nothing reconciles any more, so give the Lease up at once and fail
+                    // (the process exits; the next replica, or this one restarted, takes over).
+                    self.leadership.end_terms();
+                    let why = match ended {
+                        Err(error) if error.is_panic() => "it panicked".to_owned(),
+                        Err(error) => error.to_string(),
+                        Ok(()) => "its controller stopped".to_owned(),
+                    };
+                    tracing::error!(%identity, %why, "the reconciling term ended unexpectedly; releasing the Lease");
+                    stop(elector).await;
+                    return Err(ControllerError::TermEnded { why });
+                }
             };
+            // The ended term's reconciles are fenced off from here on, whatever happens next.
+            self.leadership.end_terms();
             let _ = stop_term.send(());
             let _ = term.await;
             // A follower exports no per-node figures: the leader's are the current ones.
