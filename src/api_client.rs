@@ -58,7 +58,9 @@ pub fn controller_clients(
     config: kube::Config,
 ) -> anyhow::Result<seinode_tls_controller::Clients> {
     let client = from_config(config.clone(), None)?;
-    controller.clients(client, move |fence| from_config(config.clone(), Some(fence)))
+    controller.clients(client, move |fence| {
+        from_config(config.clone(), Some(fence))
+    })
 }
 
 /// A client for `config` that multiplexes every request and watch over one HTTP/2 connection

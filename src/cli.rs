@@ -574,19 +574,59 @@ pub fn run(cli: Cli) -> ExitCode {
             args.controller.into_config(&args.serve),
         ),
         #[cfg(feature = "local")]
-        Command::Local(args) => crate::local::main(crate::local::LocalConfig {
-            dir: args.dir,
-            demo: args.demo,
-        }),
-        #[cfg(feature = "local")]
-        Command::StandIn(StandInCommand::Sidecar { args }) => {
-            crate::serve::run_to_exit(seinode_tls_devcluster::standin::run_sidecar(args))
+        Command::Local(args) => {
+            match in_a_cluster(|name| std::env::var_os(name).is_some(), false) {
+                Some(refusal) => refuse(&refusal),
+                None => crate::local::main(crate::local::LocalConfig {
+                    dir: args.dir,
+                    demo: args.demo,
+                }),
+            }
         }
         #[cfg(feature = "local")]
-        Command::StandIn(StandInCommand::Seid { args }) => {
-            crate::serve::run_to_exit(seinode_tls_devcluster::standin::run_seid(args))
+        Command::StandIn(command) => {
+            if let Some(refusal) = in_a_cluster(|name| std::env::var_os(name).is_some(), true) {
+                return refuse(&refusal);
+            }
+            match command {
+                StandInCommand::Sidecar { args } => {
+                    crate::serve::run_to_exit(seinode_tls_devcluster::standin::run_sidecar(args))
+                }
+                StandInCommand::Seid { args } => {
+                    crate::serve::run_to_exit(seinode_tls_devcluster::standin::run_seid(args))
+                }
+            }
         }
     }
+}
+
+/// Why a development command refuses to run here: inside a Kubernetes Pod
+/// (`KUBERNETES_SERVICE_HOST` is set), `local` (which, as root, makes network namespaces and
+/// overlays `/`) never runs, and a stand-in only in the one-machine cluster's own Pods (whose
+/// images set `SEINODE_TLS_DEVCLUSTER_POD`).
+#[cfg(feature = "local")]
+fn in_a_cluster(is_set: impl Fn(&str) -> bool, stand_in: bool) -> Option<String> {
+    if !is_set("KUBERNETES_SERVICE_HOST") {
+        return None;
+    }
+    if stand_in && is_set(seinode_tls_devcluster::cluster::DEVCLUSTER_POD_ENV) {
+        return None;
+    }
+    let what = if stand_in {
+        "the stand-ins run only in the one-machine cluster's Pods"
+    } else {
+        "`local` starts a cluster of its own on this machine (as root it makes network namespaces \
+         and overlays /)"
+    };
+    Some(format!(
+        "refusing to run inside a Kubernetes Pod (KUBERNETES_SERVICE_HOST is set): {what}"
+    ))
+}
+
+#[cfg(feature = "local")]
+fn refuse(refusal: &str) -> std::process::ExitCode {
+    eprintln!("error: {refusal}");
+    std::process::ExitCode::FAILURE
 }
 
 #[cfg(all(test, feature = "local"))]
@@ -596,6 +636,30 @@ mod stand_in_tests {
     use clap::CommandFactory as _;
 
     use super::*;
+
+    #[test]
+    fn local_and_the_stand_ins_refuse_to_run_in_a_cluster_but_the_stand_ins_in_their_own_pods() {
+        let env = |names: &'static [&'static str]| move |name: &str| names.contains(&name);
+        static POD: [&str; 1] = ["KUBERNETES_SERVICE_HOST"];
+        static OWN_POD: [&str; 2] = [
+            "KUBERNETES_SERVICE_HOST",
+            seinode_tls_devcluster::cluster::DEVCLUSTER_POD_ENV,
+        ];
+        let (pod, own_pod) = (&POD, &OWN_POD);
+        assert_eq!(in_a_cluster(env(&[]), false), None);
+        assert_eq!(in_a_cluster(env(&[]), true), None);
+        let local = in_a_cluster(env(pod), false).unwrap();
+        assert!(
+            local.contains("KUBERNETES_SERVICE_HOST") && local.contains("`local`"),
+            "{local}"
+        );
+        assert!(
+            in_a_cluster(env(own_pod), false).is_some(),
+            "local never runs in a Pod"
+        );
+        assert!(in_a_cluster(env(pod), true).is_some());
+        assert_eq!(in_a_cluster(env(own_pod), true), None);
+    }
 
     fn stand_in(args: &[&str]) -> StandInCommand {
         let argv = ["seinode-tls", "stand-in"].iter().chain(args);

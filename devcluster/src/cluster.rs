@@ -26,6 +26,9 @@ pub const SEID_IMAGE: &str = "ghcr.io/sei-protocol/sei";
 pub const SIDECAR_IMAGE: &str = "ghcr.io/sei-protocol/seictl";
 /// Repository of kube-rbac-proxy.
 pub const RBAC_PROXY_IMAGE: &str = "quay.io/brancz/kube-rbac-proxy";
+/// Set in the containers of the images this cluster maps to its stand-ins: the stand-in commands
+/// refuse to run in a Pod without it (a real cluster's).
+pub const DEVCLUSTER_POD_ENV: &str = "SEINODE_TLS_DEVCLUSTER_POD";
 /// How long the kubelet gets to stop its Pods gracefully at shutdown.
 const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
 /// UID and GID the distroless and kube-rbac-proxy images run as.
@@ -235,6 +238,8 @@ pub fn images(binaries: &Binaries, seinode_tls: Option<&Path>) -> Images {
             )],
         },
     );
+    let mut stand_in_env = path.clone();
+    stand_in_env.push((DEVCLUSTER_POD_ENV.to_owned(), "1".to_owned()));
     if let Some(exe) = seinode_tls {
         let binary = (bin("seinode-tls"), ImageFile::Host(exe.to_owned()));
         images.insert(
@@ -251,7 +256,7 @@ pub fn images(binaries: &Binaries, seinode_tls: Option<&Path>) -> Images {
             Image {
                 entrypoint: vec![bin("seid")],
                 user: (0, 0),
-                env: path.clone(),
+                env: stand_in_env.clone(),
                 files: vec![
                     binary.clone(),
                     (
@@ -271,7 +276,7 @@ pub fn images(binaries: &Binaries, seinode_tls: Option<&Path>) -> Images {
             Image {
                 entrypoint: vec![bin("seinode-tls"), "stand-in".into(), "sidecar".into()],
                 user: (0, 0),
-                env: path,
+                env: stand_in_env,
                 files: vec![
                     binary,
                     (
