@@ -226,41 +226,30 @@ pub fn decide(
             // Asked just now: look again a little later, not in a loop.
             decision.task = None;
             decision.requeue = decision.requeue.min(SIDECAR_TASK_RETRY);
-            let existing = find(&conditions, SIDECAR_READY);
-            let new = condition(
-                SIDECAR_READY,
-                false,
-                SIDECAR_STARTING,
+            // A node that starts gets no event for it; one that was ready does.
+            report_sidecar(
+                &mut conditions,
+                &mut decision.events,
+                (false, SIDECAR_STARTING),
                 &format!(
                     "waiting for the sidecar to complete {}: {why}",
                     task.as_str()
                 ),
-                generation,
-                existing,
-                now,
+                (generation, now),
+                false,
             );
-            if existing.is_some_and(|c| c.status == "True") {
-                decision.events.push(sidecar_event(&new, now));
-            }
-            set_condition(&mut conditions, new);
         }
         if observed.ran == Some((Task::MarkSidecarReady, Outcome::Done)) {
             // The sidecar answered through its front door (verified TLS, the controller's
             // certificate accepted) that it is ready: so it is, until a probe says otherwise.
-            let existing = find(&conditions, SIDECAR_READY);
-            let new = condition(
-                SIDECAR_READY,
-                true,
-                SIDECAR_MARKED_READY,
+            report_sidecar(
+                &mut conditions,
+                &mut decision.events,
+                (true, SIDECAR_MARKED_READY),
                 "mark-ready completed through the sidecar's front door; probed from now on",
-                generation,
-                existing,
-                now,
+                (generation, now),
+                true,
             );
-            if flipped(existing, &new) {
-                decision.events.push(sidecar_event(&new, now));
-            }
-            set_condition(&mut conditions, new);
         }
         if decision.task.is_none() && observed.ran.is_none() {
             decision.task = retry_in_the_way(plan, observed);
@@ -277,34 +266,25 @@ pub fn decide(
         .as_ref()
         .is_none_or(|p| p.phase != PlanPhase::Active);
     if !open {
-        if let Some(ready) = find(&conditions, SIDECAR_READY).filter(|c| c.status == "True") {
-            let new = condition(
-                SIDECAR_READY,
-                false,
-                SIDECAR_GATED,
+        if find(&conditions, SIDECAR_READY).is_some_and(|c| c.status == "True") {
+            report_sidecar(
+                &mut conditions,
+                &mut decision.events,
+                (false, SIDECAR_GATED),
                 "the node's TLS Secret does not meet the contract (see SidecarTLSSecretReady); the sidecar is not probed until it does",
-                generation,
-                Some(ready),
-                now,
+                (generation, now),
+                true,
             );
-            decision.events.push(sidecar_event(&new, now));
-            set_condition(&mut conditions, new);
         }
     } else if let Some(result) = observed.probe.as_ref().filter(|_| settled) {
-        let existing = find(&conditions, SIDECAR_READY);
-        let new = condition(
-            SIDECAR_READY,
-            result.is_healthy(),
-            result.reason(),
+        report_sidecar(
+            &mut conditions,
+            &mut decision.events,
+            (result.is_healthy(), result.reason()),
             result.message(),
-            generation,
-            existing,
-            now,
+            (generation, now),
+            true,
         );
-        if flipped(existing, &new) {
-            decision.events.push(sidecar_event(&new, now));
-        }
-        set_condition(&mut conditions, new);
     }
     if status.phase == Some(SeiNodePhase::Running) && settled {
         decision.requeue = decision.requeue.min(settings.sidecar_probe_interval);
@@ -316,6 +296,32 @@ pub fn decide(
         reassert(&mut decision, now);
     }
     decision
+}
+
+/// Sets `SidecarReady` to `(ok, reason)` with `message`, with an event when it flips (on its
+/// first report too only with `event_on_first`).
+fn report_sidecar(
+    conditions: &mut Vec<Condition>,
+    events: &mut Vec<NodeEvent>,
+    (ok, reason): (bool, &str),
+    message: &str,
+    (generation, now): (Option<i64>, Timestamp),
+    event_on_first: bool,
+) {
+    let existing = find(conditions, SIDECAR_READY);
+    let new = condition(
+        SIDECAR_READY,
+        ok,
+        reason,
+        message,
+        generation,
+        existing,
+        now,
+    );
+    if flipped(existing, &new) && (event_on_first || existing.is_some()) {
+        events.push(sidecar_event(&new, now));
+    }
+    set_condition(conditions, new);
 }
 
 fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
