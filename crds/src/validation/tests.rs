@@ -1461,6 +1461,25 @@ fn a_forged_intermediate_is_malformed_even_when_the_leaf_predates_it() {
     assert_malformed(&case.verdict(), &["did not issue the leaf"]);
 }
 
+/// The first certificate of the path that is out of its window decides (a case the property
+/// test found: an expired intermediate under a CA not valid yet).
+#[test]
+fn the_first_certificate_out_of_its_window_on_the_path_decides() {
+    let case = path_case(
+        Windows {
+            root: (1, 2),
+            intermediate: (-30, -29),
+            leaf: (-29, 1),
+        },
+        false,
+    );
+    assert_verdict(
+        &case.verdict(),
+        Reason::Expired,
+        &["intermediate \"test intermediate\" in tls.crt"],
+    );
+}
+
 #[test]
 fn a_chain_never_valid_at_once_is_malformed() {
     let case = path_case(
@@ -1482,30 +1501,37 @@ fn a_chain_never_valid_at_once_is_malformed() {
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 256,
+        // Nothing written into the checkout; a failure prints its minimal case.
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
 
     /// The verdict on a root → intermediate → leaf path follows the windows, as Go's clients
     /// judge it: malformed when tls.crt is never valid at once, else not valid yet or expired
-    /// when now is outside any certificate's window, else ready.
+    /// for the first certificate of the path whose window now is outside, else ready.
     #[test]
     fn the_path_is_judged_at_now_for_every_certificate(
         root in window(), intermediate in window(), leaf in window(),
     ) {
         let windows = Windows { root, intermediate, leaf };
         let verdict = path_case(windows, false).verdict();
-        let all = [root, intermediate, leaf];
+        // The first failing check decides: tls.crt never valid at once; then each certificate
+        // in path order (leaf, intermediate, CA), not valid yet before expired.
+        let in_time = [leaf, intermediate, root].iter().find_map(|w| {
+            if w.0 > 0 {
+                Some(Reason::NotYetValid)
+            } else if w.1 < 0 {
+                Some(Reason::Expired)
+            } else {
+                None
+            }
+        });
         let expected = if intermediate.0.max(leaf.0) > intermediate.1.min(leaf.1) {
             Reason::Malformed
-        } else if leaf.0 > 0 {
-            Reason::NotYetValid
-        } else if leaf.1 < 0 {
-            Reason::Expired
-        } else if all.iter().any(|w| w.0 > 0) {
-            Reason::NotYetValid
-        } else if all.iter().any(|w| w.1 < 0) {
-            Reason::Expired
         } else {
-            Reason::Ready
+            in_time.unwrap_or(Reason::Ready)
         };
         proptest::prop_assert_eq!(verdict.reason, expected, "{:?}: {}", windows, verdict.message);
     }
