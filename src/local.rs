@@ -31,6 +31,7 @@ use seinode_tls_crds::contract::{
 use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodeSpec, SidecarSpec, SidecarTls};
 use seinode_tls_devcluster::cluster::{Cluster, ClusterConfig, RunPods};
 use seinode_tls_devcluster::control_plane::{self, ControlPlane};
+use seinode_tls_devcluster::network::is_pod_address;
 use seinode_tls_webhook::registration::{
     Endpoint, mutating_configuration, validating_configuration,
 };
@@ -95,7 +96,7 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     let gateway = cluster.gateway();
     let controller_config = ControllerConfig {
         sidecar_addresses: SidecarAddresses::pod_ips_where(move |ip| {
-            gateway.is_some_and(|gateway| in_pod_network(ip, gateway))
+            gateway.is_some_and(|gateway| is_pod_address(ip, gateway))
         }),
         sidecar_client: Some(SidecarClientFiles {
             cert_file: client_files.cert_file,
@@ -345,16 +346,6 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
-/// Whether `ip` is in the /24 of `gateway`, and not the gateway itself.
-fn in_pod_network(ip: std::net::IpAddr, gateway: Ipv4Addr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(ip) => {
-            seinode_tls_devcluster::network::in_pod_network(ip, gateway) && ip != gateway
-        }
-        std::net::IpAddr::V6(_) => false,
-    }
-}
-
 /// Applies an example TLS Secret (issued for the node's contract) and a SeiNode naming it, and
 /// prints the progress of the node and of its Pod as they change.
 async fn start_demo(
@@ -470,26 +461,4 @@ fn describe(node: &SeiNode) -> String {
     format!(
         "SeiNode {DEMO_NAMESPACE}/{DEMO_NODE}: phase {phase}, {SIDECAR_TLS_SECRET_READY} {tls}, SidecarReady {sidecar}"
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_addresses_of_the_pod_network_are_probed() {
-        let gateway = Ipv4Addr::new(198, 18, 3, 1);
-        let at = |ip: [u8; 4]| std::net::IpAddr::from(Ipv4Addr::from(ip));
-        assert!(in_pod_network(at([198, 18, 3, 7]), gateway));
-        assert!(!in_pod_network(at([198, 18, 3, 1]), gateway), "the host");
-        assert!(
-            !in_pod_network(at([198, 18, 4, 7]), gateway),
-            "another run's Pods"
-        );
-        assert!(!in_pod_network(at([10, 0, 0, 7]), gateway));
-        assert!(!in_pod_network(
-            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
-            gateway
-        ));
-    }
 }

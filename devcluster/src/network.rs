@@ -381,6 +381,15 @@ pub fn in_pod_network(ip: Ipv4Addr, member: Ipv4Addr) -> bool {
     ip.octets()[..3] == member.octets()[..3]
 }
 
+/// Whether `ip` may be a Pod's address in the Pod network of `gateway`: in its /24, and not
+/// the gateway (the host) itself. What `local` and the tests let the controller dial.
+pub fn is_pod_address(ip: std::net::IpAddr, gateway: Ipv4Addr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(ip) => in_pod_network(ip, gateway) && ip != gateway,
+        std::net::IpAddr::V6(_) => false,
+    }
+}
+
 /// What `ip args` printed; empty if it could not run.
 fn ip_stdout(args: &[&str]) -> String {
     Command::new("ip")
@@ -458,6 +467,23 @@ pub fn established_connections(pid: u32, port: u16) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_addresses_of_the_pod_network_are_pod_addresses() {
+        let gateway = Ipv4Addr::new(198, 18, 3, 1);
+        let at = |ip: [u8; 4]| std::net::IpAddr::from(Ipv4Addr::from(ip));
+        assert!(is_pod_address(at([198, 18, 3, 7]), gateway));
+        assert!(!is_pod_address(at([198, 18, 3, 1]), gateway), "the host");
+        assert!(
+            !is_pod_address(at([198, 18, 4, 7]), gateway),
+            "another run's Pods"
+        );
+        assert!(!is_pod_address(at([10, 0, 0, 7]), gateway));
+        assert!(!is_pod_address(
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            gateway
+        ));
+    }
 
     /// The first word of each line `ip args` printed (a namespace, a PID).
     fn names(args: &[&str]) -> Vec<String> {

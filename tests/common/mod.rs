@@ -269,11 +269,8 @@ pub fn sidecar_client() -> seinode_tls_controller::config::SidecarClientFiles {
 /// Only the Pod IPs of this test binary's Pod network: what a test's controller may dial.
 pub fn pod_addresses() -> seinode_tls_controller::sidecar::SidecarAddresses {
     let gateway = cluster().gateway();
-    seinode_tls_controller::sidecar::SidecarAddresses::pod_ips_where(move |ip| match ip {
-        std::net::IpAddr::V4(ip) => gateway.is_some_and(|gateway| {
-            seinode_tls_devcluster::network::in_pod_network(ip, gateway) && ip != gateway
-        }),
-        std::net::IpAddr::V6(_) => false,
+    seinode_tls_controller::sidecar::SidecarAddresses::pod_ips_where(move |ip| {
+        gateway.is_some_and(|gateway| seinode_tls_devcluster::network::is_pod_address(ip, gateway))
     })
 }
 
