@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use seinode_tls_devcluster::control_plane::Binaries;
+use seinode_tls_devcluster::watchdog::Watchdog;
 
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long the demo node gets to reach Running with its sidecar probed through the proxy.
@@ -21,6 +22,29 @@ struct Local {
     child: Child,
     dir: PathBuf,
     stdout_lines: Vec<String>,
+    /// Stops `local` (which then cleans up its cluster) if this test binary dies.
+    _watchdog: Option<Watchdog>,
+}
+
+/// A test that fails half-way still stops its `local`: SIGINT (it removes its Pods, network and
+/// directory), then SIGKILL after a minute (its own watchdog cleans up then).
+impl Drop for Local {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(self.child.id().to_string())
+            .status();
+        let stopped = common::wait_until(Duration::from_secs(60), || {
+            !matches!(self.child.try_wait(), Ok(None))
+        });
+        if !stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Starts `seinode-tls local --dir DIR` and waits for its `ready:` line.
@@ -35,6 +59,10 @@ fn start_local(dir: &Path, extra: &[&str]) -> Local {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn seinode-tls local");
+    let mut watchdog = Watchdog::spawn(None);
+    if let Some(w) = watchdog.as_mut() {
+        w.watch_pid(child.id());
+    }
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -66,6 +94,7 @@ fn start_local(dir: &Path, extra: &[&str]) -> Local {
         child,
         dir: dir.to_owned(),
         stdout_lines,
+        _watchdog: watchdog,
     }
 }
 
