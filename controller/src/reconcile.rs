@@ -17,7 +17,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use seinode_tls_crds::contract::required_dns_names;
-use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate};
+use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate, SecretVerdict};
 use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -544,12 +544,7 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
         objects: objects(node, ctx),
         ..Observed::default()
     };
-    if let Some(tls) = node.sidecar_tls() {
-        let required = required_dns_names(&name, &namespace, &ctx.config.cluster_domain);
-        let (verdict, inspected) = ctx
-            .secrets
-            .verdict(&ctx.client, &namespace, &tls.secret_name, &required, now)
-            .await;
+    if let Some((verdict, inspected)) = judge_secret(node, ctx, now).await {
         if let Some(InspectedSecret::Usable(usable)) = inspected.as_deref() {
             // When the whole path is valid: the leaf's, or a later issuer's, notBefore.
             observed.not_before = Some(usable.valid_from());
@@ -637,28 +632,30 @@ fn sidecar_calls(node: &Arc<SeiNode>, ctx: &Arc<Context>) -> Called {
     called
 }
 
+/// The verdict on a TLS node's Secret at `now` (parsed once per version, so a second caller
+/// reads nothing), and its inspection; `None` for a node without TLS.
+async fn judge_secret(
+    node: &SeiNode,
+    ctx: &Context,
+    now: Timestamp,
+) -> Option<(SecretVerdict, Option<Arc<InspectedSecret>>)> {
+    let tls = node.sidecar_tls()?;
+    let namespace = node.namespace().unwrap_or_default();
+    let required = required_dns_names(&node.name_any(), &namespace, &ctx.config.cluster_domain);
+    Some(
+        ctx.secrets
+            .verdict(&ctx.client, &namespace, &tls.secret_name, &required, now)
+            .await,
+    )
+}
+
 /// One sidecar call of `kind` for `node`, with the Secret's leaf it needs.
 async fn call_sidecar(node: &SeiNode, ctx: &Context, kind: CallKind) -> Finished {
-    let leaf = match node.sidecar_tls() {
-        Some(tls) => {
-            let namespace = node.namespace().unwrap_or_default();
-            let required =
-                required_dns_names(&node.name_any(), &namespace, &ctx.config.cluster_domain);
-            let (verdict, inspected) = ctx
-                .secrets
-                .verdict(
-                    &ctx.client,
-                    &namespace,
-                    &tls.secret_name,
-                    &required,
-                    Timestamp::now(),
-                )
-                .await;
-            match inspected.as_deref() {
-                Some(InspectedSecret::Usable(usable)) if verdict.is_ready() => Some(usable.clone()),
-                _ => None,
-            }
-        }
+    let leaf = match judge_secret(node, ctx, Timestamp::now()).await {
+        Some((verdict, inspected)) => match inspected.as_deref() {
+            Some(InspectedSecret::Usable(usable)) if verdict.is_ready() => Some(usable.clone()),
+            _ => None,
+        },
         None => None,
     };
     match kind {
