@@ -222,10 +222,24 @@ pub struct WebhookArgs {
     /// Retry-After, which the API server retries.
     #[arg(long, env = "SEINODE_TLS_MAX_CONCURRENT_REQUESTS", default_value_t = seinode_tls_webhook::config::DEFAULT_MAX_CONCURRENT_REQUESTS as u32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_concurrent_requests: u32,
-    /// A connection on which no byte moves for this long is closed; keep it above the 90s after
-    /// which the API server drops idle connections itself.
+    /// HTTPS connections open at once from one source address; over it a new connection from
+    /// there is closed on accept, so that one Pod cannot hold the slots the API server needs.
+    #[arg(long, env = "SEINODE_TLS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = seinode_tls_webhook::config::DEFAULT_MAX_CONNECTIONS_PER_SOURCE as u32, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_connections_per_source: u32,
+    /// A connection that has carried no admission review for this long is closed (HTTP/2 PINGs
+    /// and requests to other paths do not count), and so is one on which no byte moves for this
+    /// long; keep it above the 90s after which the API server drops idle connections itself.
     #[arg(long, env = "SEINODE_TLS_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// A connection is closed gracefully at this age, however busy (HTTP/2 GOAWAY; HTTP/1.1
+    /// `Connection: close` on its next response).
+    #[arg(long, env = "SEINODE_TLS_MAX_CONNECTION_AGE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
+    /// Memory that request bodies being read and decided on may take (bytes, or with a Ki, Mi or
+    /// Gi suffix; at least 8Mi, twice the largest review). A body that finds it spent is answered
+    /// 429 with Retry-After, which the API server retries.
+    #[arg(long, env = "SEINODE_TLS_MAX_BODY_MEMORY", value_name = "BYTES", default_value = "48Mi", value_parser = parse_body_memory)]
+    pub max_body_memory: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -380,7 +394,10 @@ impl WebhookArgs {
         config.shutdown_grace = self.shutdown_grace;
         config.max_connections = self.max_connections as usize;
         config.max_concurrent_requests = self.max_concurrent_requests as usize;
+        config.max_connections_per_source = self.max_connections_per_source as usize;
         config.idle_timeout = self.idle_timeout;
+        config.max_connection_age = self.max_connection_age;
+        config.max_body_memory = self.max_body_memory;
         config.watch_scope = serve.watch_namespaces.clone();
         config
     }
@@ -444,6 +461,42 @@ impl ControllerArgs {
             ..ControllerConfig::default()
         }
     }
+}
+
+/// A size in bytes: a number, or a number with a Ki, Mi or Gi suffix; at least what reading the
+/// largest review takes.
+fn parse_body_memory(value: &str) -> Result<usize, String> {
+    let (number, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => value.split_at(at),
+        None => (value, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        _ => {
+            return Err(format!(
+                "\"{value}\" is not a size (bytes, or a number with Ki, Mi or Gi)"
+            ));
+        }
+    };
+    let bytes = number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| {
+            format!("\"{value}\" is not a size (bytes, or a number with Ki, Mi or Gi)")
+        })?;
+    let least = seinode_tls_webhook::limits::MEMORY_PER_BODY_BYTE
+        * seinode_tls_webhook::server::MAX_SECRET_REVIEW_BYTES;
+    if bytes < least {
+        return Err(format!(
+            "{value} cannot hold the largest review; give at least {}Mi",
+            least >> 20
+        ));
+    }
+    Ok(bytes)
 }
 
 fn parse_watch_scope(value: &str) -> Result<WatchScope, String> {
@@ -717,6 +770,19 @@ mod tests {
         }
     }
 
+    #[test]
+    fn body_memory_is_a_size_that_holds_the_largest_review() {
+        assert_eq!(super::parse_body_memory("48Mi"), Ok(48 << 20));
+        assert_eq!(super::parse_body_memory("1Gi"), Ok(1 << 30));
+        assert_eq!(super::parse_body_memory("8388608"), Ok(8 << 20));
+        let small = super::parse_body_memory("4Mi").unwrap_err();
+        assert!(small.contains("at least 8Mi"), "{small}");
+        for bad in ["", "Mi", "48MB", "-1", "48 Mi", "99999999999999999999Gi"] {
+            let error = super::parse_body_memory(bad).unwrap_err();
+            assert!(error.contains("not a size"), "{bad}: {error}");
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -744,6 +810,12 @@ mod tests {
             library.max_concurrent_requests
         );
         assert_eq!(flags.idle_timeout, library.idle_timeout);
+        assert_eq!(
+            flags.max_connections_per_source,
+            library.max_connections_per_source
+        );
+        assert_eq!(flags.max_connection_age, library.max_connection_age);
+        assert_eq!(flags.max_body_memory, library.max_body_memory);
         assert_eq!(flags.request_deadline, library.request_deadline);
         assert_eq!(flags.shutdown_grace, library.shutdown_grace);
         assert_eq!(flags.watch_scope, library.watch_scope);

@@ -999,3 +999,103 @@ fn the_serving_certificate_alerts_fire_as_promtool_evaluates_them() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The optional NetworkPolicy selects exactly the webhook pods, admits `webhookFrom` to the
+/// admission port and `metricsFrom` to the health port by the container's own port names, and
+/// is accepted by the API server. Enabled without `webhookFrom` (which would fail every SeiNode
+/// CREATE) the chart refuses to render, saying what to set.
+#[test]
+fn the_network_policy_admits_the_api_server_to_the_webhook_and_monitoring_to_metrics() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    assert!(
+        !render(&[]).contains("\nkind: NetworkPolicy\n"),
+        "off by default"
+    );
+    let values: Vec<String> = [
+        "networkPolicy.enabled=true",
+        "networkPolicy.webhookFrom[0].ipBlock.cidr=172.18.0.0/16",
+        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
+    ]
+    .iter()
+    .flat_map(|value| ["--set".to_owned(), (*value).to_owned()])
+    .collect();
+    let rendered = render(&values);
+    let policy = documents_of(&rendered, &["NetworkPolicy"]);
+    let policy: NetworkPolicy =
+        serde_saphyr::from_str(policy.trim_start_matches("---\n")).expect("NetworkPolicy parses");
+    let spec = policy.spec.unwrap();
+
+    let deployment = documents_of(&rendered, &["Deployment"]);
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_saphyr::from_str(deployment.trim_start_matches("---\n")).unwrap();
+    let template = deployment.spec.unwrap().template;
+    let pod_labels = template.metadata.unwrap().labels.unwrap();
+    for (key, value) in spec.pod_selector.clone().unwrap().match_labels.unwrap() {
+        assert_eq!(
+            pod_labels.get(&key),
+            Some(&value),
+            "selects the webhook pods"
+        );
+    }
+    let port_names: Vec<String> = template.spec.unwrap().containers[0]
+        .ports
+        .clone()
+        .unwrap()
+        .into_iter()
+        .filter_map(|p| p.name)
+        .collect();
+
+    let rules = spec.ingress.unwrap();
+    let peers_of = |port: &str| -> serde_json::Value {
+        assert!(
+            port_names.iter().any(|p| p == port),
+            "the pod has port {port}"
+        );
+        let rule = rules
+            .iter()
+            .find(|rule| {
+                rule.ports.iter().flatten().any(|p| {
+                    p.port
+                        == Some(
+                            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                                port.to_owned(),
+                            ),
+                        )
+                })
+            })
+            .unwrap_or_else(|| panic!("a rule for port {port}"));
+        serde_json::to_value(&rule.from).unwrap()
+    };
+    assert_eq!(
+        peers_of("webhook"),
+        json!([{"ipBlock": {"cidr": "172.18.0.0/16"}}])
+    );
+    assert_eq!(
+        peers_of("health"),
+        json!([{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}])
+    );
+    assert_eq!(rules.len(), 2, "nothing else is admitted");
+
+    install_crds();
+    ensure_namespace(RELEASE_NS);
+    let stdout = common::chart::server_dry_run(&documents_of(&rendered, &["NetworkPolicy"]));
+    assert!(
+        stdout.contains("networkpolicy.networking.k8s.io/seinode-tls"),
+        "{stdout}"
+    );
+
+    // Enabled with no API server peers: refused at render time, with what to set.
+    let out = common::helm(&[
+        "template",
+        RELEASE,
+        chart_dir().to_str().unwrap(),
+        "--set",
+        "networkPolicy.enabled=true",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("networkPolicy.webhookFrom"),
+        "{}",
+        text(&out.stderr)
+    );
+}

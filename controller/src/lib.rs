@@ -286,19 +286,13 @@ impl Controller {
             let mut term = tokio::spawn(term.run(async move {
                 let _ = term_stopped.await;
             }));
-            let stopping = tokio::select! {
-                _ = async { leading.wait_for(|leading| !*leading).await.map(|_| ()) } => false,
-                () = shutdown.clone() => true,
-                ended = &mut term => {
-                    // A term ends only when told to: this one panicked or its controller stream
-                    // ended. Nothing reconciles any more, so give the Lease up at once and fail
-                    // (the process exits; the next replica, or this one restarted, takes over).
+            let stopping = match supervise(&mut term, &mut leading, shutdown.clone()).await {
+                TermEnd::LeaseLost => false,
+                TermEnd::Shutdown => true,
+                TermEnd::Ended(why) => {
+                    // Nothing reconciles any more: give the Lease up at once and fail (the process
+                    // exits; the next replica, or this one restarted, takes over).
                     self.leadership.end_terms();
-                    let why = match ended {
-                        Err(error) if error.is_panic() => "it panicked".to_owned(),
-                        Err(error) => error.to_string(),
-                        Ok(()) => "its controller stopped".to_owned(),
-                    };
                     tracing::error!(%identity, %why, "the reconciling term ended unexpectedly; releasing the Lease");
                     stop(elector).await;
                     return Err(ControllerError::TermEnded { why });
@@ -316,6 +310,35 @@ impl Controller {
             }
             tracing::warn!(%identity, "lost the leader lease: stopped reconciling");
         }
+    }
+}
+
+/// Why a leadership term stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum TermEnd {
+    /// The Lease went to another replica (or could not be renewed).
+    LeaseLost,
+    /// The process is shutting down.
+    Shutdown,
+    /// The term's task ended on its own, which it does only when it panicked or its controller
+    /// stream ended: nothing reconciles any more.
+    Ended(String),
+}
+
+/// Waits for the end of a running term: the Lease lost, shutdown, or the term's own end.
+async fn supervise(
+    term: &mut tokio::task::JoinHandle<()>,
+    leading: &mut watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()>,
+) -> TermEnd {
+    tokio::select! {
+        _ = leading.wait_for(|leading| !*leading) => TermEnd::LeaseLost,
+        () = shutdown => TermEnd::Shutdown,
+        ended = term => TermEnd::Ended(match ended {
+            Err(error) if error.is_panic() => "it panicked".to_owned(),
+            Err(error) => error.to_string(),
+            Ok(()) => "its controller stopped".to_owned(),
+        }),
     }
 }
 
@@ -569,5 +592,54 @@ impl Term {
         relay.abort();
         pruning.abort();
         tracing::info!("controller stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A term whose task ends on its own (a panic in a reconcile, or its controller stream
+    /// ending) is told apart from the Lease lost and from shutdown, so that `run` releases the
+    /// Lease and fails rather than keep renewing a Lease nobody reconciles under.
+    #[tokio::test]
+    async fn a_term_that_panics_or_stops_is_an_unexpected_end() {
+        let never = std::future::pending::<()>;
+        let (_leading_tx, mut leading) = watch::channel(true);
+
+        let mut panicking = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            panic!("a reconcile panicked");
+        });
+        assert_eq!(
+            supervise(&mut panicking, &mut leading, never()).await,
+            TermEnd::Ended("it panicked".to_owned())
+        );
+
+        let mut stopped = tokio::spawn(async {});
+        assert_eq!(
+            supervise(&mut stopped, &mut leading, never()).await,
+            TermEnd::Ended("its controller stopped".to_owned())
+        );
+
+        let mut running = tokio::spawn(never());
+        assert_eq!(
+            supervise(&mut running, &mut leading, async {}).await,
+            TermEnd::Shutdown
+        );
+        let (leading_tx, mut leading) = watch::channel(true);
+        let lose = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            leading_tx.send_replace(false);
+            leading_tx
+        });
+        assert_eq!(
+            supervise(&mut running, &mut leading, never()).await,
+            TermEnd::LeaseLost
+        );
+        running.abort();
+        drop(lose.await);
     }
 }

@@ -26,3 +26,12 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// `text` cut to at most `max_chars` characters, with "…" when cut: for strings a request or a
+/// certificate carries, quoted in messages people read.
+pub fn truncated(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max_chars) {
+        Some((end, _)) => format!("{}…", &text[..end]).into(),
+        None => text.into(),
+    }
+}

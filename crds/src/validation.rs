@@ -372,10 +372,7 @@ fn quote_names(names: &[String]) -> String {
     let shown = names
         .iter()
         .take(MAX_NAMES_IN_MESSAGE)
-        .map(|name| match name.char_indices().nth(MAX_NAME_IN_MESSAGE) {
-            Some((end, _)) => format!("{}…", &name[..end]),
-            None => name.clone(),
-        })
+        .map(|name| crate::truncated(name, MAX_NAME_IN_MESSAGE).into_owned())
         .collect::<Vec<_>>();
     match names.len() - shown.len() {
         0 => shown.join(", "),

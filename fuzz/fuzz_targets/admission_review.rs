@@ -24,7 +24,7 @@ use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::contract::required_dns_names;
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec, tls_secret};
 use seinode_tls_webhook::cache::{NodeCache, SecretCache};
-use seinode_tls_webhook::limits::RequestLimit;
+use seinode_tls_webhook::limits::{BodyBudget, RequestLimit};
 use seinode_tls_webhook::metrics::WebhookMetrics;
 use seinode_tls_webhook::server::{
     AdmissionState, MUTATE_SEINODES_PATH, VALIDATE_SECRETS_PATH, VALIDATE_SEINODES_PATH,
@@ -65,6 +65,7 @@ fn harness() -> &'static Harness {
                 cluster_domain: "cluster.local".to_owned(),
                 request_deadline: Duration::from_secs(2),
                 request_limit: Arc::new(RequestLimit::new(32, &metrics)),
+                body_budget: Arc::new(BodyBudget::new(48 << 20, &metrics)),
                 metrics,
             }))
         };

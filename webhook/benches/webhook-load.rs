@@ -38,8 +38,10 @@ use rustls::pki_types::ServerName;
 use seinode_tls_crds::contract::{DEFAULT_CLUSTER_DOMAIN, required_dns_names};
 use seinode_tls_crds::validation::TLS_SECRET_TYPE;
 use seinode_tls_webhook::cache::{NodeCache, SecretCache};
+use seinode_tls_webhook::limits::read_body;
+use seinode_tls_webhook::review::AdmissionResponse;
 use seinode_tls_webhook::server::{
-    AdmissionState, MAX_SEINODE_REVIEW_BYTES, VALIDATE_SEINODES_PATH, parse_review, review_response,
+    AdmissionState, MAX_SEINODE_REVIEW_BYTES, VALIDATE_SEINODES_PATH, review_response,
 };
 use seinode_tls_webhook::{Webhook, WebhookConfig, WebhookError};
 use serde_json::{Value, json};
@@ -260,14 +262,26 @@ struct Server {
 /// allow. Served by the webhook under test, behind its TLS and limits.
 const FLOOR_PATH: &str = "/floor";
 
-async fn floor(request: axum::extract::Request) -> axum::response::Response {
+async fn floor(
+    axum::extract::State(state): axum::extract::State<Arc<AdmissionState>>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let body = match axum::body::to_bytes(request.into_body(), MAX_SEINODE_REVIEW_BYTES).await {
+    use seinode_tls_webhook::admission::{Review, WebhookKind};
+    let deadline = tokio::time::Instant::now() + state.request_deadline;
+    let body = match read_body(
+        &state.body_budget,
+        request.into_body(),
+        MAX_SEINODE_REVIEW_BYTES,
+        deadline,
+    )
+    .await
+    {
         Ok(body) => body,
-        Err(e) => return (axum::http::StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Err(error) => return error.into_response(),
     };
-    match parse_review(&body) {
-        Ok(review) => review_response(kube::core::admission::AdmissionResponse::from(&review)),
+    match Review::parse(WebhookKind::ValidateSeiNode, &body.bytes) {
+        Ok(review) => review_response(&AdmissionResponse::allow(review.summary().uid)),
         Err(message) => (axum::http::StatusCode::BAD_REQUEST, message).into_response(),
     }
 }

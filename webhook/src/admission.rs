@@ -4,9 +4,7 @@
 use jiff::Timestamp;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
-use k8s_openapi::api::core::v1::Secret;
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+use kube::core::admission::Operation;
 use seinode_tls_crds::contract::{
     REQUIRED_DNS_NAMES_ANNOTATION, check_runnable_name, check_satisfiable, check_sidecar_port,
     required_dns_names,
@@ -18,6 +16,14 @@ use serde_json::Value;
 
 use crate::cache::{NodeCache, SecretCache};
 use crate::config::{GuardPolicy, SecretPolicy};
+use crate::review::{
+    AdmissionRequest, AdmissionResponse, SecretObject, SeiNodeObject, parse_review,
+};
+
+/// A review of a SeiNode, typed as the SeiNode endpoints read it.
+pub type NodeRequest = AdmissionRequest<SeiNodeObject>;
+/// A review of a Secret, typed as the Secret guard reads it.
+pub type SecretRequest = AdmissionRequest<SecretObject>;
 
 /// Most SeiNodes named one by one in a guard warning.
 const MAX_NODES_NAMED: usize = 10;
@@ -91,6 +97,54 @@ impl DenyReason {
     }
 }
 
+/// A request to one endpoint, read as that endpoint's decision reads it.
+#[derive(Debug, Clone)]
+pub enum Review {
+    ValidateSeiNode(NodeRequest),
+    MutateSeiNode(NodeRequest),
+    GuardSecret(SecretRequest),
+}
+
+/// What a log line says about a request.
+pub struct Summary<'a> {
+    pub uid: &'a str,
+    pub kind: &'a str,
+    pub namespace: &'a str,
+    pub name: String,
+    pub operation: &'a Operation,
+    pub dry_run: bool,
+}
+
+impl Review {
+    /// Reads a body as `kind`'s request; the error is the 400 message.
+    pub fn parse(kind: WebhookKind, body: &[u8]) -> Result<Self, String> {
+        Ok(match kind {
+            WebhookKind::ValidateSeiNode => Review::ValidateSeiNode(parse_review(body)?),
+            WebhookKind::MutateSeiNode => Review::MutateSeiNode(parse_review(body)?),
+            WebhookKind::GuardSecret => Review::GuardSecret(parse_review(body)?),
+        })
+    }
+
+    pub fn summary(&self) -> Summary<'_> {
+        fn of<T>(request: &AdmissionRequest<T>, name: String) -> Summary<'_> {
+            Summary {
+                uid: &request.uid,
+                kind: request.kind(),
+                namespace: request.namespace(),
+                name,
+                operation: &request.operation,
+                dry_run: request.dry_run(),
+            }
+        }
+        match self {
+            Review::ValidateSeiNode(request) | Review::MutateSeiNode(request) => {
+                of(request, node_name(request))
+            }
+            Review::GuardSecret(request) => of(request, secret_name(request)),
+        }
+    }
+}
+
 /// A response and how to count it.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -99,37 +153,40 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn allow(request: &AdmissionRequest<DynamicObject>) -> Self {
+    fn allow<T>(request: &AdmissionRequest<T>) -> Self {
         Self {
-            response: AdmissionResponse::from(request),
+            response: AdmissionResponse::allow(&request.uid),
             outcome: Outcome::Allowed,
         }
     }
 
-    fn warn(request: &AdmissionRequest<DynamicObject>, warnings: Vec<String>) -> Self {
+    fn warn<T>(request: &AdmissionRequest<T>, warnings: Vec<String>) -> Self {
         if warnings.is_empty() {
             return Self::allow(request);
         }
-        let mut response = AdmissionResponse::from(request);
-        response.warnings = Some(warnings);
+        let mut response = AdmissionResponse::allow(&request.uid);
+        response.warnings = warnings;
         Self {
             response,
             outcome: Outcome::AllowedWithWarnings,
         }
     }
 
-    fn deny(
-        request: &AdmissionRequest<DynamicObject>,
-        reason: DenyReason,
-        message: String,
-    ) -> Self {
-        let mut response = AdmissionResponse::from(request).deny(message);
-        response.result.code = reason.code();
-        response.result.reason = reason.as_str().to_owned();
+    fn deny<T>(request: &AdmissionRequest<T>, reason: DenyReason, message: String) -> Self {
         Self {
-            response,
+            response: AdmissionResponse::deny(
+                &request.uid,
+                reason.code(),
+                reason.as_str(),
+                message,
+            ),
             outcome: Outcome::Denied,
         }
+    }
+
+    /// The denial's message, if this is one.
+    pub fn denial(&self) -> Option<&str> {
+        self.response.status.as_ref().map(|s| s.message.as_str())
     }
 }
 
@@ -144,38 +201,31 @@ pub struct AdmissionContext<'a> {
 }
 
 /// Dispatches a request to its endpoint's decision.
-pub fn decide(
-    kind: WebhookKind,
-    request: &AdmissionRequest<DynamicObject>,
-    ctx: &AdmissionContext<'_>,
-) -> Decision {
-    match kind {
-        WebhookKind::ValidateSeiNode => validate_seinode(request, ctx),
-        WebhookKind::MutateSeiNode => mutate_seinode(request, ctx),
-        WebhookKind::GuardSecret => guard_secret(request, ctx),
+pub fn decide(review: &Review, ctx: &AdmissionContext<'_>) -> Decision {
+    match review {
+        Review::ValidateSeiNode(request) => validate_seinode(request, ctx),
+        Review::MutateSeiNode(request) => mutate_seinode(request, ctx),
+        Review::GuardSecret(request) => guard_secret(request, ctx),
     }
 }
 
-/// The Secret whose content the decision on `request` reads: a new TLS SeiNode's. The server
+/// The Secret whose content the decision on `review` reads: a new TLS SeiNode's. The server
 /// makes sure the cache holds it before deciding (see `SecretCache::ensure`).
-pub fn secret_to_read(
-    kind: WebhookKind,
-    request: &AdmissionRequest<DynamicObject>,
-) -> Option<(String, String)> {
-    if kind != WebhookKind::ValidateSeiNode || request.operation != Operation::Create {
+pub fn secret_to_read(review: &Review) -> Option<(String, String)> {
+    let Review::ValidateSeiNode(request) = review else {
+        return None;
+    };
+    if request.operation != Operation::Create {
         return None;
     }
-    let secret = tls_secret_name(request.object.as_ref()).ok()??;
-    Some((request.namespace.clone().unwrap_or_default(), secret))
+    let secret = tls_secret_name(request.object()).ok().flatten()?;
+    Some((request.namespace().to_owned(), secret.to_owned()))
 }
 
 // === SeiNode validation ===
 
 /// CREATE: judge the named Secret. UPDATE: refuse any change of `spec.sidecar.tls`.
-pub fn validate_seinode(
-    request: &AdmissionRequest<DynamicObject>,
-    ctx: &AdmissionContext<'_>,
-) -> Decision {
+pub fn validate_seinode(request: &NodeRequest, ctx: &AdmissionContext<'_>) -> Decision {
     match request.operation {
         Operation::Create => validate_create(request, ctx),
         Operation::Update => validate_update(request),
@@ -183,8 +233,8 @@ pub fn validate_seinode(
     }
 }
 
-fn validate_update(request: &AdmissionRequest<DynamicObject>) -> Decision {
-    let old = match tls_secret_name(request.old_object.as_ref()) {
+fn validate_update(request: &NodeRequest) -> Decision {
+    let old = match tls_secret_name(request.old_object()) {
         Ok(old) => old,
         Err(e) => {
             return Decision::deny(
@@ -194,7 +244,7 @@ fn validate_update(request: &AdmissionRequest<DynamicObject>) -> Decision {
             );
         }
     };
-    let new = match tls_secret_name(request.object.as_ref()) {
+    let new = match tls_secret_name(request.object()) {
         Ok(new) => new,
         Err(e) => return Decision::deny(request, DenyReason::Invalid, format!("the SeiNode {e}")),
     };
@@ -224,37 +274,35 @@ fn validate_update(request: &AdmissionRequest<DynamicObject>) -> Decision {
     )
 }
 
-fn validate_create(
-    request: &AdmissionRequest<DynamicObject>,
-    ctx: &AdmissionContext<'_>,
-) -> Decision {
-    let name = object_name(request);
+fn validate_create(request: &NodeRequest, ctx: &AdmissionContext<'_>) -> Decision {
+    let name = node_name(request);
+    let namespace = request.namespace().to_owned();
     if !name.is_empty()
         && let Err(e) = check_runnable_name(&name)
     {
-        let namespace = request.namespace.clone().unwrap_or_default();
         return Decision::deny(
             request,
             DenyReason::Invalid,
             format!("SeiNode \"{namespace}/{name}\" could never run: {e}"),
         );
     }
-    if let Some(port) = sidecar_port(request.object.as_ref())
+    if let Some(port) = request
+        .object()
+        .and_then(SeiNodeObject::sidecar_port)
+        .and_then(|port| i32::try_from(port).ok())
         && let Err(e) = check_sidecar_port(port)
     {
-        let namespace = request.namespace.clone().unwrap_or_default();
         return Decision::deny(
             request,
             DenyReason::Invalid,
             format!("SeiNode \"{namespace}/{name}\" could never run: {e}"),
         );
     }
-    let secret_name = match tls_secret_name(request.object.as_ref()) {
-        Ok(Some(secret_name)) => secret_name,
+    let secret_name = match tls_secret_name(request.object()) {
+        Ok(Some(secret_name)) => secret_name.to_owned(),
         Ok(None) => return Decision::allow(request),
         Err(e) => return Decision::deny(request, DenyReason::Invalid, format!("the SeiNode {e}")),
     };
-    let namespace = request.namespace.clone().unwrap_or_default();
     if name.is_empty() {
         // generateName: the contract depends on the name the API server has not chosen yet.
         return Decision::warn(
@@ -339,41 +387,35 @@ fn validate_create(
 /// CREATE of a TLS node (the registration's only operation): annotate it with the contract (so a
 /// server-side dry run shows it), unless it already carries exactly that. A later server-side
 /// apply that does not list the annotation may drop it; `status.sidecarTLS` is the contract then.
-pub fn mutate_seinode(
-    request: &AdmissionRequest<DynamicObject>,
-    ctx: &AdmissionContext<'_>,
-) -> Decision {
+pub fn mutate_seinode(request: &NodeRequest, ctx: &AdmissionContext<'_>) -> Decision {
     // An UPDATE, should a registration send one, is annotated the same way.
     if !matches!(request.operation, Operation::Create | Operation::Update) {
         return Decision::allow(request);
     }
-    let Some(object) = request.object.as_ref() else {
+    let Some(object) = request.object() else {
         return Decision::allow(request);
     };
     // A malformed or TLS-less node gets no annotation; validation reports malformed ones.
-    if !matches!(tls_secret_name(Some(object)), Ok(Some(_))) {
+    if !matches!(object.tls_secret_name(), Ok(Some(_))) {
         return Decision::allow(request);
     }
-    let name = object_name(request);
-    let namespace = request.namespace.clone().unwrap_or_default();
+    let name = node_name(request);
+    let namespace = request.namespace();
     if name.is_empty() {
         return Decision::allow(request);
     }
-    let required = required_dns_names(&name, &namespace, ctx.cluster_domain);
+    let required = required_dns_names(&name, namespace, ctx.cluster_domain);
     if check_satisfiable(&required).is_err() {
         return Decision::allow(request);
     }
     let expected = required.join(",");
-    let current = object
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(REQUIRED_DNS_NAMES_ANNOTATION));
+    let annotations = object.meta().and_then(|meta| meta.annotations.value());
+    let current = annotations.and_then(|a| a.required_dns_names.value());
     if current == Some(&expected) {
         return Decision::allow(request);
     }
     let value = Value::String(expected);
-    let operation = match object.metadata.annotations {
+    let operation = match annotations {
         Some(_) => AddOperation {
             path: PointerBuf::from_tokens([
                 "metadata",
@@ -387,54 +429,41 @@ pub fn mutate_seinode(
             value: serde_json::json!({ REQUIRED_DNS_NAMES_ANNOTATION: value }),
         },
     };
-    let patch = json_patch::Patch(vec![PatchOperation::Add(operation)]);
-    match AdmissionResponse::from(request).with_patch(patch) {
-        Ok(response) => Decision {
-            response,
-            outcome: Outcome::Patched,
-        },
-        // Serializing a patch of strings cannot fail; if it ever does, admit unchanged.
-        Err(error) => {
-            tracing::error!(%error, "failed to encode the annotation patch");
-            Decision::allow(request)
-        }
+    let mut response = AdmissionResponse::allow(&request.uid);
+    response.patch = Some(json_patch::Patch(vec![PatchOperation::Add(operation)]));
+    Decision {
+        response,
+        outcome: Outcome::Patched,
     }
 }
 
 // === Secret guard ===
 
 /// UPDATE/DELETE of a TLS Secret: warn (or deny) when the change breaks SeiNodes using it.
-pub fn guard_secret(
-    request: &AdmissionRequest<DynamicObject>,
-    ctx: &AdmissionContext<'_>,
-) -> Decision {
+pub fn guard_secret(request: &SecretRequest, ctx: &AdmissionContext<'_>) -> Decision {
     if !matches!(request.operation, Operation::Update | Operation::Delete) {
         return Decision::allow(request);
     }
-    let namespace = request.namespace.clone().unwrap_or_default();
-    let name = object_name(request);
+    let namespace = request.namespace().to_owned();
+    let name = secret_name(request);
     let nodes = ctx.nodes.using_secret(&namespace, &name);
     if nodes.is_empty() {
         return Decision::allow(request);
     }
 
-    let old = match request.old_object.as_ref().map(to_secret) {
+    let old = match request.old_object().map(SecretObject::to_secret) {
         Some(Ok(secret)) => Some(ctx.secrets.inspect(&secret)),
         _ => None,
     };
-    let new = match (&request.operation, request.object.as_ref()) {
+    let new = match (&request.operation, request.object()) {
         (Operation::Delete, _) | (_, None) => None,
-        (_, Some(object)) => match to_secret(object) {
+        (_, Some(object)) => match object.to_secret() {
             Ok(secret) => Some(std::sync::Arc::new(inspect_tls_secret(&secret))),
-            Err(e) => {
-                // The category, not serde's text, which may quote the Secret's content.
+            Err(problem) => {
                 return Decision::deny(
                     request,
                     DenyReason::Invalid,
-                    format!(
-                        "the Secret is not a valid Secret object: {}",
-                        serde_category(&e)
-                    ),
+                    format!("the Secret is not a valid Secret object: {problem}"),
                 );
             }
         },
@@ -529,71 +558,40 @@ fn missing_suffix(verdict: &SecretVerdict) -> String {
 
 // === Reading requests ===
 
-/// `spec.sidecar.tls.secretName` of an object: `None` when TLS is off, an error when the block is
-/// not the shape the CRD defines.
-/// `spec.sidecar.port`, when the object sets one.
-fn sidecar_port(object: Option<&DynamicObject>) -> Option<i32> {
-    let port = object?
-        .data
-        .get("spec")?
-        .get("sidecar")?
-        .get("port")?
-        .as_i64()?;
-    i32::try_from(port).ok()
+/// `spec.sidecar.tls.secretName` of an object (see [`SeiNodeObject::tls_secret_name`]).
+fn tls_secret_name(object: Option<&SeiNodeObject>) -> Result<Option<&str>, &'static str> {
+    object.map_or(Ok(None), SeiNodeObject::tls_secret_name)
 }
 
-fn tls_secret_name(object: Option<&DynamicObject>) -> Result<Option<String>, String> {
-    let Some(object) = object else {
-        return Ok(None);
+/// The SeiNode's name: the request's, else the object's.
+fn node_name(request: &NodeRequest) -> String {
+    match request.name.value() {
+        Some(name) if !name.is_empty() => name.clone(),
+        _ => request
+            .object()
+            .and_then(SeiNodeObject::name)
+            .unwrap_or_default()
+            .to_owned(),
+    }
+}
+
+/// The Secret's name: the request's, else the object's (or, for a DELETE, the old object's).
+fn secret_name(request: &SecretRequest) -> String {
+    let of = |object: Option<&SecretObject>| {
+        object
+            .and_then(|o| o.metadata.value())
+            .and_then(|meta| meta.name.value().cloned())
     };
-    let tls = object
-        .data
-        .get("spec")
-        .and_then(|s| s.get("sidecar"))
-        .and_then(|s| s.get("tls"));
-    match tls {
-        None | Some(Value::Null) => Ok(None),
-        Some(tls) => match tls.get("secretName") {
-            Some(Value::String(name)) => Ok(Some(name.clone())),
-            _ => Err("has spec.sidecar.tls without a string secretName".to_owned()),
-        },
+    match request.name.value() {
+        Some(name) if !name.is_empty() => name.clone(),
+        _ => of(request.object())
+            .or_else(|| of(request.old_object()))
+            .unwrap_or_default(),
     }
 }
 
-fn object_name(request: &AdmissionRequest<DynamicObject>) -> String {
-    if !request.name.is_empty() {
-        return request.name.clone();
-    }
-    request
-        .object
-        .as_ref()
-        .and_then(|o| o.metadata.name.clone())
-        .unwrap_or_default()
-}
-
-fn node_ref(request: &AdmissionRequest<DynamicObject>) -> String {
-    format!(
-        "\"{}/{}\"",
-        request.namespace.as_deref().unwrap_or_default(),
-        object_name(request)
-    )
-}
-
-/// What kind of problem a Secret object has, without quoting any of it.
-fn serde_category(error: &serde_json::Error) -> &'static str {
-    match error.classify() {
-        serde_json::error::Category::Data => {
-            "a field has the wrong type or value (data must map keys to base64 strings)"
-        }
-        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-            "it is not well-formed JSON"
-        }
-        serde_json::error::Category::Io => "it could not be read",
-    }
-}
-
-fn to_secret(object: &DynamicObject) -> Result<Secret, serde_json::Error> {
-    serde_json::to_value(object).and_then(serde_json::from_value)
+fn node_ref(request: &NodeRequest) -> String {
+    format!("\"{}/{}\"", request.namespace(), node_name(request))
 }
 
 #[cfg(test)]

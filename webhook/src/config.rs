@@ -48,11 +48,22 @@ pub struct WebhookConfig {
     pub shutdown_grace: Duration,
     /// HTTPS connections open at once; more are closed on accept.
     pub max_connections: usize,
+    /// HTTPS connections open at once from one source address; more from it are closed on
+    /// accept, so one Pod cannot hold the slots the API server needs.
+    pub max_connections_per_source: usize,
+    /// A connection is closed gracefully at this age (HTTP/2 GOAWAY; HTTP/1 `Connection: close`
+    /// on its next response).
+    pub max_connection_age: Duration,
+    /// Memory that request bodies being read and decided on may take, in bytes (see
+    /// [`crate::limits::BodyBudget`]); a body that finds it spent is answered 429.
+    pub max_body_memory: usize,
     /// Admission requests handled at once; more are answered 429 with `Retry-After`.
     pub max_concurrent_requests: usize,
-    /// A connection on which no byte moves for this long is closed (also the time an HTTP/1
-    /// request head may take). Longer than the 90 s after which Go clients such as the API server
-    /// drop idle connections themselves, so the webhook never closes one a client is about to use.
+    /// A connection that has carried no admission review for this long is closed gracefully,
+    /// and so is one on which no byte moves for this long (also the time an HTTP/1 request head
+    /// may take). HTTP/2 PINGs and requests to other paths do not count as use. Longer than the
+    /// 90 s after which Go clients such as the API server drop idle connections themselves, so
+    /// the webhook never closes one a client is about to use.
     pub idle_timeout: Duration,
     /// Where Secrets and SeiNodes are watched: the whole cluster, or only some namespaces (an
     /// install whose RBAC covers only those; its registrations must select them too).
@@ -78,6 +89,9 @@ impl WebhookConfig {
             request_deadline: DEFAULT_REQUEST_DEADLINE,
             shutdown_grace: Duration::from_secs(10),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            max_connection_age: DEFAULT_MAX_CONNECTION_AGE,
+            max_body_memory: DEFAULT_MAX_BODY_MEMORY,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             watch_scope: WatchScope::Cluster,
@@ -92,9 +106,18 @@ pub const DEFAULT_REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// The API server holds a handful of connections (one per replica over HTTP/2, a few dozen over
 /// HTTP/1.1 under load); the rest is headroom for probes and bursts.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// The API server reaches the webhook from its own address: over HTTP/2 one connection per API
+/// server, over HTTP/1.1 a few dozen under load. A tenant's Pod is another address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// Long enough that reconnecting costs nothing measurable, short enough that no client keeps a
+/// connection (and so a share of the cap) for long.
+pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(600);
 /// A decision takes tens of microseconds; 32 in progress at once means a client is slow or
-/// hostile. Bounds the bodies buffered at once (at most 32 × the per-path body limit).
+/// hostile. Only requests whose body has arrived take a slot.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 32;
+/// 48 MiB of bodies being read and decided on: six of the largest Secret reviews at once, and
+/// thousands of ordinary ones (a kubectl-sized SeiNode review is about 5 KiB).
+pub const DEFAULT_MAX_BODY_MEMORY: usize = 48 << 20;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `timeoutSeconds` of the webhook configurations this project registers.

@@ -17,6 +17,8 @@ pub mod config;
 pub mod limits;
 pub mod metrics;
 pub mod registration;
+pub mod review;
+pub mod serve;
 pub mod server;
 pub mod tls;
 

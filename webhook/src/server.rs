@@ -8,39 +8,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum_server::tls_rustls::RustlsAcceptor;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use hyper_util::rt::TokioTimer;
 use jiff::Timestamp;
 use kube::Client;
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::admission::Operation;
 use prometheus_client::registry::Registry;
 use thiserror::Error;
 use tracing::Instrument;
 
-use crate::admission::{AdmissionContext, Decision, WebhookKind, decide};
+use crate::admission::{AdmissionContext, Decision, Review, WebhookKind, decide};
 use crate::cache::{Caches, NodeCache, SecretCache};
 use crate::config::{GuardPolicy, SecretPolicy, WebhookConfig};
-use crate::limits::{ConnectionGuard, RequestLimit, shed_over_limit};
+use crate::limits::{
+    BodyBudget, ConnectionCounters, ConnectionLimits, RequestLimit, mark_use, read_body,
+};
 use crate::metrics::{
     LatencyLabels, OperationLabel, OutcomeLabel, RequestLabels, WebhookLabel, WebhookMetrics,
 };
+use crate::review::AdmissionResponse;
+use crate::serve::{Port, serve};
 use crate::tls::{ServingCertificate, TlsError};
 
-/// Largest Secret review accepted. A Secret is at most 1 MiB; an UPDATE carries it twice,
-/// base64-encoded, plus JSON around it.
-pub const MAX_SECRET_REVIEW_BYTES: usize = 6 << 20;
+/// Largest Secret review accepted. The API server keeps a Secret's data to 1 MiB and etcd an
+/// object to 1.5 MiB; an UPDATE carries the Secret twice, its data base64-encoded (a third more),
+/// plus metadata and JSON around it: about 3.5 MiB at most.
+pub const MAX_SECRET_REVIEW_BYTES: usize = 4 << 20;
 /// Largest SeiNode review accepted. A SeiNode is a few KiB; an UPDATE with a kubectl
-/// last-applied annotation and managedFields, twice, stays well below this. Parsing JSON of small
-/// values takes up to about 30 times its size, so this also bounds what one request can make
-/// the process allocate.
+/// last-applied annotation and managedFields, twice, stays well below this.
 pub const MAX_SEINODE_REVIEW_BYTES: usize = 512 << 10;
 
 impl WebhookKind {
@@ -56,9 +53,6 @@ impl WebhookKind {
 /// A client gets this long for its TLS handshake, and again for its first request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The only AdmissionReview version served.
-const ADMISSION_V1: &str = "admission.k8s.io/v1";
 
 /// Paths of the admission endpoints (used by the registrations here, in `local` and the chart).
 pub const VALIDATE_SEINODES_PATH: &str = "/validate/seinodes";
@@ -93,6 +87,7 @@ pub struct AdmissionState {
     pub request_deadline: Duration,
     pub metrics: Arc<WebhookMetrics>,
     pub request_limit: Arc<RequestLimit>,
+    pub body_budget: Arc<BodyBudget>,
 }
 
 impl AdmissionState {
@@ -110,6 +105,7 @@ impl AdmissionState {
             cluster_domain: config.cluster_domain.clone(),
             request_deadline: config.request_deadline,
             request_limit: Arc::new(RequestLimit::new(config.max_concurrent_requests, &metrics)),
+            body_budget: Arc::new(BodyBudget::new(config.max_body_memory, &metrics)),
             metrics,
         }
     }
@@ -133,13 +129,12 @@ impl AdmissionState {
 
 // === Routers ===
 
-/// The admission endpoints, behind the concurrent-request limit.
+/// The admission endpoints.
 pub fn admission_router(state: Arc<AdmissionState>) -> Router {
     admission_router_with(state, Router::new())
 }
 
-/// The admission endpoints and `extra` routes (a benchmark's baseline), all behind the
-/// concurrent-request limit.
+/// The admission endpoints and `extra` routes (a benchmark's baseline).
 fn admission_router_with(state: Arc<AdmissionState>, extra: Router<Arc<AdmissionState>>) -> Router {
     let route = |kind: WebhookKind| {
         post(
@@ -148,14 +143,11 @@ fn admission_router_with(state: Arc<AdmissionState>, extra: Router<Arc<Admission
             },
         )
     };
-    let router = Router::new()
+    Router::new()
         .route(VALIDATE_SEINODES_PATH, route(WebhookKind::ValidateSeiNode))
         .route(MUTATE_SEINODES_PATH, route(WebhookKind::MutateSeiNode))
-        .route(VALIDATE_SECRETS_PATH, route(WebhookKind::GuardSecret));
-    let limit = state.request_limit.clone();
-    router
+        .route(VALIDATE_SECRETS_PATH, route(WebhookKind::GuardSecret))
         .merge(extra)
-        .route_layer(axum::middleware::from_fn_with_state(limit, shed_over_limit))
         .with_state(state)
 }
 
@@ -166,49 +158,65 @@ fn admission_router_with(state: Arc<AdmissionState>, extra: Router<Arc<Admission
 pub struct HealthLimits {
     /// Open connections; over it a new one is closed at once.
     pub max_connections: usize,
-    /// A connection with no byte moving is closed (keep-alive between scrapes included).
+    /// Open connections from one address.
+    pub max_per_source: usize,
+    /// A connection with no request for this long is closed (keep-alive between scrapes
+    /// included), and so is one on which no byte moves for this long.
     pub idle_timeout: Duration,
-    /// The first request's head must arrive within this.
+    /// The first request must begin within this, and its head arrive within the idle timeout.
     pub first_request_timeout: Duration,
+    /// A connection is closed at this age (after its next response).
+    pub max_age: Duration,
 }
 
 impl Default for HealthLimits {
     fn default() -> Self {
         Self {
             max_connections: 64,
+            max_per_source: 16,
             idle_timeout: Duration::from_secs(30),
             first_request_timeout: Duration::from_secs(5),
+            max_age: Duration::from_secs(300),
+        }
+    }
+}
+
+impl HealthLimits {
+    fn connection_limits(self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_per_source: self.max_per_source,
+            idle_timeout: self.idle_timeout,
+            max_age: self.max_age,
+            handshake_timeout: self.first_request_timeout,
+            first_request_timeout: self.first_request_timeout,
+            max_streams: 4,
         }
     }
 }
 
 /// Serves `router` (the health router) on `listener` in plain HTTP within `limits`, until
-/// `shutdown` resolves; then lets requests in flight finish.
+/// `shutdown` resolves; then lets requests in flight finish. Every request counts as use.
 pub async fn serve_health(
     listener: tokio::net::TcpListener,
     router: Router,
     limits: HealthLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = listener.into_std()?;
-    let handle = axum_server::Handle::new();
-    let guard = ConnectionGuard::unexported(limits.max_connections, limits.idle_timeout);
-    let mut server = axum_server::from_tcp(listener)?
-        .acceptor(guard)
-        .first_request_timeout(limits.first_request_timeout)
-        .handle(handle.clone());
-    server
-        .http_builder()
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.first_request_timeout);
-    let stop = tokio::spawn(async move {
-        shutdown.await;
-        handle.graceful_shutdown(Some(Duration::from_secs(5)));
-    });
-    let served = server.serve(router.into_make_service()).await;
-    stop.abort();
-    served
+    let router = router.layer(axum::middleware::map_request(
+        |request: Request| async move {
+            mark_use(&request);
+            request
+        },
+    ));
+    let port = Port {
+        listener,
+        router,
+        tls: None,
+        limits: limits.connection_limits(),
+        counters: ConnectionCounters::default(),
+    };
+    serve(port, shutdown, Duration::from_secs(5)).await
 }
 
 /// `/healthz` (the process serves), `/readyz` (200 while `ready()` holds, else 503 with its
@@ -262,11 +270,46 @@ fn metrics_response(registry: &Registry) -> Response {
 // === Admission handler ===
 
 /// Reads, decides, answers. A body that is not a v1 AdmissionReview is a 400 with a message;
-/// a decision is always HTTP 200 with the request's uid.
+/// a decision is always HTTP 200 with the request's uid. The body is read within the budget of
+/// bytes in flight; a request slot is taken only once it has all arrived.
 async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) -> Response {
     let started = Instant::now();
     let _in_flight = InFlight::enter(&state.metrics);
     let webhook = WebhookLabel::from(kind);
+    let deadline = state.request_deadline;
+    let used = request
+        .extensions()
+        .get::<Arc<crate::limits::Activity>>()
+        .cloned();
+    let body = match read_body(
+        &state.body_budget,
+        request.into_body(),
+        kind.max_body_bytes(),
+        tokio::time::Instant::from_std(started) + deadline,
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(error) => {
+            let response = error.into_response();
+            // A 429 is counted as shed, not as a request: the API server sends it again.
+            if response.status() != StatusCode::TOO_MANY_REQUESTS {
+                tracing::warn!(webhook = kind.as_str(), status = %response.status(), "bad admission request body");
+                count(
+                    &state,
+                    webhook,
+                    OperationLabel::unknown,
+                    OutcomeLabel::bad_request,
+                    started,
+                );
+            }
+            return response;
+        }
+    };
+    let _slot = match state.request_limit.try_slot() {
+        Ok(slot) => slot,
+        Err(response) => return *response,
+    };
     let span = tracing::info_span!(
         "admission",
         webhook = kind.as_str(),
@@ -278,20 +321,10 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
         dry_run = tracing::field::Empty,
         decision = tracing::field::Empty,
     );
-    let deadline = state.request_deadline;
     let result = async {
-        let limit = kind.max_body_bytes();
-        let body = match tokio::time::timeout(deadline, read_body(request.into_body(), limit)).await
-        {
-            Ok(body) => body?,
-            Err(_) => {
-                return Err(format!(
-                    "the request body did not arrive within {deadline:?}"
-                ));
-            }
-        };
-        let admission = parse_review(&body)?;
-        if let Some((namespace, name)) = crate::admission::secret_to_read(kind, &admission) {
+        let review = Review::parse(kind, &body.bytes)?;
+        drop(body);
+        if let Some((namespace, name)) = crate::admission::secret_to_read(&review) {
             // The read gets what is left of the deadline (and at most its own second).
             let left = deadline.saturating_sub(started.elapsed());
             let read = state.secrets.ensure(&namespace, &name);
@@ -300,16 +333,15 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
                 state.metrics.count_secret_read("failed");
             }
         }
+        let summary = review.summary();
         let span = tracing::Span::current();
-        span.record("uid", admission.uid.as_str());
-        span.record("kind", admission.kind.kind.as_str());
-        span.record(
-            "namespace",
-            admission.namespace.as_deref().unwrap_or_default(),
-        );
-        span.record("name", admission.name.as_str());
-        span.record("operation", operation_label(&admission.operation));
-        span.record("dry_run", admission.dry_run);
+        span.record("uid", summary.uid);
+        span.record("kind", summary.kind);
+        span.record("namespace", summary.namespace);
+        span.record("name", summary.name.as_str());
+        span.record("operation", operation_label(summary.operation));
+        span.record("dry_run", summary.dry_run);
+        let operation = operation_of(summary.operation);
         let ctx = AdmissionContext {
             secrets: &state.secrets,
             nodes: &state.nodes,
@@ -318,24 +350,29 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
             cluster_domain: &state.cluster_domain,
             now: Timestamp::now(),
         };
-        let decision = decide(kind, &admission, &ctx);
+        let decision = decide(&review, &ctx);
         span.record("decision", decision.outcome.as_str());
-        if decision.outcome == crate::admission::Outcome::Denied {
-            tracing::info!(message = %decision.response.result.message, "denied");
-        } else {
-            tracing::debug!("admitted");
+        match decision.denial() {
+            Some(message) => tracing::info!(message, "denied"),
+            None => tracing::debug!("admitted"),
         }
-        Ok((operation_of(&admission), decision))
+        Ok::<_, String>((operation, decision))
     }
     .instrument(span)
     .await;
 
     let (operation, outcome, response) = match result {
-        Ok((operation, Decision { response, outcome })) => (
-            operation,
-            OutcomeLabel::from(outcome),
-            review_response(response),
-        ),
+        Ok((operation, Decision { response, outcome })) => {
+            // An answered review is what keeps a connection in use.
+            if let Some(used) = used {
+                used.mark_use();
+            }
+            (
+                operation,
+                OutcomeLabel::from(outcome),
+                review_response(&response),
+            )
+        }
         Err(message) => {
             tracing::warn!(webhook = kind.as_str(), %message, "bad admission request");
             (
@@ -345,6 +382,17 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
             )
         }
     };
+    count(&state, webhook, operation, outcome, started);
+    response
+}
+
+fn count(
+    state: &AdmissionState,
+    webhook: WebhookLabel,
+    operation: OperationLabel,
+    outcome: OutcomeLabel,
+    started: Instant,
+) {
     state
         .metrics
         .requests
@@ -359,7 +407,6 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
         .latency
         .get_or_create(&LatencyLabels { webhook })
         .observe(started.elapsed().as_secs_f64());
-    response
 }
 
 /// Counts a request in `webhook_requests_in_flight` until dropped (also when the client goes
@@ -379,69 +426,17 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, String> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-        {
-            format!("request body exceeds this endpoint's limit of {limit} bytes")
-        } else {
-            format!("failed to read the request body: {e}")
-        }
-    })
-}
-
-/// Decodes an `admission.k8s.io/v1` AdmissionReview body into its request; the error is the
-/// 400 message.
-pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
-    // The envelope first, so a wrong version is reported as such rather than as a parse error.
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Envelope {
-        api_version: Option<String>,
-        kind: Option<String>,
+/// The review as JSON.
+pub fn review_response(response: &AdmissionResponse) -> Response {
+    match response.to_review_json() {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Err(e) => bad_request(format!("failed to encode the response: {e}")),
     }
-    let envelope: Envelope = serde_json::from_slice(body)
-        .map_err(|e| format!("the body is not a JSON AdmissionReview: {e}"))?;
-    match (envelope.api_version.as_deref(), envelope.kind.as_deref()) {
-        (Some(ADMISSION_V1), Some("AdmissionReview")) => {}
-        (version, kind) => {
-            return Err(format!(
-                "expected kind AdmissionReview in apiVersion {ADMISSION_V1}, got kind {} in apiVersion {}; \
-                 register this webhook with admissionReviewVersions: [v1]",
-                kind.unwrap_or("(none)"),
-                version.unwrap_or("(none)")
-            ));
-        }
-    }
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_slice(body).map_err(|e| format!("malformed AdmissionReview: {e}"))?;
-    let request: AdmissionRequest<DynamicObject> = review
-        .try_into()
-        .map_err(|_| "the AdmissionReview has no request".to_owned())?;
-    if request.uid.is_empty() {
-        return Err("the AdmissionReview request has no uid".to_owned());
-    }
-    Ok(request)
-}
-
-/// The review as JSON, with the patch base64-encoded as the API documents it (kube-core's type
-/// holds the patch as bytes, which serde would write as an array of numbers).
-pub fn review_response(mut response: AdmissionResponse) -> Response {
-    let patch = response.patch.take();
-    let mut review = match serde_json::to_value(response.into_review()) {
-        Ok(review) => review,
-        Err(e) => return bad_request(format!("failed to encode the response: {e}")),
-    };
-    if let (Some(patch), Some(body)) = (
-        patch,
-        review.get_mut("response").and_then(|r| r.as_object_mut()),
-    ) {
-        body.insert(
-            "patch".to_owned(),
-            serde_json::Value::String(BASE64.encode(patch)),
-        );
-    }
-    axum::Json(review).into_response()
 }
 
 fn bad_request(message: String) -> Response {
@@ -453,8 +448,8 @@ fn bad_request(message: String) -> Response {
         .into_response()
 }
 
-fn operation_of<T: kube::Resource>(request: &AdmissionRequest<T>) -> OperationLabel {
-    match request.operation {
+fn operation_of(operation: &Operation) -> OperationLabel {
+    match operation {
         Operation::Create => OperationLabel::CREATE,
         Operation::Update => OperationLabel::UPDATE,
         Operation::Delete => OperationLabel::DELETE,
@@ -565,73 +560,62 @@ impl Webhook {
         watch: impl Future<Output = ()> + Send + 'static,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), WebhookError> {
-        let handle = axum_server::Handle::new();
         let grace = self.config.shutdown_grace;
         let https_addr = self.https_addr();
         let health_addr = self.health_addr();
+        let listener = |listener: TcpListener, what: &'static str| {
+            tokio::net::TcpListener::from_std(listener)
+                .map_err(|source| WebhookError::Serve { what, source })
+        };
+        let admission = Port {
+            listener: listener(self.https, "admission")?,
+            router: admission_router_with(state.clone(), self.extra_routes),
+            tls: Some(self.certificate.rustls_config()),
+            limits: ConnectionLimits {
+                max_connections: self.config.max_connections,
+                max_per_source: self.config.max_connections_per_source,
+                idle_timeout: self.config.idle_timeout,
+                max_age: self.config.max_connection_age,
+                handshake_timeout: HANDSHAKE_TIMEOUT,
+                first_request_timeout: FIRST_REQUEST_TIMEOUT,
+                max_streams: u32::try_from(self.config.max_concurrent_requests).unwrap_or(u32::MAX),
+            },
+            counters: ConnectionCounters::of(&self.metrics),
+        };
+        let health_listener = listener(self.health, "health")?;
 
-        let admission = admission_router_with(state.clone(), self.extra_routes);
-        let guard = ConnectionGuard::new(
-            self.config.max_connections,
-            self.config.idle_timeout,
-            &self.metrics,
-        );
-        let acceptor = RustlsAcceptor::new(self.certificate.rustls_config())
-            .handshake_timeout(HANDSHAKE_TIMEOUT)
-            .acceptor(guard);
-        let mut server = axum_server::from_tcp(self.https)
-            .map_err(|source| WebhookError::Serve {
-                what: "admission",
-                source,
-            })?
-            .acceptor(acceptor)
-            .first_request_timeout(FIRST_REQUEST_TIMEOUT)
-            .handle(handle.clone());
-        server
-            .http_builder()
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.config.idle_timeout);
-        let https = server.serve(admission.into_make_service());
-        let health_listener = tokio::net::TcpListener::from_std(self.health).map_err(|source| {
-            WebhookError::Serve {
-                what: "health",
-                source,
-            }
-        })?;
-        let (health_stop_tx, health_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let health = serve_health(
+        // The health port stops once the admission port has drained.
+        let (health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
+        let health = tokio::spawn(serve_health(
             health_listener,
             health_router(move || state.readiness(), registry),
             HealthLimits::default(),
             async move {
-                let _ = health_stop_rx.await;
+                let _ = health_stopped.await;
             },
-        );
-
+        ));
         let watch_task = tokio::spawn(watch);
         let reload_task = tokio::spawn(self.certificate.clone().watch());
-        let shutdown_handle = handle.clone();
-        let shutdown_task = tokio::spawn(async move {
+        tracing::info!(%https_addr, %health_addr, "webhook serving");
+
+        let shutdown = async move {
             shutdown.await;
             tracing::info!(
                 ?grace,
                 "shutting down the webhook; draining in-flight requests"
             );
-            shutdown_handle.graceful_shutdown(Some(grace));
-        });
-        tracing::info!(%https_addr, %health_addr, "webhook serving");
-
-        let health_task = tokio::spawn(health);
-        let result = https.await.map_err(|source| WebhookError::Serve {
-            what: "admission",
-            source,
-        });
-        let _ = health_stop_tx.send(());
-        let _ = health_task.await;
+        };
+        let result =
+            serve(admission, shutdown, grace)
+                .await
+                .map_err(|source| WebhookError::Serve {
+                    what: "admission",
+                    source,
+                });
+        let _ = health_stop.send(());
+        let _ = health.await;
         watch_task.abort();
         reload_task.abort();
-        shutdown_task.abort();
         tracing::info!("webhook stopped");
         result
     }
@@ -667,6 +651,7 @@ mod tests {
             max_connections: 2,
             idle_timeout: Duration::from_millis(300),
             first_request_timeout: Duration::from_millis(200),
+            ..HealthLimits::default()
         };
         let registry = Arc::new(Registry::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -26,7 +26,7 @@ use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::contract::{REQUIRED_DNS_NAMES_ANNOTATION, required_dns_names};
 use seinode_tls_webhook::admission::DenyReason;
 use seinode_tls_webhook::cache::{NodeCache, SecretCache};
-use seinode_tls_webhook::limits::RequestLimit;
+use seinode_tls_webhook::limits::{BodyBudget, RequestLimit};
 use seinode_tls_webhook::metrics::WebhookMetrics;
 use seinode_tls_webhook::server::{
     AdmissionState, MAX_SECRET_REVIEW_BYTES, MAX_SEINODE_REVIEW_BYTES, MUTATE_SEINODES_PATH,
@@ -62,6 +62,7 @@ struct Setup {
     secret_policy: SecretPolicy,
     guard_policy: GuardPolicy,
     max_concurrent_requests: usize,
+    body_memory: usize,
 }
 
 fn setup() -> Setup {
@@ -72,6 +73,7 @@ fn setup() -> Setup {
         secret_policy: SecretPolicy::Deny,
         guard_policy: GuardPolicy::Warn,
         max_concurrent_requests: 32,
+        body_memory: seinode_tls_webhook::config::DEFAULT_MAX_BODY_MEMORY,
     }
 }
 
@@ -99,6 +101,11 @@ impl Setup {
 
     fn max_concurrent_requests(mut self, max: usize) -> Self {
         self.max_concurrent_requests = max;
+        self
+    }
+
+    fn body_memory(mut self, bytes: usize) -> Self {
+        self.body_memory = bytes;
         self
     }
 
@@ -131,6 +138,7 @@ impl Setup {
             cluster_domain: CLUSTER_DOMAIN.to_owned(),
             request_deadline: Duration::from_secs(2),
             request_limit: Arc::new(RequestLimit::new(self.max_concurrent_requests, &metrics)),
+            body_budget: Arc::new(BodyBudget::new(self.body_memory, &metrics)),
             metrics,
         });
         let admission = admission_router(state.clone());
@@ -1616,38 +1624,70 @@ async fn secret_review_larger_than_the_seinode_limit_and_axums_default_is_answer
     );
 }
 
+/// A request whose body is still arriving.
+struct Trickling {
+    sender: futures::channel::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    answer: tokio::task::JoinHandle<StatusCode>,
+}
+
+impl Trickling {
+    /// Starts a request on `path` and sends the first `sent` bytes of `body`.
+    async fn start(webhook: &Webhook, path: &'static str, body: &[u8], sent: usize) -> Self {
+        let (mut sender, chunks) = futures::channel::mpsc::channel(1);
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from_stream(chunks))
+            .unwrap();
+        let answer = tokio::spawn({
+            let admission = webhook.admission.clone();
+            async move { admission.oneshot(request).await.unwrap().status() }
+        });
+        futures::SinkExt::send(&mut sender, Ok(Bytes::copy_from_slice(&body[..sent])))
+            .await
+            .unwrap();
+        Self { sender, answer }
+    }
+
+    /// Sends the rest and returns the status.
+    async fn finish(mut self, rest: &[u8]) -> StatusCode {
+        futures::SinkExt::send(&mut self.sender, Ok(Bytes::copy_from_slice(rest)))
+            .await
+            .unwrap();
+        drop(self.sender);
+        self.answer.await.unwrap()
+    }
+}
+
+/// A body still arriving holds no request slot: with one slot, a trickling request does not
+/// stop another from being answered, and is answered itself once its body is complete.
+#[tokio::test]
+async fn a_trickling_body_takes_no_request_slot() {
+    let webhook = setup().max_concurrent_requests(1).build();
+    let review = Review::create_node(node(NODE, None)).to_json().to_string();
+    let trickling = Trickling::start(&webhook, VALIDATE_SEINODES_PATH, review.as_bytes(), 10).await;
+    for _ in 0..3 {
+        let (status, body) = webhook.post(VALIDATE_SEINODES_PATH, review.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(
+        trickling.finish(&review.as_bytes()[10..]).await,
+        StatusCode::OK
+    );
+}
+
+/// Decisions over the limit are shed with a 429 and `Retry-After`, which the API server's client
+/// retries within the webhook's timeout.
 #[tokio::test]
 async fn requests_over_the_concurrency_limit_are_shed_with_a_429_the_api_server_retries() {
     let webhook = setup().max_concurrent_requests(1).build();
-    // The first request holds the only slot while its body has not arrived.
-    let (mut sender, chunks) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-    let body = Body::from_stream(chunks);
-    let held = tokio::spawn({
-        let admission = webhook.admission.clone();
-        async move {
-            let request = Request::builder()
-                .method(Method::POST)
-                .uri(VALIDATE_SEINODES_PATH)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(body)
-                .unwrap();
-            admission.oneshot(request).await.unwrap().status()
-        }
-    });
     let review = Review::create_node(node(NODE, None)).to_json().to_string();
-    // Until the held request has taken the slot, others are answered as usual.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let (headers, body) = loop {
-        let (status, headers, body) = webhook
-            .post_full(VALIDATE_SEINODES_PATH, review.clone())
-            .await;
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            break (headers, body);
-        }
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert!(std::time::Instant::now() < deadline, "never shed");
-        tokio::task::yield_now().await;
-    };
+    let held = webhook.state.request_limit.try_slot().ok().unwrap();
+    let (status, headers, body) = webhook
+        .post_full(VALIDATE_SEINODES_PATH, review.clone())
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(headers.get(header::RETRY_AFTER).unwrap(), "1");
     assert_contains_all(
         &body,
@@ -1660,13 +1700,37 @@ async fn requests_over_the_concurrency_limit_are_shed_with_a_429_the_api_server_
         "{}",
         webhook.metrics_text()
     );
+    // Once the slot is free, the same request is answered.
+    drop(held);
+    let (status, _) = webhook.post(VALIDATE_SEINODES_PATH, review).await;
+    assert_eq!(status, StatusCode::OK);
+}
 
-    // Once the first request completes, the slot is free again.
-    futures::SinkExt::send(&mut sender, Ok(Bytes::from(review.clone())))
-        .await
-        .unwrap();
-    drop(sender);
-    assert_eq!(held.await.unwrap(), StatusCode::OK);
+/// Bodies are charged to the memory budget as they arrive: a body that finds it spent is shed
+/// with a 429 (holding nothing), and the budget comes back when a request is answered.
+#[tokio::test]
+async fn a_body_that_finds_the_memory_budget_spent_is_shed_holding_nothing() {
+    let review = Review::create_node(node(NODE, None)).to_json().to_string();
+    let bytes = review.as_bytes();
+    // Room for one review (two bytes per byte of body), not two.
+    let webhook = setup().body_memory(bytes.len() * 3).build();
+    let held = Trickling::start(&webhook, VALIDATE_SEINODES_PATH, bytes, bytes.len() - 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while webhook.state.body_budget.available() == bytes.len() * 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the body was never read"
+        );
+        tokio::task::yield_now().await;
+    }
+    let (status, headers, body) = webhook
+        .post_full(VALIDATE_SEINODES_PATH, review.clone())
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(headers.get(header::RETRY_AFTER).unwrap(), "1");
+    assert_contains_all(&body, &["--max-body-memory", "retry"]);
+    // The shed request held nothing: the first one completes, and then a new one fits.
+    assert_eq!(held.finish(&bytes[bytes.len() - 1..]).await, StatusCode::OK);
     let (status, _) = webhook.post(VALIDATE_SEINODES_PATH, review).await;
     assert_eq!(status, StatusCode::OK);
 }

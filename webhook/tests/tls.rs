@@ -585,3 +585,261 @@ async fn connections_over_the_cap_are_closed_on_accept_until_one_is_freed() {
     let (status, body, _) = request(&connector, server.addr).await.expect("request");
     assert_eq!(status, 200, "{body}");
 }
+
+// === What keeps a connection ===
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Full<axum::body::Bytes>>;
+
+/// An HTTP/2 connection from `source`, its requests' sender, and a task that ends when the
+/// server closes it. With `pings`, the client PINGs the server at that interval, idle or not.
+async fn h2_connection(
+    ca: &Ca,
+    addr: SocketAddr,
+    pings: Option<Duration>,
+) -> (H2Sender, tokio::task::JoinHandle<()>) {
+    let mut config = (*ca.client_config(&[&rustls::version::TLS13])).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = connect(&tokio_rustls::TlsConnector::from(Arc::new(config)), addr)
+        .await
+        .expect("connect");
+    let mut builder =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.timer(hyper_util::rt::TokioTimer::new());
+    if let Some(interval) = pings {
+        builder
+            .keep_alive_interval(interval)
+            .keep_alive_while_idle(true)
+            .keep_alive_timeout(Duration::from_secs(20));
+    }
+    let (sender, connection) = builder
+        .handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("h2 handshake");
+    let running = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, running)
+}
+
+async fn h2_post(sender: &mut H2Sender, path: &str) -> Result<u16, hyper::Error> {
+    sender.ready().await?;
+    let request = hyper::Request::post(path)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(axum::body::Bytes::from_static(
+            REVIEW.as_bytes(),
+        )))
+        .unwrap();
+    Ok(sender.send_request(request).await?.status().as_u16())
+}
+
+/// Whether `connection` ends within `within`.
+async fn ends_within(connection: &mut tokio::task::JoinHandle<()>, within: Duration) -> bool {
+    tokio::time::timeout(within, connection).await.is_ok()
+}
+
+/// Only admission reviews keep a connection: one kept busy by HTTP/2 PINGs, or by requests to
+/// other paths (HTTP/1 or HTTP/2), is closed once the idle timeout passes, while one that
+/// carries reviews stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admission_reviews_keep_a_connection_open() {
+    let ca = Ca::new();
+    let (cert, key, _) = ca.issue(1);
+    let volume = SecretVolume::new(&cert, &key);
+    let server = start_with(&volume.cert(), &volume.key(), |config| {
+        config.idle_timeout = Duration::from_secs(2);
+    });
+    let connector = ca.client(&[&rustls::version::TLS13]);
+
+    // HTTP/2: one review, then PINGs every 200 ms.
+    let (mut pinging, mut pinging_open) =
+        h2_connection(&ca, server.addr, Some(Duration::from_millis(200))).await;
+    assert_eq!(
+        h2_post(&mut pinging, VALIDATE_SEINODES_PATH).await.unwrap(),
+        200
+    );
+    // HTTP/2: a request to another path every 200 ms.
+    let (mut elsewhere, mut elsewhere_open) = h2_connection(&ca, server.addr, None).await;
+    let other_path = tokio::spawn(async move {
+        while h2_post(&mut elsewhere, "/").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    // HTTP/1.1: `GET /` every 200 ms on one kept-alive connection.
+    let mut cheap = connect(&connector, server.addr).await.expect("connect");
+    let cheap_closed = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            if cheap
+                .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), cheap.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(_) => panic!("no answer within 5 s"),
+            }
+        }
+    });
+    // HTTP/2: a review every 200 ms.
+    let (mut reviewing, mut reviewing_open) = h2_connection(&ca, server.addr, None).await;
+    let reviews = tokio::spawn(async move {
+        let mut answered = 0;
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            assert_eq!(
+                h2_post(&mut reviewing, VALIDATE_SEINODES_PATH)
+                    .await
+                    .unwrap(),
+                200
+            );
+            answered += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        (answered, reviewing)
+    });
+
+    // The idle timeout is 2 s: the three kept busy by other traffic are closed by 5 s.
+    assert!(
+        ends_within(&mut pinging_open, Duration::from_secs(5)).await,
+        "PINGs kept an HTTP/2 connection open"
+    );
+    assert!(
+        ends_within(&mut elsewhere_open, Duration::from_secs(5)).await,
+        "requests to another path kept an HTTP/2 connection open"
+    );
+    tokio::time::timeout(Duration::from_secs(5), cheap_closed)
+        .await
+        .expect("GET / kept an HTTP/1.1 connection open")
+        .unwrap();
+    other_path.await.unwrap();
+    // The one carrying reviews was answered every time and is still open.
+    let (answered, _sender) = reviews.await.unwrap();
+    assert!(answered >= 10, "{answered}");
+    assert!(
+        !ends_within(&mut reviewing_open, Duration::from_millis(100)).await,
+        "a connection carrying reviews was closed"
+    );
+    let text = metrics_text(&server.registry);
+    let idle_closed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("webhook_connections_idle_closed_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(idle_closed >= 3, "{text}");
+}
+
+/// Every connection reaches its maximum age, however busy: HTTP/2 gets a GOAWAY, HTTP/1.1 a
+/// `Connection: close` on its next response; no review on either fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_connections_are_closed_gracefully_at_their_maximum_age() {
+    let ca = Ca::new();
+    let (cert, key, _) = ca.issue(1);
+    let volume = SecretVolume::new(&cert, &key);
+    let server = start_with(&volume.cert(), &volume.key(), |config| {
+        config.max_connection_age = Duration::from_secs(1);
+    });
+
+    let (mut sender, mut open) = h2_connection(&ca, server.addr, None).await;
+    let started = Instant::now();
+    let mut answered = 0;
+    while !open.is_finished() && started.elapsed() < Duration::from_secs(5) {
+        match h2_post(&mut sender, VALIDATE_SEINODES_PATH).await {
+            Ok(status) => {
+                assert_eq!(status, 200);
+                answered += 1;
+            }
+            // A request the client began as the GOAWAY arrived is refused before the server read
+            // it (a client retries those); only that one may fail.
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ends_within(&mut open, Duration::from_secs(3)).await,
+        "an HTTP/2 connection outlived its maximum age"
+    );
+    assert!(answered >= 5, "{answered}");
+
+    let connector = ca.client(&[&rustls::version::TLS13]);
+    let mut tls = connect(&connector, server.addr).await.expect("connect");
+    let request = format!(
+        "POST {VALIDATE_SEINODES_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{REVIEW}",
+        REVIEW.len()
+    );
+    let started = Instant::now();
+    let mut read = Vec::new();
+    let closed_by_server = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "an HTTP/1.1 connection outlived its maximum age"
+        );
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = tls.read(&mut buf).await.unwrap();
+        read.extend_from_slice(&buf[..n]);
+        let answer = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        if answer.contains("connection: close") {
+            break tls.read(&mut buf).await.map(|n| n == 0).unwrap_or(true);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        closed_by_server,
+        "the server kept the connection after Connection: close"
+    );
+}
+
+/// One address holds at most its share of the connections: over it, a new connection from
+/// there is closed at once, while another address is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_address_cannot_take_every_connection() {
+    let ca = Ca::new();
+    let (cert, key, _) = ca.issue(1);
+    let volume = SecretVolume::new(&cert, &key);
+    let server = start_with(&volume.cert(), &volume.key(), |config| {
+        config.max_connections_per_source = 3;
+    });
+    let connector = ca.client(&[&rustls::version::TLS13]);
+    let from = |source: Ipv4Addr| {
+        let connector = connector.clone();
+        let addr = server.addr;
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::from((source, 0)))?;
+            let tcp = socket.connect(addr).await?;
+            connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+        }
+    };
+    let tenant = Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(from(tenant).await.expect("within the share"));
+    }
+    metric_reaches(&server.registry, "webhook_connections_open 3").await;
+    // A fourth from the same address is closed before or during its handshake.
+    let fourth = async {
+        let mut tls = from(tenant).await?;
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 64];
+        match tls.read(&mut buf).await? {
+            0 => Err(std::io::Error::other("closed")),
+            _ => Ok(()),
+        }
+    };
+    assert!(
+        fourth.await.is_err(),
+        "a fourth connection from one address was served"
+    );
+    metric_reaches(&server.registry, "webhook_connections_refused_total 1").await;
+    // Another address is served.
+    let (status, body, _) = request(&connector, server.addr).await.expect("request");
+    assert_eq!(status, 200, "{body}");
+}

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Secret;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    SignatureAlgorithm,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SignatureAlgorithm, date_time_ymd,
 };
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
@@ -69,6 +69,53 @@ fn generated(alg: &'static SignatureAlgorithm) -> Issued {
     let signer = KeyPair::generate_for(alg).expect("generate a key");
     let pem = signer.serialize_pem();
     self_signed(&signer, pem, false)
+}
+
+/// A root CA, an intermediate it signed, and an `rpc` contract leaf the intermediate signed.
+struct TwoLevelChain {
+    root_pem: String,
+    /// The leaf, then the intermediate.
+    tls_crt: String,
+    key_pem: String,
+}
+
+fn two_level_chain(expired_intermediate: bool) -> TwoLevelChain {
+    let ca_params = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+    };
+    let root_key = KeyPair::generate().expect("generate a key");
+    let root_params = ca_params("fuzz root");
+    let root_pem = root_params
+        .self_signed(&root_key)
+        .expect("sign the root")
+        .pem();
+    let root = Issuer::new(root_params, &root_key);
+    let intermediate_key = KeyPair::generate().expect("generate a key");
+    let mut intermediate_params = ca_params("fuzz intermediate");
+    if expired_intermediate {
+        intermediate_params.not_before = date_time_ymd(2020, 1, 1);
+        intermediate_params.not_after = date_time_ymd(2021, 1, 1);
+    }
+    let intermediate = intermediate_params
+        .signed_by(&intermediate_key, &root)
+        .expect("sign the intermediate");
+    let intermediate_issuer = Issuer::new(intermediate_params, &intermediate_key);
+    let leaf_key = KeyPair::generate().expect("generate a key");
+    let names = required_dns_names("rpc", NAMESPACE, "cluster.local");
+    let mut leaf_params = CertificateParams::new(names).expect("valid SANs");
+    leaf_params.distinguished_name.push(DnType::CommonName, "rpc");
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = leaf_params
+        .signed_by(&leaf_key, &intermediate_issuer)
+        .expect("sign the leaf");
+    TwoLevelChain {
+        root_pem,
+        tls_crt: format!("{}{}", leaf.pem(), intermediate.pem()),
+        key_pem: leaf_key.serialize_pem(),
+    }
 }
 
 fn der(pem_text: &str) -> Vec<u8> {
@@ -296,6 +343,23 @@ fn secret_inspection(dir: &Path, ca: &CertificateAuthority, rpc: &Issued) {
         &[format!("{}{ca_pem}", rpc.cert_pem).as_bytes(), key],
     );
     fields("fields-key-mismatch", 0, &[crt, other.key_pem.as_bytes()]);
+    // Root in ca.crt, the leaf and its intermediate in tls.crt: the path the judge builds and
+    // checks at now, certificate by certificate; once with an intermediate that has expired.
+    for (name, expired) in [
+        ("fields-two-level-chain", false),
+        ("fields-two-level-chain-expired-intermediate", true),
+    ] {
+        let chain = two_level_chain(expired);
+        fields(
+            name,
+            0,
+            &[
+                chain.tls_crt.as_bytes(),
+                chain.key_pem.as_bytes(),
+                chain.root_pem.as_bytes(),
+            ],
+        );
+    }
     fields(
         "fields-client-only",
         0,
