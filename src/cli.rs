@@ -29,6 +29,49 @@ use crate::offline::{self, CertificateSpec, CheckSecretArgs, ContractFormat, Out
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// How the process logs (to stderr).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Logging")]
+pub struct LogArgs {
+    /// One line of text per event, or one JSON object per line (with the event's fields and its
+    /// span's: a reconcile's `namespace` and `seinode`, an admission's `uid`, `namespace`, `object`).
+    #[arg(long, global = true, env = "SEINODE_TLS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// The lowest level logged (error, warn, info, debug, trace), or a full filter such as
+    /// `info,seinode_tls_controller=debug`. Without it, `RUST_LOG`, else `info`.
+    #[arg(long, global = true, env = "SEINODE_TLS_LOG_LEVEL", value_name = "LEVEL|FILTER", value_parser = parse_log_filter)]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A log level, or a list of directives each a level or `target=level`; refused when tracing
+/// cannot read it, and when a directive is a bare word (tracing would take it for a target and
+/// log nothing else).
+fn parse_log_filter(value: &str) -> Result<String, String> {
+    let bare_word = value.split(',').find(|directive| {
+        !directive.contains('=')
+            && directive != &"off"
+            && directive.parse::<tracing::Level>().is_err()
+    });
+    if let Some(word) = bare_word {
+        return Err(format!(
+            "\"{word}\" is not a level (error, warn, info, debug, trace, off); a filter directive \
+             is a level or target=level"
+        ));
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(value)
+        .map(|_| value.to_owned())
+        .map_err(|e| format!("\"{value}\" is not a log level or filter: {e}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -595,6 +638,13 @@ impl From<Output> for OutputFormat {
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    crate::telemetry::init_with(
+        match cli.log.log_format {
+            LogFormat::Text => crate::telemetry::Format::Text,
+            LogFormat::Json => crate::telemetry::Format::Json,
+        },
+        cli.log.log_level.as_deref(),
+    );
     match cli.command {
         Command::Crd => offline::print_crd(),
         Command::Contract(args) => {
@@ -767,6 +817,22 @@ mod tests {
         assert!(super::in_cidr("10.1.2.3".parse().unwrap(), any, zero));
         for bad in ["198.18.3.0", "198.18.3.0/33", "fd00::/8", "x/24"] {
             assert!(super::parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_log_level_is_a_level_or_a_list_of_directives() {
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,seinode_tls_controller=debug",
+            "off",
+            "kube=trace",
+        ] {
+            assert_eq!(super::parse_log_filter(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in ["nope", "info,verbose", "kube=loud", ""] {
+            assert!(super::parse_log_filter(bad).is_err(), "{bad}");
         }
     }
 

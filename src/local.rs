@@ -90,7 +90,7 @@ async fn run(config: LocalConfig) -> anyhow::Result<()> {
     )?;
     let client_files = control_plane.write_sidecar_client()?;
 
-    let mut registry = Registry::with_prefix(crate::serve::METRICS_PREFIX);
+    let mut registry = crate::serve::registry();
     // The controller dials the Pod IPs the API reports, and only those of the Pod network this
     // process made: nothing else on the host's networks is ever dialed.
     let gateway = cluster.gateway();

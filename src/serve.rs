@@ -16,11 +16,23 @@ use crate::exit::error_chain;
 /// Prefix of every metric this binary exports.
 pub const METRICS_PREFIX: &str = "seinode_tls";
 
+/// The registry of a server command: every metric under [`METRICS_PREFIX`], starting with
+/// `seinode_tls_build_info{version}` (always 1), which says which build a pod runs.
+pub fn registry() -> Registry {
+    let mut registry = Registry::with_prefix(METRICS_PREFIX);
+    registry.register(
+        "build",
+        "The build of this process (always 1)",
+        prometheus_client::metrics::info::Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    registry
+}
+
 /// Runs the webhook until SIGINT or SIGTERM.
 pub fn webhook_main(config: WebhookConfig) -> ExitCode {
     run_to_exit(async move {
         let client = crate::api_client::infer().await?;
-        let mut registry = Registry::with_prefix(METRICS_PREFIX);
+        let mut registry = registry();
         let webhook = Webhook::bind(config, &mut registry)?;
         webhook
             .run(client, Arc::new(registry), shutdown_signal())
@@ -33,7 +45,7 @@ pub fn webhook_main(config: WebhookConfig) -> ExitCode {
 /// `health_addr`.
 pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAddr) -> ExitCode {
     run_to_exit(async move {
-        let mut registry = Registry::with_prefix(METRICS_PREFIX);
+        let mut registry = registry();
         let controller = Controller::new(config, &mut registry)?;
         let clients = crate::api_client::controller_clients(
             &controller,
@@ -62,7 +74,7 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
 /// serves the webhook; with leader election only the leader reconciles.
 pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCode {
     run_to_exit(async move {
-        let mut registry = Registry::with_prefix(METRICS_PREFIX);
+        let mut registry = registry();
         let webhook = Webhook::bind(webhook, &mut registry)?;
         let controller = Controller::new(controller, &mut registry)?;
         let clients = crate::api_client::controller_clients(
@@ -149,5 +161,22 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
                 tracing::error!(%error, "failed to install signal handlers; stopping now");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// Every server command's `/metrics` says which build it runs.
+    #[test]
+    fn the_registry_exports_the_build() {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &super::registry()).unwrap();
+        let line = format!(
+            "seinode_tls_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.lines().any(|l| l == line), "{text}");
     }
 }

@@ -69,6 +69,7 @@ fn install_crds() {
         let mut yaml = String::new();
         for (group, kind, plural) in [
             ("monitoring.coreos.com", "ServiceMonitor", "servicemonitors"),
+            ("monitoring.coreos.com", "PodMonitor", "podmonitors"),
             ("monitoring.coreos.com", "PrometheusRule", "prometheusrules"),
         ] {
             yaml.push_str(&format!(
@@ -80,7 +81,7 @@ fn install_crds() {
         }
         let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);
         assert!(out.status.success(), "{}", text(&out.stderr));
-        for crd in ["servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"] {
+        for crd in ["servicemonitors.monitoring.coreos.com", "podmonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"] {
             let out = common::kubectl(&["wait", "--for=condition=Established", &format!("crd/{crd}"), "--timeout=30s"], "");
             assert!(out.status.success(), "{}", text(&out.stderr));
         }
@@ -196,6 +197,8 @@ fn the_rendered_chart_applies_with_a_server_side_dry_run_in_both_certificate_mod
         "--set",
         "monitoring.serviceMonitor.enabled=true",
         "--set",
+        "monitoring.podMonitor.enabled=true",
+        "--set",
         "monitoring.prometheusRule.enabled=true",
     ];
     for (cert_manager, mut values) in [(true, vec![]), (false, own_cert_values())] {
@@ -206,6 +209,8 @@ fn the_rendered_chart_applies_with_a_server_side_dry_run_in_both_certificate_mod
             "deployment.apps/seinode-tls",
             "validatingwebhookconfiguration",
             "prometheusrule",
+            "servicemonitor.monitoring.coreos.com/seinode-tls",
+            "podmonitor.monitoring.coreos.com/seinode-tls",
             "clusterrole.rbac.authorization.k8s.io/seinode-tls-sidecar-operator",
             "clusterrole.rbac.authorization.k8s.io/seinode-tls-sidecar-client",
             "clusterrolebinding.rbac.authorization.k8s.io/seinode-tls-sidecar-client",
@@ -725,6 +730,8 @@ fn the_deployment_passes_each_flag_once_and_the_binary_accepts_its_args() {
         "controller.rbacProxyImage=quay.io/brancz/kube-rbac-proxy:v0.19.1",
         "webhook.secretPolicy=warn",
         "webhook.secretGuardPolicy=deny",
+        "logging.format=json",
+        "logging.level=info\\,seinode_tls_controller=debug",
     ]);
     for values in [vec![], own_cert_values(), every_controller_value] {
         let args = deployment_args(&render(&values));
@@ -744,6 +751,17 @@ fn the_deployment_passes_each_flag_once_and_the_binary_accepts_its_args() {
             .any(|v| v.starts_with("controller.nodeServiceAccount"))
         {
             assert!(args.contains(&"--node-service-account=sei-node".to_owned()));
+            assert!(args.contains(&"--log-format=json".to_owned()), "{args:?}");
+            assert!(
+                args.contains(&"--log-level=info,seinode_tls_controller=debug".to_owned()),
+                "{args:?}"
+            );
+        } else {
+            assert!(args.contains(&"--log-format=text".to_owned()), "{args:?}");
+            assert!(
+                !args.iter().any(|a| a.starts_with("--log-level")),
+                "{args:?}"
+            );
         }
         for flag in [
             "--sidecar-client-cert-file=/sidecar-client/tls.crt",
@@ -1098,4 +1116,94 @@ fn the_network_policy_admits_the_api_server_to_the_webhook_and_monitoring_to_met
         "{}",
         text(&out.stderr)
     );
+}
+
+/// The disruption budget lets a drain through with one replica as with two (at most one pod
+/// evicted at a time), and both monitors keep the per-node series' own `namespace` label.
+#[test]
+fn the_budget_never_blocks_a_drain_and_the_monitors_keep_the_nodes_namespace() {
+    for replicas in ["1", "2"] {
+        let rendered = render(&["--set".to_owned(), format!("replicaCount={replicas}")]);
+        let pdb = documents_of(&rendered, &["PodDisruptionBudget"]);
+        let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget =
+            serde_saphyr::from_str(pdb.trim_start_matches("---\n")).expect("the PDB parses");
+        let spec = pdb.spec.unwrap();
+        assert_eq!(
+            spec.max_unavailable,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)),
+            "replicaCount {replicas}"
+        );
+        assert_eq!(spec.min_available, None, "replicaCount {replicas}");
+    }
+    let rendered = render(
+        &[
+            "monitoring.serviceMonitor.enabled=true",
+            "monitoring.podMonitor.enabled=true",
+        ]
+        .iter()
+        .flat_map(|v| ["--set".to_owned(), (*v).to_owned()])
+        .collect::<Vec<_>>(),
+    );
+    for (kind, endpoints) in [
+        ("ServiceMonitor", "endpoints"),
+        ("PodMonitor", "podMetricsEndpoints"),
+    ] {
+        let monitor = documents_of(&rendered, &[kind]);
+        let monitor: serde_json::Value =
+            serde_saphyr::from_str(monitor.trim_start_matches("---\n")).expect("parses");
+        assert_eq!(
+            monitor["spec"][endpoints][0]["honorLabels"], true,
+            "{kind}: {monitor}"
+        );
+    }
+}
+
+/// The per-node alerts name the node's namespace, as Prometheus stores the series when the
+/// monitor honours the target's labels (`honorLabels`): the scraped pod's namespace is not the
+/// node's. promtool evaluates the rendered rules over such series.
+#[test]
+fn the_per_node_alerts_name_the_nodes_namespace() {
+    let rendered = render(&[
+        "--set".to_owned(),
+        "monitoring.prometheusRule.enabled=true".to_owned(),
+    ]);
+    let rule = documents_of(&rendered, &["PrometheusRule"]);
+    let rule: serde_json::Value =
+        serde_saphyr::from_str(rule.trim_start_matches("---")).expect("the PrometheusRule is YAML");
+    let dir = common::scratch_path("promtool-nodes");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("rules.json"), rule["spec"].to_string()).unwrap();
+    // The leader pod in the release's namespace exports a series about node sei-arctic/rpc; with
+    // honorLabels the stored series keeps namespace="sei-arctic" (the pod's is lost), and the
+    // job and instance labels the scrape adds.
+    let target = "job=\"seinode-tls\",instance=\"10.0.0.5:8080\",pod=\"seinode-tls-0\"";
+    let tests = format!(
+        "rule_files: [rules.json]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n\
+         \x20     - series: 'seinode_tls_controller_tls_certificate_expiry_seconds{{namespace=\"sei-arctic\",seinode=\"rpc\",{target}}}'\n\
+         \x20       values: '432000x30'\n\
+         \x20     - series: 'seinode_tls_controller_tls_certificate_expiry_seconds{{namespace=\"sei-arctic\",seinode=\"archive\",{target}}}'\n\
+         \x20       values: '8640000x30'\n\
+         \x20   alert_rule_test:\n\
+         \x20     - eval_time: 10m\n\
+         \x20       alertname: SeiNodeTLSCertificateExpiringSoon\n\
+         \x20       exp_alerts:\n\
+         \x20         - exp_labels: {{severity: warning, namespace: sei-arctic, seinode: rpc, job: seinode-tls, instance: \"10.0.0.5:8080\", pod: seinode-tls-0}}\n\
+         \x20           exp_annotations:\n\
+         \x20             summary: \"A SeiNode's sidecar certificate expires soon\"\n\
+         \x20             description: \"The certificate of SeiNode sei-arctic/rpc expires in 5d 0h 0m 0s.\"\n"
+    );
+    std::fs::write(dir.join("tests.yaml"), &tests).unwrap();
+    let promtool = seinode_tls_devcluster::control_plane::promtool().expect("build promtool");
+    let out = std::process::Command::new(promtool)
+        .args(["test", "rules", "tests.yaml"])
+        .current_dir(&dir)
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool test rules failed:\n{}{}\ntests.yaml:\n{tests}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

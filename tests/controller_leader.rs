@@ -28,6 +28,16 @@ async fn start(config: ControllerConfig) -> (RunningController, Arc<Registry>) {
     )
 }
 
+/// `seinode_tls_controller_leader` as the registry exports it.
+fn leader_gauge(registry: &Registry) -> i64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("controller_leader "))
+        .and_then(|v| v.parse().ok())
+        .expect("controller_leader is exported")
+}
+
 fn reconciles(registry: &Registry) -> u64 {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
@@ -91,6 +101,11 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
         "the follower did not reconcile"
     );
     assert!(holder().await.starts_with("first_"));
+    assert_eq!(
+        (leader_gauge(&first_metrics), leader_gauge(&second_metrics)),
+        (1, 0),
+        "the leader gauge says who reconciles"
+    );
 
     // The leader stops (releasing the lease); the follower takes over and acts.
     first.stop().await;
@@ -110,6 +125,12 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
     let (_, counted) =
         common::poll(WAIT, || async { reconciles(&second_metrics) }, |n| *n > 0).await;
     assert!(counted, "the new leader counted its reconciles");
+    assert_eq!(leader_gauge(&second_metrics), 1, "the new leader's gauge");
+    assert_eq!(
+        leader_gauge(&first_metrics),
+        0,
+        "the stopped leader's gauge"
+    );
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     assert!(
         cms.list(&Default::default())

@@ -567,6 +567,9 @@ async fn kubectl_get_snode_shows_the_printer_columns() {
         "phase": "Pending",
         "conditions": [{
             "type": "SidecarTLSSecretReady", "status": "False", "reason": "TLSSecretNotFound",
+            "message": "create-the-Secret", "lastTransitionTime": "2026-01-01T00:00:00Z"
+        }, {
+            "type": "SidecarReady", "status": "False", "reason": "SidecarStarting",
             "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"
         }]
     }});
@@ -574,28 +577,60 @@ async fn kubectl_get_snode_shows_the_printer_columns() {
         .await
         .unwrap();
 
-    let output = common::control_plane()
-        .kubectl()
-        .args(["get", "snode", "-n", &ns])
-        .output()
-        .expect("run kubectl");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let get = |args: &[&str]| {
+        let output = common::control_plane()
+            .kubectl()
+            .args(args)
+            .output()
+            .expect("run kubectl");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).unwrap();
+        let mut lines = text.lines();
+        let header: Vec<String> = lines
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        let row: Vec<String> = lines
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        (header, row, text)
+    };
+    let (header, row, text) = get(&["get", "snode", "-n", &ns]);
     assert_eq!(
         header,
-        ["NAME", "PHASE", "TLS", "SECRET", "TLS", "AGE"],
+        ["NAME", "PHASE", "TLS", "SECRET", "TLS", "SIDECAR", "AGE"],
         "{text}"
     );
-    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        &row[..4],
-        ["tls", "Pending", "tls-secret", "TLSSecretNotFound"],
+        &row[..5],
+        [
+            "tls",
+            "Pending",
+            "tls-secret",
+            "TLSSecretNotFound",
+            "SidecarStarting"
+        ],
         "{text}"
     );
+    // -o wide adds the image and the TLS condition's message.
+    let (header, row, text) = get(&["get", "snode", "-n", &ns, "-o", "wide"]);
+    assert_eq!(&header[7..], ["IMAGE", "MESSAGE"], "{text}");
+    assert_eq!(
+        &row[6..],
+        ["ghcr.io/sei-protocol/sei:v6.3.0", "create-the-Secret"],
+        "{text}"
+    );
+    // The category: `kubectl get sei` lists SeiNodes (prefixed with their kind when another
+    // resource joins the category).
+    let (_, row, text) = get(&["get", "sei", "-n", &ns]);
+    assert!(row[0] == "tls" || row[0] == "seinode.sei.io/tls", "{text}");
 }

@@ -233,7 +233,10 @@ impl Controller {
                 leadership: self.leadership,
                 instance: None,
             };
+            let leader = term.metrics.leader.clone();
+            leader.set(1);
             term.run(shutdown).await;
+            leader.set(0);
             return Ok(());
         };
         let elector = Elector::new(client, election.clone(), self.leadership.clone());
@@ -256,6 +259,7 @@ impl Controller {
                 () = shutdown.clone() => { stop(elector).await; return Ok(()) }
             }
             tracing::info!(%identity, "leading: reconciling");
+            self.metrics.leader.set(1);
             // This term's view of the leadership, and a client fenced by it alone.
             let leadership = self.leadership.new_term();
             let fence: Fence = {
@@ -286,7 +290,9 @@ impl Controller {
             let mut term = tokio::spawn(term.run(async move {
                 let _ = term_stopped.await;
             }));
-            let stopping = match supervise(&mut term, &mut leading, shutdown.clone()).await {
+            let ended = supervise(&mut term, &mut leading, shutdown.clone()).await;
+            self.metrics.leader.set(0);
+            let stopping = match ended {
                 TermEnd::LeaseLost => false,
                 TermEnd::Shutdown => true,
                 TermEnd::Ended(why) => {

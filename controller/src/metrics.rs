@@ -151,6 +151,8 @@ pub struct ControllerMetrics {
     pub reconcile_duration: Histogram,
     pub secret_reads: Counter,
     pub tls: Arc<TlsState>,
+    /// 1 while this process reconciles (it leads, or runs without leader election), else 0.
+    pub leader: Gauge,
 }
 
 impl ControllerMetrics {
@@ -181,12 +183,19 @@ impl ControllerMetrics {
         );
         let tls = Arc::new(TlsState::default());
         registry.register_collector(Box::new(TlsCollector { state: tls.clone() }));
+        let leader = Gauge::default();
+        registry.register(
+            "controller_leader",
+            "1 while this replica reconciles (it holds the leader Lease, or runs without leader election), else 0",
+            leader.clone(),
+        );
         Self {
             reconciles,
             probes,
             reconcile_duration,
             secret_reads,
             tls,
+            leader,
         }
     }
 }

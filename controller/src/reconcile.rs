@@ -302,7 +302,8 @@ pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, 
         return Ok(Action::await_change());
     };
     let started = Instant::now();
-    let span = tracing::info_span!("reconcile", namespace = %node.namespace().unwrap_or_default(), name = %node.name_any());
+    // `seinode`, not `name`: a JSON log line's span object has its own `name` (the span's).
+    let span = tracing::info_span!("reconcile", namespace = %node.namespace().unwrap_or_default(), seinode = %node.name_any());
     // Boxed: every queued node's reconcile waits above for a slot, and an unboxed future is as
     // large as its largest state (the whole reconcile) while it waits.
     let result = Box::pin(tracing::Instrument::instrument(

@@ -41,12 +41,16 @@ pub const TLS_IMMUTABLE_MESSAGE: &str = "TLS is fixed when a SeiNode is created:
     kind = "SeiNode",
     namespaced,
     shortname = "snode",
+    category = "sei",
     doc = "SeiNode is a standalone Sei blockchain node, optionally with TLS on its sidecar API.",
     status = "SeiNodeStatus",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"TLS Secret","type":"string","jsonPath":".spec.sidecar.tls.secretName"}"#,
     printcolumn = r#"{"name":"TLS","type":"string","jsonPath":".status.conditions[?(@.type==\"SidecarTLSSecretReady\")].reason"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Sidecar","type":"string","jsonPath":".status.conditions[?(@.type==\"SidecarReady\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Image","type":"string","priority":1,"jsonPath":".spec.image"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"SidecarTLSSecretReady\")].message"}"#
 )]
 #[x_kube(
     validation = Rule::new("(has(self.fullNode) ? 1 : 0) + (has(self.archive) ? 1 : 0) + (has(self.replayer) ? 1 : 0) + (has(self.validator) ? 1 : 0) == 1")

@@ -316,7 +316,8 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
         uid = tracing::field::Empty,
         kind = tracing::field::Empty,
         namespace = tracing::field::Empty,
-        name = tracing::field::Empty,
+        // `object`, not `name`: a JSON log line's span object has its own `name` (the span's).
+        object = tracing::field::Empty,
         operation = tracing::field::Empty,
         dry_run = tracing::field::Empty,
         decision = tracing::field::Empty,
@@ -338,7 +339,7 @@ async fn admit(state: Arc<AdmissionState>, kind: WebhookKind, request: Request) 
         span.record("uid", summary.uid);
         span.record("kind", summary.kind);
         span.record("namespace", summary.namespace);
-        span.record("name", summary.name.as_str());
+        span.record("object", summary.name.as_str());
         span.record("operation", operation_label(summary.operation));
         span.record("dry_run", summary.dry_run);
         let operation = operation_of(summary.operation);
