@@ -246,6 +246,46 @@ async fn a_tls_node_waits_for_its_secret_then_runs_as_soon_as_it_appears() {
     wait_event(&client, &ns, "SidecarTLSSecretReady").await;
 
     let running = bring_to_running(&client, &api, &ns, "rpc").await;
+    // What Flux, Argo CD and scripts wait on: `kubectl wait --for=condition=Ready` returns, and
+    // kstatus's rule for a custom resource holds (status.observedGeneration is the generation,
+    // and so is the Ready condition's).
+    let waited = common::control_plane()
+        .kubectl()
+        .args([
+            "wait",
+            "--for=condition=Ready",
+            "snode/rpc",
+            "-n",
+            &ns,
+            "--timeout=120s",
+        ])
+        .output()
+        .expect("run kubectl");
+    assert!(
+        waited.status.success(),
+        "kubectl wait: {}{}",
+        String::from_utf8_lossy(&waited.stdout),
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    let ready_node = api.get("rpc").await.unwrap();
+    let generation = ready_node.metadata.generation;
+    let ready_status = ready_node.status.clone().unwrap();
+    assert_eq!(ready_status.observed_generation, generation);
+    let ready = ready_status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")
+        .expect("a Ready condition");
+    assert_eq!(
+        (
+            ready.status.as_str(),
+            ready.reason.as_str(),
+            ready.observed_generation
+        ),
+        ("True", "NodeReady", generation),
+        "{ready:?}"
+    );
     let status = running.status.unwrap();
     assert_eq!(
         status.current_image.as_deref(),

@@ -571,6 +571,9 @@ async fn kubectl_get_snode_shows_the_printer_columns() {
         }, {
             "type": "SidecarReady", "status": "False", "reason": "SidecarStarting",
             "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"
+        }, {
+            "type": "Ready", "status": "False", "reason": "TLSSecretNotReady",
+            "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"
         }]
     }});
     api.patch_status("tls", &PatchParams::default(), &Patch::Merge(&status))
@@ -607,14 +610,17 @@ async fn kubectl_get_snode_shows_the_printer_columns() {
     let (header, row, text) = get(&["get", "snode", "-n", &ns]);
     assert_eq!(
         header,
-        ["NAME", "PHASE", "TLS", "SECRET", "TLS", "SIDECAR", "AGE"],
+        [
+            "NAME", "PHASE", "READY", "TLS", "SECRET", "TLS", "SIDECAR", "AGE"
+        ],
         "{text}"
     );
     assert_eq!(
-        &row[..5],
+        &row[..6],
         [
             "tls",
             "Pending",
+            "False",
             "tls-secret",
             "TLSSecretNotFound",
             "SidecarStarting"
@@ -623,9 +629,9 @@ async fn kubectl_get_snode_shows_the_printer_columns() {
     );
     // -o wide adds the image and the TLS condition's message.
     let (header, row, text) = get(&["get", "snode", "-n", &ns, "-o", "wide"]);
-    assert_eq!(&header[7..], ["IMAGE", "MESSAGE"], "{text}");
+    assert_eq!(&header[8..], ["IMAGE", "MESSAGE"], "{text}");
     assert_eq!(
-        &row[6..],
+        &row[7..],
         ["ghcr.io/sei-protocol/sei:v6.3.0", "create-the-Secret"],
         "{text}"
     );

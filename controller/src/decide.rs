@@ -16,7 +16,7 @@ use seinode_tls_crds::{
 use crate::events::NodeEvent;
 use crate::plan::{Gate, Task, desired_plan, gate, next_task, repair_plan};
 use crate::sidecar::ProbeResult;
-use crate::status::{SIDECAR_READY, condition, flipped, remove_condition, set_condition};
+use crate::status::{READY, SIDECAR_READY, condition, flipped, remove_condition, set_condition};
 
 /// Safety-net resync of every node (all real triggers are watches).
 pub const RESYNC: Duration = Duration::from_secs(600);
@@ -289,6 +289,19 @@ pub fn decide(
     if status.phase == Some(SeiNodePhase::Running) && settled {
         decision.requeue = decision.requeue.min(settings.sidecar_probe_interval);
     }
+
+    // 4. Ready: the one condition the ecosystem reads (kstatus, Flux, Argo CD, `kubectl wait`).
+    let (ready, reason, message) = readiness(status, &conditions, tls.is_some(), settled);
+    let new = condition(
+        READY,
+        ready,
+        reason,
+        &message,
+        generation,
+        find(&conditions, READY),
+        now,
+    );
+    set_condition(&mut conditions, new);
     status.conditions = (!conditions.is_empty()).then_some(conditions);
 
     // 4. A new process tells again what a killed one may have decided but not told.
@@ -296,6 +309,60 @@ pub fn decide(
         reassert(&mut decision, now);
     }
     decision
+}
+
+/// The `Ready` condition of a node: True when it is Running with no plan in progress and, with
+/// TLS, its Secret meets the contract, and its sidecar (once reported) is ready. The first of
+/// these that fails is the reason; the message says where to look. Messages hold no time, so an
+/// unchanged node writes nothing.
+fn readiness(
+    status: &SeiNodeStatus,
+    conditions: &[Condition],
+    tls: bool,
+    settled: bool,
+) -> (bool, &'static str, String) {
+    let tls_condition = find(conditions, SIDECAR_TLS_SECRET_READY);
+    if tls && tls_condition.is_none_or(|c| c.status != "True") {
+        let reason = tls_condition.map_or("not judged yet", |c| c.reason.as_str());
+        return (
+            false,
+            "TLSSecretNotReady",
+            format!(
+                "the node's TLS Secret does not meet the contract ({reason}); see condition SidecarTLSSecretReady"
+            ),
+        );
+    }
+    let phase = status.phase.unwrap_or(SeiNodePhase::Pending);
+    if phase != SeiNodePhase::Running {
+        let plan = status.plan.as_ref().map_or(String::new(), |p| {
+            format!("; plan {} is {:?}", p.id, p.phase)
+        });
+        return (false, "NotRunning", format!("the node is {phase:?}{plan}"));
+    }
+    if !settled {
+        let plan = status.plan.as_ref().map_or("", |p| p.id.as_str());
+        return (
+            false,
+            "PlanInProgress",
+            format!("plan {plan} is in progress; see status.plan"),
+        );
+    }
+    if let Some(sidecar) = find(conditions, SIDECAR_READY).filter(|c| c.status != "True") {
+        return (
+            false,
+            "SidecarNotReady",
+            format!(
+                "the sidecar is not ready ({}); see condition SidecarReady",
+                sidecar.reason
+            ),
+        );
+    }
+    let what = if tls {
+        "Running, its TLS Secret meets the contract and its sidecar is ready"
+    } else {
+        "Running and its sidecar is ready"
+    };
+    (true, "NodeReady", what.to_owned())
 }
 
 /// Sets `SidecarReady` to `(ok, reason)` with `message`, with an event when it flips (on its
@@ -1193,5 +1260,101 @@ pub(crate) mod tests {
             now(),
         );
         assert!(again.events.is_empty(), "no flip, no event");
+    }
+
+    /// `Ready` summarises the node, naming the first thing that keeps it from being ready, and
+    /// carries the node's generation (what `kubectl wait` and kstatus compare).
+    #[test]
+    fn ready_says_whether_the_node_serves_and_if_not_the_first_reason() {
+        let ready_of = |decision: &Decision| {
+            let ready = condition_of(&decision.status, READY);
+            assert_eq!(
+                ready.observed_generation,
+                node("sei:v1", 1).metadata.generation
+            );
+            (
+                ready.status.clone(),
+                ready.reason.clone(),
+                ready.message.clone(),
+            )
+        };
+        let new = |reason| {
+            decide(
+                &node("sei:v1", 1),
+                &SeiNodeStatus::default(),
+                &observed(reason),
+                &settings(),
+                now(),
+            )
+        };
+        let (status, reason, message) = ready_of(&new(Reason::NotFound));
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "TLSSecretNotReady")
+        );
+        assert!(message.contains("TLSSecretNotFound"), "{message}");
+        let (status, reason, message) = ready_of(&new(Reason::Ready));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "NotRunning"));
+        assert!(message.contains("Pending"), "{message}");
+
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        seen.probe = Some(ProbeResult::Healthy("ok".to_owned()));
+        let serving = decide(&node("sei:v1", 1), &running(), &seen, &settings(), now());
+        let (status, reason, _) = ready_of(&serving);
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "NodeReady"));
+        // Unchanged, it writes the same condition (no time in the message, same transition).
+        let again = decide(
+            &node("sei:v1", 1),
+            &serving.status,
+            &seen,
+            &settings(),
+            at(NOW + 60),
+        );
+        assert_eq!(
+            condition_of(&again.status, READY),
+            condition_of(&serving.status, READY)
+        );
+
+        seen.probe = Some(ProbeResult::Unreachable("refused".to_owned()));
+        let (status, reason, message) = ready_of(&decide(
+            &node("sei:v1", 1),
+            &running(),
+            &seen,
+            &settings(),
+            now(),
+        ));
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "SidecarNotReady")
+        );
+        assert!(message.contains("SidecarUnreachable"), "{message}");
+
+        seen.probe = None;
+        let updating = decide(&node("sei:v2", 2), &running(), &seen, &settings(), now());
+        let ready = condition_of(&updating.status, READY);
+        assert_eq!(
+            (
+                ready.status.as_str(),
+                ready.reason.as_str(),
+                ready.observed_generation
+            ),
+            ("False", "PlanInProgress", Some(2))
+        );
+        assert!(ready.message.contains("update-2"), "{}", ready.message);
+
+        let mut expired = observed(Reason::Expired);
+        expired.objects = current();
+        let (status, reason, _) = ready_of(&decide(
+            &node("sei:v1", 1),
+            &running(),
+            &expired,
+            &settings(),
+            now(),
+        ));
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "TLSSecretNotReady")
+        );
     }
 }

@@ -7,6 +7,8 @@ use seinode_tls_crds::validation::SecretVerdict;
 
 /// Condition type reporting whether the sidecar answers through its front door.
 pub const SIDECAR_READY: &str = "SidecarReady";
+/// Condition type summarising the node for kstatus, Flux, Argo CD and `kubectl wait`.
+pub const READY: &str = "Ready";
 
 /// A condition of `type_`. `lastTransitionTime` is kept from `existing` unless the status flips;
 /// `observedGeneration` is the node's generation.

@@ -45,6 +45,7 @@ pub const TLS_IMMUTABLE_MESSAGE: &str = "TLS is fixed when a SeiNode is created:
     doc = "SeiNode is a standalone Sei blockchain node, optionally with TLS on its sidecar API.",
     status = "SeiNodeStatus",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"TLS Secret","type":"string","jsonPath":".spec.sidecar.tls.secretName"}"#,
     printcolumn = r#"{"name":"TLS","type":"string","jsonPath":".status.conditions[?(@.type==\"SidecarTLSSecretReady\")].reason"}"#,
     printcolumn = r#"{"name":"Sidecar","type":"string","jsonPath":".status.conditions[?(@.type==\"SidecarReady\")].reason"}"#,
