@@ -984,6 +984,7 @@ async fn decide_one(
         sidecar_tls: Some(SidecarTlsStatus {
             secret_name: secret_name.clone(),
             required_dns_names: required_dns_names(&name, &namespace, DEFAULT_CLUSTER_DOMAIN),
+            not_after: None,
         }),
         conditions: Some(vec![Condition {
             type_: SIDECAR_TLS_SECRET_READY.to_owned(),

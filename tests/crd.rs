@@ -565,6 +565,11 @@ async fn kubectl_get_snode_shows_the_printer_columns() {
     create(&api, &node("tls", Some(tls("tls-secret")))).await;
     let status = json!({"status": {
         "phase": "Pending",
+        "sidecarTLS": {
+            "secretName": "tls-secret",
+            "requiredDNSNames": ["tls.x.svc.cluster.local"],
+            "notAfter": "2099-01-01T00:00:00Z"
+        },
         "conditions": [{
             "type": "SidecarTLSSecretReady", "status": "False", "reason": "TLSSecretNotFound",
             "message": "create-the-Secret", "lastTransitionTime": "2026-01-01T00:00:00Z"
@@ -629,12 +634,11 @@ async fn kubectl_get_snode_shows_the_printer_columns() {
     );
     // -o wide adds the image and the TLS condition's message.
     let (header, row, text) = get(&["get", "snode", "-n", &ns, "-o", "wide"]);
-    assert_eq!(&header[8..], ["IMAGE", "MESSAGE"], "{text}");
-    assert_eq!(
-        &row[7..],
-        ["ghcr.io/sei-protocol/sei:v6.3.0", "create-the-Secret"],
-        "{text}"
-    );
+    assert_eq!(&header[8..], ["IMAGE", "EXPIRES", "MESSAGE"], "{text}");
+    // Expires is the timestamp itself (a date column would print "<invalid>" for the future).
+    assert_eq!(row[7], "ghcr.io/sei-protocol/sei:v6.3.0", "{text}");
+    assert_eq!(row[8], "2099-01-01T00:00:00Z", "{text}");
+    assert_eq!(row[9], "create-the-Secret", "{text}");
     // The category: `kubectl get sei` lists SeiNodes (prefixed with their kind when another
     // resource joins the category).
     let (_, row, text) = get(&["get", "sei", "-n", &ns]);

@@ -16,7 +16,9 @@ use seinode_tls_crds::{
 use crate::events::NodeEvent;
 use crate::plan::{Gate, Task, desired_plan, gate, next_task, repair_plan};
 use crate::sidecar::ProbeResult;
-use crate::status::{READY, SIDECAR_READY, condition, flipped, remove_condition, set_condition};
+use crate::status::{
+    READY, SIDECAR_READY, condition, flipped, remove_condition, set_condition, tls_condition,
+};
 
 /// Safety-net resync of every node (all real triggers are watches).
 pub const RESYNC: Duration = Duration::from_secs(600);
@@ -159,17 +161,10 @@ pub fn decide(
             status.sidecar_tls = Some(SidecarTlsStatus {
                 secret_name: tls.secret_name.clone(),
                 required_dns_names: required_dns_names(name, namespace, &settings.cluster_domain),
+                not_after: verdict.not_after.map(Time),
             });
             let existing = find(&conditions, SIDECAR_TLS_SECRET_READY);
-            let new = condition(
-                SIDECAR_TLS_SECRET_READY,
-                verdict.is_ready(),
-                verdict.reason.as_str(),
-                &verdict.message,
-                generation,
-                existing,
-                now,
-            );
+            let new = tls_condition(verdict, generation, existing, now);
             if flipped(existing, &new) {
                 decision
                     .events
@@ -1356,5 +1351,43 @@ pub(crate) mod tests {
             (status.as_str(), reason.as_str()),
             ("False", "TLSSecretNotReady")
         );
+    }
+
+    /// The contract in the status carries the certificate's expiry (the Expires column), and
+    /// the condition of a Secret that could not be read is Unknown, not False.
+    #[test]
+    fn the_status_carries_the_expiry_and_an_unreadable_secret_is_unknown() {
+        let ready = first_status(Reason::Ready);
+        assert_eq!(
+            ready.sidecar_tls.as_ref().and_then(|t| t.not_after.clone()),
+            Some(Time(at(NOW + 90 * 24 * 3600)))
+        );
+        let unreadable = decide(
+            &node("sei:v1", 1),
+            &SeiNodeStatus::default(),
+            &Observed {
+                leading: true,
+                verdict: Some(verdict(Reason::Unavailable, None)),
+                ..Observed::default()
+            },
+            &settings(),
+            now(),
+        );
+        let tls = condition_of(&unreadable.status, SIDECAR_TLS_SECRET_READY);
+        assert_eq!(
+            (tls.status.as_str(), tls.reason.as_str()),
+            ("Unknown", "TLSSecretUnavailable")
+        );
+        assert_eq!(
+            unreadable
+                .status
+                .sidecar_tls
+                .as_ref()
+                .and_then(|t| t.not_after.clone()),
+            None
+        );
+        // Not ready, and the plan stays gated.
+        assert_eq!(condition_of(&unreadable.status, READY).status, "False");
+        assert_eq!(unreadable.task, None);
     }
 }

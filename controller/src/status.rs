@@ -3,25 +3,54 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use seinode_tls_crds::SIDECAR_TLS_SECRET_READY;
-use seinode_tls_crds::validation::SecretVerdict;
+use seinode_tls_crds::validation::{Reason, SecretVerdict};
 
 /// Condition type reporting whether the sidecar answers through its front door.
 pub const SIDECAR_READY: &str = "SidecarReady";
 /// Condition type summarising the node for kstatus, Flux, Argo CD and `kubectl wait`.
 pub const READY: &str = "Ready";
 
+/// A condition's status, as Kubernetes defines them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+    /// Not known right now (the controller could not find out): neither a yes nor a no.
+    Unknown,
+}
+
+impl ConditionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionStatus::True => "True",
+            ConditionStatus::False => "False",
+            ConditionStatus::Unknown => "Unknown",
+        }
+    }
+}
+
+impl From<bool> for ConditionStatus {
+    fn from(ok: bool) -> Self {
+        if ok {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        }
+    }
+}
+
 /// A condition of `type_`. `lastTransitionTime` is kept from `existing` unless the status flips;
 /// `observedGeneration` is the node's generation.
 pub fn condition(
     type_: &str,
-    ok: bool,
+    status: impl Into<ConditionStatus>,
     reason: &str,
     message: &str,
     generation: Option<i64>,
     existing: Option<&Condition>,
     now: Timestamp,
 ) -> Condition {
-    let status = if ok { "True" } else { "False" };
+    let status = status.into().as_str();
     let last_transition_time = match existing {
         Some(existing) if existing.status == status => existing.last_transition_time.clone(),
         _ => Time(now),
@@ -36,7 +65,8 @@ pub fn condition(
     }
 }
 
-/// The `SidecarTLSSecretReady` condition for `verdict`.
+/// The `SidecarTLSSecretReady` condition for `verdict`: True when ready, Unknown while the
+/// Secret cannot be read (a transient state, not a verdict on the Secret), else False.
 pub fn tls_condition(
     verdict: &SecretVerdict,
     generation: Option<i64>,
@@ -44,9 +74,14 @@ pub fn tls_condition(
     now: Timestamp,
 ) -> Condition {
     let (reason, message) = (verdict.reason.as_str(), verdict.message.as_str());
+    let status = match verdict.reason {
+        Reason::Ready => ConditionStatus::True,
+        Reason::Unavailable => ConditionStatus::Unknown,
+        _ => ConditionStatus::False,
+    };
     condition(
         SIDECAR_TLS_SECRET_READY,
-        verdict.is_ready(),
+        status,
         reason,
         message,
         generation,
@@ -55,9 +90,11 @@ pub fn tls_condition(
     )
 }
 
-/// Whether going from `existing` to `new` is a flip worth an event (including first report).
+/// Whether going from `existing` to `new` is a flip worth an event (including first report):
+/// ready or not. False and Unknown are both "not ready", so a transient read failure of a
+/// Secret that was already failing tells nobody anything new.
 pub fn flipped(existing: Option<&Condition>, new: &Condition) -> bool {
-    existing.is_none_or(|existing| existing.status != new.status)
+    existing.is_none_or(|existing| (existing.status == "True") != (new.status == "True"))
 }
 
 /// Replaces the condition of `condition.type_` in `conditions`, keeping the others.
@@ -76,7 +113,6 @@ pub fn remove_condition(conditions: &mut Vec<Condition>, type_: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use seinode_tls_crds::validation::Reason;
 
     fn verdict(reason: Reason) -> SecretVerdict {
         SecretVerdict {
@@ -101,9 +137,15 @@ mod tests {
         assert_eq!(ready.observed_generation, Some(2));
         for reason in Reason::ALL.into_iter().filter(|r| !r.is_ready()) {
             let c = tls_condition(&verdict(reason), Some(2), None, at(10));
+            // A Secret that cannot be read is not known to be bad.
+            let status = if reason == Reason::Unavailable {
+                "Unknown"
+            } else {
+                "False"
+            };
             assert_eq!(
                 (c.status.as_str(), c.reason.as_str()),
-                ("False", reason.as_str())
+                (status, reason.as_str())
             );
             assert_eq!(c.message, format!("{reason} message"));
         }
@@ -128,6 +170,18 @@ mod tests {
         assert_eq!(third.last_transition_time, Time(at(30)));
         assert!(flipped(Some(&second), &third));
         assert!(flipped(None, &first), "the first report counts as a flip");
+        // False -> Unknown (a read failed): the time moves, as the status did, but nobody is
+        // told: the node was not ready and still is not.
+        let unknown = tls_condition(
+            &verdict(Reason::Unavailable),
+            Some(1),
+            Some(&second),
+            at(40),
+        );
+        assert_eq!(unknown.status, "Unknown");
+        assert_eq!(unknown.last_transition_time, Time(at(40)));
+        assert!(!flipped(Some(&second), &unknown));
+        assert!(flipped(Some(&third), &unknown), "True -> Unknown is news");
     }
 
     #[test]

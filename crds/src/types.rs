@@ -51,6 +51,7 @@ pub const TLS_IMMUTABLE_MESSAGE: &str = "TLS is fixed when a SeiNode is created:
     printcolumn = r#"{"name":"Sidecar","type":"string","jsonPath":".status.conditions[?(@.type==\"SidecarReady\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Image","type":"string","priority":1,"jsonPath":".spec.image"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","priority":1,"jsonPath":".status.sidecarTLS.notAfter"}"#,
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"SidecarTLSSecretReady\")].message"}"#
 )]
 #[x_kube(
@@ -289,6 +290,10 @@ pub struct SidecarTlsStatus {
     /// RequiredDNSNames is the list of DNS names the certificate in the Secret must cover.
     #[serde(rename = "requiredDNSNames")]
     pub required_dns_names: Vec<String>,
+    /// NotAfter is when the Secret's leaf certificate expires (the last valid second), when the
+    /// Secret could be read and parsed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Time>,
 }
 
 /// The state of a task plan.
