@@ -912,17 +912,6 @@ fn the_charts_webhooks_match_the_registration_code() {
 /// serving certificate fires when it should, with the labels and text it should, and only then.
 #[test]
 fn the_serving_certificate_alerts_fire_as_promtool_evaluates_them() {
-    let rendered = render(&[
-        "--set".to_owned(),
-        "monitoring.prometheusRule.enabled=true".to_owned(),
-    ]);
-    let rule = documents_of(&rendered, &["PrometheusRule"]);
-    let rule: serde_json::Value =
-        serde_saphyr::from_str(rule.trim_start_matches("---")).expect("the PrometheusRule is YAML");
-    let dir = common::scratch_path("promtool");
-    std::fs::create_dir_all(&dir).unwrap();
-    // JSON is YAML: the rule's spec is a rule file as it is.
-    std::fs::write(dir.join("rules.json"), rule["spec"].to_string()).unwrap();
     let ns = RELEASE_NS;
     let series = |name: &str, pod: &str, extra: &str, values: &str| {
         format!(
@@ -1001,8 +990,25 @@ fn the_serving_certificate_alerts_fire_as_promtool_evaluates_them() {
             tests += &format!("        exp_alerts:\n{expected}");
         }
     }
-    std::fs::write(dir.join("tests.yaml"), &tests).unwrap();
+    promtool_test_rules("promtool", &tests);
+}
 
+/// Runs `promtool test rules` with `tests` (a promtool test file naming `rules.json`) over the
+/// chart's rendered PrometheusRule, in a scratch directory `name`; panics with promtool's
+/// output when a test fails.
+fn promtool_test_rules(name: &str, tests: &str) {
+    let rendered = render(&[
+        "--set".to_owned(),
+        "monitoring.prometheusRule.enabled=true".to_owned(),
+    ]);
+    let rule = documents_of(&rendered, &["PrometheusRule"]);
+    let rule: serde_json::Value =
+        serde_saphyr::from_str(rule.trim_start_matches("---")).expect("the PrometheusRule is YAML");
+    let dir = common::scratch_path(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    // JSON is YAML: the rule's spec is a rule file as it is.
+    std::fs::write(dir.join("rules.json"), rule["spec"].to_string()).unwrap();
+    std::fs::write(dir.join("tests.yaml"), tests).unwrap();
     let promtool = seinode_tls_devcluster::control_plane::promtool().expect("build promtool");
     let out = std::process::Command::new(promtool)
         .args(["test", "rules", "tests.yaml"])
@@ -1163,16 +1169,6 @@ fn the_budget_never_blocks_a_drain_and_the_monitors_keep_the_nodes_namespace() {
 /// node's. promtool evaluates the rendered rules over such series.
 #[test]
 fn the_per_node_alerts_name_the_nodes_namespace() {
-    let rendered = render(&[
-        "--set".to_owned(),
-        "monitoring.prometheusRule.enabled=true".to_owned(),
-    ]);
-    let rule = documents_of(&rendered, &["PrometheusRule"]);
-    let rule: serde_json::Value =
-        serde_saphyr::from_str(rule.trim_start_matches("---")).expect("the PrometheusRule is YAML");
-    let dir = common::scratch_path("promtool-nodes");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("rules.json"), rule["spec"].to_string()).unwrap();
     // The leader pod in the release's namespace exports a series about node sei-arctic/rpc; with
     // honorLabels the stored series keeps namespace="sei-arctic" (the pod's is lost), and the
     // job and instance labels the scrape adds.
@@ -1192,18 +1188,5 @@ fn the_per_node_alerts_name_the_nodes_namespace() {
          \x20             summary: \"A SeiNode's sidecar certificate expires soon\"\n\
          \x20             description: \"The certificate of SeiNode sei-arctic/rpc expires in 5d 0h 0m 0s.\"\n"
     );
-    std::fs::write(dir.join("tests.yaml"), &tests).unwrap();
-    let promtool = seinode_tls_devcluster::control_plane::promtool().expect("build promtool");
-    let out = std::process::Command::new(promtool)
-        .args(["test", "rules", "tests.yaml"])
-        .current_dir(&dir)
-        .output()
-        .expect("run promtool");
-    assert!(
-        out.status.success(),
-        "promtool test rules failed:\n{}{}\ntests.yaml:\n{tests}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    std::fs::remove_dir_all(&dir).unwrap();
+    promtool_test_rules("promtool-nodes", &tests);
 }
