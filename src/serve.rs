@@ -58,7 +58,7 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
         let health = tokio::spawn(seinode_tls_webhook::server::serve_health(
             listener,
             health_router(|| Ok(()), Arc::new(registry)),
-            seinode_tls_webhook::server::HealthLimits::default(),
+            seinode_tls_webhook::server::HEALTH_LIMITS,
             shutdown.clone(),
         ));
         controller.run(clients, shutdown).await?;

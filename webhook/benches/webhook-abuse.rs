@@ -58,7 +58,7 @@ use seinode_tls_crds::validation::TLS_SECRET_TYPE;
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use seinode_tls_webhook::cache::{NodeCache, SecretCache};
 use seinode_tls_webhook::server::{
-    AdmissionState, HealthLimits, MAX_SECRET_REVIEW_BYTES, VALIDATE_SECRETS_PATH,
+    AdmissionState, HEALTH_LIMITS, MAX_SECRET_REVIEW_BYTES, VALIDATE_SECRETS_PATH,
     VALIDATE_SEINODES_PATH,
 };
 use seinode_tls_webhook::{Webhook, WebhookConfig};
@@ -1871,7 +1871,7 @@ fn print_setup(
     seinode: usize,
 ) {
     let config = webhook_config(&pki.dir.path, args.idle_timeout);
-    let health = HealthLimits::default();
+    let health = HEALTH_LIMITS;
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!(
         "webhook-abuse: the webhook in process {} (HTTPS {}, health {}) on {cores} cores; load average {}",

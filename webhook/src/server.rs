@@ -153,54 +153,23 @@ fn admission_router_with(state: Arc<AdmissionState>, extra: Router<Arc<Admission
 
 /// What one client can hold of the health port, which sits in the Service and answers anyone
 /// who reaches the pod: the kubelet's probes and a Prometheus scrape need a few connections and
-/// send their request at once.
-#[derive(Debug, Clone, Copy)]
-pub struct HealthLimits {
-    /// Open connections; over it a new one is closed at once.
-    pub max_connections: usize,
-    /// Open connections from one address.
-    pub max_per_source: usize,
-    /// A connection with no request for this long is closed (keep-alive between scrapes
-    /// included), and so is one on which no byte moves for this long.
-    pub idle_timeout: Duration,
-    /// The first request must begin within this, and its head arrive within the idle timeout.
-    pub first_request_timeout: Duration,
-    /// A connection is closed at this age (after its next response).
-    pub max_age: Duration,
-}
-
-impl Default for HealthLimits {
-    fn default() -> Self {
-        Self {
-            max_connections: 64,
-            max_per_source: 16,
-            idle_timeout: Duration::from_secs(30),
-            first_request_timeout: Duration::from_secs(5),
-            max_age: Duration::from_secs(300),
-        }
-    }
-}
-
-impl HealthLimits {
-    fn connection_limits(self) -> ConnectionLimits {
-        ConnectionLimits {
-            max_connections: self.max_connections,
-            max_per_source: self.max_per_source,
-            idle_timeout: self.idle_timeout,
-            max_age: self.max_age,
-            handshake_timeout: self.first_request_timeout,
-            first_request_timeout: self.first_request_timeout,
-            max_streams: 4,
-        }
-    }
-}
+/// send their request at once. Every request counts as use; there is no TLS.
+pub const HEALTH_LIMITS: ConnectionLimits = ConnectionLimits {
+    max_connections: 64,
+    max_per_source: 16,
+    idle_timeout: Duration::from_secs(30),
+    max_age: Duration::from_secs(300),
+    handshake_timeout: Duration::from_secs(5),
+    first_request_timeout: Duration::from_secs(5),
+    max_streams: 4,
+};
 
 /// Serves `router` (the health router) on `listener` in plain HTTP within `limits`, until
 /// `shutdown` resolves; then lets requests in flight finish. Every request counts as use.
 pub async fn serve_health(
     listener: tokio::net::TcpListener,
     router: Router,
-    limits: HealthLimits,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = router.layer(axum::middleware::map_request(
@@ -213,7 +182,7 @@ pub async fn serve_health(
         listener,
         router,
         tls: None,
-        limits: limits.connection_limits(),
+        limits,
         counters: ConnectionCounters::default(),
     };
     serve(port, shutdown, Duration::from_secs(5)).await
@@ -591,7 +560,7 @@ impl Webhook {
         let health = tokio::spawn(serve_health(
             health_listener,
             health_router(move || state.readiness(), registry),
-            HealthLimits::default(),
+            HEALTH_LIMITS,
             async move {
                 let _ = health_stopped.await;
             },
@@ -649,11 +618,11 @@ mod tests {
     async fn the_health_port_closes_stalled_connections_and_caps_them() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let limits = HealthLimits {
+        let limits = ConnectionLimits {
             max_connections: 2,
             idle_timeout: Duration::from_millis(300),
             first_request_timeout: Duration::from_millis(200),
-            ..HealthLimits::default()
+            ..HEALTH_LIMITS
         };
         let registry = Arc::new(Registry::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
