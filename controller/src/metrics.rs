@@ -1,9 +1,10 @@
 //! Prometheus metrics of the controller.
 //!
-//! Reconcile counters carry only fixed label sets. The per-node TLS figures are computed at
-//! scrape time from what the last reconcile of each node found, so "seconds until expiry" is
-//! exact whenever it is read; they carry the node's namespace and name (a bounded set: one
-//! series per TLS node, dropped when the node goes).
+//! Reconcile counters carry only fixed label sets. The per-node TLS figures are encoded at scrape
+//! time from what the last reconcile of each node found; they carry the node's namespace and name
+//! (a bounded set: one series per TLS node, dropped when the node goes). A certificate's expiry
+//! is its absolute notAfter, like the webhook's own serving certificate's, so an alert computes
+//! "expires within" with `time()` and one threshold.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -101,8 +102,7 @@ impl Collector for TlsCollector {
                     .set(0);
             }
         }
-        let expiry = Family::<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        let now = Timestamp::now();
+        let not_afters = Family::<NodeLabels, Gauge>::default();
         for ((namespace, seinode), tls) in &nodes {
             by_reason
                 .get_or_create(&ReasonLabels {
@@ -111,13 +111,12 @@ impl Collector for TlsCollector {
                 })
                 .inc();
             if let Some(not_after) = tls.not_after {
-                let seconds = not_after.duration_since(now).as_secs_f64();
-                expiry
+                not_afters
                     .get_or_create(&NodeLabels {
                         namespace: namespace.clone(),
                         seinode: seinode.clone(),
                     })
-                    .set(seconds);
+                    .set(not_after.as_second());
             }
         }
         let metric = encoder.encode_descriptor(
@@ -128,12 +127,12 @@ impl Collector for TlsCollector {
         )?;
         by_reason.encode(metric)?;
         let metric = encoder.encode_descriptor(
-            "controller_tls_certificate_expiry_seconds",
-            "Seconds until the certificate in each TLS SeiNode's Secret expires (negative once expired)",
+            "controller_tls_certificate_not_after_timestamp_seconds",
+            "notAfter of the certificate in each TLS SeiNode's Secret, in seconds since the Unix epoch",
             None,
-            <Gauge<f64, std::sync::atomic::AtomicU64> as TypedMetric>::TYPE,
+            <Gauge as TypedMetric>::TYPE,
         )?;
-        expiry.encode(metric)
+        not_afters.encode(metric)
     }
 }
 
@@ -163,6 +162,11 @@ impl ControllerMetrics {
             "Reconciles of SeiNodes by outcome",
             reconciles.clone(),
         );
+        // Every family exports from the start (a dashboard shows 0, not "no data"), and the
+        // series an alert takes `rate()` of exist before their first increment.
+        for outcome in [ReconcileOutcome::success, ReconcileOutcome::error] {
+            let _series = reconciles.get_or_create(&OutcomeLabels { outcome });
+        }
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register(
             "controller_reconcile_duration_seconds",
@@ -175,6 +179,9 @@ impl ControllerMetrics {
             "Probes of sidecars through their front door, by result",
             probes.clone(),
         );
+        for result in crate::sidecar::ProbeResult::REASONS {
+            let _series = probes.get_or_create(&ProbeLabels { result });
+        }
         let secret_reads = Counter::default();
         registry.register(
             "controller_secret_reads",
@@ -205,7 +212,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn per_node_expiry_and_reason_counts_are_computed_at_scrape_time() {
+    fn per_node_not_after_and_reason_counts_are_encoded_at_scrape_time() {
         let mut registry = Registry::with_prefix("seinode_tls");
         let metrics = ControllerMetrics::register(&mut registry);
         let in_a_day = Timestamp::now() + jiff::SignedDuration::from_hours(24);
@@ -247,16 +254,11 @@ mod tests {
             ),
             "{text}"
         );
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(r#"seinode_tls_controller_tls_certificate_expiry_seconds{namespace="sei",seinode="rpc"}"#))
-            .unwrap_or_else(|| panic!("{text}"));
-        let seconds: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .expect("a number");
-        assert!((86_000.0..=86_400.0).contains(&seconds), "{seconds}");
+        let line = format!(
+            r#"seinode_tls_controller_tls_certificate_not_after_timestamp_seconds{{namespace="sei",seinode="rpc"}} {}"#,
+            in_a_day.as_second()
+        );
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         assert!(
             !text.contains(r#"seinode="archive""#),
             "no certificate, no expiry series"

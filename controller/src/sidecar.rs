@@ -138,6 +138,17 @@ pub enum ProbeResult {
 }
 
 impl ProbeResult {
+    /// Every [`ProbeResult::reason`].
+    pub const REASONS: [&'static str; 7] = [
+        "SidecarHealthy",
+        "SidecarUnreachable",
+        "SidecarTLSHandshakeFailed",
+        "SidecarCertificateMismatch",
+        "SidecarNotMarkedReady",
+        "SidecarUnhealthy",
+        "SidecarNotProbed",
+    ];
+
     pub fn reason(&self) -> &'static str {
         match self {
             ProbeResult::Healthy(_) => "SidecarHealthy",
@@ -824,6 +835,25 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    /// The metric's pre-created series are exactly the reasons a probe can end in.
+    #[test]
+    fn every_probe_reason_is_listed_once() {
+        let m = String::new;
+        let reasons: Vec<&str> = [
+            ProbeResult::Healthy(m()),
+            ProbeResult::Unreachable(m()),
+            ProbeResult::HandshakeFailed(m()),
+            ProbeResult::CertificateMismatch(m()),
+            ProbeResult::NotMarkedReady(m()),
+            ProbeResult::Unhealthy(m()),
+            ProbeResult::NotProbed(m()),
+        ]
+        .iter()
+        .map(ProbeResult::reason)
+        .collect();
+        assert_eq!(reasons, ProbeResult::REASONS);
+    }
 
     #[test]
     fn task_ids_are_uuids_stable_per_pod_and_task() {

@@ -19,6 +19,14 @@ pub enum WebhookLabel {
     validate_secrets,
 }
 
+impl WebhookLabel {
+    pub const ALL: [WebhookLabel; 3] = [
+        WebhookLabel::validate_seinodes,
+        WebhookLabel::mutate_seinodes,
+        WebhookLabel::validate_secrets,
+    ];
+}
+
 impl From<WebhookKind> for WebhookLabel {
     fn from(kind: WebhookKind) -> Self {
         match kind {
@@ -100,6 +108,9 @@ pub struct WebhookMetrics {
     pub secret_reads: Family<SecretReadLabels, Counter>,
 }
 
+/// The results of an on-demand Secret read.
+pub const SECRET_READ_RESULTS: [&str; 3] = ["read", "not_found", "failed"];
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct SecretReadLabels {
     pub result: &'static str,
@@ -125,6 +136,15 @@ impl WebhookMetrics {
             "Admission requests by webhook, operation and outcome",
             requests.clone(),
         );
+        // Every family exports from the start (a dashboard shows 0, not "no data"), and the
+        // series an alert takes `rate()` of exist before their first increment, so it sees it.
+        for webhook in WebhookLabel::ALL {
+            let _series = requests.get_or_create(&RequestLabels {
+                webhook,
+                operation: OperationLabel::unknown,
+                outcome: OutcomeLabel::bad_request,
+            });
+        }
         let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
             // 50 µs to about 1.6 s.
             Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
@@ -134,6 +154,9 @@ impl WebhookMetrics {
             "Time from receiving an admission request to answering it",
             latency.clone(),
         );
+        for webhook in WebhookLabel::ALL {
+            let _series = latency.get_or_create(&LatencyLabels { webhook });
+        }
         let serving_cert_not_after = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "webhook_serving_certificate_not_after_timestamp_seconds",
@@ -204,6 +227,9 @@ impl WebhookMetrics {
             "On-demand reads of a Secret named by a new SeiNode, by result (read, not_found, failed)",
             secret_reads.clone(),
         );
+        for result in SECRET_READ_RESULTS {
+            let _series = secret_reads.get_or_create(&SecretReadLabels { result });
+        }
         Self {
             requests,
             latency,
@@ -221,7 +247,9 @@ impl WebhookMetrics {
         }
     }
 
+    /// Counts a read; `result` is one of [`SECRET_READ_RESULTS`].
     pub fn count_secret_read(&self, result: &'static str) {
+        debug_assert!(SECRET_READ_RESULTS.contains(&result), "{result}");
         self.secret_reads
             .get_or_create(&SecretReadLabels { result })
             .inc();
