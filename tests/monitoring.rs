@@ -561,22 +561,6 @@ fn every_alert_has_a_runbook_section_and_a_promtool_test() {
     }
 }
 
-/// Metric names in a PromQL expression (every metric this project exports starts with the
-/// binary's prefix).
-pub fn metric_names(expr: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = expr;
-    while let Some(at) = rest.find("seinode_tls_") {
-        let name: String = rest[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        rest = &rest[at + name.len()..];
-        names.insert(name);
-    }
-    names
-}
-
 /// The dashboard renders as a ConfigMap labelled for Grafana's sidecar, holds valid dashboard
 /// JSON with a Prometheus datasource variable, and every panel query names metrics the
 /// binary's metric code registers (the names are also checked against a running `/metrics`
@@ -603,12 +587,12 @@ fn the_dashboard_is_a_labelled_config_map_whose_queries_name_exported_metrics() 
     .unwrap();
     assert_eq!(dashboard, file, "the ConfigMap carries the file as it is");
     assert_eq!(dashboard["templating"]["list"][0]["query"], "prometheus");
-    let exported = registered_metric_names();
+    let exported = common::metrics::registered_names();
     let mut queried = BTreeSet::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap();
-            let names = metric_names(expr);
+            let names = common::metrics::named_in(expr);
             assert!(!names.is_empty(), "{}: {expr}", panel["title"]);
             queried.extend(names);
         }
@@ -621,45 +605,11 @@ fn the_dashboard_is_a_labelled_config_map_whose_queries_name_exported_metrics() 
     // And the alerts.
     let alerted: BTreeSet<String> = alert_exprs(&rule_groups(&[]))
         .values()
-        .flat_map(|e| metric_names(e))
+        .flat_map(|e| common::metrics::named_in(e))
         .collect();
     let unknown: Vec<_> = alerted.difference(&exported).collect();
     assert!(
         unknown.is_empty(),
         "alerts use metrics nothing exports: {unknown:?}"
     );
-}
-
-/// The sample names of every metric the binary's registry holds (as `run` builds it: the
-/// build info, the webhook's and the controller's metrics), in Prometheus' naming: a counter's
-/// `_total`, a histogram's `_bucket`, `_sum` and `_count`, an info's `_info`.
-fn registered_metric_names() -> BTreeSet<String> {
-    let mut registry = seinode_tls::serve::registry();
-    seinode_tls_webhook::metrics::WebhookMetrics::register(&mut registry);
-    seinode_tls_controller::metrics::ControllerMetrics::register(&mut registry);
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    exposition_names(&text)
-}
-
-/// The sample names an exposition's `# TYPE` lines declare.
-pub fn exposition_names(exposition: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for line in exposition.lines() {
-        let mut words = line.split_whitespace();
-        if (words.next(), words.next()) != (Some("#"), Some("TYPE")) {
-            continue;
-        }
-        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let suffixes: &[&str] = match kind {
-            "counter" => &["_total"],
-            "histogram" => &["_bucket", "_sum", "_count"],
-            "info" => &["_info"],
-            _ => &[""],
-        };
-        names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
-    }
-    names
 }

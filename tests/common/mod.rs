@@ -17,6 +17,7 @@ use seinode_tls_devcluster::cluster::{Cluster, ClusterConfig, RunPods};
 use seinode_tls_devcluster::control_plane::{self, ControlPlane};
 
 pub mod chart;
+pub mod metrics;
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
