@@ -19,10 +19,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     SanType,
 };
-use rsa::RsaPrivateKey;
+use rsa::PrivateKey as RsaPrivateKey;
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::pkcs8::pkcs5::pbes2;
-use rsa::pkcs8::{EncodePrivateKey, LineEnding, PrivateKeyInfo};
+use rsa::pkcs8::{EncodePrivateKey, LineEnding, PrivateKeyInfoRef};
 use time::OffsetDateTime;
 
 use super::*;
@@ -132,7 +132,7 @@ impl Key {
 fn rsa_2048() -> &'static RsaPrivateKey {
     static KEY: OnceLock<RsaPrivateKey> = OnceLock::new();
     KEY.get_or_init(|| {
-        RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("generate an RSA 2048 key")
+        RsaPrivateKey::new(&mut getrandom::SysRng, 2048).expect("generate an RSA 2048 key")
     })
 }
 
@@ -141,10 +141,10 @@ fn rsa_2048() -> &'static RsaPrivateKey {
 /// outer algorithm identifier, so it is put back here.
 fn sec1_der(signer: &KeyPair) -> Vec<u8> {
     let pkcs8 = signer.serialize_der();
-    let info = PrivateKeyInfo::try_from(pkcs8.as_slice()).expect("rcgen writes valid PKCS#8");
+    let info = PrivateKeyInfoRef::try_from(pkcs8.as_slice()).expect("rcgen writes valid PKCS#8");
     // ECPrivateKey ::= SEQUENCE { version INTEGER, privateKey OCTET STRING,
     //                             parameters [0] OPTIONAL, publicKey [1] BIT STRING OPTIONAL }
-    let (tag, fields, rest) = der_element(info.private_key);
+    let (tag, fields, rest) = der_element(info.private_key.as_bytes());
     assert_eq!((tag, rest.len()), (0x30, 0), "ECPrivateKey is one SEQUENCE");
     let (version_tag, _, after_version) = der_element(fields);
     let (private_key_tag, _, after_private_key) = der_element(after_version);
@@ -949,10 +949,11 @@ fn rejects_private_key_with_a_blank_line_in_tls_crt_without_quoting_it() {
 /// `openssl pkcs8 -topk8 -v2 aes256` writes it.
 fn encrypted_pkcs8_pem(key: &Key) -> String {
     let pkcs8 = key.signer.serialize_der();
-    let info = PrivateKeyInfo::try_from(pkcs8.as_slice()).expect("rcgen writes valid PKCS#8");
+    let info = PrivateKeyInfoRef::try_from(pkcs8.as_slice()).expect("rcgen writes valid PKCS#8");
     // Few iterations: the test is about the form, not the strength.
-    let params = pbes2::Parameters::pbkdf2_sha256_aes256cbc(1_000, b"test salt 16 byt", &[7; 16])
-        .expect("PBES2 parameters");
+    let params =
+        pbes2::Parameters::generate_pbkdf2_sha256_aes256cbc(1_000, b"test salt 16 byt", [7; 16])
+            .expect("PBES2 parameters");
     let encrypted = info
         .encrypt_with_params(params, "passphrase")
         .expect("encrypt the key");

@@ -385,7 +385,7 @@ fn secret_inspection(dir: &Path, ca: &CertificateAuthority, rpc: &Issued) {
         0,
         &[p384.cert_pem.as_bytes(), p384.key_pem.as_bytes()],
     );
-    let rsa_key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+    let rsa_key = rsa::PrivateKey::new(&mut getrandom::SysRng, 2048)
         .expect("generate an RSA 2048 key");
     let pkcs8 = rsa_key.to_pkcs8_pem(LineEnding::LF).expect("encode PKCS#8");
     let signer = KeyPair::from_pkcs8_pem_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256)
