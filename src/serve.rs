@@ -41,12 +41,13 @@ pub fn webhook_main(config: WebhookConfig) -> ExitCode {
     })
 }
 
-/// Runs the controller until SIGINT or SIGTERM, with `/healthz`, `/readyz` and `/metrics` on
-/// `health_addr`.
+/// Runs the controller until SIGINT or SIGTERM, with `/healthz`, `/readyz` (see
+/// [`Controller::readiness`]) and `/metrics` on `health_addr`.
 pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAddr) -> ExitCode {
     run_to_exit(async move {
         let mut registry = registry();
         let controller = Controller::new(config, &mut registry)?;
+        let readiness = controller.readiness();
         let clients = crate::api_client::controller_clients(
             &controller,
             crate::api_client::infer_config().await?,
@@ -57,7 +58,7 @@ pub fn controller_main(config: ControllerConfig, health_addr: std::net::SocketAd
             .with_context(|| format!("failed to bind {health_addr}"))?;
         let health = tokio::spawn(seinode_tls_webhook::server::serve_health(
             listener,
-            health_router(|| Ok(()), Arc::new(registry)),
+            health_router(readiness, Arc::new(registry)),
             seinode_tls_webhook::server::HEALTH_LIMITS,
             shutdown.clone(),
         ));

@@ -19,12 +19,22 @@ use seinode_tls_crds::SeiNode;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn start(config: ControllerConfig) -> (RunningController, Arc<Registry>) {
+/// The `controller` command's `/readyz` check of a replica.
+type Readiness = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Starts a replica against the cluster `kube_config` names.
+fn start(
+    config: ControllerConfig,
+    kube_config: kube::Config,
+) -> (RunningController, Arc<Registry>, Readiness) {
     let mut registry = Registry::default();
     let controller = Controller::new(config, &mut registry).unwrap();
+    let readiness = controller.readiness();
+    assert!(readiness().is_err(), "not ready before it ran");
     (
-        RunningController::start(controller, common::kube_config().await).unwrap(),
+        RunningController::start(controller, kube_config).unwrap(),
         Arc::new(registry),
+        Box::new(readiness),
     )
 }
 
@@ -73,10 +83,40 @@ async fn with_two_replicas_only_the_leader_reconciles_and_the_other_takes_over()
             .unwrap_or_default()
     };
 
-    let (first, first_metrics) = start(config("first")).await;
+    let (first, first_metrics, first_ready) = start(config("first"), common::kube_config().await);
     let (who, ok) = common::poll(WAIT, holder, |h| h.starts_with("first_")).await;
     assert!(ok, "first never took the lease (holder {who:?})");
-    let (second, second_metrics) = start(config("second")).await;
+    let (second, second_metrics, second_ready) =
+        start(config("second"), common::kube_config().await);
+    // Both are ready: the leader, and the follower that stands by (it reads the Lease).
+    for (name, ready) in [("leader", &first_ready), ("follower", &second_ready)] {
+        let (last, ok) = common::poll(WAIT, || async { ready() }, Result::is_ok).await;
+        assert!(ok, "the {name} is ready: {last:?}");
+    }
+    // A third replica that cannot reach the API server never is.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut unreachable = common::kube_config().await;
+    unreachable.cluster_url = format!("https://127.0.0.1:{closed_port}").parse().unwrap();
+    let (third, _, third_ready) = start(config("third"), unreachable);
+    let (last, ok) = common::poll(
+        Duration::from_secs(3),
+        || async { third_ready() },
+        Result::is_ok,
+    )
+    .await;
+    assert!(
+        !ok,
+        "a replica that cannot reach the API server is not ready"
+    );
+    assert_eq!(
+        last,
+        Err("waiting for a first leader election round with the API server".to_owned())
+    );
+    third.stop().await;
 
     let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
     nodes

@@ -105,6 +105,22 @@ impl Leadership {
     }
 }
 
+/// When this replica last completed a round about the Lease with the API server (read it, or
+/// wrote it): what the `controller` command's `/readyz` reports on.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseContact(Arc<Mutex<Option<Instant>>>);
+
+impl LeaseContact {
+    fn record(&self) {
+        *lock(&self.0) = Some(Instant::now());
+    }
+
+    /// How long ago the last round completed; `None` before the first.
+    pub fn since(&self) -> Option<Duration> {
+        lock(&self.0).map(|at| at.elapsed())
+    }
+}
+
 /// A candidate for the Lease.
 pub struct Elector {
     api: Api<Lease>,
@@ -116,11 +132,18 @@ pub struct Elector {
     leadership: Leadership,
     /// The Lease as last read or written, and when this replica first saw that version.
     observed: Option<(Lease, Instant)>,
+    contact: LeaseContact,
 }
 
 impl Elector {
-    /// A candidate whose renewals keep `leadership` (from [`Leadership::elected`]) current.
-    pub fn new(client: Client, election: LeaderElection, leadership: Leadership) -> Self {
+    /// A candidate whose renewals keep `leadership` (from [`Leadership::elected`]) current, and
+    /// that records each completed round in `contact`.
+    pub fn new(
+        client: Client,
+        election: LeaderElection,
+        leadership: Leadership,
+        contact: LeaseContact,
+    ) -> Self {
         let suffix = format!("{:08x}", fastrand::u32(..));
         let identity = format!("{}_{suffix}", election.identity);
         Self {
@@ -130,6 +153,7 @@ impl Elector {
             identity,
             leadership,
             observed: None,
+            contact,
         }
     }
 
@@ -146,6 +170,9 @@ impl Elector {
             let held = tokio::time::timeout(retry, self.try_acquire_or_renew())
                 .await
                 .unwrap_or_else(|_| Err("the request timed out".to_owned()));
+            if held.is_ok() {
+                self.contact.record();
+            }
             match held {
                 Ok(true) => self
                     .leadership

@@ -24,6 +24,7 @@ pub mod slots;
 pub mod status;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -44,7 +45,7 @@ use tokio::sync::watch;
 use compact::Compact;
 pub use config::{ControllerConfig, LeaderElection};
 use index::SecretIndex;
-use leader::{Elector, Leadership};
+use leader::{Elector, Leadership, LeaseContact};
 use metrics::ControllerMetrics;
 use reconcile::{Context, Latest, OwnedStores};
 use seinode_tls_crds::versions::SecretVersions;
@@ -96,6 +97,7 @@ pub struct Controller {
     client_ca: Option<String>,
     metrics: Arc<ControllerMetrics>,
     leadership: Leadership,
+    contact: LeaseContact,
 }
 
 impl Controller {
@@ -178,7 +180,28 @@ impl Controller {
             client_ca,
             metrics,
             leadership,
+            contact: LeaseContact::default(),
         })
+    }
+
+    /// The readiness of the `controller` command (its `/readyz`). With leader election: ready
+    /// while a round about the Lease (read or write) has completed with the API server within a
+    /// lease duration, whether this replica leads or stands by; a replica that cannot reach the
+    /// API server, or whose rounds keep failing, is not ready. Without it: always ready (the
+    /// controller then has no round to report on; its watches retry on their own).
+    pub fn readiness(&self) -> impl Fn() -> Result<(), String> + Clone + Send + Sync + 'static {
+        let contact = self.contact.clone();
+        let lease_duration = self
+            .config
+            .leader_election
+            .as_ref()
+            .map(|election| election.lease_duration);
+        move || {
+            let Some(lease_duration) = lease_duration else {
+                return Ok(());
+            };
+            lease_readiness(contact.since(), lease_duration)
+        }
     }
 
     /// The clients for [`Controller::run`] around `client`, the process's own. With leader
@@ -239,7 +262,12 @@ impl Controller {
             leader.set(0);
             return Ok(());
         };
-        let elector = Elector::new(client, election.clone(), self.leadership.clone());
+        let elector = Elector::new(
+            client,
+            election.clone(),
+            self.leadership.clone(),
+            self.contact.clone(),
+        );
         let identity = elector.identity().to_owned();
         let (leading_tx, mut leading) = watch::channel(false);
         let (stop_elector, stop_rx) = watch::channel(false);
@@ -316,6 +344,19 @@ impl Controller {
             }
             tracing::warn!(%identity, "lost the leader lease: stopped reconciling");
         }
+    }
+}
+
+/// Ready when the last round about the Lease completed `since` ago, within `lease_duration`.
+fn lease_readiness(since: Option<Duration>, lease_duration: Duration) -> Result<(), String> {
+    match since {
+        None => Err("waiting for a first leader election round with the API server".to_owned()),
+        Some(since) if since > lease_duration => Err(format!(
+            "no leader election round has reached the API server for {}s (the lease lasts {}s): see the log",
+            since.as_secs(),
+            lease_duration.as_secs()
+        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -606,6 +647,22 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// `/readyz` of the `controller` command: not ready before a first round about the Lease,
+    /// ready within a lease duration of the last, not ready again once rounds stop succeeding.
+    #[test]
+    fn readiness_follows_the_last_round_with_the_api_server() {
+        let lease = Duration::from_secs(15);
+        let waiting = lease_readiness(None, lease).unwrap_err();
+        assert!(waiting.contains("first leader election round"), "{waiting}");
+        assert_eq!(lease_readiness(Some(Duration::from_secs(2)), lease), Ok(()));
+        assert_eq!(lease_readiness(Some(lease), lease), Ok(()));
+        let stale = lease_readiness(Some(Duration::from_secs(16)), lease).unwrap_err();
+        assert_eq!(
+            stale,
+            "no leader election round has reached the API server for 16s (the lease lasts 15s): see the log"
+        );
+    }
 
     /// A term whose task ends on its own (a panic in a reconcile, or its controller stream
     /// ending) is told apart from the Lease lost and from shutdown, so that `run` releases the
