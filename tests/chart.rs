@@ -1295,6 +1295,75 @@ fn the_per_node_alerts_name_the_nodes_namespace() {
     promtool_test_rules("promtool-nodes", &tests);
 }
 
+/// `values.schema.json` refuses, before anything renders, a value outside its set, a mistyped
+/// key at any depth and the keys the chart no longer reads, each time naming it; what it
+/// refuses is what the binary or the API server would have refused later (a bad
+/// `secretPolicy` used to fail only at pod start).
+#[test]
+fn the_schema_refuses_bad_values_and_unknown_keys_naming_them() {
+    for (value, named) in [
+        ("webhook.secretPolicy=allow", "/webhook/secretPolicy"),
+        (
+            "webhook.secretGuardPolicy=ignore",
+            "/webhook/secretGuardPolicy",
+        ),
+        ("logging.format=yaml", "/logging/format"),
+        ("webhook.secretPolcy=warn", "'secretPolcy'"),
+        ("replicaCont=3", "'replicaCont'"),
+        (
+            "podDisruptionBudget.maxUnavailable=0",
+            "/podDisruptionBudget/maxUnavailable",
+        ),
+        (
+            "controller.certExpiryWarning=7d",
+            "/controller/certExpiryWarning",
+        ),
+        (
+            "tls.certManager.duration=90days",
+            "/tls/certManager/duration",
+        ),
+        (
+            "monitoring.serviceMonitor.interval=often",
+            "/monitoring/serviceMonitor/interval",
+        ),
+        ("image.digest=sha256:abc", "/image/digest"),
+        (
+            "webhook.excludedNamespaces={Sei_A}",
+            "/webhook/excludedNamespaces/0",
+        ),
+        ("webhook.port=70000", "/webhook/port"),
+        // Replaced by controller.certExpiryWarning.
+        (
+            "monitoring.prometheusRule.expiryWarningSeconds=604800",
+            "'expiryWarningSeconds'",
+        ),
+        (
+            "monitoring.prometheusRule.servingCertificateExpiryWarningSeconds=604800",
+            "'servingCertificateExpiryWarningSeconds'",
+        ),
+    ] {
+        let message = refusal(&sets(&[value]));
+        assert!(
+            message.contains("values don't meet the specifications of the schema")
+                && message.contains(named),
+            "{value}: {message}"
+        );
+    }
+    // The values' documented shape: a label value is a string, and so is an env var's.
+    for (values, named) in [
+        (sets(&["commonLabels.team=1"]), "/commonLabels/team"),
+        (
+            sets(&["extraEnv[0].name=RUST_BACKTRACE", "extraEnv[0].value=1"]),
+            "/extraEnv/0/value",
+        ),
+    ] {
+        let message = refusal(&values);
+        assert!(message.contains(named), "{values:?}: {message}");
+    }
+    // A number given as a string is what --set-string is for.
+    render(&["--set-string".to_owned(), "commonLabels.team=1".to_owned()]);
+}
+
 /// `extraArgs` come after the chart's own (and the binary accepts them), `extraEnv` after the
 /// pod's name and namespace, `extraVolumes` and `extraVolumeMounts` beside the certificates';
 /// the API server accepts the result.
