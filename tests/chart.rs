@@ -1362,6 +1362,22 @@ fn the_schema_refuses_bad_values_and_unknown_keys_naming_them() {
     }
     // A number given as a string is what --set-string is for.
     render(&["--set-string".to_owned(), "commonLabels.team=1".to_owned()]);
+
+    // `helm install` checks the same schema, before it talks to the cluster.
+    let chart = chart_dir();
+    let out = common::helm(&[
+        "install",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "--namespace",
+        RELEASE_NS,
+        "--dry-run=client",
+        "--set",
+        "webhook.secretPolicy=allow",
+    ]);
+    assert!(!out.status.success(), "installed secretPolicy=allow");
+    let message = text(&out.stderr);
+    assert!(message.contains("/webhook/secretPolicy"), "{message}");
 }
 
 /// `extraArgs` come after the chart's own (and the binary accepts them), `extraEnv` after the
