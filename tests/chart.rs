@@ -136,16 +136,133 @@ fn service_account_groups() -> [String; 3] {
     ]
 }
 
+/// `--set` arguments, one per `key=value` pair.
+fn sets(pairs: &[&str]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|pair| ["--set".to_owned(), (*pair).to_owned()])
+        .collect()
+}
+
+/// Every value that passes something to the binary.
+fn every_controller_value() -> Vec<String> {
+    sets(&[
+        "controller.nodeServiceAccount=sei-node",
+        "controller.sidecarImage=ghcr.io/sei-protocol/seictl:v1",
+        "controller.rbacProxyImage=quay.io/brancz/kube-rbac-proxy:v0.19.1",
+        "webhook.secretPolicy=warn",
+        "webhook.secretGuardPolicy=deny",
+        "logging.format=json",
+        "logging.level=info\\,seinode_tls_controller=debug",
+    ])
+}
+
+/// Every optional object: both monitors, the rules and the NetworkPolicy.
+fn every_optional_object() -> Vec<String> {
+    sets(&[
+        "monitoring.serviceMonitor.enabled=true",
+        "monitoring.podMonitor.enabled=true",
+        "monitoring.prometheusRule.enabled=true",
+        "networkPolicy.enabled=true",
+        "networkPolicy.webhookFrom[0].ipBlock.cidr=172.18.0.0/16",
+    ])
+}
+
+/// The digest `image.digest` is set to in these tests.
+const IMAGE_DIGEST: &str =
+    "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// A values file (`-f`) that sets each value a cluster's conventions need, as a user writes
+/// them: names, labels, a pinned image, an existing ServiceAccount, OpenShift's security context
+/// (the UID and GID left to the platform), and a flag the chart has no value for with its volume.
+fn every_convention_value() -> Vec<String> {
+    let yaml = format!(
+        r#"nameOverride: stls
+fullnameOverride: tls-x
+commonLabels:
+  team: sei
+  # Never replaces the chart's own.
+  app.kubernetes.io/name: not-the-chart
+image:
+  tag: v9
+  digest: {IMAGE_DIGEST}
+serviceAccount:
+  create: false
+  name: existing-sa
+podSecurityContext:
+  runAsUser: null
+  runAsGroup: null
+extraArgs:
+  - --sidecar-ca-bundle=/sidecar-ca/ca.crt
+  - --sidecar-probe-interval=1m
+extraEnv:
+  - name: RUST_BACKTRACE
+    value: full
+extraVolumes:
+  - name: sidecar-ca
+    configMap: {{name: sidecar-ca}}
+extraVolumeMounts:
+  - name: sidecar-ca
+    mountPath: /sidecar-ca
+    readOnly: true
+"#
+    );
+    values_file("convention-values", &yaml)
+}
+
+/// `-f FILE` with `yaml` written to a scratch file.
+fn values_file(name: &str, yaml: &str) -> Vec<String> {
+    let path = common::scratch_path(name).with_extension("yaml");
+    std::fs::write(&path, yaml).unwrap();
+    vec!["-f".to_owned(), path.display().to_string()]
+}
+
+/// What `helm template` says when it refuses `values` (panics when it renders them).
+fn refusal(values: &[String]) -> String {
+    let chart = chart_dir();
+    let mut args = vec![
+        "template",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "--namespace",
+        RELEASE_NS,
+    ];
+    args.extend(values.iter().map(String::as_str));
+    let out = common::helm(&args);
+    assert!(!out.status.success(), "rendered {values:?}");
+    text(&out.stderr)
+}
+
+/// The rendered documents as JSON (CRDs included), without the empty ones.
+fn objects(rendered: &str) -> Vec<serde_json::Value> {
+    rendered
+        .split("\n---")
+        .filter_map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).ok())
+        .filter(|doc| doc["kind"].is_string())
+        .collect()
+}
+
 #[test]
-fn the_chart_lints_and_renders_with_helm() {
-    for values in [vec![], own_cert_values()] {
-        let mut args = vec!["lint".to_owned(), chart_dir().to_str().unwrap().to_owned()];
+fn the_chart_lints_strictly_and_renders_with_helm() {
+    // Every set of values the chart tests render, and the defaults.
+    for values in [
+        vec![],
+        own_cert_values(),
+        every_controller_value(),
+        every_optional_object(),
+        every_convention_value(),
+    ] {
+        let mut args = vec![
+            "lint".to_owned(),
+            "--strict".to_owned(),
+            chart_dir().to_str().unwrap().to_owned(),
+        ];
         args.extend(values.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = common::helm(&args);
         assert!(
             out.status.success(),
-            "helm lint: {}{}",
+            "helm lint --strict {values:?}: {}{}",
             text(&out.stdout),
             text(&out.stderr)
         );
@@ -193,16 +310,13 @@ fn the_chart_lints_and_renders_with_helm() {
 fn the_rendered_chart_applies_with_a_server_side_dry_run_in_both_certificate_modes() {
     install_crds();
     ensure_namespace(RELEASE_NS);
-    let monitoring = [
-        "--set",
+    let monitoring = sets(&[
         "monitoring.serviceMonitor.enabled=true",
-        "--set",
         "monitoring.podMonitor.enabled=true",
-        "--set",
         "monitoring.prometheusRule.enabled=true",
-    ];
+    ]);
     for (cert_manager, mut values) in [(true, vec![]), (false, own_cert_values())] {
-        values.extend(monitoring.iter().map(|s| (*s).to_owned()));
+        values.extend(monitoring.iter().cloned());
         let rendered = render(&values);
         let stdout = common::chart::server_dry_run(&rendered);
         for object in [
@@ -718,22 +832,12 @@ fn deployment_args(rendered: &str) -> Vec<String> {
 
 #[test]
 fn the_deployment_passes_each_flag_once_and_the_binary_accepts_its_args() {
-    let set = |pairs: &[&str]| -> Vec<String> {
-        pairs
-            .iter()
-            .flat_map(|pair| ["--set".to_owned(), (*pair).to_owned()])
-            .collect()
-    };
-    let every_controller_value = set(&[
-        "controller.nodeServiceAccount=sei-node",
-        "controller.sidecarImage=ghcr.io/sei-protocol/seictl:v1",
-        "controller.rbacProxyImage=quay.io/brancz/kube-rbac-proxy:v0.19.1",
-        "webhook.secretPolicy=warn",
-        "webhook.secretGuardPolicy=deny",
-        "logging.format=json",
-        "logging.level=info\\,seinode_tls_controller=debug",
-    ]);
-    for values in [vec![], own_cert_values(), every_controller_value] {
+    for values in [
+        vec![],
+        own_cert_values(),
+        every_controller_value(),
+        every_convention_value(),
+    ] {
         let args = deployment_args(&render(&values));
         // The image's entrypoint is the binary; `args` start with the subcommand.
         assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
@@ -1046,4 +1150,435 @@ fn the_budget_never_blocks_a_drain_and_the_monitors_keep_the_nodes_namespace() {
             "{kind}: {monitor}"
         );
     }
+}
+
+#[test]
+fn the_schema_refuses_bad_values_and_unknown_keys_naming_them() {
+    for (value, named) in [
+        ("webhook.secretPolicy=allow", "/webhook/secretPolicy"),
+        (
+            "webhook.secretGuardPolicy=ignore",
+            "/webhook/secretGuardPolicy",
+        ),
+        ("logging.format=yaml", "/logging/format"),
+        ("webhook.secretPolcy=warn", "'secretPolcy'"),
+        ("replicaCont=3", "'replicaCont'"),
+        (
+            "podDisruptionBudget.maxUnavailable=0",
+            "/podDisruptionBudget/maxUnavailable",
+        ),
+        (
+            "controller.certExpiryWarning=7d",
+            "/controller/certExpiryWarning",
+        ),
+        (
+            "tls.certManager.duration=90days",
+            "/tls/certManager/duration",
+        ),
+        (
+            "monitoring.serviceMonitor.interval=often",
+            "/monitoring/serviceMonitor/interval",
+        ),
+        ("image.digest=sha256:abc", "/image/digest"),
+        (
+            "webhook.excludedNamespaces={Sei_A}",
+            "/webhook/excludedNamespaces/0",
+        ),
+        ("webhook.port=70000", "/webhook/port"),
+        // Replaced by controller.certExpiryWarning.
+        (
+            "monitoring.prometheusRule.expiryWarningSeconds=604800",
+            "'expiryWarningSeconds'",
+        ),
+        (
+            "monitoring.prometheusRule.servingCertificateExpiryWarningSeconds=604800",
+            "'servingCertificateExpiryWarningSeconds'",
+        ),
+    ] {
+        let message = refusal(&sets(&[value]));
+        assert!(
+            message.contains("values don't meet the specifications of the schema")
+                && message.contains(named),
+            "{value}: {message}"
+        );
+    }
+    // The values' documented shape: a label value is a string, and so is an env var's.
+    for (values, named) in [
+        (sets(&["commonLabels.team=1"]), "/commonLabels/team"),
+        (
+            sets(&["extraEnv[0].name=RUST_BACKTRACE", "extraEnv[0].value=1"]),
+            "/extraEnv/0/value",
+        ),
+    ] {
+        let message = refusal(&values);
+        assert!(message.contains(named), "{values:?}: {message}");
+    }
+    // A number given as a string is what --set-string is for.
+    render(&["--set-string".to_owned(), "commonLabels.team=1".to_owned()]);
+
+    // `helm install` checks the same schema, before it talks to the cluster.
+    let chart = chart_dir();
+    let out = common::helm(&[
+        "install",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "--namespace",
+        RELEASE_NS,
+        "--dry-run=client",
+        "--set",
+        "webhook.secretPolicy=allow",
+    ]);
+    assert!(!out.status.success(), "installed secretPolicy=allow");
+    let message = text(&out.stderr);
+    assert!(message.contains("/webhook/secretPolicy"), "{message}");
+}
+
+/// `extraArgs` come after the chart's own (and the binary accepts them), `extraEnv` after the
+/// pod's name and namespace, `extraVolumes` and `extraVolumeMounts` beside the certificates';
+/// the API server accepts the result.
+#[test]
+fn the_extra_args_env_and_volumes_reach_the_container() {
+    let values = every_convention_value();
+    let rendered = render(&values);
+    let args = deployment_args(&rendered);
+    assert_eq!(
+        args[args.len() - 2..],
+        [
+            "--sidecar-ca-bundle=/sidecar-ca/ca.crt",
+            "--sidecar-probe-interval=1m"
+        ],
+        "appended: {args:?}"
+    );
+    let argv = std::iter::once("seinode-tls").chain(args.iter().map(String::as_str));
+    let cli = <seinode_tls::cli::Cli as clap::Parser>::try_parse_from(argv)
+        .unwrap_or_else(|error| panic!("seinode-tls refuses {args:?}:\n{error}"));
+    let debug = format!("{cli:?}");
+    assert!(
+        debug.contains("sidecar_ca_bundle: Some(\"/sidecar-ca/ca.crt\")")
+            && debug.contains("sidecar_probe_interval: 60s"),
+        "{debug}"
+    );
+
+    let pod = deployment_pod(&rendered);
+    let container = &pod.containers[0];
+    let env: Vec<(String, Option<String>)> = container
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.name, e.value))
+        .collect();
+    assert_eq!(
+        env.iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>(),
+        ["POD_NAME", "POD_NAMESPACE", "RUST_BACKTRACE"]
+    );
+    assert_eq!(env[2].1.as_deref(), Some("full"));
+    let volumes = pod.volumes.clone().unwrap_or_default();
+    assert_eq!(
+        volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["tls", "sidecar-client", "sidecar-ca"]
+    );
+    assert_eq!(
+        volumes[2].config_map.as_ref().map(|c| c.name.as_str()),
+        Some("sidecar-ca")
+    );
+    let mounts = container.volume_mounts.clone().unwrap_or_default();
+    let mount = mounts
+        .iter()
+        .find(|m| m.name == "sidecar-ca")
+        .unwrap_or_else(|| panic!("sidecar-ca is mounted: {mounts:?}"));
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.read_only),
+        ("/sidecar-ca", Some(true))
+    );
+    assert_eq!(mounts.len(), 3, "{mounts:?}");
+
+    // Without them, nothing is added.
+    let pod = deployment_pod(&render(&[]));
+    assert_eq!(pod.containers[0].env.as_ref().map(Vec::len), Some(2));
+    assert_eq!(pod.volumes.as_ref().map(Vec::len), Some(2));
+
+    ensure_namespace(RELEASE_NS);
+    let stdout = common::chart::server_dry_run(&documents_of(&rendered, &["Deployment"]));
+    assert!(stdout.contains("deployment.apps/tls-x"), "{stdout}");
+}
+
+/// The image is the chart's appVersion by default, `image.tag` when set, and
+/// `repository@digest` whenever `image.digest` is set, whatever the tag.
+#[test]
+fn the_image_digest_takes_precedence_over_the_tag() {
+    let image = |values: &[String]| -> String {
+        deployment_pod(&render(values)).containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    let repository = "ghcr.io/sei-protocol/seinode-tls";
+    assert_eq!(image(&[]), format!("{repository}:0.1.0"));
+    assert_eq!(image(&sets(&["image.tag=v9"])), format!("{repository}:v9"));
+    let digest = format!("image.digest={IMAGE_DIGEST}");
+    assert_eq!(
+        image(&sets(&["image.tag=v9", &digest])),
+        format!("{repository}@{IMAGE_DIGEST}")
+    );
+    assert_eq!(
+        image(&sets(&[&digest])),
+        format!("{repository}@{IMAGE_DIGEST}")
+    );
+}
+
+/// Pod Security Admission's verdict on the rendered Deployment in a namespace that warns at the
+/// restricted level: the violations it reports (empty when none).
+fn restricted_violations(values: &[String]) -> String {
+    const NS: &str = "seinode-tls-restricted";
+    let namespace = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n  labels:\n    \
+         pod-security.kubernetes.io/warn: restricted\n"
+    );
+    let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &namespace);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let release = Release {
+        name: RELEASE,
+        namespace: NS,
+    };
+    let deployment = documents_of(&release.render(values), &["Deployment"]);
+    let out = common::kubectl(
+        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+        &deployment,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("deployment.apps/"),
+        "{}",
+        text(&out.stdout)
+    );
+    text(&out.stderr)
+        .lines()
+        .filter(|line| line.contains("would violate PodSecurity"))
+        .collect()
+}
+
+/// The defaults are today's: UID and GID 65532, non-root, RuntimeDefault seccomp, no privilege
+/// escalation, a read-only root and no capabilities, which the API server's Pod Security
+/// Admission finds restricted. OpenShift's install (`runAsUser`/`runAsGroup` null, or "") leaves
+/// the IDs out and is still restricted; a field can be overridden, and a default dropped that
+/// the restricted level needs is reported.
+#[test]
+fn the_security_contexts_are_restricted_by_default_and_can_leave_the_ids_to_openshift() {
+    let pod = deployment_pod(&render(&[]));
+    let security = pod.security_context.clone().unwrap();
+    assert_eq!(security.run_as_user, Some(65532));
+    assert_eq!(security.run_as_group, Some(65532));
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(
+        security.seccomp_profile.map(|p| p.type_),
+        Some("RuntimeDefault".to_owned())
+    );
+    let container = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!(container.allow_privilege_escalation, Some(false));
+    assert_eq!(container.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        container.capabilities.and_then(|c| c.drop),
+        Some(vec!["ALL".to_owned()])
+    );
+    assert_eq!(restricted_violations(&[]), "");
+
+    for openshift in [
+        every_convention_value(),
+        sets(&[
+            "podSecurityContext.runAsUser=null",
+            "podSecurityContext.runAsGroup=null",
+        ]),
+        sets(&[
+            "podSecurityContext.runAsUser=",
+            "podSecurityContext.runAsGroup=",
+        ]),
+    ] {
+        let pod = deployment_pod(&render(&openshift));
+        let security = pod.security_context.clone().unwrap();
+        assert_eq!(
+            (security.run_as_user, security.run_as_group),
+            (None, None),
+            "{openshift:?}"
+        );
+        assert_eq!(security.run_as_non_root, Some(true), "{openshift:?}");
+        assert_eq!(
+            pod.containers[0].security_context,
+            deployment_pod(&render(&[])).containers[0].security_context,
+            "{openshift:?}"
+        );
+        assert_eq!(restricted_violations(&openshift), "", "{openshift:?}");
+    }
+
+    let pod = deployment_pod(&render(&sets(&[
+        "podSecurityContext.fsGroup=2000",
+        "securityContext.readOnlyRootFilesystem=false",
+    ])));
+    assert_eq!(pod.security_context.unwrap().fs_group, Some(2000));
+    assert_eq!(
+        pod.containers[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .read_only_root_filesystem,
+        Some(false)
+    );
+
+    let violations =
+        restricted_violations(&sets(&["securityContext.allowPrivilegeEscalation=null"]));
+    assert!(
+        violations.contains("allowPrivilegeEscalation"),
+        "{violations:?}"
+    );
+}
+
+/// With `serviceAccount.create=false` the chart creates no ServiceAccount and runs as, binds
+/// and trusts the one named; without a name it refuses to render, saying what to set.
+#[test]
+fn an_existing_service_account_is_used_and_bound_instead_of_a_created_one() {
+    let message = refusal(&sets(&["serviceAccount.create=false"]));
+    assert!(
+        message.contains("serviceAccount.name is required when serviceAccount.create is false"),
+        "{message}"
+    );
+
+    // The ServiceAccount subjects of the bindings, and the identities the policies name.
+    let bound = |rendered: &str| -> Vec<String> {
+        objects(rendered)
+            .iter()
+            .flat_map(|o| o["subjects"].as_array().cloned().unwrap_or_default())
+            .filter(|s| s["kind"] == "ServiceAccount")
+            .map(|s| {
+                format!(
+                    "{}/{}",
+                    s["namespace"].as_str().unwrap(),
+                    s["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let default = render(&[]);
+    let existing = render(&sets(&[
+        "serviceAccount.create=false",
+        "serviceAccount.name=existing-sa",
+    ]));
+    let created: Vec<_> = objects(&default)
+        .into_iter()
+        .filter(|o| o["kind"] == "ServiceAccount")
+        .collect();
+    assert_eq!(created.len(), 1, "the default creates one");
+    assert!(
+        !objects(&existing)
+            .iter()
+            .any(|o| o["kind"] == "ServiceAccount"),
+        "creates none"
+    );
+    assert_eq!(
+        deployment_pod(&existing).service_account_name.as_deref(),
+        Some("existing-sa")
+    );
+    let default_bound = bound(&default);
+    assert!(!default_bound.is_empty());
+    assert!(
+        default_bound
+            .iter()
+            .all(|s| s == &format!("{RELEASE_NS}/{RELEASE}"))
+    );
+    assert_eq!(
+        bound(&existing),
+        vec![format!("{RELEASE_NS}/existing-sa"); default_bound.len()]
+    );
+    // The admission policies (status writes, the controller's own writes) name the account.
+    let user = format!("system:serviceaccount:{RELEASE_NS}:");
+    let policies = default.matches(&format!("{user}{RELEASE}'")).count();
+    assert_eq!(policies, 2, "both policies name the chart's account");
+    assert_eq!(
+        existing.matches(&format!("{user}existing-sa'")).count(),
+        policies
+    );
+    assert!(!existing.contains(&format!("{user}{RELEASE}'")));
+}
+
+/// `nameOverride` and `fullnameOverride` rename every object and the selector labels alike (so
+/// the selectors still find the pods); `commonLabels` reach every object the chart renders and
+/// its pods, without replacing the chart's own labels. The CRD, from `crds/`, is not templated.
+#[test]
+fn name_overrides_and_common_labels_reach_every_object() {
+    let mut values = every_optional_object();
+    values.extend(every_convention_value());
+    let rendered = render(&values);
+    let all = objects(&rendered);
+    assert!(all.len() > 20, "{} objects", all.len());
+    for object in &all {
+        let kind = object["kind"].as_str().unwrap();
+        let name = object["metadata"]["name"].as_str().unwrap();
+        let labels = &object["metadata"]["labels"];
+        if kind == "CustomResourceDefinition" {
+            assert!(labels.get("team").is_none(), "{name}: {labels}");
+            continue;
+        }
+        assert!(
+            name == "tls-x" || name.starts_with("tls-x-"),
+            "{kind} {name} is named after fullnameOverride"
+        );
+        assert_eq!(labels["team"], "sei", "{kind} {name}: {labels}");
+        assert_eq!(
+            labels["app.kubernetes.io/name"], "stls",
+            "{kind} {name}: {labels}"
+        );
+        assert_eq!(
+            labels["app.kubernetes.io/instance"], RELEASE,
+            "{kind} {name}"
+        );
+        assert_eq!(
+            labels["helm.sh/chart"], "seinode-tls-0.1.0",
+            "{kind} {name}"
+        );
+    }
+    let deployment = all.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(pod_labels["team"], "sei", "{pod_labels}");
+    let selector = json!({"app.kubernetes.io/name": "stls", "app.kubernetes.io/instance": RELEASE});
+    assert_eq!(deployment["spec"]["selector"]["matchLabels"], selector);
+    // Every selector of the release's pods selects them.
+    for (kind, path) in [
+        ("Service", "/spec/selector"),
+        ("PodDisruptionBudget", "/spec/selector/matchLabels"),
+        ("NetworkPolicy", "/spec/podSelector/matchLabels"),
+        ("ServiceMonitor", "/spec/selector/matchLabels"),
+        ("PodMonitor", "/spec/selector/matchLabels"),
+        (
+            "Deployment",
+            "/spec/template/spec/topologySpreadConstraints/0/labelSelector/matchLabels",
+        ),
+    ] {
+        let object = all.iter().find(|o| o["kind"] == kind).unwrap();
+        let selector = object
+            .pointer(path)
+            .unwrap_or_else(|| panic!("{kind} {path}"));
+        for (key, value) in selector.as_object().unwrap() {
+            assert_eq!(&pod_labels[key], value, "{kind} selects {key}");
+        }
+    }
+    // The Lease and the webhooks' CA injection follow the full name.
+    assert!(deployment_args(&rendered).contains(&"--leader-election-name=tls-x".to_owned()));
+    assert!(rendered.contains(&format!(
+        "cert-manager.io/inject-ca-from: {RELEASE_NS}/tls-x\n"
+    )));
+
+    install_crds();
+    ensure_namespace(RELEASE_NS);
+    // Everything but the CRD (cert-manager's and the monitors' are installed; ours is the
+    // cluster's own), whatever kinds the chart adds.
+    let without_crds: String = rendered
+        .split("\n---")
+        .filter(|doc| {
+            doc.contains("\nkind: ") && !doc.contains("\nkind: CustomResourceDefinition\n")
+        })
+        .map(|doc| format!("---\n{}\n", doc.trim_start_matches('-')))
+        .collect();
+    let stdout = common::chart::server_dry_run(&without_crds);
+    assert_eq!(stdout.lines().count(), all.len() - 1, "{stdout}");
 }

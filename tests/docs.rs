@@ -37,6 +37,7 @@ const FOREIGN_FLAGS: &[(&str, &[&str])] = &[
         &[
             "--set",
             "--set-file",
+            "--set-string",
             "--create-namespace",
             "--wait",
             "--reuse-values",
@@ -204,12 +205,14 @@ fn every_flag_and_command_the_docs_name_exists() {
     );
 }
 
-/// The chart values the docs name: `a.b.c` in a code span whose first part is a top-level key
-/// of values.yaml (file names such as `tls.crt` aside), and every `--set a.b=...`.
+/// The chart values the docs name: `a.b.c` in a code span whose first part is a top-level
+/// value (file names such as `tls.crt` aside), and every `--set a.b=...`, exist in the chart's
+/// values.schema.json, which describes every value, also those values.yaml leaves unset.
 #[test]
 fn every_chart_value_the_docs_name_exists() {
-    let values: Value = serde_saphyr::from_str(&read("charts/seinode-tls/values.yaml")).unwrap();
-    let top: BTreeSet<&str> = values
+    let schema: Value =
+        serde_json::from_str(&read("charts/seinode-tls/values.schema.json")).unwrap();
+    let top: BTreeSet<&str> = schema["properties"]
         .as_object()
         .unwrap()
         .keys()
@@ -240,9 +243,9 @@ fn every_chart_value_the_docs_name_exists() {
             if !looks_like_a_value || a_file {
                 continue;
             }
-            let mut at = &values;
+            let mut at = &schema;
             for part in parts.iter().take_while(|p| **p != "*") {
-                match at.get(part) {
+                match at["properties"].get(part) {
                     Some(next) => at = next,
                     None => {
                         missing.push(format!("{doc}: {path}"));

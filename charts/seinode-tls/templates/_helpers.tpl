@@ -1,26 +1,78 @@
+{{/* The chart's name: nameOverride, or the chart's own. It is the app.kubernetes.io/name label. */}}
+{{- define "seinode-tls.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The name of the release's objects: fullnameOverride, or <release>-<name> (just <release>
+when it already contains the name). */}}
 {{- define "seinode-tls.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "seinode-tls.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
+{{/* The labels of every object the chart renders: the standard ones, then commonLabels (which
+never replace a standard one: the selectors rely on them). */}}
 {{- define "seinode-tls.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- $labels := dict
+  "app.kubernetes.io/name" (include "seinode-tls.name" .)
+  "app.kubernetes.io/instance" .Release.Name
+  "app.kubernetes.io/version" .Chart.AppVersion
+  "app.kubernetes.io/managed-by" .Release.Service
+  "helm.sh/chart" (printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_")
+-}}
+{{- toYaml (merge $labels (.Values.commonLabels | default dict)) -}}
 {{- end -}}
 
 {{- define "seinode-tls.selectorLabels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "seinode-tls.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The labels of the pods: the selector's, then commonLabels and podLabels (neither replaces
+a selector label). */}}
+{{- define "seinode-tls.podLabels" -}}
+{{- $labels := fromYaml (include "seinode-tls.selectorLabels" .) -}}
+{{- toYaml (merge $labels (.Values.podLabels | default dict) (.Values.commonLabels | default dict)) -}}
+{{- end -}}
+
+{{/* The image: repository@digest when image.digest is set (the tag is then ignored), else
+repository:tag (the chart's appVersion by default). */}}
+{{- define "seinode-tls.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ServiceAccount the pods run as and the RBAC binds: the chart's (serviceAccount.name, or
+the full name), or with serviceAccount.create=false an existing one, which must be named. */}}
 {{- define "seinode-tls.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
 {{- default (include "seinode-tls.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false: the existing ServiceAccount in the release namespace the pods run as (the chart binds its roles to it)" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A security context from values, without the fields set to null or "" (so that an override
+can drop a default, e.g. runAsUser on OpenShift, which assigns the UID itself). */}}
+{{- define "seinode-tls.securityContext" -}}
+{{- $context := dict -}}
+{{- range $key, $value := . -}}
+{{- if not (or (kindIs "invalid" $value) (and (kindIs "string" $value) (eq $value ""))) -}}
+{{- $_ := set $context $key $value -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $context -}}
 {{- end -}}
 
 {{- define "seinode-tls.tlsSecretName" -}}
