@@ -1,8 +1,9 @@
 //! The test matrix of Secret validation: one test per reason, key format, algorithm, chain
 //! shape, SAN rule and check-order rule of DESIGN.md's contract.
 //!
-//! Every certificate and key is generated here (rcgen, and the `rsa` crate for the RSA key ring
-//! cannot generate); nothing is checked in. Every verdict a [`Case`] produces is checked for
+//! Every certificate and most keys are generated here (rcgen). The RSA key (ring cannot generate
+//! one) and an OpenSSL-encrypted key are throwaway fixtures in `testdata/`, written once by
+//! `openssl`. Every verdict a [`Case`] produces is checked for
 //! leaked key material, so a message that quotes a key fails whichever test provoked it.
 
 // The workspace warns about unwrap/expect outside tests (STYLE.md); here a broken fixture panics.
@@ -19,10 +20,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     SanType,
 };
-use rsa::PrivateKey as RsaPrivateKey;
-use rsa::pkcs1::EncodeRsaPrivateKey;
-use rsa::pkcs8::pkcs5::pbes2;
-use rsa::pkcs8::{EncodePrivateKey, LineEnding, PrivateKeyInfoRef};
 use time::OffsetDateTime;
 
 use super::*;
@@ -88,28 +85,24 @@ impl Key {
         Key::generate(&rcgen::PKCS_ED25519)
     }
 
-    /// The test binary's RSA 2048 key as PKCS#8 ("PRIVATE KEY").
+    /// A throwaway RSA 2048 key as PKCS#8 ("PRIVATE KEY"), from `testdata/` (written by
+    /// `openssl genpkey`: generating RSA keys in a test is slow, and one is enough).
     fn rsa_pkcs8() -> Key {
-        let pem = rsa_2048()
-            .to_pkcs8_pem(LineEnding::LF)
-            .expect("encode PKCS#8");
-        let signer = KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256)
+        let pem = include_str!("testdata/rsa-2048.pkcs8.pem");
+        let signer = KeyPair::from_pkcs8_pem_and_sign_algo(pem, &rcgen::PKCS_RSA_SHA256)
             .expect("rcgen loads the RSA key");
         Key {
             signer,
-            pem: pem.to_string(),
+            pem: pem.to_owned(),
         }
     }
 
-    /// The test binary's RSA 2048 key as PKCS#1 ("RSA PRIVATE KEY").
+    /// The same key as PKCS#1 ("RSA PRIVATE KEY", `openssl rsa -traditional`).
     fn rsa_pkcs1() -> Key {
         let Key { signer, .. } = Key::rsa_pkcs8();
-        let pem = rsa_2048()
-            .to_pkcs1_pem(LineEnding::LF)
-            .expect("encode PKCS#1");
         Key {
             signer,
-            pem: pem.to_string(),
+            pem: include_str!("testdata/rsa-2048.pkcs1.pem").to_owned(),
         }
     }
 
@@ -128,23 +121,24 @@ impl Key {
     }
 }
 
-/// One RSA key per test binary: generating RSA keys is slow, and one is enough.
-fn rsa_2048() -> &'static RsaPrivateKey {
-    static KEY: OnceLock<RsaPrivateKey> = OnceLock::new();
-    KEY.get_or_init(|| {
-        RsaPrivateKey::new(&mut getrandom::SysRng, 2048).expect("generate an RSA 2048 key")
-    })
-}
-
 /// The SEC1 `ECPrivateKey` of a P-256 key, with the curve as `[0] parameters` as OpenSSL writes
 /// it. PKCS#8 wraps the `ECPrivateKey` as its `privateKey` OCTET STRING, leaving the curve to the
 /// outer algorithm identifier, so it is put back here.
 fn sec1_der(signer: &KeyPair) -> Vec<u8> {
     let pkcs8 = signer.serialize_der();
-    let info = PrivateKeyInfoRef::try_from(pkcs8.as_slice()).expect("rcgen writes valid PKCS#8");
+    // PrivateKeyInfo ::= SEQUENCE { version INTEGER, privateKeyAlgorithm AlgorithmIdentifier,
+    //                               privateKey OCTET STRING, ... }
+    let (_, info, _) = der_element(&pkcs8);
+    let (_, _, after_version) = der_element(info);
+    let (_, _, after_algorithm) = der_element(after_version);
+    let (octet_string_tag, private_key, _) = der_element(after_algorithm);
+    assert_eq!(
+        octet_string_tag, 0x04,
+        "PKCS#8 privateKey is an OCTET STRING"
+    );
     // ECPrivateKey ::= SEQUENCE { version INTEGER, privateKey OCTET STRING,
     //                             parameters [0] OPTIONAL, publicKey [1] BIT STRING OPTIONAL }
-    let (tag, fields, rest) = der_element(info.private_key.as_bytes());
+    let (tag, fields, rest) = der_element(private_key);
     assert_eq!((tag, rest.len()), (0x30, 0), "ECPrivateKey is one SEQUENCE");
     let (version_tag, _, after_version) = der_element(fields);
     let (private_key_tag, _, after_private_key) = der_element(after_version);
@@ -945,28 +939,17 @@ fn rejects_private_key_with_a_blank_line_in_tls_crt_without_quoting_it() {
     );
 }
 
-/// A genuinely encrypted PKCS#8 key (PBES2: PBKDF2-SHA256 and AES-256-CBC), as
-/// `openssl pkcs8 -topk8 -v2 aes256` writes it.
-fn encrypted_pkcs8_pem(key: &Key) -> String {
-    let pkcs8 = key.signer.serialize_der();
-    let info = PrivateKeyInfoRef::try_from(pkcs8.as_slice()).expect("rcgen writes valid PKCS#8");
-    // Few iterations: the test is about the form, not the strength.
-    let params =
-        pbes2::Parameters::generate_pbkdf2_sha256_aes256cbc(1_000, b"test salt 16 byt", [7; 16])
-            .expect("PBES2 parameters");
-    let encrypted = info
-        .encrypt_with_params(params, "passphrase")
-        .expect("encrypt the key");
-    let pem = encrypted
-        .to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF)
-        .expect("encode PEM");
-    pem.to_string()
-}
-
 #[test]
 fn rejects_encrypted_pkcs8_key() {
-    let key = Key::p256();
-    let encrypted = encrypted_pkcs8_pem(&key);
+    // A throwaway P-256 key and the same key encrypted (PBES2: PBKDF2-SHA256, AES-256-CBC) by
+    // `openssl pkcs8 -topk8 -v2 aes256`, from `testdata/`.
+    let plain = include_str!("testdata/p256.pkcs8.pem");
+    let key = Key {
+        signer: KeyPair::from_pkcs8_pem_and_sign_algo(plain, &rcgen::PKCS_ECDSA_P256_SHA256)
+            .expect("rcgen loads the P-256 key"),
+        pem: plain.to_owned(),
+    };
+    let encrypted = include_str!("testdata/p256.pkcs8-encrypted.pem").to_owned();
     let case = Case::tls_raw(
         contract_leaf(&key),
         encrypted.clone(),

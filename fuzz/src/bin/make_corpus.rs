@@ -12,8 +12,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     SignatureAlgorithm, date_time_ymd,
 };
-use rsa::pkcs1::EncodeRsaPrivateKey;
-use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use seinode_tls_crds::contract::{REQUIRED_DNS_NAMES_ANNOTATION, required_dns_names};
 use seinode_tls_fuzz::{Layout, encode, encode_fields};
 use seinode_tls_testkit::{CertificateAuthority, Issued, LeafSpec, tls_secret};
@@ -106,7 +104,9 @@ fn two_level_chain(expired_intermediate: bool) -> TwoLevelChain {
     let leaf_key = KeyPair::generate().expect("generate a key");
     let names = required_dns_names("rpc", NAMESPACE, "cluster.local");
     let mut leaf_params = CertificateParams::new(names).expect("valid SANs");
-    leaf_params.distinguished_name.push(DnType::CommonName, "rpc");
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "rpc");
     leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let leaf = leaf_params
         .signed_by(&leaf_key, &intermediate_issuer)
@@ -385,15 +385,11 @@ fn secret_inspection(dir: &Path, ca: &CertificateAuthority, rpc: &Issued) {
         0,
         &[p384.cert_pem.as_bytes(), p384.key_pem.as_bytes()],
     );
-    let rsa_key = rsa::PrivateKey::new(&mut getrandom::SysRng, 2048)
-        .expect("generate an RSA 2048 key");
-    let pkcs8 = rsa_key.to_pkcs8_pem(LineEnding::LF).expect("encode PKCS#8");
-    let signer = KeyPair::from_pkcs8_pem_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256)
+    // The validation tests' throwaway RSA key (ring cannot generate one), in both forms.
+    let pkcs8 = include_str!("../../../crds/src/validation/testdata/rsa-2048.pkcs8.pem");
+    let signer = KeyPair::from_pkcs8_pem_and_sign_algo(pkcs8, &rcgen::PKCS_RSA_SHA256)
         .expect("rcgen loads the RSA key");
-    let pkcs1 = rsa_key
-        .to_pkcs1_pem(LineEnding::LF)
-        .expect("encode PKCS#1")
-        .to_string();
+    let pkcs1 = include_str!("../../../crds/src/validation/testdata/rsa-2048.pkcs1.pem").to_owned();
     let rsa = self_signed(&signer, pkcs1, false);
     fields(
         "fields-rsa-pkcs1",
