@@ -14,7 +14,9 @@ use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use rcgen::{CertificateParams, KeyPair};
-use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, TaskStatus};
+use seinode_tls_crds::{
+    PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, TaskFailureReason, TaskStatus,
+};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -615,6 +617,7 @@ async fn an_invalid_image_fails_the_plan_with_a_clear_error_until_the_spec_is_fi
     let api = create_node(&client, &bad).await;
     let task = wait_failed_task(&api, "rpc").await;
     assert_eq!(task.r#type, "ApplyStatefulSet");
+    assert_eq!(task.reason, Some(TaskFailureReason::InvalidSpec));
     assert!(
         task.error
             .as_deref()
@@ -638,6 +641,7 @@ async fn a_resource_the_api_server_refuses_fails_the_plan_instead_of_retrying_fo
     let api = create_node(&client, &node(&ns, "rpc.one", None)).await;
     let task = wait_failed_task(&api, "rpc.one").await;
     assert_eq!(task.r#type, "ApplyService");
+    assert_eq!(task.reason, Some(TaskFailureReason::RefusedByAPIServer));
     let error = task.error.as_deref().unwrap();
     assert!(
         error.contains(&format!("the API server refused Service {ns}/rpc.one")),
@@ -665,6 +669,7 @@ async fn an_object_in_the_way_is_never_adopted_and_the_plan_resumes_once_it_is_g
     let api = create_node(&client, &node(&ns, "rpc", None)).await;
     let task = wait_failed_task(&api, "rpc").await;
     assert_eq!(task.r#type, "ApplyService");
+    assert_eq!(task.reason, Some(TaskFailureReason::ObjectInTheWay));
     let error = task.error.as_deref().unwrap();
     assert!(
         error.contains(&format!("Service {ns}/rpc is in the way"))

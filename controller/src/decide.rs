@@ -9,15 +9,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use seinode_tls_crds::contract::required_dns_names;
 use seinode_tls_crds::validation::SecretVerdict;
 use seinode_tls_crds::{
-    PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus, SidecarTlsStatus,
-    TaskPlan, TaskStatus,
+    PlanPhase, PlannedTask, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus,
+    SidecarTlsStatus, TaskFailureReason, TaskPlan, TaskStatus,
 };
 
 use crate::events::NodeEvent;
 use crate::plan::{Gate, Task, desired_plan, gate, next_task, repair_plan};
 use crate::sidecar::ProbeResult;
 use crate::status::{
-    READY, SIDECAR_READY, condition, flipped, remove_condition, set_condition, tls_condition,
+    READY, SIDECAR_READY, condition, flipped, is_true, remove_condition, set_condition,
+    tls_condition,
 };
 
 /// Safety-net resync of every node (all real triggers are watches).
@@ -30,7 +31,8 @@ pub const BLOCKED_RETRY: Duration = Duration::from_secs(30);
 pub const REASSERT_WINDOW: SignedDuration = SignedDuration::from_mins(10);
 /// Condition reason of `SidecarReady` while the TLS gate is closed.
 pub const SIDECAR_GATED: &str = "SidecarTLSSecretNotReady";
-/// What a task failure says when an object not controlled by the node holds the name.
+/// What a task failure's message says when an object not controlled by the node holds the
+/// name. Statuses written before tasks carried a `reason` are recognised by it.
 pub const IN_THE_WAY: &str = "is in the way";
 /// How soon a sidecar task that could not finish yet (the pod starting, the task running) is
 /// tried again; the Pod watch brings the node back sooner when its pod changes.
@@ -86,7 +88,35 @@ pub enum Outcome {
     /// and is tried again after [`SIDECAR_TASK_RETRY`]; the message says what it waits for.
     Waiting(String),
     /// Permanent: needs a change of the spec (or, when in the way, of the cluster).
-    Failed(String),
+    Failed(TaskFailure),
+}
+
+/// Why a task failed: the reason `decide` acts on, and the message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFailure {
+    pub reason: TaskFailureReason,
+    pub message: String,
+}
+
+impl TaskFailure {
+    pub fn new(reason: TaskFailureReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Whether a failed task failed on an object in the way (so it is retried on its own). A status
+/// written before tasks carried a reason says so only in its message.
+fn failed_in_the_way(task: &PlannedTask) -> bool {
+    match task.reason {
+        Some(reason) => reason == TaskFailureReason::ObjectInTheWay,
+        None => task
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains(IN_THE_WAY)),
+    }
 }
 
 /// Everything a decision depends on besides the node and its status.
@@ -261,7 +291,7 @@ pub fn decide(
         .as_ref()
         .is_none_or(|p| p.phase != PlanPhase::Active);
     if !open {
-        if find(&conditions, SIDECAR_READY).is_some_and(|c| c.status == "True") {
+        if find(&conditions, SIDECAR_READY).is_some_and(is_true) {
             report_sidecar(
                 &mut conditions,
                 &mut decision.events,
@@ -317,7 +347,7 @@ fn readiness(
     settled: bool,
 ) -> (bool, &'static str, String) {
     let tls_condition = find(conditions, SIDECAR_TLS_SECRET_READY);
-    if tls && tls_condition.is_none_or(|c| c.status != "True") {
+    if tls && tls_condition.is_none_or(|c| !is_true(c)) {
         let reason = tls_condition.map_or("not judged yet", |c| c.reason.as_str());
         return (
             false,
@@ -342,7 +372,7 @@ fn readiness(
             format!("plan {plan} is in progress; see status.plan"),
         );
     }
-    if let Some(sidecar) = find(conditions, SIDECAR_READY).filter(|c| c.status != "True") {
+    if let Some(sidecar) = find(conditions, SIDECAR_READY).filter(|c| !is_true(c)) {
         return (
             false,
             "SidecarNotReady",
@@ -401,7 +431,7 @@ fn tls_event(condition: &Condition, ready: bool, at: Timestamp) -> NodeEvent {
 
 fn sidecar_event(condition: &Condition, at: Timestamp) -> NodeEvent {
     let note = format!("{}: {}", condition.reason, condition.message);
-    if condition.status == "True" {
+    if is_true(condition) {
         NodeEvent::SidecarReady { note, at }
     } else {
         NodeEvent::SidecarNotReady { note, at }
@@ -524,19 +554,22 @@ fn record(
             }
             complete(plan, index, status, node, now);
         }
-        Outcome::Failed(error) => {
+        Outcome::Failed(failure) => {
             let known = before.and_then(|p| p.tasks.get(index)).is_some_and(|t| {
-                t.status == TaskStatus::Failed && t.error.as_deref() == Some(error)
+                t.status == TaskStatus::Failed
+                    && t.error.as_deref() == Some(failure.message.as_str())
+                    && t.reason == Some(failure.reason)
             });
             let slot = &mut plan.tasks[index];
             slot.status = TaskStatus::Failed;
-            slot.error = Some(error.clone());
+            slot.error = Some(failure.message.clone());
+            slot.reason = Some(failure.reason);
             plan.phase = PlanPhase::Failed;
             if !known {
                 events.push(NodeEvent::PlanFailed {
                     plan: plan.id.clone(),
                     task: task.as_str().to_owned(),
-                    error: error.clone(),
+                    error: failure.message.clone(),
                 });
             }
             // A failed update leaves the running pods alone; a failed init plan fails the node.
@@ -556,6 +589,7 @@ fn complete(
 ) {
     plan.tasks[index].status = TaskStatus::Complete;
     plan.tasks[index].error = None;
+    plan.tasks[index].reason = None;
     if matches!(
         status.phase,
         Some(SeiNodePhase::Pending | SeiNodePhase::Failed)
@@ -586,6 +620,7 @@ fn advance(
             let error = format!("unknown task type \"{}\"", plan.tasks[index].r#type);
             plan.tasks[index].status = TaskStatus::Failed;
             plan.tasks[index].error = Some(error);
+            plan.tasks[index].reason = Some(TaskFailureReason::UnknownTask);
             plan.phase = PlanPhase::Failed;
             return None;
         };
@@ -613,11 +648,7 @@ fn retry_in_the_way(plan: &TaskPlan, observed: &Observed) -> Option<Task> {
         return None;
     }
     let failed = plan.tasks.iter().find(|t| t.status == TaskStatus::Failed)?;
-    if !failed
-        .error
-        .as_deref()
-        .is_some_and(|e| e.contains(IN_THE_WAY))
-    {
+    if !failed_in_the_way(failed) {
         return None;
     }
     // Not while a deleted node's object holds the name: it is the garbage collector's, never
@@ -635,11 +666,7 @@ fn blocked(plan: &TaskPlan, observed: &Observed) -> bool {
     next_task(plan)
         .and_then(|(_, task)| task)
         .is_some_and(|task| observed.objects.of(task) == &ObjectState::Orphaned)
-        || plan.phase == PlanPhase::Failed
-            && plan
-                .tasks
-                .iter()
-                .any(|t| t.error.as_deref().is_some_and(|e| e.contains(IN_THE_WAY)))
+        || plan.phase == PlanPhase::Failed && plan.tasks.iter().any(failed_in_the_way)
 }
 
 /// Events for recent flips and a failed plan, which a killed predecessor may not have sent.
@@ -650,7 +677,7 @@ fn reassert(decision: &mut Decision, now: Timestamp) {
     for c in status.conditions.iter().flatten().filter(recent) {
         let at = c.last_transition_time.0;
         match c.type_.as_str() {
-            SIDECAR_TLS_SECRET_READY => again.push(tls_event(c, c.status == "True", at)),
+            SIDECAR_TLS_SECRET_READY => again.push(tls_event(c, is_true(c), at)),
             SIDECAR_READY => again.push(sidecar_event(c, at)),
             _ => {}
         }
@@ -966,7 +993,10 @@ pub(crate) mod tests {
         let mut seen = observed(Reason::Ready);
         seen.ran = Some((
             Task::ApplyRbacProxyConfig,
-            Outcome::Failed("refused".to_owned()),
+            Outcome::Failed(TaskFailure::new(
+                TaskFailureReason::RefusedByAPIServer,
+                "refused",
+            )),
         ));
         let failed = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
         let plan = failed.status.plan.as_ref().expect("plan");
@@ -1141,8 +1171,11 @@ pub(crate) mod tests {
         assert_eq!(orphaned.task, None, "the garbage collector goes first");
         assert_eq!(orphaned.requeue, BLOCKED_RETRY);
 
-        let error =
-            format!("ConfigMap sei/rpc-rbac-proxy-config {IN_THE_WAY}: it has no controller owner");
+        // Recognised by its reason, whatever the message says.
+        let error = TaskFailure::new(
+            TaskFailureReason::ObjectInTheWay,
+            "ConfigMap sei/rpc-rbac-proxy-config has no controller owner",
+        );
         seen.objects.config_map = ObjectState::Foreign("it has no controller owner".to_owned());
         seen.ran = Some((Task::ApplyRbacProxyConfig, Outcome::Failed(error.clone())));
         let blocked = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
@@ -1165,6 +1198,39 @@ pub(crate) mod tests {
         let retry = decide(&v1, &blocked.status, &seen, &settings(), now());
         assert_eq!(retry.task, Some(Task::ApplyRbacProxyConfig));
         assert_eq!(retry.status, blocked.status, "a retry alone writes nothing");
+        let failed = |status: &SeiNodeStatus| {
+            let plan = status.plan.as_ref().unwrap();
+            plan.tasks
+                .iter()
+                .find(|t| t.status == TaskStatus::Failed)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(
+            failed(&blocked.status).reason,
+            Some(TaskFailureReason::ObjectInTheWay),
+            "the reason is in the status"
+        );
+        // A status written before tasks carried a reason is recognised by its message.
+        let mut legacy = blocked.status.clone();
+        for task in &mut legacy.plan.as_mut().unwrap().tasks {
+            if task.status == TaskStatus::Failed {
+                task.reason = None;
+                task.error = Some(format!(
+                    "ConfigMap sei/rpc-rbac-proxy-config {IN_THE_WAY}: it has no controller owner"
+                ));
+            }
+        }
+        let legacy_retry = decide(&v1, &legacy, &seen, &settings(), now());
+        assert_eq!(legacy_retry.task, Some(Task::ApplyRbacProxyConfig));
+        // Another failure is not retried on its own: it waits for a spec change.
+        let mut refused = blocked.status.clone();
+        for task in &mut refused.plan.as_mut().unwrap().tasks {
+            if task.status == TaskStatus::Failed {
+                task.reason = Some(TaskFailureReason::RefusedByAPIServer);
+            }
+        }
+        assert_eq!(decide(&v1, &refused, &seen, &settings(), now()).task, None);
         // Still there: failed again, but nothing written or reported again.
         seen.ran = Some((Task::ApplyRbacProxyConfig, Outcome::Failed(error)));
         let again = decide(&v1, &blocked.status, &seen, &settings(), now());

@@ -62,6 +62,7 @@ fn plan(id: String, tasks: &[Task]) -> TaskPlan {
                 r#type: task.as_str().to_owned(),
                 status: TaskStatus::Pending,
                 error: None,
+                reason: None,
             })
             .collect(),
         target_phase: Some(SeiNodePhase::Running),
@@ -108,11 +109,14 @@ pub fn repair_plan(generation: i64, tasks: &[Task]) -> TaskPlan {
 }
 
 /// Whether plans may run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
     Open,
-    /// TLS is enabled and the Secret is not ready; the reason is the condition's.
-    Blocked(String),
+    /// TLS is enabled and no verdict about the Secret has been published yet.
+    AwaitingVerdict,
+    /// TLS is enabled and the Secret does not meet the contract (or could not be read): the
+    /// condition's reason says why.
+    SecretNotReady,
 }
 
 /// The gate: blocks while TLS is enabled and `SidecarTLSSecretReady` is False or absent; never
@@ -125,14 +129,9 @@ pub fn gate(tls_enabled: bool, conditions: &[Condition]) -> Gate {
         .iter()
         .find(|c| c.type_ == SIDECAR_TLS_SECRET_READY)
     {
-        Some(c) if c.status == "True" => Gate::Open,
-        Some(c) => Gate::Blocked(format!(
-            "{} is {}: {}",
-            SIDECAR_TLS_SECRET_READY, c.status, c.reason
-        )),
-        None => Gate::Blocked(format!(
-            "{SIDECAR_TLS_SECRET_READY} has not been reported yet"
-        )),
+        Some(c) if crate::status::is_true(c) => Gate::Open,
+        Some(_) => Gate::SecretNotReady,
+        None => Gate::AwaitingVerdict,
     }
 }
 
@@ -236,19 +235,16 @@ mod tests {
     }
 
     #[test]
-    fn gate_blocks_while_the_condition_is_false() {
-        let gate = gate(true, &[condition("False", "TLSSecretNotFound")]);
-        assert_eq!(
-            gate,
-            Gate::Blocked("SidecarTLSSecretReady is False: TLSSecretNotFound".to_owned())
-        );
+    fn gate_blocks_while_the_condition_is_false_or_unknown() {
+        for status in ["False", "Unknown"] {
+            let gate = gate(true, &[condition(status, "TLSSecretNotFound")]);
+            assert_eq!(gate, Gate::SecretNotReady, "{status}");
+        }
     }
 
     #[test]
     fn gate_blocks_while_the_condition_is_absent() {
-        assert!(
-            matches!(gate(true, &[]), Gate::Blocked(reason) if reason.contains("not been reported"))
-        );
+        assert_eq!(gate(true, &[]), Gate::AwaitingVerdict);
     }
 
     #[test]

@@ -18,7 +18,9 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use seinode_tls_crds::contract::required_dns_names;
 use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate, SecretVerdict};
-use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus};
+use seinode_tls_crds::{
+    PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus, TaskFailureReason,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -28,7 +30,7 @@ use crate::compact::Compact;
 use crate::config::ControllerConfig;
 use crate::decide::{
     Decision, IN_THE_WAY, ObjectState, Objects, Observed, Outcome, SIDECAR_TASK_RETRY, Settings,
-    decide,
+    TaskFailure, decide,
 };
 use crate::events::NodeEvent;
 use crate::leader::Leadership;
@@ -421,7 +423,7 @@ fn priority(node: &SeiNode) -> Priority {
                 .conditions
                 .iter()
                 .flatten()
-                .any(|c| c.type_ == SIDECAR_TLS_SECRET_READY && c.status == "True")
+                .any(|c| c.type_ == SIDECAR_TLS_SECRET_READY && crate::status::is_true(c))
     });
     if waiting {
         Priority::Urgent
@@ -803,7 +805,9 @@ async fn mark_sidecar_ready(
     {
         TaskProgress::Completed => Outcome::Done,
         TaskProgress::Waiting(why) => Outcome::Waiting(why),
-        TaskProgress::Failed(why) => Outcome::Failed(why),
+        TaskProgress::Failed(why) => {
+            Outcome::Failed(TaskFailure::new(TaskFailureReason::SidecarTaskFailed, why))
+        }
     }
 }
 
@@ -1075,7 +1079,12 @@ async fn run_task(
         Task::ApplyStatefulSet => {
             match resources::stateful_set(node, &ctx.config, ctx.client_ca.is_some()) {
                 Ok(sts) => ensure(ctx, node, &stamp(sts), state).await,
-                Err(error) => return Ok(Outcome::Failed(error)),
+                Err(error) => {
+                    return Ok(Outcome::Failed(TaskFailure::new(
+                        TaskFailureReason::InvalidSpec,
+                        error,
+                    )));
+                }
             }
         }
         // Called before the slot (see `reconcile_node`); observation decides the await.
@@ -1090,9 +1099,12 @@ async fn run_task(
             source: kube::Error::Api(status),
             ..
         }) if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) => {
-            Ok(Outcome::Failed(format!(
-                "the API server refused {kind} {namespace}/{name}: {} (HTTP {})",
-                status.message, status.code
+            Ok(Outcome::Failed(TaskFailure::new(
+                TaskFailureReason::RefusedByAPIServer,
+                format!(
+                    "the API server refused {kind} {namespace}/{name}: {} (HTTP {})",
+                    status.message, status.code
+                ),
             )))
         }
         other => other,
@@ -1118,9 +1130,12 @@ where
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let in_the_way = |why: &str| {
-        Outcome::Failed(format!(
-            "{kind} {namespace}/{name} {IN_THE_WAY}: {why}, and the controller only manages objects it created for this SeiNode. Delete or rename that {kind} (kubectl -n {namespace} delete {} {name}); the plan retries on its own.",
-            kind.to_lowercase()
+        Outcome::Failed(TaskFailure::new(
+            TaskFailureReason::ObjectInTheWay,
+            format!(
+                "{kind} {namespace}/{name} {IN_THE_WAY}: {why}, and the controller only manages objects it created for this SeiNode. Delete or rename that {kind} (kubectl -n {namespace} delete {} {name}); the plan retries on its own.",
+                kind.to_lowercase()
+            ),
         ))
     };
     match state {

@@ -29,6 +29,11 @@ impl ConditionStatus {
     }
 }
 
+/// Whether `condition` holds (its status is `True`).
+pub fn is_true(condition: &Condition) -> bool {
+    condition.status == ConditionStatus::True.as_str()
+}
+
 impl From<bool> for ConditionStatus {
     fn from(ok: bool) -> Self {
         if ok {
@@ -94,7 +99,7 @@ pub fn tls_condition(
 /// ready or not. False and Unknown are both "not ready", so a transient read failure of a
 /// Secret that was already failing tells nobody anything new.
 pub fn flipped(existing: Option<&Condition>, new: &Condition) -> bool {
-    existing.is_none_or(|existing| (existing.status == "True") != (new.status == "True"))
+    existing.is_none_or(|existing| is_true(existing) != is_true(new))
 }
 
 /// Replaces the condition of `condition.type_` in `conditions`, keeping the others.

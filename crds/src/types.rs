@@ -338,6 +338,27 @@ pub struct PlannedTask {
     /// Error is the error message if the task failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Reason says, for machines, why the task failed (the error says it for people).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<TaskFailureReason>,
+}
+
+/// Why a planned task failed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TaskFailureReason {
+    /// An object of the task's name exists and is not this node's: once it is deleted or
+    /// renamed, the plan retries on its own.
+    ObjectInTheWay,
+    /// The API server refused the object the controller built from the spec (HTTP 4xx other
+    /// than a conflict or throttling): the spec must change.
+    RefusedByAPIServer,
+    /// The spec cannot be turned into the node's objects (for example an invalid image): the
+    /// spec must change.
+    InvalidSpec,
+    /// The node's sidecar ran the task and reported it failed.
+    SidecarTaskFailed,
+    /// The plan names a task this controller does not know (written by another version).
+    UnknownTask,
 }
 
 impl SeiNode {
