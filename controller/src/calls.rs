@@ -6,9 +6,10 @@
 //! it; the node's next reconcile takes the result (each is used once). So no sidecar, however
 //! slow, holds a reconcile, a reconcile slot, or any other node's decision.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::runtime::reflector::ObjectRef;
@@ -16,7 +17,6 @@ use seinode_tls_crds::SeiNode;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::decide::Outcome;
-use crate::lock;
 use crate::sidecar::ProbeResult;
 
 /// What a call is for.
@@ -84,7 +84,7 @@ impl SidecarCalls {
 
     /// The finished result of a `kind` call for node `uid`, taken.
     pub fn take(&self, uid: &str, kind: CallKind) -> Option<Finished> {
-        let mut nodes = lock(&self.nodes);
+        let mut nodes = self.nodes.lock();
         let node = nodes.get_mut(uid)?;
         if node.done.as_ref().map(Finished::kind) == Some(kind) {
             node.done.take()
@@ -106,7 +106,7 @@ impl SidecarCalls {
         F: Future<Output = Finished> + Send + 'static,
     {
         {
-            let mut nodes = lock(&self.nodes);
+            let mut nodes = self.nodes.lock();
             let entry = nodes.entry(uid.to_owned()).or_default();
             if entry.in_flight.is_some() || entry.done.is_some() {
                 return;
@@ -125,7 +125,7 @@ impl SidecarCalls {
                         (self.nodes.clone(), self.wake.clone(), uid.to_owned());
                     tokio::spawn(async move {
                         tokio::time::sleep(wait).await;
-                        if let Some(entry) = lock(&nodes).get_mut(&uid) {
+                        if let Some(entry) = nodes.lock().get_mut(&uid) {
                             entry.wake_due = false;
                         }
                         let _ = wake.send(node);
@@ -147,7 +147,7 @@ impl SidecarCalls {
             };
             let finished = call.await;
             {
-                let mut nodes = lock(&nodes);
+                let mut nodes = nodes.lock();
                 let entry = nodes.entry(uid).or_default();
                 entry.in_flight = None;
                 entry.finished_at.insert(key(kind), Instant::now());
@@ -160,14 +160,15 @@ impl SidecarCalls {
 
     /// Whether a call of node `uid` is in flight.
     pub fn in_flight(&self, uid: &str) -> bool {
-        lock(&self.nodes)
+        self.nodes
+            .lock()
             .get(uid)
             .is_some_and(|n| n.in_flight.is_some())
     }
 
     /// Forgets nodes `keep` rejects (deleted ones).
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        lock(&self.nodes).retain(|uid, _| keep(uid));
+        self.nodes.lock().retain(|uid, _| keep(uid));
     }
 
     /// Stops handing out permits: calls not started yet end without calling.

@@ -1,7 +1,7 @@
 //! Which SeiNodes name which Secret, so a Secret event wakes exactly its nodes (no scan).
 
+use parking_lot::RwLock;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::RwLock;
 
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
@@ -56,7 +56,7 @@ fn entry(node: &SeiNode) -> ((String, String), Option<SecretKey>) {
 impl SecretIndex {
     /// Follows the SeiNode watch.
     pub fn apply(&self, event: &watcher::Event<SeiNode>) {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.write();
         match event {
             watcher::Event::Apply(node) => match entry(node) {
                 (key, Some(secret)) => inner.link(key, secret),
@@ -85,7 +85,7 @@ impl SecretIndex {
 
     /// Whether some node names Secret `namespace/name`.
     pub fn is_named(&self, namespace: &str, name: &str) -> bool {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.read();
         inner
             .by_secret
             .contains_key(&(namespace.to_owned(), name.to_owned()))
@@ -93,7 +93,7 @@ impl SecretIndex {
 
     /// The nodes that name Secret `namespace/name`.
     pub fn nodes_for(&self, namespace: &str, name: &str) -> Vec<ObjectRef<SeiNode>> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.read();
         inner
             .by_secret
             .get(&(namespace.to_owned(), name.to_owned()))

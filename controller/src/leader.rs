@@ -8,8 +8,9 @@
 //! since the start of its last successful renewal: a hung or failing renewal, or a paused
 //! process, cannot keep it writing after another replica could have taken over.
 
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -20,7 +21,6 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::config::LeaderElection;
-use crate::lock;
 
 /// Whether this replica may write now; cheap to clone and to ask.
 ///
@@ -71,7 +71,10 @@ impl Leadership {
             None => true,
             Some(shared) => {
                 (self.term == 0 || shared.epoch.load(Ordering::Acquire) == self.term)
-                    && lock(&shared.until).is_some_and(|until| Instant::now() < until)
+                    && shared
+                        .until
+                        .lock()
+                        .is_some_and(|until| Instant::now() < until)
             }
         }
     }
@@ -96,12 +99,12 @@ impl Leadership {
 
     fn lead_until(&self, until: Option<Instant>) {
         if let Some(shared) = &self.shared {
-            *lock(&shared.until) = until;
+            *shared.until.lock() = until;
         }
     }
 
     fn until(&self) -> Option<Instant> {
-        self.shared.as_ref().and_then(|shared| *lock(&shared.until))
+        self.shared.as_ref().and_then(|shared| *shared.until.lock())
     }
 }
 
@@ -112,12 +115,12 @@ pub struct LeaseContact(Arc<Mutex<Option<Instant>>>);
 
 impl LeaseContact {
     fn record(&self) {
-        *lock(&self.0) = Some(Instant::now());
+        *self.0.lock() = Some(Instant::now());
     }
 
     /// How long ago the last round completed; `None` before the first.
     pub fn since(&self) -> Option<Duration> {
-        lock(&self.0).map(|at| at.elapsed())
+        self.0.lock().map(|at| at.elapsed())
     }
 }
 

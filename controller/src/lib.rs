@@ -466,11 +466,6 @@ fn read_client_ca(path: &std::path::Path) -> Result<String, ControllerError> {
     Ok(pem)
 }
 
-/// Locks `mutex`, taking the data over from a holder that panicked.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The first 8 bytes of a SHA-256 of `parts`, in hex: a stable name for what they describe.
 pub(crate) fn short_digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
     use sha2::{Digest, Sha256};

@@ -6,8 +6,9 @@
 //! is its absolute notAfter, like the webhook's own serving certificate's, so an alert computes
 //! "expires within" with `time()` and one threshold.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use prometheus_client::collector::Collector;
@@ -78,8 +79,8 @@ impl TlsState {
         self.lock().retain(|(ns, name), _| exists(ns, name));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), NodeTls>> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<(String, String), NodeTls>> {
+        self.nodes.lock()
     }
 }
 

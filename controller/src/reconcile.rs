@@ -2,8 +2,9 @@
 //! (`decide`, pure), act (write the status with the resourceVersion it was decided from, then
 //! publish the events, then run at most one task and record it).
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
@@ -38,9 +39,9 @@ use crate::metrics::{ControllerMetrics, NodeTls, OutcomeLabels, ProbeLabels, Rec
 use crate::plan::{Task, next_task};
 use crate::resources;
 use crate::secrets::SecretJudge;
+use crate::short_digest;
 use crate::sidecar::{ProbeResult, SidecarClient, Target, TaskProgress, TlsTarget, task_id};
 use crate::slots::{Priority, Slots};
-use crate::{lock, short_digest};
 use seinode_tls_crds::versions::SecretVersions;
 
 /// Field manager of everything the controller applies.
@@ -187,7 +188,8 @@ pub struct Latest(Arc<Mutex<HashMap<String, Arc<SeiNode>>>>);
 impl Latest {
     /// Whether `node` is exactly the version the controller itself wrote or read last.
     pub fn is_own(&self, node: &SeiNode) -> bool {
-        lock(&self.0)
+        self.0
+            .lock()
             .get(&uid(node))
             .is_some_and(|ours| ours.metadata.resource_version == node.metadata.resource_version)
     }
@@ -246,7 +248,7 @@ impl Context {
     /// The newest version of `cached` this controller knows: its own last write, unless the
     /// watch has caught up with it or the spec moved on since.
     fn newest(&self, cached: Arc<SeiNode>) -> Arc<SeiNode> {
-        let mut latest = lock(&self.latest.0);
+        let mut latest = self.latest.0.lock();
         let key = uid(&cached);
         match latest.get(&key) {
             Some(ours)
@@ -278,11 +280,11 @@ impl Context {
         self.metrics
             .tls
             .retain(|ns, name| self.store.get(&ObjectRef::new(name).within(ns)).is_some());
-        lock(&self.failures).retain(|u, _| uids.contains(u));
-        lock(&self.expiry_warned).retain(|u, _| uids.contains(u));
-        lock(&self.seen).retain(|u| uids.contains(u));
-        lock(&self.latest.0).retain(|u, _| uids.contains(u));
-        lock(&self.unsent).retain(|u, _| uids.contains(u));
+        self.failures.lock().retain(|u, _| uids.contains(u));
+        self.expiry_warned.lock().retain(|u, _| uids.contains(u));
+        self.seen.lock().retain(|u| uids.contains(u));
+        self.latest.0.lock().retain(|u, _| uids.contains(u));
+        self.unsent.lock().retain(|u, _| uids.contains(u));
         self.calls.retain(|u| uids.contains(u));
         self.sidecar.retain_hosts(|host| hosts.contains(host));
         self.secrets
@@ -328,7 +330,7 @@ pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, 
         .inc();
     match result {
         Ok(Step::Done(action)) => {
-            lock(&ctx.failures).remove(&uid(&node));
+            ctx.failures.lock().remove(&uid(&node));
             Ok(action)
         }
         // The Secret could not be read: like an error, with backoff, without logging one.
@@ -351,7 +353,7 @@ pub fn error_policy(node: Arc<SeiNode>, error: &Error, ctx: Arc<Context>) -> Act
 }
 
 fn backoff(ctx: &Context, node: &SeiNode) -> Duration {
-    let mut failures = lock(&ctx.failures);
+    let mut failures = ctx.failures.lock();
     let count = failures.entry(uid(node)).or_insert(0);
     *count = count.saturating_add(1);
     jittered(*count)
@@ -402,7 +404,7 @@ async fn reconcile_newest(
                     return Ok(Step::Done(Action::await_change()));
                 };
                 let fresh = Arc::new(fresh);
-                lock(&ctx.latest.0).insert(uid(&fresh), fresh.clone());
+                ctx.latest.0.lock().insert(uid(&fresh), fresh.clone());
                 node = fresh;
             }
         }
@@ -477,17 +479,18 @@ async fn reconcile_node(
             // reads). Nothing is held meanwhile: the events wait in `unsent`, which the node's
             // next reconcile sends first (a successor process re-sends recent flips itself).
             if !decision.events.is_empty() {
-                lock(&ctx.unsent)
+                ctx.unsent
+                    .lock()
                     .entry(uid(node))
                     .or_default()
                     .extend(decision.events.iter().cloned());
             }
-            lock(&ctx.seen).insert(uid(node));
+            ctx.seen.lock().insert(uid(node));
             return Ok(Some(Step::Done(Action::requeue(Duration::ZERO))));
         }
         publish(ctx, &current, &decision.events).await;
         if observed.first_sight {
-            lock(&ctx.seen).insert(uid(node));
+            ctx.seen.lock().insert(uid(node));
         }
         base = decision.status.clone();
         observed.first_sight = false;
@@ -543,7 +546,7 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
     let name = node.name_any();
     let mut observed = Observed {
         leading: ctx.leadership.is_leading(),
-        first_sight: !lock(&ctx.seen).contains(&uid(node)),
+        first_sight: !ctx.seen.lock().contains(&uid(node)),
         objects: objects(node, ctx),
         ..Observed::default()
     };
@@ -553,7 +556,7 @@ async fn observe(node: &SeiNode, base: &SeiNodeStatus, ctx: &Context, now: Times
             observed.not_before = Some(usable.valid_from());
         }
         observed.expiry_warned = verdict.not_after.is_some_and(|not_after| {
-            lock(&ctx.expiry_warned).get(&uid(node)) == Some(&not_after.as_second())
+            ctx.expiry_warned.lock().get(&uid(node)) == Some(&not_after.as_second())
         });
         ctx.metrics.tls.set(
             &namespace,
@@ -1225,7 +1228,7 @@ async fn write_status(
     match api.replace_status(&node.name_any(), &params, &next).await {
         Ok(written) => {
             let written = Arc::new(written);
-            lock(&ctx.latest.0).insert(uid(node), written.clone());
+            ctx.latest.0.lock().insert(uid(node), written.clone());
             Ok(Some(written))
         }
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
@@ -1258,7 +1261,9 @@ async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
             return;
         }
         if let NodeEvent::CertificateExpiring { not_after, .. } = event {
-            lock(&ctx.expiry_warned).insert(uid(node), not_after.as_second());
+            ctx.expiry_warned
+                .lock()
+                .insert(uid(node), not_after.as_second());
         }
         let object = event.to_object(regarding.clone(), &ctx.config.reporter, &ctx.instance, now);
         match api.create(&PostParams::default(), &object).await {
@@ -1273,7 +1278,8 @@ async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
     // Added to what waits already (events put back earlier in this reconcile included): the
     // pending ones are taken out only by `send_unsent`, which sends them.
     if !failed.is_empty() {
-        lock(&ctx.unsent)
+        ctx.unsent
+            .lock()
             .entry(uid(node))
             .or_default()
             .extend(failed);
@@ -1281,7 +1287,7 @@ async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
 }
 
 async fn send_unsent(ctx: &Context, node: &SeiNode) {
-    let pending = lock(&ctx.unsent).remove(&uid(node));
+    let pending = ctx.unsent.lock().remove(&uid(node));
     if let Some(pending) = pending {
         publish(ctx, node, &pending).await;
     }

@@ -88,7 +88,7 @@ impl SecretJudge {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -126,9 +126,8 @@ mod tests {
                             .find_map(|pair| pair.strip_prefix("resourceVersion="))
                             .map(str::to_owned)
                     });
-                    crate::lock(&api.asked).push(version);
-                    let (code, body) =
-                        seinode_tls_testkit::get_answer(crate::lock(&api.secret).as_ref());
+                    api.asked.lock().push(version);
+                    let (code, body) = seinode_tls_testkit::get_answer(api.secret.lock().as_ref());
                     http::Response::builder()
                         .status(code)
                         .header("content-type", "application/json")
@@ -143,7 +142,7 @@ mod tests {
         fn put(&self, secret: &Secret, version: &str) -> PartialObjectMeta<Secret> {
             let mut secret = secret.clone();
             secret.metadata.resource_version = Some(version.to_owned());
-            *crate::lock(&self.secret) = Some(secret.clone());
+            *self.secret.lock() = Some(secret.clone());
             PartialObjectMeta {
                 types: None,
                 metadata: ObjectMeta {
@@ -160,7 +159,7 @@ mod tests {
 
         /// The versions the reads since the last call asked for (`None`: a quorum read).
         fn asked(&self) -> Vec<Option<String>> {
-            std::mem::take(&mut *crate::lock(&self.asked))
+            std::mem::take(&mut *self.asked.lock())
         }
     }
 
@@ -216,7 +215,7 @@ mod tests {
 
         // Deleted: read (and found missing) every time.
         let gone = api.put(&broken, "2");
-        *crate::lock(&api.secret) = None;
+        *api.secret.lock() = None;
         versions.apply(&watcher::Event::Delete(gone));
         assert_eq!(reason(verdict().await), Reason::NotFound);
         assert_eq!(reason(verdict().await), Reason::NotFound);
@@ -227,7 +226,7 @@ mod tests {
         assert_eq!(reason(verdict().await), Reason::Ready);
         assert_eq!(reason(verdict().await), Reason::Ready);
         assert_eq!(api.reads(), 6);
-        *crate::lock(&api.secret) = None;
+        *api.secret.lock() = None;
         versions.apply(&watcher::Event::Init);
         versions.apply(&watcher::Event::InitDone);
         assert_eq!(reason(verdict().await), Reason::NotFound);

@@ -18,9 +18,10 @@
 //! With TLS the trust anchor is the Secret's `ca.crt`, else `--sidecar-ca-bundle`, else the
 //! Secret's exact leaf (pinning). Without TLS the calls are plain HTTP to the sidecar's port.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -35,7 +36,6 @@ use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::{SIDECAR_HEALTH_PATH, SidecarClientFiles};
-use crate::lock;
 
 /// The most of a sidecar's answer the controller reads; the rest is never received.
 pub const BODY_LIMIT: usize = 4096;
@@ -55,7 +55,7 @@ pub struct SidecarAddresses {
 impl std::fmt::Debug for SidecarAddresses {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SidecarAddresses")
-            .field("fixed", &self.table.read().map(|t| t.len()).unwrap_or(0))
+            .field("fixed", &self.table.read().len())
             .field("pod_ips_filtered", &self.pod_ips.is_some())
             .finish()
     }
@@ -72,10 +72,7 @@ impl SidecarAddresses {
 
     /// Dials `addr` for the pod named `host`, whatever the API says of the Pod.
     pub fn set(&self, host: &str, addr: SocketAddr) {
-        self.table
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(host.to_owned(), addr);
+        self.table.write().insert(host.to_owned(), addr);
     }
 
     /// Where to dial the pod `host` on `port`, given the IP its Pod reports (if any).
@@ -85,12 +82,7 @@ impl SidecarAddresses {
         pod_ip: Option<IpAddr>,
         port: u16,
     ) -> Result<SocketAddr, String> {
-        if let Some(addr) = self
-            .table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(host)
-        {
+        if let Some(addr) = self.table.read().get(host) {
             return Ok(*addr);
         }
         let ip = pod_ip.ok_or_else(|| format!("pod {host} has no IP yet"))?;
@@ -279,7 +271,8 @@ impl SidecarClient {
             .call(target, config, Method::GET, SIDECAR_HEALTH_PATH, None)
             .await;
         let served_other = match (&target.tls, &seen) {
-            (Some(tls), Some(seen)) => lock(seen)
+            (Some(tls), Some(seen)) => seen
+                .lock()
                 .take()
                 .is_some_and(|served| served != tls.leaf_der),
             _ => false,
@@ -383,7 +376,7 @@ impl SidecarClient {
     fn probe_config(&self, host: &str, tls: &TlsTarget) -> Result<Arc<ProbeTls>, String> {
         let trust = self.trust(tls);
         let key = trust_digest(&trust, &tls.leaf_der);
-        let mut configs = lock(&self.probe_tls);
+        let mut configs = self.probe_tls.lock();
         if let Some(entry) = configs.get(host).filter(|e| e.key == key) {
             return Ok(entry.clone());
         }
@@ -482,7 +475,7 @@ impl SidecarClient {
 
     /// Forgets the probe configurations of pods `keep` rejects (deleted nodes).
     pub fn retain_hosts(&self, keep: impl Fn(&str) -> bool) {
-        lock(&self.probe_tls).retain(|host, _| keep(host));
+        self.probe_tls.lock().retain(|host, _| keep(host));
     }
 }
 
@@ -740,7 +733,7 @@ impl ServerCertVerifier for RecordingVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        *lock(&self.seen) = Some(end_entity.to_vec());
+        *self.seen.lock() = Some(end_entity.to_vec());
         match &self.mode {
             VerifyMode::Roots(verifier) => {
                 verifier.verify_server_cert(

@@ -9,12 +9,10 @@
 //! about its Secret) takes a free slot before any other. A node whose Secret has just been judged
 //! ready ends its reconcile there and is queued again, as normal work (see `reconcile`).
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use tokio::sync::oneshot;
-
-use crate::lock;
 
 /// Which reconciles a free slot goes to first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +65,7 @@ impl Slots {
     /// once the slots are closed.
     pub async fn acquire(&self, priority: Priority) -> Option<Slot<'_>> {
         let handed = {
-            let mut state = lock(&self.state);
+            let mut state = self.state.lock();
             if state.closed {
                 return None;
             }
@@ -100,7 +98,7 @@ impl Slots {
     /// Ends every wait with `None`, now and later: the term is over, so queued reconciles end
     /// without API work instead of holding up the controller's shutdown.
     pub fn close(&self) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         state.closed = true;
         state.urgent.clear();
         state.normal.clear();
@@ -108,7 +106,7 @@ impl Slots {
 
     /// Hands the slot to the first waiter still waiting, or frees it.
     fn release(&self) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         while let Some(waiter) = state
             .urgent
             .pop_front()

@@ -1,9 +1,10 @@
 //! The one parse-once store of Secret inspections, shared by the webhook's cache and the
 //! controller's Secret reads: a Secret's content is parsed once per resourceVersion.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use k8s_openapi::api::core::v1::Secret;
 
@@ -39,7 +40,7 @@ impl Inspections {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Key, (String, Arc<InspectedSecret>)>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        self.held.lock()
     }
 
     /// The inspection of this version of `secret`: the held one, or a new one (kept as `keep`

@@ -2,8 +2,8 @@
 //! it: what the webhook's Secret cache and the controller's Secret reads compare a held
 //! inspection against (an inspection of exactly that version is the Secret as it stands).
 
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::collections::HashMap;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -32,11 +32,11 @@ struct State {
 
 impl SecretVersions {
     fn read(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+        self.state.read()
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
+        self.state.write()
     }
 
     /// Follows one event of the Secret watch.
@@ -257,7 +257,7 @@ mod tests {
     }
 
     /// The version each read asked for (`None`: a quorum read).
-    type Asked = std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>;
+    type Asked = std::sync::Arc<parking_lot::Mutex<Vec<Option<String>>>>;
 
     /// An API server that answers a read at a version from `cached` (never, if `None`) and a
     /// quorum read with the Secret at version 9; records the version each read asked for.
@@ -271,7 +271,7 @@ mod tests {
                     .find_map(|pair| pair.strip_prefix("resourceVersion="))
                     .map(str::to_owned)
             });
-            seen.lock().unwrap().push(version.clone());
+            seen.lock().push(version.clone());
             async move {
                 let answer = match version {
                     Some(_) => match cached {
@@ -309,7 +309,7 @@ mod tests {
             version_of(read_secret(&api, "a", None).await).as_deref(),
             Some("9")
         );
-        assert_eq!(*asked.lock().unwrap(), [Some("4".to_owned()), None]);
+        assert_eq!(*asked.lock(), [Some("4".to_owned()), None]);
     }
 
     /// A lagging watch cache holds the read up to 3 s and then answers 504, which the client
@@ -323,7 +323,7 @@ mod tests {
             .expect("the read waited on the cache instead of reading from etcd");
         assert_eq!(version_of(read).as_deref(), Some("9"));
         assert!(started.elapsed() >= CACHE_READ_PATIENCE);
-        assert_eq!(*asked.lock().unwrap(), [Some("4".to_owned()), None]);
+        assert_eq!(*asked.lock(), [Some("4".to_owned()), None]);
     }
 
     #[test]

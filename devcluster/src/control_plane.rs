@@ -12,13 +12,13 @@
 //! process stops them too if this process dies without dropping it (SIGKILL, or a test binary
 //! exiting with the control plane in a static).
 
+use parking_lot::Mutex;
 use std::fs::{self, File};
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -443,12 +443,7 @@ impl ControlPlane {
             watchdog: Mutex::new(Watchdog::spawn(dir_lock.try_clone().ok())),
             _dir_lock: dir_lock.try_clone().map_err(io(dir))?,
         };
-        if let Some(w) = started
-            .watchdog
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(w) = started.watchdog.get_mut().as_mut() {
             w.watch_dir(dir);
         }
         started.add(spawn(
@@ -577,18 +572,10 @@ impl ControlPlane {
         child: Result<(&'static str, Child, Recipe), ControlPlaneError>,
     ) -> Result<(), ControlPlaneError> {
         let (name, child, recipe) = child?;
-        if let Some(w) = self
-            .watchdog
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(w) = self.watchdog.get_mut().as_mut() {
             w.watch_pid(child.id());
         }
-        self.components
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((name, child));
+        self.components.get_mut().push((name, child));
         self.recipes.push(recipe);
         Ok(())
     }
@@ -607,7 +594,7 @@ impl ControlPlane {
             .position(|r| r.component == component)
             .ok_or(ControlPlaneError::UnknownComponent(component.to_owned()))?;
         {
-            let mut components = self.components.lock().unwrap_or_else(|e| e.into_inner());
+            let mut components = self.components.lock();
             let child = &mut components[index].1;
             let _ = child.kill();
             let _ = child.wait();
@@ -617,15 +604,10 @@ impl ControlPlane {
         let mut command = Command::new(&recipe.program);
         command.args(&recipe.args);
         let (_, child, _) = spawn(recipe.component, &mut command, &recipe.log, true)?;
-        if let Some(w) = self
-            .watchdog
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(w) = self.watchdog.lock().as_mut() {
             w.watch_pid(child.id());
         }
-        self.components.lock().unwrap_or_else(|e| e.into_inner())[index].1 = child;
+        self.components.lock()[index].1 = child;
         let client = client_from_kubeconfig(&self.kubeconfig).await?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -645,7 +627,7 @@ impl ControlPlane {
 
     /// A component that exited, with its log's tail, as an error.
     fn exited(&mut self, logs: &[PathBuf]) -> Option<ControlPlaneError> {
-        let components = self.components.get_mut().unwrap_or_else(|e| e.into_inner());
+        let components = self.components.get_mut();
         for ((component, child), log) in components.iter_mut().rev().zip(logs.iter().rev()) {
             if let Ok(Some(status)) = child.try_wait() {
                 return Some(ControlPlaneError::Died {
@@ -807,18 +789,13 @@ impl ControlPlane {
 
     /// Process ids of the components, in start order.
     pub fn pids(&self) -> Vec<u32> {
-        self.components
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(_, c)| c.id())
-            .collect()
+        self.components.lock().iter().map(|(_, c)| c.id()).collect()
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        let components = self.components.get_mut().unwrap_or_else(|e| e.into_inner());
+        let components = self.components.get_mut();
         for (_, child) in components.iter_mut().rev() {
             stop(child);
         }

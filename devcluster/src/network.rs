@@ -10,12 +10,13 @@
 //! A cluster owns its /24 through a lock file in `/run/seinode-tls`; a bridge whose lock nobody
 //! holds was left by a process that died, and is removed before the range is reused.
 
+use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -165,7 +166,7 @@ impl PodNetwork {
     /// default route: a Pod reaches its /24 and nothing else.
     pub fn sandbox(&self, pod_uid: &str) -> Result<Sandbox, NetworkError> {
         let (host_octet, n) = {
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pool = self.pool.lock();
             let octet = (2..=254u8)
                 .find(|o| !pool.used.contains(o))
                 .ok_or_else(|| NetworkError::NoFreeAddress {
@@ -237,7 +238,7 @@ impl Sandbox {
     pub fn remove(&self) {
         remove_netns(&self.netns);
         let _ = ip(&["link", "del", &self.host_veth]);
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = self.pool.lock();
         if let Some(octet) = self.ip.octets().get(3) {
             pool.used.remove(octet);
         }

@@ -40,13 +40,14 @@
 //! `SEI_GENESIS_BUCKET`, `SEI_GENESIS_REGION`, `SEI_SNAPSHOT_BUCKET` and `SEI_SNAPSHOT_REGION`,
 //! which only its tasks use; the stand-in requires none of them.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -137,11 +138,7 @@ impl StandInSidecar {
 
     /// Every request received so far.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.shared
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.requests.lock().clone()
     }
 }
 
@@ -172,11 +169,7 @@ async fn record(
             .collect(),
     };
     let health = recorded.path == SIDECAR_HEALTHZ_PATH;
-    shared
-        .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(recorded);
+    shared.requests.lock().push(recorded);
     if !health {
         return StatusCode::NOT_FOUND;
     }
@@ -496,11 +489,11 @@ struct SidecarState {
 
 impl SidecarState {
     fn engine(&self) -> MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+        self.engine.lock()
     }
 
     fn rejections(&self) -> MutexGuard<'_, BTreeMap<&'static str, u64>> {
-        self.rejections.lock().unwrap_or_else(|e| e.into_inner())
+        self.rejections.lock()
     }
 }
 

@@ -571,10 +571,10 @@ mod tests {
     ) {
         let (arrived_tx, arrived_rx) = tokio::sync::mpsc::unbounded_channel();
         let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-        let release = Arc::new(std::sync::Mutex::new(Some(release_rx)));
+        let release = Arc::new(parking_lot::Mutex::new(Some(release_rx)));
         let service = tower::service_fn(move |_: http::Request<kube::client::Body>| {
             let _ = arrived_tx.send(());
-            let release = release.lock().unwrap().take();
+            let release = release.lock().take();
             let answer = answer.clone();
             async move {
                 if let Some(release) = release {

@@ -14,12 +14,13 @@
 //!   trickling body holds no slot); over it a request is shed with `429 Too Many Requests` and
 //!   `Retry-After`, which the API server's client retries within the webhook's `timeoutSeconds`.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -78,7 +79,7 @@ impl ConnectionSlots {
     /// A slot for a connection from `source`, unless a cap is reached.
     pub fn try_admit(self: &Arc<Self>, source: IpAddr) -> Option<ConnectionSlot> {
         let source = source.to_canonical();
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open = self.open.lock();
         let (total, per_source) = &mut *open;
         let from_source = per_source.entry(source).or_insert(0);
         if *total >= self.max_connections || *from_source >= self.max_per_source {
@@ -104,11 +105,7 @@ pub struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut open = self
-            .slots
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut open = self.slots.open.lock();
         let (total, per_source) = &mut *open;
         *total = total.saturating_sub(1);
         if let Some(count) = per_source.get_mut(&self.source) {
