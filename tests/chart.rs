@@ -1190,3 +1190,93 @@ fn the_per_node_alerts_name_the_nodes_namespace() {
     );
     promtool_test_rules("promtool-nodes", &tests);
 }
+
+/// The helm test's ServiceAccount (templates/tests/check.yaml) may read, by name, what
+/// `seinode-tls check` reads and nothing else; of writes, only access reviews and SeiNodes,
+/// and its policy lets a SeiNode through only as a dry run.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_helm_tests_service_account_reads_what_check_reads_and_sends_only_dry_runs() {
+    // Applies every ServiceAccount, role, binding and policy the chart renders, the test's too.
+    install_rbac_and_policy();
+    let user = format!("system:serviceaccount:{RELEASE_NS}:{RELEASE}-test");
+    for allowed in [
+        &[
+            "get",
+            "customresourcedefinitions.apiextensions.k8s.io/seinodes.sei.io",
+        ][..],
+        &[
+            "get",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io/seinode-tls",
+        ],
+        &[
+            "get",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io/seinode-tls",
+        ],
+        &["get", "namespaces/default"],
+        &["create", "subjectaccessreviews.authorization.k8s.io"],
+        &["create", "seinodes.sei.io", "-n", "default"],
+        &["get", "deployments.apps/seinode-tls", "-n", RELEASE_NS],
+        &[
+            "get",
+            "leases.coordination.k8s.io/seinode-tls",
+            "-n",
+            RELEASE_NS,
+        ],
+    ] {
+        assert!(can_i_as(&user, allowed), "{allowed:?} is allowed");
+    }
+    for denied in [
+        &["get", "secrets", "-n", RELEASE_NS][..],
+        &["list", "seinodes.sei.io", "-A"],
+        &["get", "seinodes.sei.io", "-n", "default"],
+        &["delete", "seinodes.sei.io", "-n", "default"],
+        &["update", "seinodes.sei.io", "-n", "default"],
+        &[
+            "get",
+            "customresourcedefinitions.apiextensions.k8s.io/other.example.com",
+        ],
+        &[
+            "get",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io/other",
+        ],
+        &["list", "namespaces"],
+        &["create", "pods", "-n", RELEASE_NS],
+        &["get", "deployments.apps/other", "-n", RELEASE_NS],
+        &[
+            "update",
+            "leases.coordination.k8s.io/seinode-tls",
+            "-n",
+            RELEASE_NS,
+        ],
+    ] {
+        assert!(!can_i_as(&user, denied), "{denied:?} is denied");
+    }
+
+    let client = common::client().await;
+    let ns = common::namespace(&client, "helm-test").await;
+    let node = serde_json::to_string(&common::plain_node(&ns, "dry")).unwrap();
+    let as_user = format!("--as={user}");
+    let out = common::kubectl(&["create", "--dry-run=server", &as_user, "-f", "-"], &node);
+    assert!(out.status.success(), "a dry run: {}", text(&out.stderr));
+    // The policy is enforced once the API server has loaded it: until then a create may go
+    // through, which is undone and tried again.
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
+    let (out, refused) = common::poll(
+        WAIT,
+        || async {
+            let out = common::kubectl(&["create", &as_user, "-f", "-"], &node);
+            if out.status.success() {
+                nodes.delete("dry", &Default::default()).await.unwrap();
+            }
+            out
+        },
+        |out| !out.status.success(),
+    )
+    .await;
+    assert!(refused, "a real create went through: {}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("sends SeiNodes as dry runs only"),
+        "{}",
+        text(&out.stderr)
+    );
+}
