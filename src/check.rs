@@ -741,8 +741,9 @@ pub fn lease_verdict(what: &str, lease: &Lease, now: Timestamp) -> CheckResult {
 // === RBAC ===
 
 /// What the controller must be allowed, cluster-wide or in each watched namespace (the chart's
-/// `seinode-tls.rules`), and on Leases in the release namespace.
-const RULES: &[(&str, &str, &[&str])] = &[
+/// `seinode-tls.rules`; tests/chart.rs keeps the two equal), and on Leases in the release
+/// namespace: (API group, resource or resource/subresource, verbs).
+pub const RULES: &[(&str, &str, &[&str])] = &[
     ("sei.io", "seinodes", &["get", "list", "watch"]),
     ("sei.io", "seinodes/status", &["update"]),
     ("", "secrets", &["get", "list", "watch"]),
@@ -760,7 +761,95 @@ const RULES: &[(&str, &str, &[&str])] = &[
     ("", "pods", &["get", "list", "watch"]),
     ("events.k8s.io", "events", &["create"]),
 ];
-const LEASE_VERBS: &[&str] = &["get", "create", "update"];
+pub const LEASE_VERBS: &[&str] = &["get", "create", "update"];
+
+/// One question for the API server: may the controller `verb` `resource` there?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// `None`: cluster-wide (every namespace).
+    pub namespace: Option<String>,
+    pub group: &'static str,
+    /// `resource` or `resource/subresource`.
+    pub resource: &'static str,
+    pub verb: &'static str,
+}
+
+impl Access {
+    /// The SubjectAccessReview that asks it for ServiceAccount `account` of `sa_namespace`,
+    /// with the groups the API server gives every ServiceAccount.
+    pub fn review(&self, sa_namespace: &str, account: &str) -> SubjectAccessReview {
+        let (resource, subresource) = match self.resource.split_once('/') {
+            Some((resource, sub)) => (resource, Some(sub.to_owned())),
+            None => (self.resource, None),
+        };
+        SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(format!("system:serviceaccount:{sa_namespace}:{account}")),
+                groups: Some(vec![
+                    "system:serviceaccounts".to_owned(),
+                    format!("system:serviceaccounts:{sa_namespace}"),
+                    "system:authenticated".to_owned(),
+                ]),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(self.group.to_owned()),
+                    resource: Some(resource.to_owned()),
+                    subresource,
+                    verb: Some(self.verb.to_owned()),
+                    namespace: self.namespace.clone(),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        }
+    }
+}
+
+impl std::fmt::Display for Access {
+    /// `update sei.io/seinodes/status in sei`, `get core/secrets cluster-wide`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            self.group
+        };
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {group}/{} in {ns}", self.verb, self.resource),
+            None => write!(f, "{} {group}/{} cluster-wide", self.verb, self.resource),
+        }
+    }
+}
+
+/// Everything the controller needs: [`RULES`] cluster-wide or in each of `watched`, and
+/// [`LEASE_VERBS`] on Leases in the release namespace.
+pub fn needed_access(release_namespace: &str, watched: Option<&[String]>) -> Vec<Access> {
+    let scopes: Vec<Option<String>> = match watched {
+        Some(namespaces) => namespaces.iter().cloned().map(Some).collect(),
+        None => vec![None],
+    };
+    let mut needed = Vec::new();
+    for namespace in scopes {
+        for (group, resource, verbs) in RULES {
+            for verb in *verbs {
+                needed.push(Access {
+                    namespace: namespace.clone(),
+                    group,
+                    resource,
+                    verb,
+                });
+            }
+        }
+    }
+    for verb in LEASE_VERBS {
+        needed.push(Access {
+            namespace: Some(release_namespace.to_owned()),
+            group: "coordination.k8s.io",
+            resource: "leases",
+            verb,
+        });
+    }
+    needed
+}
 
 async fn check_rbac(
     client: &kube::Client,
@@ -770,73 +859,19 @@ async fn check_rbac(
     const CHECK: &str = "rbac";
     let account = args.service_account.as_deref().unwrap_or(&args.name);
     let user = format!("system:serviceaccount:{}:{account}", args.namespace);
-    let scopes: Vec<Option<String>> = match watched {
-        Some(namespaces) => namespaces.iter().cloned().map(Some).collect(),
-        None => vec![None],
-    };
-    let mut questions = Vec::new();
-    for scope in &scopes {
-        for (group, resource, verbs) in RULES {
-            for verb in *verbs {
-                questions.push((scope.clone(), *group, *resource, *verb));
-            }
-        }
-    }
-    for verb in LEASE_VERBS {
-        questions.push((
-            Some(args.namespace.clone()),
-            "coordination.k8s.io",
-            "leases",
-            verb,
-        ));
-    }
+    let needed = needed_access(&args.namespace, watched);
     let reviews = Api::<SubjectAccessReview>::all(client.clone());
+    let answers = futures::future::join_all(needed.iter().map(|access| {
+        let review = access.review(&args.namespace, account);
+        let reviews = reviews.clone();
+        async move { reviews.create(&PostParams::default(), &review).await }
+    }))
+    .await;
     let mut denied = Vec::new();
-    for (namespace, group, resource, verb) in &questions {
-        let (resource, subresource) = match resource.split_once('/') {
-            Some((r, s)) => (r, Some(s.to_owned())),
-            None => (*resource, None),
-        };
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(user.clone()),
-                groups: Some(vec![
-                    "system:serviceaccounts".to_owned(),
-                    format!("system:serviceaccounts:{}", args.namespace),
-                    "system:authenticated".to_owned(),
-                ]),
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some((*group).to_owned()),
-                    resource: Some(resource.to_owned()),
-                    subresource,
-                    verb: Some((*verb).to_owned()),
-                    namespace: namespace.clone(),
-                    ..ResourceAttributes::default()
-                }),
-                ..SubjectAccessReviewSpec::default()
-            },
-            ..SubjectAccessReview::default()
-        };
-        match reviews.create(&PostParams::default(), &review).await {
+    for (access, answer) in needed.iter().zip(answers) {
+        match answer {
             Ok(answer) if answer.status.as_ref().is_some_and(|s| s.allowed) => {}
-            Ok(_) => {
-                let group = if group.is_empty() { "core" } else { group };
-                let where_ = namespace
-                    .as_deref()
-                    .map_or_else(|| "cluster-wide".to_owned(), |ns| format!("in {ns}"));
-                denied.push(format!(
-                    "{verb} {group}/{resource}{} {where_}",
-                    match &review
-                        .spec
-                        .resource_attributes
-                        .as_ref()
-                        .and_then(|r| r.subresource.clone())
-                    {
-                        Some(s) => format!("/{s}"),
-                        None => String::new(),
-                    }
-                ));
-            }
+            Ok(_) => denied.push(access.to_string()),
             Err(e) => {
                 return read_failed(
                     CHECK,
@@ -849,31 +884,30 @@ async fn check_rbac(
         }
     }
     if denied.is_empty() {
-        CheckResult::ok(
+        return CheckResult::ok(
             CHECK,
             format!(
                 "{user} may do the {} things the controller does",
-                questions.len()
+                needed.len()
             ),
-        )
-    } else {
-        let shown: Vec<&str> = denied.iter().take(6).map(String::as_str).collect();
-        let more = denied.len().saturating_sub(shown.len());
-        CheckResult::failed(
-            CHECK,
-            format!(
-                "{user} may not {}{}",
-                shown.join(", "),
-                if more > 0 {
-                    format!(" and {more} more")
-                } else {
-                    String::new()
-                }
-            ),
-            "restore the chart's ClusterRole/Role and bindings (`helm upgrade`), or give \
-             --service-account if serviceAccount.name is set",
-        )
+        );
     }
+    let shown = denied
+        .iter()
+        .take(6)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = match denied.len().saturating_sub(6) {
+        0 => String::new(),
+        more => format!(" and {more} more"),
+    };
+    CheckResult::failed(
+        CHECK,
+        format!("{user} may not {shown}{more}"),
+        "restore the chart's ClusterRole/Role and bindings (`helm upgrade`), or give \
+         --service-account if serviceAccount.name is set",
+    )
 }
 
 #[cfg(test)]
@@ -1060,5 +1094,44 @@ mod tests {
         )];
         let verdict = registration_verdict("v", "V", VALIDATING_WEBHOOK, &empty, &args, now);
         assert!(!verdict.ok && verdict.message.contains("caBundle is empty"));
+    }
+
+    #[test]
+    fn the_controllers_access_is_asked_where_it_watches_and_on_its_lease() {
+        let cluster = needed_access("sys", None);
+        let verbs: usize = RULES.iter().map(|(_, _, verbs)| verbs.len()).sum();
+        assert_eq!(cluster.len(), verbs + LEASE_VERBS.len());
+        assert!(cluster[..verbs].iter().all(|a| a.namespace.is_none()));
+        let watched = ["a".to_owned(), "b".to_owned()];
+        let namespaced = needed_access("sys", Some(&watched));
+        assert_eq!(namespaced.len(), 2 * verbs + LEASE_VERBS.len());
+        assert_eq!(
+            namespaced.last().unwrap().to_string(),
+            "update coordination.k8s.io/leases in sys"
+        );
+
+        let status = cluster
+            .iter()
+            .find(|a| a.resource == "seinodes/status")
+            .unwrap();
+        assert_eq!(
+            status.to_string(),
+            "update sei.io/seinodes/status cluster-wide"
+        );
+        let review = status.review("sys", "seinode-tls");
+        let attributes = review.spec.resource_attributes.unwrap();
+        assert_eq!(
+            (
+                attributes.resource.as_deref(),
+                attributes.subresource.as_deref()
+            ),
+            (Some("seinodes"), Some("status"))
+        );
+        assert_eq!(
+            review.spec.user.as_deref(),
+            Some("system:serviceaccount:sys:seinode-tls")
+        );
+        let secrets = cluster.iter().find(|a| a.resource == "secrets").unwrap();
+        assert_eq!(secrets.to_string(), "get core/secrets cluster-wide");
     }
 }

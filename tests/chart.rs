@@ -1280,3 +1280,72 @@ async fn the_helm_tests_service_account_reads_what_check_reads_and_sends_only_dr
         text(&out.stderr)
     );
 }
+
+/// The (group, resource, verb) triples the rendered `kind` named `name` grants.
+fn granted(
+    rendered: &str,
+    kind: &str,
+    name: &str,
+) -> std::collections::BTreeSet<(String, String, String)> {
+    let documents = documents_of(rendered, &[kind]);
+    let role = documents
+        .split("\n---")
+        .map(|doc| doc.trim_start_matches("---\n").trim_start_matches('\n'))
+        .filter(|doc| !doc.trim().is_empty())
+        .map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).unwrap())
+        .find(|role| role["kind"] == kind && role["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the chart"));
+    let strings = |value: &serde_json::Value| -> Vec<String> {
+        value
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut triples = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    triples.insert((group.clone(), resource.clone(), verb));
+                }
+            }
+        }
+    }
+    triples
+}
+
+/// `seinode-tls check` asks the API server about exactly what the chart grants the controller,
+/// so the two cannot drift apart.
+#[test]
+fn check_asks_about_exactly_the_access_the_chart_grants() {
+    let rendered = render(&[]);
+    let asked: std::collections::BTreeSet<(String, String, String)> = seinode_tls::check::RULES
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(|verb| {
+                (
+                    (*group).to_owned(),
+                    (*resource).to_owned(),
+                    (*verb).to_owned(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(asked, granted(&rendered, "ClusterRole", RELEASE));
+    let leases: std::collections::BTreeSet<_> = seinode_tls::check::LEASE_VERBS
+        .iter()
+        .map(|verb| {
+            (
+                "coordination.k8s.io".to_owned(),
+                "leases".to_owned(),
+                (*verb).to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        leases,
+        granted(&rendered, "Role", &format!("{RELEASE}-leader-election"))
+    );
+}
