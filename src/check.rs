@@ -163,7 +163,7 @@ fn read_failed(check: &'static str, what: &str, error: &kube::Error, fix: &str) 
             message,
             "give the identity running `check` read access (the chart's helm test has it)",
         ),
-        Failure::Cluster(message) | Failure::Usage(message) => {
+        Failure::Cluster(message) => {
             CheckResult::failed(check, message, "retry; if it lasts, check the API server")
         }
     }

@@ -291,6 +291,7 @@ pub struct CheckCli {
 #[command(next_help_heading = "Cluster")]
 pub struct ClusterArgs {
     /// kubeconfig file; default: KUBECONFIG, ~/.kube/config, or the Pod's ServiceAccount.
+    // No `env`: KUBECONFIG may be a list of files, which kube reads itself when this is absent.
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// kubeconfig context to use instead of the current one.

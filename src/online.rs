@@ -12,7 +12,7 @@ use kube::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use seinode_tls_crds::SeiNode;
 
-use crate::exit::{EXIT_CLUSTER, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_USAGE};
+use crate::exit::{EXIT_CLUSTER, EXIT_FORBIDDEN, EXIT_NOT_FOUND};
 use crate::offline::{self, OutputFormat, SecretCheck};
 
 /// Which cluster, as whom, and how long to wait for it.
@@ -35,8 +35,6 @@ pub enum Failure {
     Forbidden(String),
     /// No configuration, no answer, or another error from the API server.
     Cluster(String),
-    /// The command line asks for something that cannot be.
-    Usage(String),
 }
 
 impl Failure {
@@ -46,7 +44,6 @@ impl Failure {
             Failure::NotFound(m) => (m, EXIT_NOT_FOUND),
             Failure::Forbidden(m) => (m, EXIT_FORBIDDEN),
             Failure::Cluster(m) => (m, EXIT_CLUSTER),
-            Failure::Usage(m) => (m, EXIT_USAGE),
         };
         eprintln!("error: {message}");
         ExitCode::from(code)
