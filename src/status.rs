@@ -4,7 +4,10 @@
 
 use jiff::Timestamp;
 use seinode_tls_controller::decide::{SIDECAR_GATED, SIDECAR_MARKED_READY, SIDECAR_STARTING};
-use seinode_tls_controller::status::{READY, SIDECAR_READY};
+use seinode_tls_controller::status::{
+    NODE_READY, NOT_RUNNING, PLAN_IN_PROGRESS, READY, SIDECAR_NOT_READY, SIDECAR_READY,
+    TLS_SECRET_NOT_READY,
+};
 use seinode_tls_crds::contract::required_dns_names;
 use seinode_tls_crds::validation::Reason;
 use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNode};
@@ -267,14 +270,14 @@ pub fn advice(condition_type: &str, reason: &str) -> &'static str {
         };
     }
     match (condition_type, reason) {
-        (READY, "NodeReady") => "nothing",
-        (READY, "TLSSecretNotReady") => "fix the Secret: see SidecarTLSSecretReady",
-        (READY, "NotRunning") => {
+        (READY, NODE_READY) => "nothing",
+        (READY, TLS_SECRET_NOT_READY) => "fix the Secret: see SidecarTLSSecretReady",
+        (READY, NOT_RUNNING) => {
             "look at status.plan (a failed task waits for a spec change) and the node's events \
              (`kubectl describe snode`)"
         }
-        (READY, "PlanInProgress") => "wait for the plan in status.plan to finish",
-        (READY, "SidecarNotReady") => "see SidecarReady",
+        (READY, PLAN_IN_PROGRESS) => "wait for the plan in status.plan to finish",
+        (READY, SIDECAR_NOT_READY) => "see SidecarReady",
         (SIDECAR_READY, "SidecarHealthy" | SIDECAR_MARKED_READY) => "nothing",
         (SIDECAR_READY, SIDECAR_STARTING) => {
             "usually nothing (the pod is starting); if it lasts, do what the message says (a \
@@ -357,13 +360,7 @@ mod tests {
         ]) {
             assert_ne!(advice(SIDECAR_READY, reason), UNKNOWN, "{reason}");
         }
-        for reason in [
-            "NodeReady",
-            "TLSSecretNotReady",
-            "NotRunning",
-            "PlanInProgress",
-            "SidecarNotReady",
-        ] {
+        for reason in seinode_tls_controller::status::READY_REASONS {
             assert_ne!(advice(READY, reason), UNKNOWN, "{reason}");
         }
         assert_eq!(advice(READY, "SomethingNew"), UNKNOWN);
