@@ -353,6 +353,16 @@ mod tests {
             ProbeResult::Unhealthy(String::new()),
             ProbeResult::NotProbed(String::new()),
         ];
+        // A new probe outcome fails to compile here until it is listed above.
+        let _every_variant_is_listed = |probe: &ProbeResult| match probe {
+            ProbeResult::Healthy(_)
+            | ProbeResult::Unreachable(_)
+            | ProbeResult::HandshakeFailed(_)
+            | ProbeResult::CertificateMismatch(_)
+            | ProbeResult::NotMarkedReady(_)
+            | ProbeResult::Unhealthy(_)
+            | ProbeResult::NotProbed(_) => (),
+        };
         for reason in probes.iter().map(ProbeResult::reason).chain([
             SIDECAR_GATED,
             SIDECAR_STARTING,
