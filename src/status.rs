@@ -10,7 +10,7 @@ use seinode_tls_controller::status::{
 };
 use seinode_tls_crds::contract::required_dns_names;
 use seinode_tls_crds::validation::Reason;
-use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNode};
+use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, TaskStatus};
 use serde::Serialize;
 
 /// The node as `status` prints it (`-o json|yaml` prints this structure).
@@ -28,6 +28,9 @@ pub struct NodeReport {
     #[serde(rename = "sidecarTLS", skip_serializing_if = "Option::is_none")]
     pub sidecar_tls: Option<ContractReport>,
     pub conditions: Vec<ConditionReport>,
+    /// The plan that is not complete, if any: what a Pending or updating node waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanReport>,
     /// Things a person should know that no condition says (no status yet, a stale status).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -49,6 +52,19 @@ pub struct ContractReport {
     /// Seconds from now to `notAfter` (negative once expired).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_in_seconds: Option<i64>,
+}
+
+/// `status.plan` while it is not complete: its phase and the task it is at.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanReport {
+    pub id: String,
+    pub phase: String,
+    /// The first task not complete, with its status and error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One condition, and what to do about its reason.
@@ -161,9 +177,23 @@ impl NodeReport {
             );
         }
 
+        let plan = status
+            .and_then(|s| s.plan.as_ref())
+            .filter(|p| p.phase != PlanPhase::Complete)
+            .map(|p| {
+                let task = p.tasks.iter().find(|t| t.status != TaskStatus::Complete);
+                PlanReport {
+                    id: p.id.clone(),
+                    phase: format!("{:?}", p.phase),
+                    task: task.map(|t| format!("{} ({:?})", t.r#type, t.status)),
+                    error: task.and_then(|t| t.error.clone()),
+                }
+            });
+
         NodeReport {
             namespace,
             name,
+            plan,
             phase: status
                 .and_then(|s| s.phase)
                 .map(|phase| format!("{phase:?}")),
@@ -211,6 +241,16 @@ impl NodeReport {
                 out.push_str(&format!("      {}\n", c.message));
             }
             out.push_str(&format!("      do: {}\n", c.action));
+        }
+        if let Some(plan) = &self.plan {
+            out.push_str(&format!("Plan {}: {}", plan.id, plan.phase));
+            if let Some(task) = &plan.task {
+                out.push_str(&format!(", at {task}"));
+            }
+            out.push('\n');
+            if let Some(error) = &plan.error {
+                out.push_str(&format!("      error: {error}\n"));
+            }
         }
         for note in &self.notes {
             out.push_str(&format!("Note: {note}\n"));
@@ -430,6 +470,37 @@ mod tests {
         assert!(text.contains("EXPIRED 3d 0h ago"), "{text}");
         assert!(text.contains("TLSSecretExpired"), "{text}");
         assert!(text.contains("do: renew the certificate"), "{text}");
+    }
+
+    #[test]
+    fn a_plan_that_is_not_complete_names_its_task_and_error() {
+        let n = node(
+            serde_json::json!({
+                "phase": "Initializing",
+                "plan": {"id": "init-1", "phase": "Failed", "tasks": [
+                    {"type": "ApplyService", "status": "Complete"},
+                    {"type": "ApplyStatefulSet", "status": "Failed",
+                     "error": "StatefulSet sei/rpc is in the way"},
+                ]},
+                "conditions": [condition("Ready", "False", "NotRunning", 1)],
+            }),
+            1,
+        );
+        let text = NodeReport::new(&n, "cluster.local", at(0)).text();
+        assert!(
+            text.contains("Plan init-1: Failed, at ApplyStatefulSet (Failed)\n      error: StatefulSet sei/rpc is in the way\n"),
+            "{text}"
+        );
+        let done = node(
+            serde_json::json!({"phase": "Running",
+                "plan": {"id": "init-1", "phase": "Complete", "tasks": []}}),
+            1,
+        );
+        assert!(
+            NodeReport::new(&done, "cluster.local", at(0))
+                .plan
+                .is_none()
+        );
     }
 
     #[test]
