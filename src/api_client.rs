@@ -75,6 +75,12 @@ pub fn from_config(config: kube::Config, fence: Option<Fence>) -> anyhow::Result
     build(config, fence, REQUEST_DEADLINE)
 }
 
+/// A client for `config` whose every request is answered within `deadline`, retries included:
+/// for the commands a person runs, who should not wait a minute for a cluster that is not there.
+pub fn with_deadline(config: kube::Config, deadline: Duration) -> anyhow::Result<kube::Client> {
+    build(config, None, deadline)
+}
+
 fn build(
     config: kube::Config,
     fence: Option<Fence>,

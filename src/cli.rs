@@ -14,7 +14,11 @@ use seinode_tls_controller::{ControllerConfig, LeaderElection};
 use seinode_tls_crds::watch::WatchScope;
 use seinode_tls_webhook::{GuardPolicy, SecretPolicy, WebhookConfig};
 
-use crate::offline::{self, CertificateSpec, CheckSecretArgs, ContractFormat, OutputFormat};
+use crate::check::CheckArgs;
+use crate::offline::{
+    self, CertificateSpec, CheckSecretArgs, ContractFormat, OutputFormat, SecretCheck,
+};
+use crate::online::{ClusterOptions, StatusArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,7 +28,14 @@ use crate::offline::{self, CertificateSpec, CheckSecretArgs, ContractFormat, Out
     long_about = "TLS for the sidecar API of Sei nodes (SeiNode, sei.io/v1alpha1).\n\n\
         A SeiNode names an externally provisioned kubernetes.io/tls Secret in \
         spec.sidecar.tls.secretName. The certificate must carry the DNS names printed by \
-        `seinode-tls contract`; `seinode-tls check-secret` tells whether a Secret does."
+        `seinode-tls contract`; `seinode-tls check-secret` tells whether a Secret does, \
+        `seinode-tls status` what a node waits for, and `seinode-tls check` whether the install \
+        works.",
+    after_help = "Exit status of every command: 0 ok; 1 not ok (a Secret fails the contract, a \
+        node is not Ready, a check failed); 2 usage error or unreadable input; 3 the Secret or \
+        SeiNode named does not exist; 4 the API server refused the caller (credentials, RBAC); \
+        5 the cluster could not be reached or answered with an error. The server commands \
+        exit 0 after a graceful shutdown and 1 when they fail."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -77,14 +88,46 @@ fn parse_log_filter(value: &str) -> Result<String, String> {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print the SeiNode CustomResourceDefinition (YAML).
+    ///
+    /// Exit status: 0, or 2 when the output cannot be written.
     Crd,
     /// Print the DNS names a SeiNode's sidecar certificate must carry.
-    Contract(ContractCli),
-    /// Check a kubernetes.io/tls Secret manifest against a SeiNode's contract.
     ///
-    /// Exit status: 0 when the Secret meets the contract, 1 when it does not, 2 on a usage
-    /// error or unreadable input.
+    /// Exit status: 0; 2 on a usage error (a node name that could never run, Certificate flags
+    /// without -o certificate).
+    Contract(ContractCli),
+    /// Check a kubernetes.io/tls Secret against a SeiNode's contract: from a manifest (-f), or
+    /// read from the cluster by name.
+    ///
+    /// The same code as the webhook's and the controller's judges it. Exit status: 0 when the
+    /// Secret meets the contract, 1 when it does not, 2 on a usage error or unreadable input,
+    /// 3 when the Secret does not exist, 4 when reading it is forbidden, 5 when the cluster
+    /// cannot be reached.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["name", "file"])))]
     CheckSecret(CheckSecretCli),
+    /// Show a SeiNode's TLS contract, its conditions with what to do about each reason, and
+    /// when its certificate expires.
+    ///
+    /// Exit status: 0 when the node is Ready (for its current generation), 1 when not, 2 on a
+    /// usage error, 3 when the SeiNode does not exist, 4 when reading it is forbidden, 5 when
+    /// the cluster cannot be reached.
+    Status(StatusCli),
+    /// Check an install of the chart: the CRD, the Deployment, the webhook registrations and
+    /// their caBundle, that the API server can call the webhooks (two server-side dry runs),
+    /// that a controller leads, and the controller's RBAC. One line per check.
+    ///
+    /// Stores nothing: the SeiNodes are dry runs, the RBAC questions SubjectAccessReviews. The
+    /// chart's `helm test` runs it. Exit status: 0 when every check passed, 1 when one failed,
+    /// 2 on a usage error, 5 when the cluster cannot be reached.
+    Check(CheckCli),
+    /// Print a shell completion script (bash, elvish, fish, powershell, zsh).
+    ///
+    /// bash: `source <(seinode-tls completion bash)`; zsh: `seinode-tls completion zsh >
+    /// "${fpath[1]}/_seinode-tls"`. Exit status: 0.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Serve the admission webhook (HTTPS), with health and metrics on a plain-HTTP port.
     Webhook(WebhookCli),
     /// Run the SeiNode controller, with health and metrics on a plain-HTTP port.
@@ -121,7 +164,7 @@ pub struct NodeArgs {
 pub struct ContractCli {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Output format: one name per line, {"requiredDNSNames": [...]}, or a cert-manager
+    /// Output format: one name per line, {"requiredDNSNames": [...]} (JSON or YAML), or a cert-manager
     /// Certificate (cert-manager.io/v1) that issues the node's Secret for exactly those names.
     #[arg(long, short = 'o', value_enum, default_value_t = ContractOutput::Text)]
     pub output: ContractOutput,
@@ -133,6 +176,7 @@ pub struct ContractCli {
 pub enum ContractOutput {
     Text,
     Json,
+    Yaml,
     Certificate,
 }
 
@@ -170,9 +214,13 @@ pub enum IssuerKind {
 
 #[derive(Debug, clap::Args)]
 pub struct CheckSecretCli {
+    /// Name of a Secret in the node's namespace, read from the cluster (with --kubeconfig,
+    /// --context); or give -f.
+    #[arg(value_name = "SECRET")]
+    pub name: Option<String>,
     /// Secret manifest, YAML or JSON as `kubectl get secret -o yaml` prints it; `-` for stdin.
     #[arg(long = "filename", short = 'f', value_name = "FILE")]
-    pub file: PathBuf,
+    pub file: Option<PathBuf>,
     #[command(flatten)]
     pub node: NodeArgs,
     /// Judge validity at this instant (RFC 3339, e.g. 2027-01-01T00:00:00Z) instead of now.
@@ -181,6 +229,87 @@ pub struct CheckSecretCli {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusCli {
+    /// Name of the SeiNode.
+    #[arg(value_name = "SEINODE")]
+    pub seinode: String,
+    /// Namespace of the SeiNode.
+    #[arg(long, short = 'n', value_name = "NS")]
+    pub namespace: String,
+    /// Cluster DNS domain, for the contract of a node whose status does not carry it yet.
+    #[arg(long, env = "SEINODE_TLS_CLUSTER_DOMAIN", default_value = seinode_tls_crds::contract::DEFAULT_CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckCli {
+    /// The release namespace (where the Deployment, its Service and the Lease are).
+    #[arg(
+        long,
+        short = 'n',
+        env = "SEINODE_TLS_CHECK_NAMESPACE",
+        value_name = "NS",
+        default_value = "seinode-tls-system"
+    )]
+    pub namespace: String,
+    /// The chart's full name: the release name when it contains "seinode-tls", else
+    /// <release>-seinode-tls. It names the Deployment, Service, Lease and webhook
+    /// configurations.
+    #[arg(
+        long,
+        env = "SEINODE_TLS_CHECK_NAME",
+        value_name = "NAME",
+        default_value = "seinode-tls"
+    )]
+    pub name: String,
+    /// The controller's ServiceAccount (the chart's serviceAccount.name); default: --name.
+    #[arg(long, env = "SEINODE_TLS_CHECK_SERVICE_ACCOUNT", value_name = "NAME")]
+    pub service_account: Option<String>,
+    /// Namespace for the dry-run SeiNodes sent through the webhooks; default: the first of
+    /// the namespaces the webhooks name (watchNamespaces), else `default`.
+    #[arg(long, env = "SEINODE_TLS_CHECK_DRY_RUN_NAMESPACE", value_name = "NS")]
+    pub dry_run_namespace: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Which cluster the commands that read it talk to.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Cluster")]
+pub struct ClusterArgs {
+    /// kubeconfig file; default: KUBECONFIG, ~/.kube/config, or the Pod's ServiceAccount.
+    // No `env`: KUBECONFIG may be a list of files, which kube reads itself when this is absent.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// kubeconfig context to use instead of the current one.
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+    /// Longest wait for each API request, retries included.
+    #[arg(long, env = "SEINODE_TLS_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+}
+
+impl From<ClusterArgs> for ClusterOptions {
+    fn from(args: ClusterArgs) -> Self {
+        ClusterOptions {
+            kubeconfig: args.kubeconfig,
+            context: args.context,
+            request_timeout: args.request_timeout,
+        }
+    }
 }
 
 #[cfg(feature = "local")]
@@ -594,6 +723,7 @@ pub enum GuardPolicyArg {
 pub enum Output {
     Text,
     Json,
+    Yaml,
 }
 
 impl ContractCli {
@@ -606,13 +736,18 @@ impl ContractCli {
             || c.renew_before.is_some()
             || c.issuer_kind != IssuerKind::Issuer;
         match self.output {
-            ContractOutput::Text | ContractOutput::Json if certificate_flags => Err(
+            ContractOutput::Text | ContractOutput::Json | ContractOutput::Yaml
+                if certificate_flags =>
+            {
+                Err(
                 "--issuer, --issuer-kind, --secret-name, --duration and --renew-before go with \
                  --output certificate"
                     .to_owned(),
-            ),
+                )
+            }
             ContractOutput::Text => Ok(ContractFormat::Text),
             ContractOutput::Json => Ok(ContractFormat::Json),
+            ContractOutput::Yaml => Ok(ContractFormat::Yaml),
             ContractOutput::Certificate => Ok(ContractFormat::Certificate(CertificateSpec {
                 issuer: c.issuer.clone().unwrap_or_default(),
                 cluster_issuer: c.issuer_kind == IssuerKind::ClusterIssuer,
@@ -632,6 +767,7 @@ impl From<Output> for OutputFormat {
         match output {
             Output::Text => OutputFormat::Text,
             Output::Json => OutputFormat::Json,
+            Output::Yaml => OutputFormat::Yaml,
         }
     }
 }
@@ -659,14 +795,48 @@ pub fn run(cli: Cli) -> ExitCode {
                 &format,
             )
         }
-        Command::CheckSecret(args) => offline::check_secret(&CheckSecretArgs {
-            file: args.file,
-            seinode: args.node.seinode,
-            namespace: args.node.namespace,
-            cluster_domain: args.node.cluster_domain,
-            at: args.at,
-            output: args.output.into(),
-        }),
+        Command::CheckSecret(args) => {
+            let check = SecretCheck {
+                seinode: args.node.seinode,
+                namespace: args.node.namespace,
+                cluster_domain: args.node.cluster_domain,
+                at: args.at,
+                output: args.output.into(),
+            };
+            match (args.name, args.file) {
+                (Some(name), None) => {
+                    crate::online::check_secret_in_cluster(&name, &check, &args.cluster.into())
+                }
+                (None, Some(file)) => offline::check_secret(&CheckSecretArgs { file, check }),
+                // clap's group allows exactly one; say so should that ever change.
+                _ => offline::usage_error("give either a Secret NAME or -f FILE, not both"),
+            }
+        }
+        Command::Status(args) => crate::online::status(
+            &StatusArgs {
+                seinode: args.seinode,
+                namespace: args.namespace,
+                cluster_domain: args.cluster_domain,
+                output: args.output.into(),
+            },
+            &args.cluster.into(),
+        ),
+        Command::Check(args) => crate::check::check(
+            &CheckArgs {
+                namespace: args.namespace,
+                name: args.name,
+                service_account: args.service_account,
+                dry_run_namespace: args.dry_run_namespace,
+                output: args.output.into(),
+            },
+            &args.cluster.into(),
+        ),
+        Command::Completion { shell } => {
+            use clap::CommandFactory as _;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "seinode-tls", &mut out);
+            offline::write_stdout(&String::from_utf8_lossy(&out))
+        }
         Command::Webhook(args) => crate::serve::webhook_main(args.webhook.into_config(&args.serve)),
         Command::Controller(args) => crate::serve::controller_main(
             args.controller.into_config(&args.serve),

@@ -15,10 +15,8 @@ use seinode_tls_crds::validation::{SecretVerdict, validate_tls_secret};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::exit::{EXIT_USAGE, error_chain};
+use crate::exit::{EXIT_NOT_READY, EXIT_USAGE, error_chain};
 
-/// Exit code when the Secret does not meet the contract.
-const EXIT_NOT_READY: u8 = 1;
 /// Largest manifest read; a Secret is at most 1 MiB in the API server.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
@@ -26,6 +24,7 @@ const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 pub enum OutputFormat {
     Text,
     Json,
+    Yaml,
 }
 
 /// What `contract` prints.
@@ -35,6 +34,8 @@ pub enum ContractFormat {
     Text,
     /// `{"requiredDNSNames": [...]}`.
     Json,
+    /// The same as YAML.
+    Yaml,
     /// A cert-manager Certificate for exactly those names.
     Certificate(CertificateSpec),
 }
@@ -54,11 +55,18 @@ pub struct CertificateSpec {
 /// cert-manager refuses a shorter certificate lifetime.
 const MIN_CERTIFICATE_DURATION: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Inputs of `check-secret`.
+/// Inputs of `check-secret -f`.
 #[derive(Debug, Clone)]
 pub struct CheckSecretArgs {
     /// Path of the Secret manifest; `-` reads stdin.
     pub file: PathBuf,
+    pub check: SecretCheck,
+}
+
+/// What a Secret is judged against, and how the verdict is printed: shared by `check-secret -f`
+/// and `check-secret NAME`, so both judge alike.
+#[derive(Debug, Clone)]
+pub struct SecretCheck {
     pub seinode: String,
     pub namespace: String,
     pub cluster_domain: String,
@@ -113,6 +121,9 @@ pub fn print_contract(
     let text = match output {
         ContractFormat::Text => names.iter().map(|n| format!("{n}\n")).collect(),
         ContractFormat::Json => json_line(&ContractJson {
+            required_dns_names: &names,
+        }),
+        ContractFormat::Yaml => yaml_document(&ContractJson {
             required_dns_names: &names,
         }),
         ContractFormat::Certificate(spec) => match certificate_yaml(namespace, &names, spec) {
@@ -195,19 +206,10 @@ fn go_duration(duration: std::time::Duration) -> String {
 }
 
 pub fn check_secret(args: &CheckSecretArgs) -> ExitCode {
-    if let Err(e) = check_runnable_name(&args.seinode) {
-        return usage_error(&format!(
-            "SeiNode \"{}/{}\" could never run: {e}",
-            args.namespace, args.seinode
-        ));
-    }
-    let names = required_dns_names(&args.seinode, &args.namespace, &args.cluster_domain);
-    if let Err(e) = check_satisfiable(&names) {
-        return usage_error(&format!(
-            "SeiNode \"{}/{}\" can never be given a certificate: {e}",
-            args.namespace, args.seinode
-        ));
-    }
+    let names = match contract_names(&args.check) {
+        Ok(names) => names,
+        Err(code) => return code,
+    };
     let secret = match read_secret_manifest(&args.file) {
         Ok(secret) => secret,
         Err(e) => return usage_error(&error_chain(&e)),
@@ -216,25 +218,51 @@ pub fn check_secret(args: &CheckSecretArgs) -> ExitCode {
         .metadata
         .namespace
         .as_deref()
-        .filter(|ns| *ns != args.namespace)
+        .filter(|ns| *ns != args.check.namespace)
     {
         return usage_error(&format!(
             "the Secret is in namespace \"{ns}\" but the SeiNode is in \"{}\"; a SeiNode can only \
              use a Secret in its own namespace",
-            args.namespace
+            args.check.namespace
         ));
     }
+    judge_and_print(&args.check, &names, &secret)
+}
+
+/// The node's required names, or the usage error (printed) when the node could never run or
+/// never be given a certificate: the webhook would deny it.
+pub fn contract_names(check: &SecretCheck) -> Result<Vec<String>, ExitCode> {
+    if let Err(e) = check_runnable_name(&check.seinode) {
+        return Err(usage_error(&format!(
+            "SeiNode \"{}/{}\" could never run: {e}",
+            check.namespace, check.seinode
+        )));
+    }
+    let names = required_dns_names(&check.seinode, &check.namespace, &check.cluster_domain);
+    if let Err(e) = check_satisfiable(&names) {
+        return Err(usage_error(&format!(
+            "SeiNode \"{}/{}\" can never be given a certificate: {e}",
+            check.namespace, check.seinode
+        )));
+    }
+    Ok(names)
+}
+
+/// Judges `secret` against `names` with the code the webhook and the controller use, prints the
+/// verdict and returns 0 when it meets the contract, 1 when not.
+pub fn judge_and_print(check: &SecretCheck, names: &[String], secret: &Secret) -> ExitCode {
     let secret_name = secret
         .metadata
         .name
         .clone()
         .unwrap_or_else(|| "<unnamed>".to_owned());
-    let now = args.at.unwrap_or_else(Timestamp::now);
-    let verdict = validate_tls_secret(&args.namespace, &secret_name, Some(&secret), &names, now);
+    let now = check.at.unwrap_or_else(Timestamp::now);
+    let verdict = validate_tls_secret(&check.namespace, &secret_name, Some(secret), names, now);
 
-    let text = match args.output {
+    let text = match check.output {
         OutputFormat::Text => format!("{}: {}\n", verdict.reason, verdict.message),
-        OutputFormat::Json => json_line(&CheckJson::new(&verdict, &names)),
+        OutputFormat::Json => json_line(&CheckJson::new(&verdict, names)),
+        OutputFormat::Yaml => yaml_document(&CheckJson::new(&verdict, names)),
     };
     let code = write_stdout(&text);
     if code != ExitCode::SUCCESS {
@@ -403,7 +431,17 @@ impl<'a> CheckJson<'a> {
     }
 }
 
-fn json_line(value: &impl Serialize) -> String {
+/// `value` as one YAML document, starting with `---`.
+pub fn yaml_document(value: &impl Serialize) -> String {
+    match serde_saphyr::to_string(value) {
+        Ok(yaml) if yaml.ends_with('\n') => format!("---\n{yaml}"),
+        Ok(yaml) => format!("---\n{yaml}\n"),
+        // Serializing these plain structs cannot fail; say so rather than print nothing.
+        Err(e) => format!("---\nerror: \"failed to encode output: {e}\"\n"),
+    }
+}
+
+pub fn json_line(value: &impl Serialize) -> String {
     match serde_json::to_string(value) {
         Ok(json) => format!("{json}\n"),
         // Serializing these plain structs cannot fail; say so rather than print nothing.
@@ -411,7 +449,7 @@ fn json_line(value: &impl Serialize) -> String {
     }
 }
 
-fn write_stdout(text: &str) -> ExitCode {
+pub fn write_stdout(text: &str) -> ExitCode {
     let mut stdout = std::io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())

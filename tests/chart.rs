@@ -1582,3 +1582,162 @@ fn name_overrides_and_common_labels_reach_every_object() {
     let stdout = common::chart::server_dry_run(&without_crds);
     assert_eq!(stdout.lines().count(), all.len() - 1, "{stdout}");
 }
+
+/// The helm test's ServiceAccount (templates/tests/check.yaml) may read, by name, what
+/// `seinode-tls check` reads and nothing else; of writes, only access reviews and SeiNodes,
+/// and its policy lets a SeiNode through only as a dry run.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_helm_tests_service_account_reads_what_check_reads_and_sends_only_dry_runs() {
+    // Applies every ServiceAccount, role, binding and policy the chart renders, the test's too.
+    install_rbac_and_policy();
+    let user = format!("system:serviceaccount:{RELEASE_NS}:{RELEASE}-test");
+    for allowed in [
+        &[
+            "get",
+            "customresourcedefinitions.apiextensions.k8s.io/seinodes.sei.io",
+        ][..],
+        &[
+            "get",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io/seinode-tls",
+        ],
+        &[
+            "get",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io/seinode-tls",
+        ],
+        &["get", "namespaces/default"],
+        &["create", "subjectaccessreviews.authorization.k8s.io"],
+        &["create", "seinodes.sei.io", "-n", "default"],
+        &["get", "deployments.apps/seinode-tls", "-n", RELEASE_NS],
+        &[
+            "get",
+            "leases.coordination.k8s.io/seinode-tls",
+            "-n",
+            RELEASE_NS,
+        ],
+    ] {
+        assert!(can_i_as(&user, allowed), "{allowed:?} is allowed");
+    }
+    for denied in [
+        &["get", "secrets", "-n", RELEASE_NS][..],
+        &["list", "seinodes.sei.io", "-A"],
+        &["get", "seinodes.sei.io", "-n", "default"],
+        &["delete", "seinodes.sei.io", "-n", "default"],
+        &["update", "seinodes.sei.io", "-n", "default"],
+        &[
+            "get",
+            "customresourcedefinitions.apiextensions.k8s.io/other.example.com",
+        ],
+        &[
+            "get",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io/other",
+        ],
+        &["list", "namespaces"],
+        &["create", "pods", "-n", RELEASE_NS],
+        &["get", "deployments.apps/other", "-n", RELEASE_NS],
+        &[
+            "update",
+            "leases.coordination.k8s.io/seinode-tls",
+            "-n",
+            RELEASE_NS,
+        ],
+    ] {
+        assert!(!can_i_as(&user, denied), "{denied:?} is denied");
+    }
+
+    let client = common::client().await;
+    let ns = common::namespace(&client, "helm-test").await;
+    let node = serde_json::to_string(&common::plain_node(&ns, "dry")).unwrap();
+    let as_user = format!("--as={user}");
+    let out = common::kubectl(&["create", "--dry-run=server", &as_user, "-f", "-"], &node);
+    assert!(out.status.success(), "a dry run: {}", text(&out.stderr));
+    // The policy is enforced once the API server has loaded it: until then a create may go
+    // through, which is undone and tried again.
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
+    let (out, refused) = common::poll(
+        WAIT,
+        || async {
+            let out = common::kubectl(&["create", &as_user, "-f", "-"], &node);
+            if out.status.success() {
+                nodes.delete("dry", &Default::default()).await.unwrap();
+            }
+            out
+        },
+        |out| !out.status.success(),
+    )
+    .await;
+    assert!(refused, "a real create went through: {}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("sends SeiNodes as dry runs only"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The (group, resource, verb) triples the rendered `kind` named `name` grants.
+fn granted(
+    rendered: &str,
+    kind: &str,
+    name: &str,
+) -> std::collections::BTreeSet<(String, String, String)> {
+    let documents = documents_of(rendered, &[kind]);
+    let role = documents
+        .split("\n---")
+        .map(|doc| doc.trim_start_matches("---\n").trim_start_matches('\n'))
+        .filter(|doc| !doc.trim().is_empty())
+        .map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).unwrap())
+        .find(|role| role["kind"] == kind && role["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the chart"));
+    let strings = |value: &serde_json::Value| -> Vec<String> {
+        value
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut triples = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    triples.insert((group.clone(), resource.clone(), verb));
+                }
+            }
+        }
+    }
+    triples
+}
+
+/// `seinode-tls check` asks the API server about exactly what the chart grants the controller,
+/// so the two cannot drift apart.
+#[test]
+fn check_asks_about_exactly_the_access_the_chart_grants() {
+    let rendered = render(&[]);
+    let asked: std::collections::BTreeSet<(String, String, String)> = seinode_tls::check::RULES
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(|verb| {
+                (
+                    (*group).to_owned(),
+                    (*resource).to_owned(),
+                    (*verb).to_owned(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(asked, granted(&rendered, "ClusterRole", RELEASE));
+    let leases: std::collections::BTreeSet<_> = seinode_tls::check::LEASE_VERBS
+        .iter()
+        .map(|verb| {
+            (
+                "coordination.k8s.io".to_owned(),
+                "leases".to_owned(),
+                (*verb).to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        leases,
+        granted(&rendered, "Role", &format!("{RELEASE}-leader-election"))
+    );
+}

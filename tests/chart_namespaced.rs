@@ -90,7 +90,11 @@ fn documents(rendered: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn the_chart_renders_roles_in_the_watched_namespaces_and_grants_nothing_cluster_wide() {
-    let docs = documents(&SCOPED.render(&values()));
+    // What the release keeps; the `helm test` hooks (its ServiceAccount's ClusterRole, which
+    // reads cluster-scoped objects by name) exist only while a test runs, and are checked last.
+    let (tests, docs): (Vec<_>, Vec<_>) = documents(&SCOPED.render(&values()))
+        .into_iter()
+        .partition(|d| d["metadata"]["annotations"]["helm.sh/hook"] == "test");
     let of_kind = |kind: &str| -> Vec<&serde_json::Value> {
         docs.iter().filter(|d| d["kind"] == kind).collect()
     };
@@ -188,6 +192,31 @@ fn the_chart_renders_roles_in_the_watched_namespaces_and_grants_nothing_cluster_
         policy["spec"]["matchConstraints"]["namespaceSelector"]["matchExpressions"],
         json!([watched_only])
     );
+
+    // The helm test's ClusterRole is bound to the test's own ServiceAccount only, and gives it
+    // nothing but reads by name, namespaces, access reviews and (dry-run) SeiNode creates.
+    let test_roles: Vec<_> = tests
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .collect();
+    assert_eq!(test_roles.len(), 1);
+    for rule in test_roles[0]["rules"].as_array().unwrap() {
+        let verbs = &rule["verbs"];
+        let resources = &rule["resources"];
+        let allowed = (verbs == &json!(["get"]) && !rule["resourceNames"].is_null())
+            || (verbs == &json!(["get"]) && resources == &json!(["namespaces"]))
+            || (verbs == &json!(["create"])
+                && (resources == &json!(["subjectaccessreviews"])
+                    || resources == &json!(["seinodes"])));
+        assert!(allowed, "{rule}");
+    }
+    for binding in tests.iter().filter(|d| d["kind"] == "ClusterRoleBinding") {
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": format!("{}-test", SCOPED.name),
+                    "namespace": SCOPED.namespace}])
+        );
+    }
 }
 
 #[test]

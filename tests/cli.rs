@@ -246,3 +246,153 @@ fn check_secret_exits_2_on_unreadable_input_with_a_clear_message() {
     );
     assert_eq!(bad_at.status.code(), Some(2));
 }
+
+#[test]
+fn check_secret_takes_exactly_one_of_a_name_or_a_file() {
+    let neither = run(&[&["check-secret"][..], &NODE].concat(), "");
+    assert_eq!(neither.status.code(), Some(2));
+    let stderr = String::from_utf8(neither.stderr).unwrap();
+    assert!(stderr.contains("<SECRET|--filename <FILE>>"), "{stderr}");
+    let both = run(
+        &[&["check-secret", "rpc-tls", "-f", "-"][..], &NODE].concat(),
+        "",
+    );
+    assert_eq!(both.status.code(), Some(2));
+    let stderr = String::from_utf8(both.stderr).unwrap();
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+#[test]
+fn contract_and_check_secret_print_yaml_too() {
+    let out = run(
+        &["contract", "--seinode", "rpc", "-n", "sei", "-o", "yaml"],
+        "",
+    );
+    assert!(out.status.success());
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        yaml.starts_with("---\n") && yaml.ends_with('\n'),
+        "{yaml:?}"
+    );
+    let value: Value = serde_saphyr::from_str(&yaml).unwrap();
+    assert_eq!(value["requiredDNSNames"][0], "rpc.sei.svc.cluster.local");
+
+    let secret = secret_yaml(&["rpc.sei.svc.cluster.local"]);
+    let out = run(
+        &[&["check-secret", "-f", "-", "-o", "yaml"][..], &NODE].concat(),
+        &secret,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let value: Value = serde_saphyr::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(value["reason"], "TLSSecretSANsMismatch");
+    assert_eq!(
+        value["missingDNSNames"][0],
+        "rpc-0.rpc.sei.svc.cluster.local"
+    );
+}
+
+#[test]
+fn the_commands_that_read_the_cluster_exit_5_with_one_line_when_there_is_no_cluster() {
+    let missing = common::temp_path("kubeconfig");
+    let missing = missing.to_str().unwrap();
+    // A kubeconfig whose server nothing listens on (port 9 on loopback: discard, closed here).
+    let unreachable = common::temp_path("kubeconfig-unreachable");
+    std::fs::write(
+        &unreachable,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:9\n\
+         users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n\
+         current-context: x\n",
+    )
+    .unwrap();
+    for kubeconfig in [missing, unreachable.to_str().unwrap()] {
+        for args in [
+            &["check-secret", "rpc-tls", "--seinode", "rpc", "-n", "sei"][..],
+            &["status", "rpc", "-n", "sei"],
+            &["check"],
+        ] {
+            let mut args = args.to_vec();
+            args.extend(["--kubeconfig", kubeconfig, "--request-timeout", "5s"]);
+            let out = run(&args, "");
+            let stderr = String::from_utf8(out.stderr).unwrap();
+            assert_eq!(out.status.code(), Some(5), "{args:?}: {stderr}");
+            assert!(
+                stderr.starts_with("error: ") && stderr.lines().count() == 1,
+                "{args:?}: {stderr}"
+            );
+            assert!(out.stdout.is_empty(), "{args:?}");
+        }
+    }
+    std::fs::remove_file(&unreachable).unwrap();
+    // A context the kubeconfig does not have.
+    let out = run(
+        &[
+            "status",
+            "rpc",
+            "-n",
+            "sei",
+            "--context",
+            "nope",
+            "--kubeconfig",
+            "/dev/null",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(5));
+}
+
+#[test]
+fn completion_prints_a_script_that_knows_the_commands() {
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let out = run(&["completion", shell], "");
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        for command in ["check-secret", "status", "check", "contract"] {
+            assert!(script.contains(command), "{shell}: {command}");
+        }
+    }
+    let out = run(&["completion", "tcsh"], "");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn every_command_documents_its_exit_status() {
+    let top = run(&["--help"], "");
+    let help = String::from_utf8(top.stdout).unwrap();
+    assert!(help.contains("Exit status of every command"), "{help}");
+    for command in [
+        "crd",
+        "contract",
+        "check-secret",
+        "status",
+        "check",
+        "completion",
+    ] {
+        let out = run(&[command, "--help"], "");
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success(), "{command}");
+        assert!(help.contains("Exit status: 0"), "{command}: {help}");
+    }
+    for (command, codes) in [
+        (
+            "check-secret",
+            &[
+                "1 when it does not",
+                "3 when the Secret does not exist",
+                "4 when reading it is forbidden",
+            ][..],
+        ),
+        (
+            "status",
+            &[
+                "0 when the node is Ready",
+                "3 when the SeiNode does not exist",
+            ],
+        ),
+        ("check", &["1 when one failed"]),
+    ] {
+        let help = String::from_utf8(run(&[command, "--help"], "").stdout).unwrap();
+        for code in codes {
+            assert!(help.contains(code), "{command}: {code:?} in {help}");
+        }
+    }
+}

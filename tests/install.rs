@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, PostParams};
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::contract::{
@@ -150,6 +150,345 @@ async fn install(client: &kube::Client, ca: &CertificateAuthority) {
     );
 }
 
+/// `seinode-tls ARGS` run as a user runs it on a workstation, with the test cluster's kubeconfig.
+fn cli(args: &[&str]) -> std::process::Output {
+    let kubeconfig = common::control_plane().kubeconfig().display().to_string();
+    let mut all = args.to_vec();
+    all.extend(["--kubeconfig", kubeconfig.as_str()]);
+    common::seinode_tls(&all, "")
+}
+
+/// The test cluster's kubeconfig with a second context, `nobody`, whose user is the admin
+/// impersonating a ServiceAccount that has no permissions.
+fn kubeconfig_with_nobody() -> PathBuf {
+    let admin = std::fs::read_to_string(common::control_plane().kubeconfig()).unwrap();
+    let mut config: serde_json::Value = serde_saphyr::from_str(&admin).unwrap();
+    let mut user = config["users"][0].clone();
+    user["name"] = "nobody".into();
+    user["user"]["as"] = "system:serviceaccount:default:nobody".into();
+    let mut context = config["contexts"][0].clone();
+    context["name"] = "nobody".into();
+    context["context"]["user"] = "nobody".into();
+    config["users"].as_array_mut().unwrap().push(user);
+    config["contexts"].as_array_mut().unwrap().push(context);
+    let path = common::scratch_path("kubeconfig-nobody");
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+/// The Pod of the chart's `helm test`.
+const TEST_POD: &str = "seinode-tls-test-check";
+
+/// The chart's checks, in the order `check` prints them.
+const CHECKS: [&str; 7] = [
+    "crd",
+    "deployment",
+    "validating-webhook",
+    "mutating-webhook",
+    "webhooks-answer",
+    "leader",
+    "rbac",
+];
+
+/// `helm test` runs `seinode-tls check` in a Pod of the chart's image as a ServiceAccount of its
+/// own, and every check passes; so does `check` from a workstation, `-o json`. With the
+/// validating webhook's caBundle replaced by another CA's, `check` fails on one line that says
+/// the API server cannot call the webhook and what to do; restored, it passes again.
+async fn check_the_install(client: &kube::Client) {
+    // (No --logs: the process kubelet serves no container logs.)
+    let helm_test = || {
+        common::helm(&[
+            "test",
+            RELEASE,
+            "--namespace",
+            RELEASE_NS,
+            "--timeout",
+            "3m",
+        ])
+    };
+    // The test Pod meets the restricted Pod Security level: the API server enforces it here.
+    let out = common::kubectl(
+        &[
+            "label",
+            "namespace",
+            RELEASE_NS,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = helm_test();
+    assert!(
+        out.status.success(),
+        "helm test: {}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        pods_table()
+    );
+    assert!(
+        text(&out.stdout).contains(&format!("TEST SUITE:     {TEST_POD}")),
+        "{}",
+        text(&out.stdout)
+    );
+    // Its Pod passed, so it is gone with the other hooks.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NS);
+    let (pod, gone) = common::poll(
+        WAIT,
+        || async { pods.get_opt(TEST_POD).await.unwrap() },
+        Option::is_none,
+    )
+    .await;
+    assert!(gone, "{:?}", pod.and_then(|p| p.status));
+
+    let out = cli(&["check", "-n", RELEASE_NS, "--name", RELEASE, "-o", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let names: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, CHECKS);
+
+    // A caBundle that did not issue the serving certificate: the registration still parses and
+    // is valid, but the API server cannot call the webhook.
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    let registrations: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let registration = registrations.get(RELEASE).await.unwrap();
+    let webhooks = registration.webhooks.unwrap_or_default();
+    let index = webhooks
+        .iter()
+        .position(|w| w.name == "seinodes.validate.sei.io")
+        .unwrap();
+    let original = webhooks[index].client_config.ca_bundle.clone().unwrap();
+    let set_bundle = |bundle: &[u8]| {
+        use base64::Engine as _;
+        let patch = serde_json::json!([{"op": "replace",
+            "path": format!("/webhooks/{index}/clientConfig/caBundle"),
+            "value": base64::engine::general_purpose::STANDARD.encode(bundle)}]);
+        let out = common::kubectl(
+            &[
+                "patch",
+                "validatingwebhookconfiguration",
+                RELEASE,
+                "--type=json",
+                "-p",
+                &patch.to_string(),
+            ],
+            "",
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    let stranger = CertificateAuthority::new("a CA that issued nothing here").unwrap();
+    set_bundle(stranger.cert_pem().as_bytes());
+    let check = || async { cli(&["check", "-n", RELEASE_NS, "--name", RELEASE]) };
+    let (out, failed) = common::poll(WAIT, check, |out| out.status.code() == Some(1)).await;
+    let report = text(&out.stdout);
+    set_bundle(&original.0);
+    assert!(
+        failed,
+        "check kept passing with a foreign caBundle:\n{report}"
+    );
+    eprintln!("check with a foreign caBundle:\n{report}");
+    let failed: Vec<&str> = report.lines().filter(|l| l.starts_with("FAILED")).collect();
+    assert_eq!(failed.len(), 1, "{report}");
+    let line = failed[0];
+    assert!(
+        line.starts_with("FAILED  webhooks-answer: ")
+            && line.contains("seinodes.validate.sei.io")
+            && line.contains("x509")
+            && line.contains("Fix: ")
+            && line.contains("tls.caBundle"),
+        "{line}"
+    );
+    // helm test fails the same way: its Pod's check exits 1.
+    set_bundle(stranger.cert_pem().as_bytes());
+    let out = helm_test();
+    assert!(
+        !out.status.success(),
+        "helm test passed with a foreign caBundle"
+    );
+    let pod = pods.get(TEST_POD).await.unwrap();
+    set_bundle(&original.0);
+    let status = pod.status.unwrap_or_default();
+    let exit_code = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code));
+    assert_eq!(
+        (status.phase.as_deref(), exit_code),
+        (Some("Failed"), Some(1)),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let (out, passed) = common::poll(WAIT, check, |out| out.status.success()).await;
+    assert!(
+        passed,
+        "restored, check passes again:\n{}",
+        text(&out.stdout)
+    );
+    let out = helm_test();
+    assert!(
+        out.status.success(),
+        "restored, helm test passes again: {}",
+        text(&out.stderr)
+    );
+    let out = common::kubectl(
+        &[
+            "label",
+            "namespace",
+            RELEASE_NS,
+            "pod-security.kubernetes.io/enforce-",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// `status` and `check-secret NAME` against the node `rpc` that runs in `ns` with its Secret
+/// `rpc-sidecar-tls`; not found and forbidden have their own exit codes; a node without its
+/// Secret is not Ready and `status` says what to do.
+async fn status_and_check_secret(client: &kube::Client, ns: &str, names: &[String]) {
+    // Ready follows SidecarReady in the same status write, or the next one.
+    let (out, ready) = common::poll(
+        WAIT,
+        || async { cli(&["status", "rpc", "-n", ns]) },
+        |out| out.status.code() == Some(0),
+    )
+    .await;
+    let report = text(&out.stdout);
+    assert!(ready, "{report}{}", text(&out.stderr));
+    eprintln!("status of a Ready node:\n{report}");
+    assert!(
+        report.starts_with(&format!("SeiNode {ns}/rpc: Running, Ready\n")),
+        "{report}"
+    );
+    for expected in [
+        "secretName:       rpc-sidecar-tls",
+        names[1].as_str(),
+        "notAfter:",
+        "Ready                  True    NodeReady",
+        "SidecarTLSSecretReady  True    TLSSecretReady",
+        "do: nothing",
+    ] {
+        assert!(report.contains(expected), "{expected:?} in:\n{report}");
+    }
+    let out = cli(&["status", "rpc", "-n", ns, "-o", "yaml"]);
+    let value: serde_json::Value = serde_saphyr::from_str(&text(&out.stdout)).unwrap();
+    assert_eq!(value["ready"], true);
+    assert!(value["sidecarTLS"]["notAfter"].is_string(), "{value}");
+    assert!(value["sidecarTLS"]["expiresInSeconds"].as_i64().unwrap() > 0);
+
+    let out = cli(&[
+        "check-secret",
+        "rpc-sidecar-tls",
+        "-n",
+        ns,
+        "--seinode",
+        "rpc",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with(&format!("TLSSecretReady: Secret \"{ns}/rpc-sidecar-tls\""))
+    );
+    // The same Secret judged for another node: its names are missing.
+    let out = cli(&[
+        "check-secret",
+        "rpc-sidecar-tls",
+        "-n",
+        ns,
+        "--seinode",
+        "web",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verdict["reason"], "TLSSecretSANsMismatch");
+
+    for (args, what) in [
+        (
+            vec!["check-secret", "absent", "-n", ns, "--seinode", "rpc"],
+            format!("Secret \"{ns}/absent\""),
+        ),
+        (
+            vec!["status", "absent", "-n", ns],
+            format!("SeiNode \"{ns}/absent\""),
+        ),
+    ] {
+        let out = cli(&args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}");
+        assert_eq!(text(&out.stderr), format!("error: {what} not found\n"));
+    }
+    let nobody = kubeconfig_with_nobody();
+    let nobody = nobody.to_str().unwrap();
+    for args in [
+        vec![
+            "check-secret",
+            "rpc-sidecar-tls",
+            "-n",
+            ns,
+            "--seinode",
+            "rpc",
+        ],
+        vec!["status", "rpc", "-n", ns],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--kubeconfig", nobody, "--context", "nobody"]);
+        let out = common::seinode_tls(&args, "");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: failed to get ")
+                && stderr.contains("forbidden")
+                && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+    }
+
+    // A TLS node whose Secret does not exist waits in Pending; status says so and what to do.
+    let waiting: SeiNode = serde_json::from_value(serde_json::json!({
+        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
+        "metadata": {"name": "waiting", "namespace": ns},
+        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {},
+                 "sidecar": {"tls": {"secretName": "waiting-sidecar-tls"}}},
+    }))
+    .unwrap();
+    Api::<SeiNode>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &waiting)
+        .await
+        .unwrap();
+    let (out, judged) = common::poll(
+        WAIT,
+        || async { cli(&["status", "waiting", "-n", ns]) },
+        |out| text(&out.stdout).contains("TLSSecretNotFound"),
+    )
+    .await;
+    let report = text(&out.stdout);
+    assert!(judged, "{report}");
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    eprintln!("status of a node without its Secret:\n{report}");
+    for expected in [
+        "not Ready",
+        "Ready                  False   TLSSecretNotReady",
+        "SidecarTLSSecretReady  False   TLSSecretNotFound",
+        "do: create the kubernetes.io/tls Secret",
+        "waiting-0.waiting.",
+    ] {
+        assert!(report.contains(expected), "{expected:?} in:\n{report}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     let client = common::client().await;
@@ -183,6 +522,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     )
     .await;
     assert!(held, "the Lease is held by a replica: {holder:?}");
+    check_the_install(&client).await;
 
     // The API server calls the chart's webhooks through its Service: a server-side dry run of
     // a TLS SeiNode comes back with the mutating webhook's annotation.
@@ -251,6 +591,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     )
     .await;
     assert!(ok, "{:#?}\n{}", last.status, pods_table());
+    status_and_check_secret(&client, &ns, &names).await;
 
     // The leader's Pod is deleted: the other replica takes the Lease within the lease's
     // duration (15 s) plus a retry period, and the next node still gets reconciled.

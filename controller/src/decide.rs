@@ -17,7 +17,8 @@ use crate::events::NodeEvent;
 use crate::plan::{Gate, Task, desired_plan, gate, next_task, repair_plan};
 use crate::sidecar::ProbeResult;
 use crate::status::{
-    READY, SIDECAR_READY, condition, flipped, is_true, remove_condition, set_condition,
+    NODE_READY, NOT_RUNNING, PLAN_IN_PROGRESS, READY, SIDECAR_NOT_READY, SIDECAR_READY,
+    TLS_SECRET_NOT_READY, condition, flipped, is_true, remove_condition, set_condition,
     tls_condition,
 };
 
@@ -351,7 +352,7 @@ fn readiness(
         let reason = tls_condition.map_or("not judged yet", |c| c.reason.as_str());
         return (
             false,
-            "TLSSecretNotReady",
+            TLS_SECRET_NOT_READY,
             format!(
                 "the node's TLS Secret does not meet the contract ({reason}); see condition SidecarTLSSecretReady"
             ),
@@ -362,20 +363,20 @@ fn readiness(
         let plan = status.plan.as_ref().map_or(String::new(), |p| {
             format!("; plan {} is {:?}", p.id, p.phase)
         });
-        return (false, "NotRunning", format!("the node is {phase:?}{plan}"));
+        return (false, NOT_RUNNING, format!("the node is {phase:?}{plan}"));
     }
     if !settled {
         let plan = status.plan.as_ref().map_or("", |p| p.id.as_str());
         return (
             false,
-            "PlanInProgress",
+            PLAN_IN_PROGRESS,
             format!("plan {plan} is in progress; see status.plan"),
         );
     }
     if let Some(sidecar) = find(conditions, SIDECAR_READY).filter(|c| !is_true(c)) {
         return (
             false,
-            "SidecarNotReady",
+            SIDECAR_NOT_READY,
             format!(
                 "the sidecar is not ready ({}); see condition SidecarReady",
                 sidecar.reason
@@ -387,7 +388,7 @@ fn readiness(
     } else {
         "Running and its sidecar is ready"
     };
-    (true, "NodeReady", what.to_owned())
+    (true, NODE_READY, what.to_owned())
 }
 
 /// Sets `SidecarReady` to `(ok, reason)` with `message`, with an event when it flips (on its

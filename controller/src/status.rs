@@ -9,6 +9,24 @@ use seinode_tls_crds::validation::{Reason, SecretVerdict};
 pub const SIDECAR_READY: &str = "SidecarReady";
 /// Condition type summarising the node for kstatus, Flux, Argo CD and `kubectl wait`.
 pub const READY: &str = "Ready";
+/// `Ready` reasons, the first that holds (decide's `readiness`): True, the node serves.
+pub const NODE_READY: &str = "NodeReady";
+/// A TLS node whose Secret does not meet the contract.
+pub const TLS_SECRET_NOT_READY: &str = "TLSSecretNotReady";
+/// The node is Pending, Initializing or Failed.
+pub const NOT_RUNNING: &str = "NotRunning";
+/// Running, with an update or repair plan under way.
+pub const PLAN_IN_PROGRESS: &str = "PlanInProgress";
+/// Running, and the sidecar is not ready.
+pub const SIDECAR_NOT_READY: &str = "SidecarNotReady";
+/// Every `Ready` reason (for tools that explain them, such as `seinode-tls status`).
+pub const READY_REASONS: [&str; 5] = [
+    NODE_READY,
+    TLS_SECRET_NOT_READY,
+    NOT_RUNNING,
+    PLAN_IN_PROGRESS,
+    SIDECAR_NOT_READY,
+];
 
 /// A condition's status, as Kubernetes defines them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
