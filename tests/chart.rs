@@ -1444,10 +1444,12 @@ fn an_existing_service_account_is_used_and_bound_instead_of_a_created_one() {
         "{message}"
     );
 
-    // The ServiceAccount subjects of the bindings, and the identities the policies name.
+    // The ServiceAccount subjects of the release's bindings (the helm test's hooks bind their
+    // own), and the identities the policies name.
     let bound = |rendered: &str| -> Vec<String> {
         objects(rendered)
             .iter()
+            .filter(|o| o["metadata"]["annotations"]["helm.sh/hook"].is_null())
             .flat_map(|o| o["subjects"].as_array().cloned().unwrap_or_default())
             .filter(|s| s["kind"] == "ServiceAccount")
             .map(|s| {
@@ -1464,15 +1466,17 @@ fn an_existing_service_account_is_used_and_bound_instead_of_a_created_one() {
         "serviceAccount.create=false",
         "serviceAccount.name=existing-sa",
     ]));
+    // The helm test's hook has a ServiceAccount of its own, created only for `helm test`.
+    let release_service_account = |o: &serde_json::Value| {
+        o["kind"] == "ServiceAccount" && o["metadata"]["annotations"]["helm.sh/hook"].is_null()
+    };
     let created: Vec<_> = objects(&default)
         .into_iter()
-        .filter(|o| o["kind"] == "ServiceAccount")
+        .filter(release_service_account)
         .collect();
     assert_eq!(created.len(), 1, "the default creates one");
     assert!(
-        !objects(&existing)
-            .iter()
-            .any(|o| o["kind"] == "ServiceAccount"),
+        !objects(&existing).iter().any(release_service_account),
         "creates none"
     );
     assert_eq!(
@@ -1571,16 +1575,24 @@ fn name_overrides_and_common_labels_reach_every_object() {
     install_crds();
     ensure_namespace(RELEASE_NS);
     // Everything but the CRD (cert-manager's and the monitors' are installed; ours is the
-    // cluster's own), whatever kinds the chart adds.
-    let without_crds: String = rendered
+    // cluster's own) and the helm test's Pod (its ServiceAccount exists only once the hook ran),
+    // whatever kinds the chart adds.
+    let without_crds: Vec<String> = rendered
         .split("\n---")
         .filter(|doc| {
-            doc.contains("\nkind: ") && !doc.contains("\nkind: CustomResourceDefinition\n")
+            doc.contains("\nkind: ")
+                && !doc.contains("\nkind: CustomResourceDefinition\n")
+                && !doc.contains("\nkind: Pod\n")
         })
         .map(|doc| format!("---\n{}\n", doc.trim_start_matches('-')))
         .collect();
-    let stdout = common::chart::server_dry_run(&without_crds);
-    assert_eq!(stdout.lines().count(), all.len() - 1, "{stdout}");
+    let stdout = common::chart::server_dry_run(&without_crds.concat());
+    assert_eq!(stdout.lines().count(), without_crds.len(), "{stdout}");
+    assert_eq!(
+        without_crds.len(),
+        all.len() - 2,
+        "all but the CRD and the test Pod"
+    );
 }
 
 /// The helm test's ServiceAccount (templates/tests/check.yaml) may read, by name, what

@@ -30,7 +30,15 @@ const FOREIGN_FLAGS: &[(&str, &[&str])] = &[
             "--from-file",
             "--cert",
             "--key",
+            "--image",
+            "--rm",
+            "--restart",
+            "--overrides",
         ],
+    ),
+    (
+        "docker (docs: the CLI from the image)",
+        &["--rm", "--network", "--user"],
     ),
     (
         "helm",
@@ -42,6 +50,7 @@ const FOREIGN_FLAGS: &[(&str, &[&str])] = &[
             "--wait",
             "--reuse-values",
             "--skip-crds",
+            "--logs",
             "--namespace",
             "--timeout",
         ],
@@ -109,9 +118,10 @@ const FOREIGN_FLAGS: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Words after "seinode-tls " in the docs that are not a command: prose, paths, and the
-/// hidden `stand-in` command (in `local` builds only; it does not list itself in `--help`).
-const NOT_COMMANDS: [&str; 5] = ["binary", "charts", "on", "sidecar", "stand-in"];
+/// Words after "seinode-tls " in the docs that are not a command: prose, paths, example output,
+/// and the hidden `stand-in` command (in `local` builds only; it does not list itself in
+/// `--help`).
+const NOT_COMMANDS: [&str; 7] = ["binary", "charts", "is", "may", "on", "sidecar", "stand-in"];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
