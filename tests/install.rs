@@ -32,6 +32,10 @@ const SIDECAR_CLIENT_SECRET: &str = "seinode-tls-sidecar-client";
 /// The node pods' ServiceAccount (`controller.nodeServiceAccount`), bound to
 /// `system:auth-delegator` in each node namespace as `examples/sidecar-rbac.yaml` shows.
 const NODE_SERVICE_ACCOUNT: &str = "sei-node";
+/// The README's node: `examples/seinode-tls-full-node.yaml`, and its Secret (the name
+/// `contract -o certificate` gives it by default, which the example names).
+const NODE: &str = "atlantic-2-rpc";
+const NODE_SECRET: &str = "atlantic-2-rpc-sidecar-tls";
 const WAIT: Duration = Duration::from_secs(120);
 
 fn text(bytes: &[u8]) -> String {
@@ -68,17 +72,18 @@ async fn create_sidecar_client_secret(client: &kube::Client) {
         .unwrap();
 }
 
-/// What the node pods of namespace `ns` need for kube-rbac-proxy (docs/operations.md,
-/// `examples/sidecar-rbac.yaml`): their ServiceAccount, bound to `system:auth-delegator` so the
-/// proxy may ask for the TokenReviews and SubjectAccessReviews of its callers.
-fn create_node_service_account(ns: &str) {
-    let yaml = format!(
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {NODE_SERVICE_ACCOUNT}\n  namespace: {ns}\n\
-         ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {ns}-{NODE_SERVICE_ACCOUNT}-auth-delegator\n\
-         subjects:\n  - kind: ServiceAccount\n    name: {NODE_SERVICE_ACCOUNT}\n    namespace: {ns}\n\
-         roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: system:auth-delegator\n"
-    );
-    let out = common::kubectl(&["apply", "--server-side", "-f", "-"], &yaml);
+/// What the node pods of namespace `ns` need for kube-rbac-proxy: the README's step 2,
+/// `examples/sidecar-rbac.yaml` (their ServiceAccount, bound to `system:auth-delegator` so the
+/// proxy may ask for the TokenReviews and SubjectAccessReviews of its callers), with the
+/// namespace its ClusterRoleBinding names edited as the file says.
+fn apply_sidecar_rbac_example(ns: &str) {
+    let example = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/sidecar-rbac.yaml"),
+    )
+    .unwrap()
+    .replace("namespace: sei-nodes", &format!("namespace: {ns}"));
+    assert!(example.contains(&format!("name: {NODE_SERVICE_ACCOUNT}\n")));
+    let out = common::kubectl(&["apply", "--server-side", "-n", ns, "-f", "-"], &example);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
@@ -355,14 +360,42 @@ async fn check_the_install(client: &kube::Client) {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
-/// `status` and `check-secret NAME` against the node `rpc` that runs in `ns` with its Secret
-/// `rpc-sidecar-tls`; not found and forbidden have their own exit codes; a node without its
+/// A replica's `/metrics`, as Prometheus scrapes it from the Pod, declares every metric family
+/// of the registry that tests/monitoring.rs and tests/docs.rs check the dashboard, the alerts
+/// and the docs against (and no other): that registry is what the binary serves.
+async fn a_replica_serves_every_registered_metric(client: &kube::Client) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), RELEASE_NS);
+    let listed = pods
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=seinode-tls"))
+        .await
+        .unwrap();
+    let ip = listed
+        .items
+        .iter()
+        .find_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .expect("a replica with an IP");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sf",
+            "--max-time",
+            "5",
+            &format!("http://{ip}:8080/metrics"),
+        ])
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "curl /metrics: {out:?}");
+    let served = common::metrics::exposition_names(&text(&out.stdout));
+    assert_eq!(served, common::metrics::registered_names());
+}
+
+/// `status` and `check-secret NAME` against the node [`NODE`] that runs in `ns` with its Secret
+/// [`NODE_SECRET`]; not found and forbidden have their own exit codes; a node without its
 /// Secret is not Ready and `status` says what to do.
 async fn status_and_check_secret(client: &kube::Client, ns: &str, names: &[String]) {
     // Ready follows SidecarReady in the same status write, or the next one.
     let (out, ready) = common::poll(
         WAIT,
-        || async { cli(&["status", "rpc", "-n", ns]) },
+        || async { cli(&["status", NODE, "-n", ns]) },
         |out| out.status.code() == Some(0),
     )
     .await;
@@ -370,11 +403,11 @@ async fn status_and_check_secret(client: &kube::Client, ns: &str, names: &[Strin
     assert!(ready, "{report}{}", text(&out.stderr));
     eprintln!("status of a Ready node:\n{report}");
     assert!(
-        report.starts_with(&format!("SeiNode {ns}/rpc: Running, Ready\n")),
+        report.starts_with(&format!("SeiNode {ns}/{NODE}: Running, Ready\n")),
         "{report}"
     );
     for expected in [
-        "secretName:       rpc-sidecar-tls",
+        format!("secretName:       {NODE_SECRET}").as_str(),
         names[1].as_str(),
         "notAfter:",
         "Ready                  True    NodeReady",
@@ -383,28 +416,21 @@ async fn status_and_check_secret(client: &kube::Client, ns: &str, names: &[Strin
     ] {
         assert!(report.contains(expected), "{expected:?} in:\n{report}");
     }
-    let out = cli(&["status", "rpc", "-n", ns, "-o", "yaml"]);
+    let out = cli(&["status", NODE, "-n", ns, "-o", "yaml"]);
     let value: serde_json::Value = serde_saphyr::from_str(&text(&out.stdout)).unwrap();
     assert_eq!(value["ready"], true);
     assert!(value["sidecarTLS"]["notAfter"].is_string(), "{value}");
     assert!(value["sidecarTLS"]["expiresInSeconds"].as_i64().unwrap() > 0);
 
-    let out = cli(&[
-        "check-secret",
-        "rpc-sidecar-tls",
-        "-n",
-        ns,
-        "--seinode",
-        "rpc",
-    ]);
+    let out = cli(&["check-secret", NODE_SECRET, "-n", ns, "--seinode", NODE]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).starts_with(&format!("TLSSecretReady: Secret \"{ns}/rpc-sidecar-tls\""))
+        text(&out.stdout).starts_with(&format!("TLSSecretReady: Secret \"{ns}/{NODE_SECRET}\""))
     );
     // The same Secret judged for another node: its names are missing.
     let out = cli(&[
         "check-secret",
-        "rpc-sidecar-tls",
+        NODE_SECRET,
         "-n",
         ns,
         "--seinode",
@@ -418,7 +444,7 @@ async fn status_and_check_secret(client: &kube::Client, ns: &str, names: &[Strin
 
     for (args, what) in [
         (
-            vec!["check-secret", "absent", "-n", ns, "--seinode", "rpc"],
+            vec!["check-secret", "absent", "-n", ns, "--seinode", NODE],
             format!("Secret \"{ns}/absent\""),
         ),
         (
@@ -433,15 +459,8 @@ async fn status_and_check_secret(client: &kube::Client, ns: &str, names: &[Strin
     let nobody = kubeconfig_with_nobody();
     let nobody = nobody.to_str().unwrap();
     for args in [
-        vec![
-            "check-secret",
-            "rpc-sidecar-tls",
-            "-n",
-            ns,
-            "--seinode",
-            "rpc",
-        ],
-        vec!["status", "rpc", "-n", ns],
+        vec!["check-secret", NODE_SECRET, "-n", ns, "--seinode", NODE],
+        vec!["status", NODE, "-n", ns],
     ] {
         let mut args = args.clone();
         args.extend(["--kubeconfig", nobody, "--context", "nobody"]);
@@ -523,26 +542,69 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     .await;
     assert!(held, "the Lease is held by a replica: {holder:?}");
     check_the_install(&client).await;
+    a_replica_serves_every_registered_metric(&client).await;
+
+    // The README's first screen, after the install: the node's namespace and the ServiceAccount
+    // its proxy authorizes with (step 2), its Certificate from `contract` (step 3), the node
+    // (step 4), and `kubectl wait` for Ready.
+    let ns = common::namespace(&client, "install").await;
+    apply_sidecar_rbac_example(&ns);
+    let names = required_dns_names(NODE, &ns, DEFAULT_CLUSTER_DOMAIN);
+    let out = common::seinode_tls(
+        &[
+            "contract",
+            "--seinode",
+            NODE,
+            "-n",
+            &ns,
+            "-o",
+            "certificate",
+            "--issuer",
+            "sei-ca",
+            "--issuer-kind",
+            "ClusterIssuer",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let certificate = text(&out.stdout);
+    // cert-manager's controllers do not run here: its CRDs check the Certificate, and the test
+    // creates the Secret cert-manager would, for the names and under the name it carries.
+    common::install_cert_manager_crds();
+    common::chart::server_dry_run(&certificate);
+    let certificate: serde_json::Value = serde_saphyr::from_str(&certificate).unwrap();
+    assert_eq!(certificate["spec"]["secretName"], NODE_SECRET);
+    let dns: Vec<&str> = certificate["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(dns, names, "the Certificate asks for exactly the contract");
 
     // The API server calls the chart's webhooks through its Service: a server-side dry run of
-    // a TLS SeiNode comes back with the mutating webhook's annotation.
-    let ns = common::namespace(&client, "install").await;
-    let names = required_dns_names("rpc", &ns, DEFAULT_CLUSTER_DOMAIN);
-    let node: SeiNode = serde_json::from_value(serde_json::json!({
-        "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
-        "metadata": {"name": "rpc", "namespace": ns},
-        "spec": {"chainId": "arctic-1", "image": "ghcr.io/sei-protocol/sei:v6.3.0", "fullNode": {},
-                 "sidecar": {"tls": {"secretName": "rpc-sidecar-tls"}}},
-    }))
-    .unwrap();
-    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
-    let dry_run = PostParams {
-        dry_run: true,
-        ..PostParams::default()
-    };
-    let created = nodes.create(&dry_run, &node).await.unwrap();
+    // the node comes back with the mutating webhook's annotation.
+    let example =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/seinode-tls-full-node.yaml");
+    let example = example.to_str().unwrap();
+    let out = common::kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "-n",
+            &ns,
+            "-f",
+            example,
+            "-o",
+            "json",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dry_run: SeiNode = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
-        created
+        dry_run
             .metadata
             .annotations
             .unwrap_or_default()
@@ -550,15 +612,13 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
         Some(&names.join(","))
     );
 
-    // A TLS node reaches Running: the controller in its Pod submits the sidecar's tasks through
-    // the real kube-rbac-proxy with its client certificate (authenticated by the CA it copied
-    // into the node's proxy config, authorized by a SubjectAccessReview on seinodetasks for
+    // The node reaches Ready: the controller in its Pod submits the sidecar's tasks through the
+    // real kube-rbac-proxy with its client certificate (authenticated by the CA it copied into
+    // the node's proxy config, authorized by a SubjectAccessReview on seinodetasks for
     // sidecarClient.user), and then probes the sidecar by the pod's cluster DNS name.
-    create_node_service_account(&ns);
-    let dns: Vec<&str> = names.iter().map(String::as_str).collect();
     let leaf = ca
         .issue(&LeafSpec {
-            common_name: "rpc",
+            common_name: NODE,
             dns_names: &dns,
             server: true,
             ..LeafSpec::default()
@@ -566,7 +626,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
         .unwrap();
     let secret = seinode_tls_testkit::tls_secret(
         &ns,
-        "rpc-sidecar-tls",
+        NODE_SECRET,
         &leaf.cert_pem,
         &leaf.key_pem,
         Some(&ca.cert_pem()),
@@ -575,22 +635,45 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    nodes.create(&PostParams::default(), &node).await.unwrap();
-    let sidecar_ready = |n: &SeiNode| {
-        n.status.as_ref().is_some_and(|s| {
-            s.phase == Some(seinode_tls_crds::SeiNodePhase::Running)
-                && s.conditions.iter().flatten().any(|c| {
-                    c.type_ == "SidecarReady" && c.status == "True" && c.reason == "SidecarHealthy"
-                })
-        })
-    };
-    let (last, ok) = common::poll(
+    let out = common::kubectl(&["apply", "--server-side", "-n", &ns, "-f", example], "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = common::kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            &format!("snode/{NODE}"),
+            "-n",
+            &ns,
+            "--timeout=120s",
+        ],
+        "",
+    );
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        out.status.success(),
+        "kubectl wait: {}{}\n{:#?}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        nodes.get(NODE).await.unwrap().status,
+        pods_table()
+    );
+    // Ready once mark-ready went through; the first probe follows.
+    let (node, probed) = common::poll(
         WAIT,
-        || async { nodes.get("rpc").await.unwrap() },
-        sidecar_ready,
+        || async { nodes.get(NODE).await.unwrap() },
+        |n: &SeiNode| {
+            n.status.as_ref().is_some_and(|s| {
+                s.phase == Some(seinode_tls_crds::SeiNodePhase::Running)
+                    && s.conditions.iter().flatten().any(|c| {
+                        c.type_ == "SidecarReady"
+                            && c.status == "True"
+                            && c.reason == "SidecarHealthy"
+                    })
+            })
+        },
     )
     .await;
-    assert!(ok, "{:#?}\n{}", last.status, pods_table());
+    assert!(probed, "{:#?}", node.status);
     status_and_check_secret(&client, &ns, &names).await;
 
     // The leader's Pod is deleted: the other replica takes the Lease within the lease's
@@ -632,13 +715,17 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     );
 
     // A rolling upgrade while a client keeps creating (dry-run) SeiNodes: no admission fails.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admissions = tokio::spawn({
         let nodes = nodes.clone();
         let stop = stop.clone();
         // Its Secret does not exist yet: admitted with a warning, through both webhooks.
-        let mut probe = node.clone();
-        probe.metadata.name = Some("probe".to_owned());
+        let mut probe = SeiNode::new("probe", node.spec.clone());
+        probe.metadata.namespace = Some(ns.clone());
         if let Some(tls) = probe.spec.sidecar.as_mut().and_then(|s| s.tls.as_mut()) {
             tls.secret_name = "probe-sidecar-tls".to_owned();
         }
@@ -688,7 +775,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     // An edit of spec.sidecar.tls is refused.
     let out = common::patch_seinode(
         &ns,
-        "rpc",
+        NODE,
         r#"{"spec":{"sidecar":{"tls":{"secretName":"other"}}}}"#,
     );
     assert!(!out.status.success(), "the edit went through");
@@ -702,7 +789,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     let out = common::helm(&["uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = common::kubectl(
-        &["label", "snode", "rpc", "-n", &ns, "after-uninstall=yes"],
+        &["label", "snode", NODE, "-n", &ns, "after-uninstall=yes"],
         "",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
