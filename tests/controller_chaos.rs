@@ -46,18 +46,29 @@ struct ControllerProcess {
     log: PathBuf,
     /// Started with `--leader-elect`.
     elects: bool,
+    /// Where it serves `/healthz`, `/readyz` and `/metrics`.
+    health: std::net::SocketAddr,
     _watchdog: Option<Watchdog>,
 }
 
 impl ControllerProcess {
     fn start(name: &str, extra: &[&str]) -> Self {
+        Self::start_with(name, extra, common::control_plane().kubeconfig())
+    }
+
+    fn start_with(name: &str, extra: &[&str], kubeconfig: &std::path::Path) -> Self {
         let log = common::temp_path(&format!("chaos-{name}"));
+        // A port free now, for the process to bind (it does not print the one it binds).
+        let health = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let client = common::sidecar_client();
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_seinode-tls"))
             .arg("controller")
+            .arg(format!("--health-addr={health}"))
             .args([
-                "--health-addr=127.0.0.1:0",
                 "--cert-expiry-warning=1h",
                 "--sidecar-probe-timeout=1s",
                 "--sidecar-probe-interval=5s",
@@ -82,7 +93,7 @@ impl ControllerProcess {
                 "--sidecar-snapshot-region=local",
             ])
             .args(extra)
-            .env("KUBECONFIG", common::control_plane().kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,seinode_tls_controller=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -98,23 +109,41 @@ impl ControllerProcess {
             child,
             log,
             elects: extra.contains(&"--leader-elect"),
+            health,
             _watchdog: watchdog,
         }
     }
 
+    /// `/readyz`: the status code and the body.
+    fn readyz(&self) -> (String, String) {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "2", "-w", "\n%{http_code}"])
+            .arg(format!("http://{}/readyz", self.health))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.to_owned(), body.to_owned())
+    }
+
+    fn leader_args(name: &str, lease_ns: &str) -> Vec<String> {
+        [
+            "--leader-elect",
+            "--leader-election-name=chaos",
+            &format!("--leader-election-namespace={lease_ns}"),
+            &format!("--leader-election-identity={name}"),
+            "--leader-election-lease-duration=4s",
+            "--leader-election-renew-deadline=3s",
+            "--leader-election-retry-period=1s",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
     fn leader(name: &str, lease_ns: &str) -> Self {
-        Self::start(
-            name,
-            &[
-                "--leader-elect",
-                "--leader-election-name=chaos",
-                &format!("--leader-election-namespace={lease_ns}"),
-                &format!("--leader-election-identity={name}"),
-                "--leader-election-lease-duration=4s",
-                "--leader-election-renew-deadline=3s",
-                "--leader-election-retry-period=1s",
-            ],
-        )
+        let args = Self::leader_args(name, lease_ns);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start(name, &args)
     }
 
     fn signal(&self, signal: &str) {
@@ -566,6 +595,54 @@ async fn two_replicas_racing_for_the_lease_give_exactly_one_leader() {
         1,
         "all events come from one replica: {reporters:?}"
     );
+    // Both are ready, the leader and the one standing by: their rounds reach the API server.
+    for replica in [&a, &b] {
+        let (last, ready) = common::poll(
+            Duration::from_secs(10),
+            || async { replica.readyz() },
+            |(code, _)| code == "200",
+        )
+        .await;
+        assert!(ready, "/readyz: {last:?}\n{}", replica.log());
+    }
+    // A replica whose API server does not answer is not ready, and says why.
+    let kubeconfig = common::temp_path("chaos-unreachable-kubeconfig");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let admin = std::fs::read_to_string(common::control_plane().kubeconfig()).unwrap();
+    let server = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .unwrap()
+        .to_owned();
+    std::fs::write(
+        &kubeconfig,
+        admin.replace(&server, &format!("https://{closed}")),
+    )
+    .unwrap();
+    let args = ControllerProcess::leader_args("race-unreachable", &lease_ns);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut unreachable = ControllerProcess::start_with("race-unreachable", &args, &kubeconfig);
+    let (last, answered) = common::poll(
+        Duration::from_secs(10),
+        || async { unreachable.readyz() },
+        |(code, _)| !code.is_empty() && code != "000",
+    )
+    .await;
+    assert!(answered, "{last:?}\n{}", unreachable.log());
+    assert_eq!(
+        last,
+        (
+            "503".to_owned(),
+            "waiting for a first leader election round with the API server".to_owned()
+        ),
+        "{}",
+        unreachable.log()
+    );
+    unreachable.stop();
+    std::fs::remove_file(&kubeconfig).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

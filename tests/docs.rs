@@ -123,6 +123,14 @@ const FOREIGN_FLAGS: &[(&str, &[&str])] = &[
 /// `--help`).
 const NOT_COMMANDS: [&str; 7] = ["binary", "charts", "is", "may", "on", "sidecar", "stand-in"];
 
+/// Names the upgrade notes mention because they are gone: each must indeed be gone (checked
+/// below), and only these may be named without existing.
+const RETIRED_VALUES: [&str; 2] = [
+    "monitoring.prometheusRule.expiryWarningSeconds",
+    "monitoring.prometheusRule.servingCertificateExpiryWarningSeconds",
+];
+const RETIRED_METRICS: [&str; 1] = ["seinode_tls_controller_tls_certificate_expiry_seconds"];
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -253,15 +261,11 @@ fn every_chart_value_the_docs_name_exists() {
             if !looks_like_a_value || a_file {
                 continue;
             }
-            let mut at = &schema;
-            for part in parts.iter().take_while(|p| **p != "*") {
-                match at["properties"].get(part) {
-                    Some(next) => at = next,
-                    None => {
-                        missing.push(format!("{doc}: {path}"));
-                        break;
-                    }
-                }
+            let exists = schema_has(&schema, &parts);
+            if RETIRED_VALUES.contains(&path) {
+                assert!(!exists, "{path} is listed as retired but exists");
+            } else if !exists {
+                missing.push(format!("{doc}: {path}"));
             }
         }
     }
@@ -269,6 +273,18 @@ fn every_chart_value_the_docs_name_exists() {
         missing.is_empty(),
         "the docs name chart values that values.yaml does not have: {missing:#?}"
     );
+}
+
+/// Whether the values schema describes the value at `parts` (up to a `*`).
+fn schema_has(schema: &Value, parts: &[&str]) -> bool {
+    let mut at = schema;
+    for part in parts.iter().take_while(|p| **p != "*") {
+        match at["properties"].get(part) {
+            Some(next) => at = next,
+            None => return false,
+        }
+    }
+    true
 }
 
 /// Crate names share the metrics' prefix (in log filters and paths); they are not metrics.
@@ -291,7 +307,10 @@ fn every_metric_the_docs_name_is_exported_and_the_metrics_table_is_complete() {
         for name in common::metrics::named_in(&read(doc)) {
             // A histogram is named by its family too.
             let histogram = exported.contains(&format!("{name}_bucket"));
-            if !exported.contains(&name) && !histogram && !CRATES.contains(&name.as_str()) {
+            let exists = exported.contains(&name) || histogram;
+            if RETIRED_METRICS.contains(&name.as_str()) {
+                assert!(!exists, "{name} is listed as retired but exported");
+            } else if !exists && !CRATES.contains(&name.as_str()) {
                 missing.push(format!("{doc}: {name}"));
             }
         }
@@ -335,12 +354,19 @@ fn anchor(heading: &str) -> String {
         .collect()
 }
 
+/// The anchors of a Markdown file's ATX headings (a `#` line inside a fenced code block is
+/// code, not a heading).
 fn anchors(markdown: &str) -> BTreeSet<String> {
-    markdown
-        .lines()
-        .filter(|l| l.starts_with('#'))
-        .map(|l| anchor(l.trim_start_matches('#')))
-        .collect()
+    let mut fenced = false;
+    let mut anchors = BTreeSet::new();
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced && line.starts_with('#') {
+            anchors.insert(anchor(line.trim_start_matches('#')));
+        }
+    }
+    anchors
 }
 
 /// Every relative link of the docs (`[text](path#anchor)`) names a file of the repository, and

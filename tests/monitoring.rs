@@ -4,7 +4,7 @@
 //! `honorLabels` a per-node series' own `namespace`), fires when it should, with the labels, text
 //! and runbook it should, and only then; every runbook it points at exists; the Grafana
 //! dashboard renders as the ConfigMap Grafana's sidecar picks up and names only metrics the
-//! binary exports (tests/local.rs checks the names against a running `/metrics`).
+//! binary exports (tests/install.rs checks that registry against a running replica's `/metrics`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -20,6 +20,8 @@ const CHART: Release = Release {
     name: "seinode-tls",
     namespace: RELEASE_NS,
 };
+/// The `job` label of a PodMonitor's scrape (`<namespace>/<name>`).
+const PODMONITOR_JOB: &str = "seinode-tls-system/seinode-tls";
 /// The chart's default `monitoring.prometheusRule.runbookBaseURL`.
 const RUNBOOKS: &str = "https://github.com/sei-protocol/seinode-tls/blob/main/docs/operations.md";
 
@@ -138,6 +140,17 @@ fn node_alert_groups() -> Vec<Value> {
                 &[("reason", "TLSSecretExpired"), ("running", "true")],
                 "0x40",
             ),
+            // The same replica scraped by a PodMonitor too: not counted twice.
+            series(
+                by_reason,
+                "leader",
+                &[
+                    ("reason", "TLSSecretExpired"),
+                    ("running", "true"),
+                    ("job", PODMONITOR_JOB),
+                ],
+                "1x40",
+            ),
             series(
                 by_reason,
                 "leader",
@@ -152,7 +165,7 @@ fn node_alert_groups() -> Vec<Value> {
                 "SeiNodeTLSSecretNotReady",
                 vec![alert(
                     "SeiNodeTLSSecretNotReady",
-                    json!({"severity": "warning"}),
+                    json!({"severity": "warning", "namespace": RELEASE_NS}),
                     "Running SeiNodes have a TLS Secret that does not meet the contract",
                     "1 TLS SeiNode(s) are not SidecarTLSSecretReady; see `kubectl get snode -A` (column TLS) and `seinode-tls status NODE -n NAMESPACE`.",
                 )],
@@ -211,7 +224,7 @@ fn node_alert_groups() -> Vec<Value> {
                 "SeiNodeTLSSidecarProbesFailing",
                 vec![alert(
                     "SeiNodeTLSSidecarProbesFailing",
-                    json!({"severity": "warning", "result": "SidecarUnreachable"}),
+                    json!({"severity": "warning", "namespace": RELEASE_NS, "result": "SidecarUnreachable"}),
                     "SeiNode sidecars keep failing their probes",
                     "Probes of SeiNode sidecars end in SidecarUnreachable; `kubectl get snode -A` (column SIDECAR) shows which nodes.",
                 )],
@@ -222,7 +235,8 @@ fn node_alert_groups() -> Vec<Value> {
 }
 
 /// One threshold: `controller.certExpiryWarning` moves both expiry alerts (the nodes' and the
-/// webhook's own certificate).
+/// webhook's own certificate); with cert-manager the webhook's alert never fires before half of
+/// its certificate's `renewBefore` is gone.
 #[test]
 fn one_threshold_drives_both_expiry_alerts() {
     let node = "seinode_tls_controller_tls_certificate_not_after_timestamp_seconds";
@@ -248,14 +262,44 @@ fn one_threshold_drives_both_expiry_alerts() {
         ],
     );
     promtool_test_rules(&["controller.certExpiryWarning=48h"], vec![quiet]);
-    let groups = rule_groups(&["controller.certExpiryWarning=48h"]);
-    let exprs = alert_exprs(&groups);
-    for name in [
-        "SeiNodeTLSCertificateExpiringSoon",
-        "SeiNodeTLSWebhookServingCertificateExpiringSoon",
-    ] {
-        assert!(exprs[name].ends_with("< 172800"), "{name}: {}", exprs[name]);
-    }
+    let thresholds = |values: &[&str]| {
+        let exprs = alert_exprs(&rule_groups(values));
+        let threshold =
+            |name: &str| -> u64 { exprs[name].rsplit("< ").next().unwrap().parse().unwrap() };
+        (
+            threshold("SeiNodeTLSCertificateExpiringSoon"),
+            threshold("SeiNodeTLSWebhookServingCertificateExpiringSoon"),
+        )
+    };
+    assert_eq!(thresholds(&[]), (604_800, 604_800), "168h");
+    assert_eq!(
+        thresholds(&["controller.certExpiryWarning=48h"]),
+        (172_800, 172_800)
+    );
+    // Above half of the webhook certificate's renewBefore (360h), the webhook's alert waits for
+    // a renewal that is overdue (180h left), or it would fire before every renewal.
+    assert_eq!(
+        thresholds(&["controller.certExpiryWarning=720h"]),
+        (2_592_000, 648_000)
+    );
+    assert_eq!(
+        thresholds(&[
+            "controller.certExpiryWarning=720h",
+            "tls.certManager.renewBefore=2000h"
+        ]),
+        (2_592_000, 2_592_000)
+    );
+    // Without cert-manager nothing renews it on a schedule: the one threshold.
+    assert_eq!(
+        thresholds(&[
+            "controller.certExpiryWarning=720h",
+            "tls.certManager.enabled=false",
+            "tls.secretName=webhook-tls",
+            "tls.caBundle=x",
+            "sidecarClient.secretName=client"
+        ]),
+        (2_592_000, 2_592_000)
+    );
 }
 
 /// The controller-wide alerts: reconcile errors, no leader (none leading, or nothing scraped),
@@ -275,6 +319,13 @@ fn controller_alert_groups() -> Vec<Value> {
                 &[("outcome", "error")],
                 "0+60x40",
             ),
+            // Scraped by a PodMonitor too: the rate is not doubled.
+            series(
+                "seinode_tls_controller_reconciles_total",
+                "leader",
+                &[("outcome", "error"), ("job", PODMONITOR_JOB)],
+                "0+60x40",
+            ),
             series(
                 "seinode_tls_controller_reconciles_total",
                 "leader",
@@ -289,7 +340,7 @@ fn controller_alert_groups() -> Vec<Value> {
                 "SeiNodeTLSReconcileErrors",
                 vec![alert(
                     "SeiNodeTLSReconcileErrors",
-                    json!({"severity": "warning"}),
+                    json!({"severity": "warning", "namespace": RELEASE_NS}),
                     "The seinode-tls controller keeps failing reconciles",
                     "1 reconciles per second end in an error (retried with backoff); the leader's log says which node and why.",
                 )],
@@ -451,7 +502,7 @@ fn webhook_alert_groups() -> Vec<Value> {
                 "SeiNodeTLSWebhookServingCertificateWatchFailed",
                 vec![alert(
                     "SeiNodeTLSWebhookServingCertificateWatchFailed",
-                    replica("polling"),
+                    json!({"severity": "info", "namespace": RELEASE_NS, "pod": "polling"}),
                     "The seinode-tls webhook cannot watch its certificate files",
                     &format!(
                         "{RELEASE_NS}/polling re-reads its serving certificate every 30s instead of on change. Usually the node's inotify limits (fs.inotify.max_user_instances, fs.inotify.max_user_watches) are used up."
@@ -490,7 +541,7 @@ fn webhook_alert_groups() -> Vec<Value> {
                 "SeiNodeTLSWebhookErrors",
                 vec![alert(
                     "SeiNodeTLSWebhookErrors",
-                    json!({"severity": "warning"}),
+                    json!({"severity": "warning", "namespace": RELEASE_NS}),
                     "The seinode-tls webhook is answering malformed requests with HTTP 400",
                     "1 admission requests per second are answered 400; the webhook's log says why, the API server's admission log says from where.",
                 )],
@@ -564,7 +615,7 @@ fn every_alert_has_a_runbook_section_and_a_promtool_test() {
 /// The dashboard renders as a ConfigMap labelled for Grafana's sidecar, holds valid dashboard
 /// JSON with a Prometheus datasource variable, and every panel query names metrics the
 /// binary's metric code registers (the names are also checked against a running `/metrics`
-/// in tests/local.rs).
+/// in tests/install.rs).
 #[test]
 fn the_dashboard_is_a_labelled_config_map_whose_queries_name_exported_metrics() {
     assert!(
@@ -588,13 +639,31 @@ fn the_dashboard_is_a_labelled_config_map_whose_queries_name_exported_metrics() 
     assert_eq!(dashboard, file, "the ConfigMap carries the file as it is");
     assert_eq!(dashboard["templating"]["list"][0]["query"], "prometheus");
     let exported = common::metrics::registered_names();
+    // Every query, in every panel (rows nest theirs) and every variable.
     let mut queried = BTreeSet::new();
-    for panel in dashboard["panels"].as_array().unwrap() {
+    let mut panels: Vec<&Value> = dashboard["panels"].as_array().unwrap().iter().collect();
+    let mut targets = 0;
+    while let Some(panel) = panels.pop() {
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap();
             let names = common::metrics::named_in(expr);
             assert!(!names.is_empty(), "{}: {expr}", panel["title"]);
+            // One release (scrape job) at a time: nothing is counted twice, or across releases.
+            assert_eq!(
+                expr.matches("seinode_tls_").count(),
+                expr.matches(r#"{job=~"$job""#).count(),
+                "{}: every selector is the chosen job's: {expr}",
+                panel["title"]
+            );
             queried.extend(names);
+            targets += 1;
+        }
+    }
+    assert!(targets > 10, "{targets} queries");
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(query) = variable["query"]["query"].as_str() {
+            queried.extend(common::metrics::named_in(query));
         }
     }
     let unknown: Vec<_> = queried.difference(&exported).collect();

@@ -345,7 +345,7 @@ pub fn error_policy(node: Arc<SeiNode>, error: &Error, ctx: Arc<Context>) -> Act
     tracing::warn!(
         error = %seinode_tls_crds::error_chain(error),
         namespace = %node.namespace().unwrap_or_default(),
-        name = %node.name_any(),
+        seinode = %node.name_any(),
         retry_in = ?delay,
         "reconcile failed"
     );

@@ -93,7 +93,8 @@ pub struct WebhookMetrics {
     /// rely on the 30-second re-read).
     pub serving_cert_watch_failures: Counter,
     pub in_flight: Gauge,
-    /// Requests answered 429 because `--max-concurrent-requests` were being handled.
+    /// Requests answered 429: `--max-concurrent-requests` were being handled, or
+    /// `--max-body-memory` was spent.
     pub requests_shed: Counter,
     pub connections_open: Gauge,
     /// Connections closed on accept because `--max-connections` were open.
@@ -188,7 +189,7 @@ impl WebhookMetrics {
         let requests_shed = Counter::default();
         registry.register(
             "webhook_requests_shed",
-            "Admission requests answered 429 because the concurrent-request limit was reached",
+            "Admission requests answered 429: every request slot taken, or the body memory budget spent",
             requests_shed.clone(),
         );
         let connections_open = Gauge::default();
