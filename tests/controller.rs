@@ -200,6 +200,31 @@ async fn setup(prefix: &str) -> (Client, String) {
     (client, ns)
 }
 
+/// What kstatus (sigs.k8s.io/cli-utils, as Flux and Argo CD use it) computes for `node`: its
+/// status and message, from the real library (`tools/kstatus`).
+fn kstatus(node: &SeiNode) -> (String, String) {
+    let probe = seinode_tls_devcluster::control_plane::kstatus().expect("build the kstatus probe");
+    let mut child = std::process::Command::new(probe)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kstatus");
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        &serde_json::to_vec(node).unwrap(),
+    )
+    .unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kstatus: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (status, message) = text
+        .trim_end()
+        .split_once('\t')
+        .expect("status<TAB>message");
+    (status.to_owned(), message.to_owned())
+}
+
 // === Tests ===
 
 #[tokio::test]
@@ -217,6 +242,10 @@ async fn a_tls_node_waits_for_its_secret_then_runs_as_soon_as_it_appears() {
         .expect("contract published");
     assert_eq!(published.secret_name, "rpc-tls");
     assert_eq!(published.required_dns_names, names(&ns, "rpc"));
+    // As Flux and Argo CD read it (kstatus): in progress, saying why.
+    let (health, message) = kstatus(&pending);
+    assert_eq!(health, "InProgress", "{message}");
+    assert!(message.contains("TLSSecretNotFound"), "{message}");
     // The gate holds: nothing created while the Secret is missing.
     let plan = pending
         .status
@@ -270,6 +299,10 @@ async fn a_tls_node_waits_for_its_secret_then_runs_as_soon_as_it_appears() {
         String::from_utf8_lossy(&waited.stderr)
     );
     let ready_node = api.get("rpc").await.unwrap();
+    assert_eq!(
+        kstatus(&ready_node),
+        ("Current".to_owned(), "Resource is Ready".to_owned())
+    );
     let generation = ready_node.metadata.generation;
     let ready_status = ready_node.status.clone().unwrap();
     assert_eq!(ready_status.observed_generation, generation);

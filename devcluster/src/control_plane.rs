@@ -221,6 +221,12 @@ pub fn promtool() -> Result<PathBuf, ControlPlaneError> {
     Ok(run_tools_script("promtool/build.sh")?.join("promtool"))
 }
 
+/// The kstatus probe (`tools/kstatus`: sigs.k8s.io/cli-utils' kstatus over one object on stdin),
+/// built from the Go module proxy on first use and cached like the control plane.
+pub fn kstatus() -> Result<PathBuf, ControlPlaneError> {
+    Ok(run_tools_script("kstatus/build.sh")?.join("kstatus"))
+}
+
 /// Runs a script under `tools/` that prints a cache directory as its last line on stdout.
 fn run_tools_script(name: &str) -> Result<PathBuf, ControlPlaneError> {
     // The workspace root holds `tools/`; this crate sits one level below it.
