@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -148,6 +148,44 @@ fn seinode_tls(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Every command's flags, with the global ones (the top-level `--help`'s) in each.
+fn flags_by_command(commands: &BTreeSet<String>) -> BTreeMap<String, BTreeSet<String>> {
+    let global = flags_in(&seinode_tls(&["--help"]));
+    commands
+        .iter()
+        .map(|command| {
+            let mut flags = flags_in(&seinode_tls(&[command, "--help"]));
+            flags.extend(global.iter().cloned());
+            (command.clone(), flags)
+        })
+        .collect()
+}
+
+/// The command lines of a document that run `seinode-tls COMMAND` (a `\`-continued line is one
+/// line): the command and what follows it, up to a pipe, the end of a code span or a comment.
+fn command_lines<'a>(text: &str, commands: &'a BTreeSet<String>) -> Vec<(&'a String, String)> {
+    let joined = text.replace("\\\n", " ");
+    let mut lines = Vec::new();
+    for line in joined.lines() {
+        for (at, _) in line.match_indices("seinode-tls ") {
+            let rest = &line[at + "seinode-tls ".len()..];
+            let word: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            if let Some(command) = commands.get(&word) {
+                let args = rest[word.len()..]
+                    .split(['|', '`', '#'])
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                lines.push((command, args));
+            }
+        }
+    }
+    lines
+}
+
 /// The binary's subcommands (as `--help` lists them) and every flag of it and of them.
 fn commands_and_flags() -> (BTreeSet<String>, BTreeSet<String>) {
     let top = seinode_tls(&["--help"]);
@@ -220,6 +258,31 @@ fn every_flag_and_command_the_docs_name_exists() {
         missing.is_empty(),
         "the docs name flags or commands seinode-tls does not have (and no other program listed \
          in FOREIGN_FLAGS): {missing:#?}"
+    );
+}
+
+/// A flag given to `seinode-tls COMMAND` on a command line of the docs is that command's (or a
+/// global one), whatever other programs call their flags.
+#[test]
+fn every_command_line_of_the_docs_uses_its_commands_flags() {
+    let (commands, _) = commands_and_flags();
+    let by_command = flags_by_command(&commands);
+    let mut wrong = Vec::new();
+    let mut lines = 0;
+    for doc in USER_DOCS {
+        for (command, args) in command_lines(&read(doc), &commands) {
+            lines += 1;
+            for flag in flags_in(&args) {
+                if !by_command[command].contains(&flag) {
+                    wrong.push(format!("{doc}: seinode-tls {command} ... {flag}"));
+                }
+            }
+        }
+    }
+    assert!(lines > 10, "{lines} command lines found");
+    assert!(
+        wrong.is_empty(),
+        "flags their command does not have: {wrong:#?}"
     );
 }
 
