@@ -317,20 +317,20 @@ async fn check_validating(
         .await
     {
         Ok(config) => {
-            let webhooks: Vec<(String, WebhookClientConfig)> = config
-                .webhooks
+            let webhooks = config.webhooks.unwrap_or_default();
+            let selector = webhooks
                 .iter()
-                .flatten()
-                .map(|w| (w.name.clone(), w.client_config.clone()))
-                .collect();
-            let selector = config
-                .webhooks
-                .iter()
-                .flatten()
                 .find(|w| w.name == VALIDATING_WEBHOOK)
                 .map(|w| w.namespace_selector.clone().unwrap_or_default());
-            let result =
-                registration_verdict(CHECK, &what, VALIDATING_WEBHOOK, &webhooks, args, now);
+            let configs = webhooks.into_iter().map(|w| (w.name, w.client_config));
+            let result = registration_verdict(
+                CHECK,
+                &what,
+                VALIDATING_WEBHOOK,
+                &configs.collect::<Vec<_>>(),
+                args,
+                now,
+            );
             (result, selector)
         }
         Err(e) => (read_failed(CHECK, &what, &e, REINSTALL), None),
@@ -345,13 +345,10 @@ async fn check_mutating(client: &kube::Client, args: &CheckArgs, now: Timestamp)
         .await
     {
         Ok(config) => {
-            let webhooks: Vec<(String, WebhookClientConfig)> = config
-                .webhooks
-                .iter()
-                .flatten()
-                .map(|w| (w.name.clone(), w.client_config.clone()))
+            let configs: Vec<_> = (config.webhooks.into_iter().flatten())
+                .map(|w| (w.name, w.client_config))
                 .collect();
-            registration_verdict(CHECK, &what, MUTATING_WEBHOOK, &webhooks, args, now)
+            registration_verdict(CHECK, &what, MUTATING_WEBHOOK, &configs, args, now)
         }
         Err(e) => read_failed(CHECK, &what, &e, REINSTALL),
     }
