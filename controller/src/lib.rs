@@ -10,6 +10,7 @@ pub mod calls;
 pub mod compact;
 pub mod config;
 pub mod decide;
+pub mod drift;
 pub mod events;
 pub mod image;
 pub mod index;
