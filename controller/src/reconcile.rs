@@ -323,7 +323,8 @@ pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, 
             Ok(action)
         }
         // The Secret could not be read: like an error, with backoff, without logging one.
-        Ok(Step::Retry) => Ok(Action::requeue(backoff(&ctx, &node))),
+        // (`reconcile_newest` answers a conflict itself, by deciding again.)
+        Ok(Step::Retry | Step::Conflict) => Ok(Action::requeue(backoff(&ctx, &node))),
         Err(error) => Err(error),
     }
 }
@@ -362,13 +363,17 @@ fn uid(node: &SeiNode) -> String {
 }
 
 fn pod_host(node: &SeiNode, cluster_domain: &str) -> String {
-    let (ns, name) = (node.namespace().unwrap_or_default(), node.name_any());
-    format!("{name}-0.{name}.{ns}.svc.{cluster_domain}")
+    let namespace = node.namespace().unwrap_or_default();
+    seinode_tls_crds::contract::pod_dns_name(&node.name_any(), &namespace, cluster_domain)
 }
 
+/// How a reconcile ended.
 enum Step {
     Done(Action),
+    /// A transient problem the decision saw (retried with backoff).
     Retry,
+    /// The status write found the node changed since it was read: read it again, decide again.
+    Conflict,
 }
 
 /// Reconciles from the newest known version; a status write that finds the node changed
@@ -382,8 +387,7 @@ async fn reconcile_newest(
     let mut node = ctx.newest(cached);
     for _ in 0..CONFLICT_ATTEMPTS {
         match reconcile_node(&node, ctx, priority, called.clone()).await? {
-            Some(step) => return Ok(step),
-            None => {
+            Step::Conflict => {
                 let namespace = node.namespace().unwrap_or_default();
                 let api: Api<SeiNode> = Api::namespaced(ctx.client.clone(), &namespace);
                 let fresh = api.get_opt(&node.name_any()).await.map_err(|source| {
@@ -396,6 +400,7 @@ async fn reconcile_newest(
                 ctx.latest.0.lock().insert(uid(&fresh), fresh.clone());
                 node = fresh;
             }
+            step => return Ok(step),
         }
     }
     Err(Error::Conflict {
@@ -430,9 +435,9 @@ async fn reconcile_node(
     ctx: &Context,
     priority: Priority,
     mut called: Called,
-) -> Result<Option<Step>, Error> {
+) -> Result<Step, Error> {
     if node.meta().deletion_timestamp.is_some() {
-        return Ok(Some(Step::Done(Action::await_change())));
+        return Ok(Step::Done(Action::await_change()));
     }
     // Until the owned objects are listed, every one would look missing.
     if tokio::time::timeout(SYNC_WAIT, ctx.owned.listed())
@@ -454,13 +459,13 @@ async fn reconcile_node(
     loop {
         let decision = decide(&current, &base, &observed, &settings, now);
         if !ctx.leadership.is_leading() {
-            return Ok(Some(Step::Done(Action::await_change())));
+            return Ok(Step::Done(Action::await_change()));
         }
         let wrote = decision.status != base;
         if wrote {
             match write_status(ctx, &current, &decision.status).await? {
                 Some(written) => current = written,
-                None => return Ok(None),
+                None => return Ok(Step::Conflict),
             }
         }
         if priority == Priority::Urgent && wrote && self::priority(&current) == Priority::Normal {
@@ -476,7 +481,7 @@ async fn reconcile_node(
                     .extend(decision.events.iter().cloned());
             }
             ctx.seen.lock().insert(uid(node));
-            return Ok(Some(Step::Done(Action::requeue(Duration::ZERO))));
+            return Ok(Step::Done(Action::requeue(Duration::ZERO)));
         }
         publish(ctx, &current, &decision.events).await;
         if observed.first_sight {
@@ -492,23 +497,23 @@ async fn reconcile_node(
         } = decision;
         let Some(task) = task else {
             if transient {
-                return Ok(Some(Step::Retry));
+                return Ok(Step::Retry);
             }
-            return Ok(Some(Step::Done(Action::requeue(requeue))));
+            return Ok(Step::Done(Action::requeue(requeue)));
         };
         if observed.ran.is_some() {
             // One task per reconcile: the next one waits its turn behind other nodes.
-            return Ok(Some(Step::Done(Action::requeue(Duration::ZERO))));
+            return Ok(Step::Done(Action::requeue(Duration::ZERO)));
         }
         if !ctx.leadership.is_leading() {
-            return Ok(Some(Step::Done(Action::await_change())));
+            return Ok(Step::Done(Action::await_change()));
         }
         let outcome = if task == Task::MarkSidecarReady {
             // Called apart (see `sidecar_calls`): the call started or running wakes the node
             // when it finishes; this is the fallback.
             match called.mark_ready.take() {
                 Some(outcome) => outcome,
-                None => return Ok(Some(Step::Done(Action::requeue(SIDECAR_TASK_RETRY)))),
+                None => return Ok(Step::Done(Action::requeue(SIDECAR_TASK_RETRY))),
             }
         } else {
             run_task(&current, ctx, task, &observed, &desired).await?

@@ -22,8 +22,14 @@ const MAX_NAME_LEN: usize = 253;
 pub fn required_dns_names(name: &str, namespace: &str, cluster_domain: &str) -> Vec<String> {
     vec![
         format!("{name}.{namespace}.svc.{cluster_domain}"),
-        format!("{name}-0.{name}.{namespace}.svc.{cluster_domain}"),
+        pod_dns_name(name, namespace, cluster_domain),
     ]
+}
+
+/// The DNS name of pod 0 of SeiNode `name`'s StatefulSet (through its headless Service): the
+/// name clients of the sidecar, the controller among them, verify the certificate against.
+pub fn pod_dns_name(name: &str, namespace: &str, cluster_domain: &str) -> String {
+    format!("{name}-0.{name}.{namespace}.svc.{cluster_domain}")
 }
 
 /// Why a node's contract can never be met by any certificate.

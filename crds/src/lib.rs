@@ -1,9 +1,11 @@
-//! The SeiNode API, the sidecar TLS contract and the pure validation of TLS Secrets.
+//! What the webhook, the controller and the CLI share, so they can never disagree.
 //!
-//! Everything here is free of I/O so that the webhook, the controller and the `check-secret`
-//! command share one implementation and can never disagree. The one exception is [`watch`]: the
-//! cluster- or namespace-scoped watch both co-processes use, here because this is the one crate
-//! they share.
+//! - Pure, free of I/O: the SeiNode API ([`crd`] and the types), the sidecar TLS [`contract`],
+//!   and the [`validation`] of TLS Secrets.
+//! - Kube support both co-processes use: the cluster- or namespace-scoped [`watch`], the
+//!   [`versions`] of TLS Secrets that the metadata watch reports (with the one read a verdict
+//!   needs: a GET of the Secret at that version), and the [`inspections`] held per Secret
+//!   version, parsed once. These hold runtime state and make API calls; nothing else here does.
 
 pub mod contract;
 pub mod crd;
