@@ -155,17 +155,29 @@ pub struct Context {
     pub instance: String,
     /// `--max-concurrent-reconciles` slots for API work, undecided nodes first.
     pub slots: Slots,
-    failures: Mutex<HashMap<String, u32>>,
-    /// Per node, the notAfter (seconds) of the certificate it was last warned about: one entry
-    /// a node, however often its certificate is renewed.
-    expiry_warned: Mutex<HashMap<String, i64>>,
-    /// Nodes this process has reconciled (to re-send events a killed predecessor may have lost).
-    seen: Mutex<HashSet<String>>,
+    /// What this process remembers per node uid between reconciles.
+    memory: Mutex<HashMap<String, NodeMemory>>,
     /// The node as this controller's last status write returned it: the watch may still hand
-    /// out an older version, and deciding from that would run finished tasks again.
+    /// out an older version, and deciding from that would run finished tasks again. (Shared
+    /// with the SeiNode watch, so apart from `memory`.)
     latest: Latest,
-    /// Events decided and not yet created (the API refused them): sent on the next reconcile.
-    unsent: Mutex<HashMap<String, Vec<NodeEvent>>>,
+}
+
+/// What this process remembers about one node between its reconciles; dropped by
+/// [`Context::prune`] once the node is gone.
+#[derive(Debug, Default)]
+struct NodeMemory {
+    /// Failed reconciles in a row: the backoff's count.
+    failures: u32,
+    /// The notAfter (seconds) of the certificate the node was last warned about: one value a
+    /// node, however often its certificate is renewed.
+    expiry_warned: Option<i64>,
+    /// Reconciled by this process already (its first look re-sends the events a killed
+    /// predecessor may have lost).
+    seen: bool,
+    /// Events decided and not yet created (the API refused them, or they wait behind urgent
+    /// nodes): sent first by the node's next reconcile.
+    unsent: Vec<NodeEvent>,
 }
 
 /// Per node uid, the node as the controller last wrote (or read) it; shared with the SeiNode
@@ -218,12 +230,14 @@ impl Context {
             owned,
             leadership,
             instance,
-            failures: Mutex::default(),
-            expiry_warned: Mutex::default(),
-            seen: Mutex::default(),
+            memory: Mutex::default(),
             latest,
-            unsent: Mutex::default(),
         }
+    }
+
+    /// Reads or changes what is remembered about `node`.
+    fn remember<T>(&self, node: &SeiNode, f: impl FnOnce(&mut NodeMemory) -> T) -> T {
+        f(self.memory.lock().entry(uid(node)).or_default())
     }
 
     fn settings(&self) -> Settings {
@@ -269,11 +283,8 @@ impl Context {
         self.metrics
             .tls
             .retain(|ns, name| self.store.get(&ObjectRef::new(name).within(ns)).is_some());
-        self.failures.lock().retain(|u, _| uids.contains(u));
-        self.expiry_warned.lock().retain(|u, _| uids.contains(u));
-        self.seen.lock().retain(|u| uids.contains(u));
+        self.memory.lock().retain(|u, _| uids.contains(u));
         self.latest.0.lock().retain(|u, _| uids.contains(u));
-        self.unsent.lock().retain(|u, _| uids.contains(u));
         self.calls.retain(|u| uids.contains(u));
         self.sidecar.retain_hosts(|host| hosts.contains(host));
         self.secrets
@@ -319,7 +330,7 @@ pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, 
         .inc();
     match result {
         Ok(Step::Done(action)) => {
-            ctx.failures.lock().remove(&uid(&node));
+            ctx.remember(&node, |memory| memory.failures = 0);
             Ok(action)
         }
         // The Secret could not be read: like an error, with backoff, without logging one.
@@ -343,10 +354,10 @@ pub fn error_policy(node: Arc<SeiNode>, error: &Error, ctx: Arc<Context>) -> Act
 }
 
 fn backoff(ctx: &Context, node: &SeiNode) -> Duration {
-    let mut failures = ctx.failures.lock();
-    let count = failures.entry(uid(node)).or_insert(0);
-    *count = count.saturating_add(1);
-    jittered(*count)
+    ctx.remember(node, |memory| {
+        memory.failures = memory.failures.saturating_add(1);
+        jittered(memory.failures)
+    })
 }
 
 /// The delay before retry `count` (1-based): doubling from [`BACKOFF_MIN`] up to
@@ -473,19 +484,15 @@ async fn reconcile_node(
             // the nodes still waiting for their decision (a node's condition is what its user
             // reads). Nothing is held meanwhile: the events wait in `unsent`, which the node's
             // next reconcile sends first (a successor process re-sends recent flips itself).
-            if !decision.events.is_empty() {
-                ctx.unsent
-                    .lock()
-                    .entry(uid(node))
-                    .or_default()
-                    .extend(decision.events.iter().cloned());
-            }
-            ctx.seen.lock().insert(uid(node));
+            ctx.remember(node, |memory| {
+                memory.unsent.extend(decision.events.iter().cloned());
+                memory.seen = true;
+            });
             return Ok(Step::Done(Action::requeue(Duration::ZERO)));
         }
         publish(ctx, &current, &decision.events).await;
         if observed.first_sight {
-            ctx.seen.lock().insert(uid(node));
+            ctx.remember(node, |memory| memory.seen = true);
         }
         base = decision.status.clone();
         observed.first_sight = false;
@@ -547,7 +554,7 @@ async fn observe(
     let name = node.name_any();
     let mut observed = Observed {
         leading: ctx.leadership.is_leading(),
-        first_sight: !ctx.seen.lock().contains(&uid(node)),
+        first_sight: !ctx.remember(node, |memory| memory.seen),
         objects: objects(node, ctx, desired),
         ..Observed::default()
     };
@@ -556,9 +563,10 @@ async fn observe(
             // When the whole path is valid: the leaf's, or a later issuer's, notBefore.
             observed.not_before = Some(usable.valid_from());
         }
-        observed.expiry_warned = verdict.not_after.is_some_and(|not_after| {
-            ctx.expiry_warned.lock().get(&uid(node)) == Some(&not_after.as_second())
-        });
+        let warned = ctx.remember(node, |memory| memory.expiry_warned);
+        observed.expiry_warned = verdict
+            .not_after
+            .is_some_and(|not_after| warned == Some(not_after.as_second()));
         ctx.metrics.tls.set(
             &namespace,
             &name,
@@ -1088,9 +1096,9 @@ async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
             return;
         }
         if let NodeEvent::CertificateExpiring { not_after, .. } = event {
-            ctx.expiry_warned
-                .lock()
-                .insert(uid(node), not_after.as_second());
+            ctx.remember(node, |memory| {
+                memory.expiry_warned = Some(not_after.as_second());
+            });
         }
         let object = event.to_object(regarding.clone(), &ctx.config.reporter, &ctx.instance, now);
         match api.create(&PostParams::default(), &object).await {
@@ -1105,17 +1113,13 @@ async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
     // Added to what waits already (events put back earlier in this reconcile included): the
     // pending ones are taken out only by `send_unsent`, which sends them.
     if !failed.is_empty() {
-        ctx.unsent
-            .lock()
-            .entry(uid(node))
-            .or_default()
-            .extend(failed);
+        ctx.remember(node, |memory| memory.unsent.extend(failed));
     }
 }
 
 async fn send_unsent(ctx: &Context, node: &SeiNode) {
-    let pending = ctx.unsent.lock().remove(&uid(node));
-    if let Some(pending) = pending {
+    let pending = ctx.remember(node, |memory| std::mem::take(&mut memory.unsent));
+    if !pending.is_empty() {
         publish(ctx, node, &pending).await;
     }
 }
