@@ -13,7 +13,6 @@ pub mod decide;
 pub mod drift;
 pub mod events;
 pub mod image;
-pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
@@ -45,10 +44,10 @@ use tokio::sync::watch;
 
 use compact::Compact;
 pub use config::{ControllerConfig, LeaderElection};
-use index::SecretIndex;
 use leader::{Elector, Leadership, LeaseContact};
 use metrics::ControllerMetrics;
 use reconcile::{Context, Latest, OwnedStores};
+use seinode_tls_crds::index::SecretIndex;
 use seinode_tls_crds::versions::SecretVersions;
 
 #[derive(Debug, Error)]

@@ -3,12 +3,14 @@
 //! - Pure, free of I/O: the SeiNode API ([`crd`] and the types), the sidecar TLS [`contract`],
 //!   and the [`validation`] of TLS Secrets.
 //! - Kube support both co-processes use: the cluster- or namespace-scoped [`watch`], the
+//!   Secret → nodes [`index`] a SeiNode watch feeds, the
 //!   [`versions`] of TLS Secrets that the metadata watch reports (with the one read a verdict
 //!   needs: a GET of the Secret at that version), and the [`inspections`] held per Secret
 //!   version, parsed once. These hold runtime state and make API calls; nothing else here does.
 
 pub mod contract;
 pub mod crd;
+pub mod index;
 pub mod inspections;
 mod types;
 pub mod validation;

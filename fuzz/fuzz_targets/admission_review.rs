@@ -17,7 +17,6 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
-use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use libfuzzer_sys::fuzz_target;
 use seinode_tls_crds::SeiNode;
@@ -101,7 +100,7 @@ fn caches() -> (Arc<SecretCache>, NodeCache) {
     secrets.apply(&broken);
     secrets.mark_synced();
 
-    let (store, mut writer): (_, Writer<SeiNode>) = reflector::store();
+    let nodes = NodeCache::new();
     for (name, secret) in [("rpc", "rpc-tls"), ("web", "broken-tls")] {
         let node: SeiNode = serde_json::from_value(json!({
             "apiVersion": "sei.io/v1alpha1",
@@ -115,9 +114,8 @@ fn caches() -> (Arc<SecretCache>, NodeCache) {
             }
         }))
         .expect("the fixture is a SeiNode");
-        writer.apply_watcher_event(&watcher::Event::Apply(node));
+        nodes.apply(&watcher::Event::Apply(node));
     }
-    let nodes = NodeCache::new(store);
     nodes.mark_synced();
     (secrets, nodes)
 }

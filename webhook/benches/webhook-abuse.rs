@@ -49,7 +49,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::{reflector, watcher};
+use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
 use rustls::pki_types::ServerName;
 use seinode_tls_crds::SeiNode;
@@ -247,9 +247,8 @@ fn serve_child(dir: &Path, args: &Args) -> anyhow::Result<()> {
     secrets.mark_synced();
     let node: SeiNode = serde_json::from_value(seinode_object())
         .context("the benchmark's SeiNode does not parse as a SeiNode")?;
-    let (reader, mut writer) = reflector::store::<SeiNode>();
-    writer.apply_watcher_event(&watcher::Event::Apply(node));
-    let nodes = NodeCache::new(reader);
+    let nodes = NodeCache::new();
+    nodes.apply(&watcher::Event::Apply(node));
     nodes.mark_synced();
 
     let mut registry = Registry::default();
@@ -293,8 +292,6 @@ fn serve_child(dir: &Path, args: &Args) -> anyhow::Result<()> {
             let _ = stopped.await;
         },
     ))?;
-    // Held while serving, as the watch that feeds a real cache holds its writer.
-    drop(writer);
     Ok(())
 }
 

@@ -304,8 +304,7 @@ impl Server {
         let secrets = Arc::new(SecretCache::new());
         secrets.apply(&pki.secret);
         secrets.mark_synced();
-        let (reader, writer) = kube::runtime::reflector::store();
-        let nodes = NodeCache::new(reader);
+        let nodes = NodeCache::new();
         nodes.mark_synced();
         let state = Arc::new(AdmissionState::from_config(
             webhook.config(),
@@ -323,7 +322,6 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("webhook".to_owned())
             .spawn(move || {
-                let _writer = writer;
                 runtime.block_on(webhook.serve(
                     state,
                     Arc::new(registry),

@@ -15,10 +15,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
+use parking_lot::Mutex;
 use seinode_tls_crds::SeiNode;
+use seinode_tls_crds::index::SecretIndex;
 use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{
     InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
@@ -314,18 +316,40 @@ fn key_of(secret: &Secret) -> Key {
     (secret.namespace().unwrap_or_default(), secret.name_any())
 }
 
-/// SeiNodes, from a reflector.
+/// SeiNodes (names and `spec.sidecar.tls`), and which of them name which Secret, fed by the
+/// SeiNode watch through [`NodeCache::apply`].
 #[derive(Clone)]
 pub struct NodeCache {
     store: Store<SeiNode>,
+    writer: Arc<Mutex<Writer<SeiNode>>>,
+    index: Arc<SecretIndex>,
     synced: Arc<AtomicBool>,
 }
 
-impl NodeCache {
-    pub fn new(store: Store<SeiNode>) -> Self {
+impl Default for NodeCache {
+    fn default() -> Self {
+        let (store, writer) = reflector::store();
         Self {
             store,
+            writer: Arc::new(Mutex::new(writer)),
+            index: Arc::default(),
             synced: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl NodeCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Follows the SeiNode watch: the store and the index take the event; its first complete
+    /// list marks the cache synced.
+    pub fn apply(&self, event: &watcher::Event<SeiNode>) {
+        self.writer.lock().apply_watcher_event(event);
+        self.index.apply(event);
+        if matches!(event, watcher::Event::InitDone) {
+            self.mark_synced();
         }
     }
 
@@ -341,34 +365,16 @@ impl NodeCache {
 
     /// The (namespace, name) of every Secret some SeiNode names.
     pub fn secrets_named(&self) -> std::collections::HashSet<Key> {
-        self.store
-            .state()
-            .iter()
-            .filter_map(|node| {
-                let tls = node.sidecar_tls()?;
-                Some((
-                    node.namespace().unwrap_or_default(),
-                    tls.secret_name.clone(),
-                ))
-            })
-            .collect()
+        self.index.secrets()
     }
 
-    /// SeiNodes in `namespace` whose `spec.sidecar.tls.secretName` is `secret`.
+    /// SeiNodes in `namespace` whose `spec.sidecar.tls.secretName` is `secret`, by name.
     pub fn using_secret(&self, namespace: &str, secret: &str) -> Vec<Arc<SeiNode>> {
-        let mut nodes: Vec<Arc<SeiNode>> = self
-            .store
-            .state()
-            .into_iter()
-            .filter(|node| {
-                node.namespace().as_deref() == Some(namespace)
-                    && node
-                        .sidecar_tls()
-                        .is_some_and(|tls| tls.secret_name == secret)
-            })
-            .collect();
-        nodes.sort_by_key(|node| node.name_any());
-        nodes
+        self.index
+            .nodes_for(namespace, secret)
+            .iter()
+            .filter_map(|node| self.store.get(node))
+            .collect()
     }
 }
 
@@ -385,7 +391,6 @@ impl Caches {
         scope: &WatchScope,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let secrets = Arc::new(SecretCache::with_client(client.clone(), metrics));
-        let (reader, writer) = reflector::store();
 
         // Metadata only: a tenant's Secrets cost the webhook their names, not their bytes.
         let secret_config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
@@ -400,28 +405,24 @@ impl Caches {
                     std::future::ready(())
                 });
 
-        let nodes = NodeCache::new(reader);
+        let nodes = NodeCache::new();
         let node_cache = nodes.clone();
-        let node_watch = reflector::reflector(
-            writer,
-            scoped_watcher::<SeiNode>(client, scope, watcher::Config::default())
-                // The guard reads names and spec.sidecar.tls only: the status (a plan, its
-                // conditions), managedFields and annotations (kubectl's copy of the object)
-                // would only take memory.
-                .modify(|node: &mut SeiNode| {
-                    node.status = None;
-                    node.metadata.managed_fields = None;
-                    node.metadata.annotations = None;
-                }),
-        )
-        .for_each(move |event| {
-            match event {
-                Ok(watcher::Event::InitDone) => node_cache.mark_synced(),
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "SeiNode watch failed; retrying"),
-            }
-            std::future::ready(())
-        });
+        let node_watch = scoped_watcher::<SeiNode>(client, scope, watcher::Config::default())
+            // The guard reads names and spec.sidecar.tls only: the status (a plan, its
+            // conditions), managedFields and annotations (kubectl's copy of the object) would
+            // only take memory.
+            .modify(|node: &mut SeiNode| {
+                node.status = None;
+                node.metadata.managed_fields = None;
+                node.metadata.annotations = None;
+            })
+            .for_each(move |event| {
+                match event {
+                    Ok(event) => node_cache.apply(&event),
+                    Err(error) => tracing::warn!(%error, "SeiNode watch failed; retrying"),
+                }
+                std::future::ready(())
+            });
 
         // Inspections read for a SeiNode that was never created, or whose Secret it no longer
         // names, are dropped.

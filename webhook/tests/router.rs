@@ -18,7 +18,6 @@ use http_body_util::BodyExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
 use rcgen::{CertificateParams, KeyPair, date_time_ymd};
@@ -119,11 +118,10 @@ impl Setup {
         for secret in &self.secrets {
             secrets.apply(secret);
         }
-        let (store, mut writer): (_, Writer<SeiNode>) = reflector::store();
+        let nodes = NodeCache::new();
         for node in self.nodes {
-            writer.apply_watcher_event(&watcher::Event::Apply(node));
+            nodes.apply(&watcher::Event::Apply(node));
         }
-        let nodes = NodeCache::new(store);
         if self.synced {
             secrets.mark_synced();
             nodes.mark_synced();

@@ -154,8 +154,7 @@ fn start_with(cert: &Path, key: &Path, configure: impl FnOnce(&mut WebhookConfig
     let addr = webhook.https_addr();
     let secrets = Arc::new(SecretCache::new());
     secrets.mark_synced();
-    let (reader, _writer) = kube::runtime::reflector::store();
-    let nodes = NodeCache::new(reader);
+    let nodes = NodeCache::new();
     nodes.mark_synced();
     let state = Arc::new(AdmissionState::from_config(
         webhook.config(),

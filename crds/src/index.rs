@@ -1,12 +1,14 @@
-//! Which SeiNodes name which Secret, so a Secret event wakes exactly its nodes (no scan).
+//! Which SeiNodes name which Secret, fed by a SeiNode watch: the controller wakes exactly a
+//! Secret's nodes when it changes, and the webhook's Secret guard finds the nodes a change would
+//! break, neither by scanning every node.
 
 use parking_lot::RwLock;
 use std::collections::{BTreeSet, HashMap};
 
+use crate::SeiNode;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use seinode_tls_crds::SeiNode;
 
 type SecretKey = (String, String);
 
@@ -83,6 +85,11 @@ impl SecretIndex {
         }
     }
 
+    /// The (namespace, name) of every Secret some node names.
+    pub fn secrets(&self) -> std::collections::HashSet<SecretKey> {
+        self.inner.read().by_secret.keys().cloned().collect()
+    }
+
     /// Whether some node names Secret `namespace/name`.
     pub fn is_named(&self, namespace: &str, name: &str) -> bool {
         let inner = self.inner.read();
@@ -91,7 +98,7 @@ impl SecretIndex {
             .contains_key(&(namespace.to_owned(), name.to_owned()))
     }
 
-    /// The nodes that name Secret `namespace/name`.
+    /// The nodes that name Secret `namespace/name`, by name.
     pub fn nodes_for(&self, namespace: &str, name: &str) -> Vec<ObjectRef<SeiNode>> {
         let inner = self.inner.read();
         inner
@@ -110,7 +117,7 @@ impl SecretIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use seinode_tls_crds::{SeiNodeSpec, SidecarSpec, SidecarTls};
+    use crate::{SeiNodeSpec, SidecarSpec, SidecarTls};
 
     fn node(name: &str, secret: Option<&str>) -> SeiNode {
         let mut node = SeiNode::new(
