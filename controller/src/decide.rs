@@ -347,9 +347,9 @@ fn readiness(
     tls: bool,
     settled: bool,
 ) -> (bool, &'static str, String) {
-    let tls_condition = find(conditions, SIDECAR_TLS_SECRET_READY);
-    if tls && tls_condition.is_none_or(|c| !is_true(c)) {
-        let reason = tls_condition.map_or("not judged yet", |c| c.reason.as_str());
+    if gate(tls, conditions) != Gate::Open {
+        let reason = find(conditions, SIDECAR_TLS_SECRET_READY)
+            .map_or("not judged yet", |c| c.reason.as_str());
         return (
             false,
             TLS_SECRET_NOT_READY,

@@ -425,12 +425,8 @@ async fn reconcile_newest(
 /// status write), so a Secret that arrives or is fixed does not queue behind plan work.
 fn priority(node: &SeiNode) -> Priority {
     let waiting = node.status.as_ref().is_none_or(|status| {
-        node.sidecar_tls().is_some()
-            && !status
-                .conditions
-                .iter()
-                .flatten()
-                .any(|c| c.type_ == SIDECAR_TLS_SECRET_READY && crate::status::is_true(c))
+        let conditions = status.conditions.as_deref().unwrap_or_default();
+        crate::plan::gate(node.sidecar_tls().is_some(), conditions) != crate::plan::Gate::Open
     });
     if waiting {
         Priority::Urgent
