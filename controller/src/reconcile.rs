@@ -19,9 +19,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use seinode_tls_crds::contract::required_dns_names;
 use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate, SecretVerdict};
-use seinode_tls_crds::{
-    PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, SeiNodePhase, SeiNodeStatus, TaskFailureReason,
-};
+use seinode_tls_crds::{PlanPhase, SeiNode, SeiNodePhase, SeiNodeStatus, TaskFailureReason};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -1124,6 +1122,7 @@ async fn send_unsent(ctx: &Context, node: &SeiNode) {
 mod tests {
     use super::*;
     use kube::runtime::{reflector, watcher};
+    use seinode_tls_crds::SIDECAR_TLS_SECRET_READY;
     use serde_json::json;
 
     #[test]
