@@ -513,8 +513,17 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     let client = common::client().await;
     let ca = CertificateAuthority::new("operator's CA").unwrap();
     install(&client, &ca).await;
+    let leader = replicas_ready_and_one_leads(&client).await;
+    check_the_install(&client).await;
+    a_replica_serves_every_registered_metric(&client).await;
+    let (ns, node) = the_readmes_first_screen(&client, &ca).await;
+    the_lease_is_handed_over(&client, &leader).await;
+    a_rolling_upgrade_fails_no_admission(&client, &ns, &node).await;
+    uninstalled_it_blocks_nothing(&ns);
+}
 
-    // Both replicas run and pass /readyz; one of them holds the Lease.
+/// Both replicas run and pass /readyz; one of them holds the Lease. Returns its holder.
+async fn replicas_ready_and_one_leads(client: &kube::Client) -> String {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), RELEASE_NS);
     let (deployment, ready) = common::poll(
         WAIT,
@@ -541,13 +550,18 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     )
     .await;
     assert!(held, "the Lease is held by a replica: {holder:?}");
-    check_the_install(&client).await;
-    a_replica_serves_every_registered_metric(&client).await;
+    holder.unwrap()
+}
 
+/// The README's first screen, after the install; returns the node's namespace and the node.
+async fn the_readmes_first_screen(
+    client: &kube::Client,
+    ca: &CertificateAuthority,
+) -> (String, SeiNode) {
     // The README's first screen, after the install: the node's namespace and the ServiceAccount
     // its proxy authorizes with (step 2), its Certificate from `contract` (step 3), the node
     // (step 4), and `kubectl wait` for Ready.
-    let ns = common::namespace(&client, "install").await;
+    let ns = common::namespace(client, "install").await;
     apply_sidecar_rbac_example(&ns);
     let names = required_dns_names(NODE, &ns, DEFAULT_CLUSTER_DOMAIN);
     let out = common::seinode_tls(
@@ -674,15 +688,16 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     )
     .await;
     assert!(probed, "{:#?}", node.status);
-    status_and_check_secret(&client, &ns, &names).await;
+    status_and_check_secret(client, &ns, &names).await;
+    (ns, node)
+}
 
-    // The leader's Pod is deleted: the other replica takes the Lease within the lease's
-    // duration (15 s) plus a retry period, and the next node still gets reconciled.
-    let leader = holder.unwrap();
+/// The leader's Pod is deleted: the other replica takes the Lease within the lease's duration
+/// (15 s) plus a retry period.
+async fn the_lease_is_handed_over(client: &kube::Client, leader: &str) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NS);
     // The holder is `<pod>_<random>`: one identity per process.
-    let leader_pod = leader
-        .rsplit_once('_')
-        .map_or(leader.as_str(), |(pod, _)| pod);
+    let leader_pod = leader.rsplit_once('_').map_or(leader, |(pod, _)| pod);
     let out = common::kubectl(
         &[
             "delete",
@@ -713,8 +728,11 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
         "the Lease stayed with {leader}: {next:?}\n{}",
         pods_table()
     );
+}
 
-    // A rolling upgrade while a client keeps creating (dry-run) SeiNodes: no admission fails.
+/// A rolling upgrade while a client keeps creating (dry-run) SeiNodes: no admission fails.
+async fn a_rolling_upgrade_fails_no_admission(client: &kube::Client, ns: &str, node: &SeiNode) {
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), ns);
     let dry_run = PostParams {
         dry_run: true,
         ..PostParams::default()
@@ -725,7 +743,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
         let stop = stop.clone();
         // Its Secret does not exist yet: admitted with a warning, through both webhooks.
         let mut probe = SeiNode::new("probe", node.spec.clone());
-        probe.metadata.namespace = Some(ns.clone());
+        probe.metadata.namespace = Some(ns.to_owned());
         if let Some(tls) = probe.spec.sidecar.as_mut().and_then(|s| s.tls.as_mut()) {
             tls.secret_name = "probe-sidecar-tls".to_owned();
         }
@@ -771,10 +789,13 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
         failed.first()
     );
     assert!(admitted > 10, "the client kept creating: {admitted}");
+}
 
-    // An edit of spec.sidecar.tls is refused.
+/// An edit of spec.sidecar.tls is refused; uninstalled, nothing blocks SeiNode edits (the CRD
+/// stays, as Helm keeps crds/).
+fn uninstalled_it_blocks_nothing(ns: &str) {
     let out = common::patch_seinode(
-        &ns,
+        ns,
         NODE,
         r#"{"spec":{"sidecar":{"tls":{"secretName":"other"}}}}"#,
     );
@@ -789,7 +810,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     let out = common::helm(&["uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = common::kubectl(
-        &["label", "snode", NODE, "-n", &ns, "after-uninstall=yes"],
+        &["label", "snode", NODE, "-n", ns, "after-uninstall=yes"],
         "",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
