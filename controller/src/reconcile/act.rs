@@ -1,0 +1,244 @@
+//! Act: the writes a decision asks for. The status (on the resourceVersion it was decided
+//! from), the events (created once), and the one task a reconcile may run.
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Resource, ResourceExt};
+use seinode_tls_crds::{SeiNode, SeiNodeStatus, TaskFailureReason};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::context::Context;
+use super::observe::Desired;
+use super::{Error, uid};
+use crate::decide::{IN_THE_WAY, ObjectState, Observed, Outcome, TaskFailure};
+use crate::events::NodeEvent;
+use crate::plan::Task;
+
+/// Field manager of everything the controller applies.
+pub const FIELD_MANAGER: &str = "seinode-tls-controller";
+
+/// Runs an apply task: creates a missing object (never adopting one that exists and is not
+/// this node's), or applies over an object this node controls.
+pub(super) async fn run_task(
+    node: &SeiNode,
+    ctx: &Context,
+    task: Task,
+    observed: &Observed,
+    desired: &Desired,
+) -> Result<Outcome, Error> {
+    let namespace = node.namespace().unwrap_or_default();
+    let state = observed.objects.of(task);
+    let result = match task {
+        Task::ApplyRbacProxyConfig => ensure(ctx, node, &desired.config_map, state).await,
+        Task::ApplyService => ensure(ctx, node, &desired.service, state).await,
+        Task::ApplyStatefulSet => match &desired.stateful_set {
+            Ok(sts) => ensure(ctx, node, sts, state).await,
+            Err(error) => {
+                return Ok(Outcome::Failed(TaskFailure::new(
+                    TaskFailureReason::InvalidSpec,
+                    error.clone(),
+                )));
+            }
+        },
+        // Called before the slot (see `reconcile_node`); observation decides the await.
+        Task::MarkSidecarReady | Task::AwaitStatefulSetReady => return Ok(Outcome::Done),
+    };
+    match result {
+        // The API server refused what we built (say, a name that is not a valid Service name):
+        // retrying cannot help, the spec must change.
+        Err(Error::Api {
+            kind,
+            name,
+            source: kube::Error::Api(status),
+            ..
+        }) if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) => {
+            Ok(Outcome::Failed(TaskFailure::new(
+                TaskFailureReason::RefusedByAPIServer,
+                format!(
+                    "the API server refused {kind} {namespace}/{name}: {} (HTTP {})",
+                    status.message, status.code
+                ),
+            )))
+        }
+        other => other,
+    }
+}
+
+pub(super) async fn ensure<K>(
+    ctx: &Context,
+    node: &SeiNode,
+    object: &K,
+    state: &ObjectState,
+) -> Result<Outcome, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let namespace = node.namespace().unwrap_or_default();
+    let name = object.meta().name.clone().unwrap_or_default();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let in_the_way = |why: &str| {
+        Outcome::Failed(TaskFailure::new(
+            TaskFailureReason::ObjectInTheWay,
+            format!(
+                "{kind} {namespace}/{name} {IN_THE_WAY}: {why}, and the controller only manages objects it created for this SeiNode. Delete or rename that {kind} (kubectl -n {namespace} delete {} {name}); the plan retries on its own.",
+                kind.to_lowercase()
+            ),
+        ))
+    };
+    match state {
+        ObjectState::Foreign(why) => return Ok(in_the_way(why)),
+        ObjectState::Missing => {
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..PostParams::default()
+            };
+            match api.create(&params, object).await {
+                Ok(_) => return Ok(Outcome::Done),
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    // Something holds the name that the watch has not shown (it is not
+                    // labelled as ours, or the watch lags): look before applying over it.
+                    let existing = api
+                        .get_opt(&name)
+                        .await
+                        .map_err(|source| api_error("read", &kind, &namespace, &name, source))?;
+                    if let Some(existing) = existing {
+                        match crate::drift::state(node, Some(&existing), None) {
+                            ObjectState::Current | ObjectState::Drifted => {}
+                            ObjectState::Foreign(why) => return Ok(in_the_way(&why)),
+                            ObjectState::Orphaned => return Ok(in_the_way(ORPHANED)),
+                            ObjectState::Missing => {}
+                        }
+                    }
+                }
+                Err(source) => return Err(api_error("create", &kind, &namespace, &name, source)),
+            }
+        }
+        ObjectState::Orphaned => return Ok(in_the_way(ORPHANED)),
+        ObjectState::Current | ObjectState::Drifted => {}
+    }
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|source| api_error("apply", &kind, &namespace, &name, source))?;
+    Ok(Outcome::Done)
+}
+
+/// Why an object of a deleted SeiNode of the same name is in the way.
+pub(super) const ORPHANED: &str =
+    "it belongs to a deleted SeiNode of the same name and waits for the garbage collector";
+
+pub(super) fn api_error(
+    verb: &'static str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    source: kube::Error,
+) -> Error {
+    Error::Api {
+        verb,
+        kind: kind.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        source,
+    }
+}
+
+/// Replaces the status, on the condition that the node is still the version it was decided
+/// from. `None`: it changed (409) or is gone (404); the caller re-reads it, and a node deleted
+/// meanwhile needs nothing more (no event, no task).
+pub(super) async fn write_status(
+    ctx: &Context,
+    node: &Arc<SeiNode>,
+    status: &SeiNodeStatus,
+) -> Result<Option<Arc<SeiNode>>, Error> {
+    if !ctx.leadership.is_leading() {
+        // Not ours to write any more; the next leader decides again from what is stored.
+        return Ok(Some(node.clone()));
+    }
+    let namespace = node.namespace().unwrap_or_default();
+    let api: Api<SeiNode> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut next = SeiNode {
+        status: Some(status.clone()),
+        ..(**node).clone()
+    };
+    next.metadata.managed_fields = None;
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PostParams::default()
+    };
+    match api.replace_status(&node.name_any(), &params, &next).await {
+        Ok(written) => {
+            let written = Arc::new(written);
+            ctx.latest.0.lock().insert(uid(node), written.clone());
+            Ok(Some(written))
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+        Err(source) => Err(api_error(
+            "update the status of",
+            "SeiNode",
+            &namespace,
+            &node.name_any(),
+            source,
+        )),
+    }
+}
+
+/// Creates the events (each once: named after what it reports); keeps the ones the API
+/// refused for the next reconcile of the node.
+pub(super) async fn publish(ctx: &Context, node: &SeiNode, events: &[NodeEvent]) {
+    if events.is_empty() {
+        return;
+    }
+    let namespace = node.namespace().unwrap_or_default();
+    let api: Api<Event> = Api::namespaced(ctx.client.clone(), &namespace);
+    let regarding = node.object_ref(&());
+    let now = Timestamp::now();
+    let mut failed = Vec::new();
+    for event in events {
+        // Checked before each: a process paused mid-reconcile (a stuck host, SIGSTOP) may wake
+        // after another replica took over, which re-sends recent flips on its first look.
+        if !ctx.leadership.is_leading() {
+            return;
+        }
+        if let NodeEvent::CertificateExpiring { not_after, .. } = event {
+            ctx.remember(node, |memory| {
+                memory.expiry_warned = Some(not_after.as_second());
+            });
+        }
+        let object = event.to_object(regarding.clone(), &ctx.config.reporter, &ctx.instance, now);
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => {
+                tracing::warn!(%error, reason = event.reason(), "failed to publish an event; retrying with the next reconcile");
+                failed.push(event.clone());
+            }
+        }
+    }
+    // Added to what waits already (events put back earlier in this reconcile included): the
+    // pending ones are taken out only by `send_unsent`, which sends them.
+    if !failed.is_empty() {
+        ctx.remember(node, |memory| memory.unsent.extend(failed));
+    }
+}
+
+pub(super) async fn send_unsent(ctx: &Context, node: &SeiNode) {
+    let pending = ctx.remember(node, |memory| std::mem::take(&mut memory.unsent));
+    if !pending.is_empty() {
+        publish(ctx, node, &pending).await;
+    }
+}

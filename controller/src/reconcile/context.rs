@@ -1,0 +1,240 @@
+//! What a reconcile runs with: the clients, the configuration, the watches' stores, and what
+//! this process remembers per node between reconciles (pruned as nodes go).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
+use parking_lot::Mutex;
+use seinode_tls_crds::SeiNode;
+use seinode_tls_crds::versions::SecretVersions;
+
+use super::{pod_host, uid};
+use crate::calls::SidecarCalls;
+use crate::compact::Compact;
+use crate::config::ControllerConfig;
+use crate::decide::Settings;
+use crate::events::NodeEvent;
+use crate::leader::Leadership;
+use crate::metrics::ControllerMetrics;
+use crate::secrets::SecretJudge;
+use crate::sidecar::SidecarClient;
+use crate::slots::Slots;
+
+/// The watched state of the objects nodes own (labelled, managedFields dropped, kept compact).
+#[derive(Clone)]
+pub struct OwnedStores {
+    pub config_maps: Store<Compact<ConfigMap>>,
+    pub services: Store<Compact<Service>>,
+    pub stateful_sets: Store<Compact<StatefulSet>>,
+    /// The node pods (labelled by the StatefulSets' template): where to dial a sidecar.
+    pub pods: Store<Compact<Pod>>,
+    pub(super) listed: Shared<BoxFuture<'static, ()>>,
+}
+
+impl OwnedStores {
+    pub fn new(
+        config_maps: Store<Compact<ConfigMap>>,
+        services: Store<Compact<Service>>,
+        stateful_sets: Store<Compact<StatefulSet>>,
+        pods: Store<Compact<Pod>>,
+    ) -> Self {
+        // One wait on kube-runtime's readiness, shared by every reconcile: the future of
+        // `Store::wait_until_ready` keeps the waker of only the task that polled it last, so of
+        // several reconciles each waiting on its own, all but one missed the wake-up and held
+        // their slot until `SYNC_WAIT` polled them again (a node decided 10 s late).
+        let listed = {
+            let stores = (
+                config_maps.clone(),
+                services.clone(),
+                stateful_sets.clone(),
+                pods.clone(),
+            );
+            async move {
+                // A dropped writer (the term is ending) ends the wait too.
+                let _ = futures::future::join4(
+                    stores.0.wait_until_ready(),
+                    stores.1.wait_until_ready(),
+                    stores.2.wait_until_ready(),
+                    stores.3.wait_until_ready(),
+                )
+                .await;
+            }
+            .boxed()
+            .shared()
+        };
+        Self {
+            config_maps,
+            services,
+            stateful_sets,
+            pods,
+            listed,
+        }
+    }
+
+    /// Completes once all four stores have been listed; any number of tasks may wait.
+    pub fn listed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.listed.clone()
+    }
+}
+
+/// What reconciles share. One per leadership term: nothing a previous term learnt is trusted.
+pub struct Context {
+    pub client: Client,
+    pub config: ControllerConfig,
+    pub metrics: Arc<ControllerMetrics>,
+    pub secrets: SecretJudge,
+    pub sidecar: SidecarClient,
+    /// Sidecar calls, apart from the reconciles (see `calls`).
+    pub calls: SidecarCalls,
+    /// The CA the node proxies trust for the controller's client certificate.
+    pub(super) client_ca: Option<String>,
+    /// The reflector's view of SeiNodes.
+    pub store: Store<SeiNode>,
+    pub owned: OwnedStores,
+    pub leadership: Leadership,
+    /// Who reports events (`reportingInstance`).
+    pub instance: String,
+    /// `--max-concurrent-reconciles` slots for API work, undecided nodes first.
+    pub slots: Slots,
+    /// What this process remembers per node uid between reconciles.
+    pub(super) memory: Mutex<HashMap<String, NodeMemory>>,
+    /// The node as this controller's last status write returned it: the watch may still hand
+    /// out an older version, and deciding from that would run finished tasks again. (Shared
+    /// with the SeiNode watch, so apart from `memory`.)
+    pub(super) latest: Latest,
+}
+
+/// What this process remembers about one node between its reconciles; dropped by
+/// [`Context::prune`] once the node is gone.
+#[derive(Debug, Default)]
+pub(super) struct NodeMemory {
+    /// Failed reconciles in a row: the backoff's count.
+    pub(super) failures: u32,
+    /// The notAfter (seconds) of the certificate the node was last warned about: one value a
+    /// node, however often its certificate is renewed.
+    pub(super) expiry_warned: Option<i64>,
+    /// Reconciled by this process already (its first look re-sends the events a killed
+    /// predecessor may have lost).
+    pub(super) seen: bool,
+    /// Events decided and not yet created (the API refused them, or they wait behind urgent
+    /// nodes): sent first by the node's next reconcile.
+    pub(super) unsent: Vec<NodeEvent>,
+}
+
+/// Per node uid, the node as the controller last wrote (or read) it; shared with the SeiNode
+/// watch, which drops the events of the controller's own writes (the reconcile that wrote
+/// already went on from there).
+#[derive(Clone, Default)]
+pub struct Latest(pub(super) Arc<Mutex<HashMap<String, Arc<SeiNode>>>>);
+
+impl Latest {
+    /// Whether `node` is exactly the version the controller itself wrote or read last.
+    pub fn is_own(&self, node: &SeiNode) -> bool {
+        self.0
+            .lock()
+            .get(&uid(node))
+            .is_some_and(|ours| ours.metadata.resource_version == node.metadata.resource_version)
+    }
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        config: ControllerConfig,
+        ca_bundle: Option<Vec<u8>>,
+        client_ca: Option<String>,
+        metrics: Arc<ControllerMetrics>,
+        store: Store<SeiNode>,
+        owned: OwnedStores,
+        leadership: Leadership,
+        instance: String,
+        latest: Latest,
+        secret_versions: Arc<SecretVersions>,
+        calls: SidecarCalls,
+    ) -> Self {
+        let sidecar = SidecarClient::new(
+            ca_bundle,
+            config.sidecar_probe_timeout,
+            config.sidecar_client.clone(),
+        );
+        Self {
+            calls,
+            client_ca,
+            slots: Slots::new(usize::from(config.max_concurrent_reconciles)),
+            client,
+            config,
+            secrets: SecretJudge::new(secret_versions, metrics.secret_reads.clone()),
+            metrics,
+            sidecar,
+            store,
+            owned,
+            leadership,
+            instance,
+            memory: Mutex::default(),
+            latest,
+        }
+    }
+
+    /// Reads or changes what is remembered about `node`.
+    pub(super) fn remember<T>(&self, node: &SeiNode, f: impl FnOnce(&mut NodeMemory) -> T) -> T {
+        f(self.memory.lock().entry(uid(node)).or_default())
+    }
+
+    pub(super) fn settings(&self) -> Settings {
+        Settings {
+            cluster_domain: self.config.cluster_domain.clone(),
+            cert_expiry_warning: self.config.cert_expiry_warning,
+            sidecar_probe_interval: self.config.sidecar_probe_interval,
+        }
+    }
+
+    /// The newest version of `cached` this controller knows: its own last write, unless the
+    /// watch has caught up with it or the spec moved on since.
+    pub(super) fn newest(&self, cached: Arc<SeiNode>) -> Arc<SeiNode> {
+        let mut latest = self.latest.0.lock();
+        let key = uid(&cached);
+        match latest.get(&key) {
+            Some(ours)
+                if ours.metadata.resource_version != cached.metadata.resource_version
+                    && ours.metadata.generation >= cached.metadata.generation =>
+            {
+                ours.clone()
+            }
+            _ => {
+                latest.remove(&key);
+                cached
+            }
+        }
+    }
+
+    /// Forgets what is kept per node and per Secret for nodes that are gone (run periodically,
+    /// so memory follows the fleet rather than its history).
+    pub fn prune(&self) {
+        let nodes = self.store.state();
+        let uids: HashSet<String> = nodes.iter().map(|n| uid(n)).collect();
+        let hosts: HashSet<String> = nodes
+            .iter()
+            .map(|n| pod_host(n, &self.config.cluster_domain))
+            .collect();
+        let secrets: HashSet<(String, String)> = nodes
+            .iter()
+            .filter_map(|n| Some((n.namespace()?, n.sidecar_tls()?.secret_name.clone())))
+            .collect();
+        self.metrics
+            .tls
+            .retain(|ns, name| self.store.get(&ObjectRef::new(name).within(ns)).is_some());
+        self.memory.lock().retain(|u, _| uids.contains(u));
+        self.latest.0.lock().retain(|u, _| uids.contains(u));
+        self.calls.retain(|u| uids.contains(u));
+        self.sidecar.retain_hosts(|host| hosts.contains(host));
+        self.secrets
+            .retain(|ns, name| secrets.contains(&(ns.to_owned(), name.to_owned())));
+    }
+}

@@ -1,0 +1,170 @@
+//! Observe: everything `decide` needs, gathered once per reconcile. The Secret's verdict, the
+//! owned objects from the watches against what the controller would apply now (built once, from
+//! the spec), and the per-node TLS figures the metrics export.
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use seinode_tls_crds::contract::required_dns_names;
+use seinode_tls_crds::validation::{InspectedSecret, SecretVerdict};
+use seinode_tls_crds::{PlanPhase, SeiNode, SeiNodePhase, SeiNodeStatus};
+use serde::de::DeserializeOwned;
+
+use super::context::Context;
+use crate::compact::Compact;
+use crate::decide::{Objects, Observed};
+use crate::drift::{stamp, state};
+use crate::metrics::NodeTls;
+use crate::resources;
+
+/// Reads what the decision needs: the Secret's verdict (one GET, parsed once per version), the
+/// owned objects (from the watches) and, for a settled Running node, the sidecar probe.
+pub(super) async fn observe(
+    node: &SeiNode,
+    base: &SeiNodeStatus,
+    ctx: &Context,
+    desired: &Desired,
+    now: Timestamp,
+) -> Observed {
+    let namespace = node.namespace().unwrap_or_default();
+    let name = node.name_any();
+    let mut observed = Observed {
+        leading: ctx.leadership.is_leading(),
+        first_sight: !ctx.remember(node, |memory| memory.seen),
+        objects: objects(node, ctx, desired),
+        ..Observed::default()
+    };
+    if let Some((verdict, inspected)) = judge_secret(node, ctx, now).await {
+        if let Some(InspectedSecret::Usable(usable)) = inspected.as_deref() {
+            // When the whole path is valid: the leaf's, or a later issuer's, notBefore.
+            observed.not_before = Some(usable.valid_from());
+        }
+        let warned = ctx.remember(node, |memory| memory.expiry_warned);
+        observed.expiry_warned = verdict
+            .not_after
+            .is_some_and(|not_after| warned == Some(not_after.as_second()));
+        ctx.metrics.tls.set(
+            &namespace,
+            &name,
+            NodeTls {
+                reason: verdict.reason,
+                not_after: verdict.not_after,
+                running: base.phase == Some(SeiNodePhase::Running),
+            },
+        );
+        observed.verdict = Some(verdict);
+    } else {
+        ctx.metrics.tls.remove(&namespace, &name);
+    }
+    observed
+}
+
+/// Whether a node's sidecar is probed: Running, its plan settled, its Secret ready.
+pub(super) fn probe_due(base: &SeiNodeStatus, observed: &Observed) -> bool {
+    let settled = base
+        .plan
+        .as_ref()
+        .is_none_or(|p| p.phase != PlanPhase::Active);
+    let gate_open = observed.verdict.as_ref().is_none_or(|v| v.is_ready());
+    base.phase == Some(SeiNodePhase::Running) && settled && gate_open && observed.leading
+}
+
+/// The verdict on a TLS node's Secret at `now` (parsed once per version, so a second caller
+/// reads nothing), and its inspection; `None` for a node without TLS.
+pub(super) async fn judge_secret(
+    node: &SeiNode,
+    ctx: &Context,
+    now: Timestamp,
+) -> Option<(SecretVerdict, Option<Arc<InspectedSecret>>)> {
+    let tls = node.sidecar_tls()?;
+    let namespace = node.namespace().unwrap_or_default();
+    let required = required_dns_names(&node.name_any(), &namespace, &ctx.config.cluster_domain);
+    Some(
+        ctx.secrets
+            .verdict(&ctx.client, &namespace, &tls.secret_name, &required, now)
+            .await,
+    )
+}
+
+/// The cached object. One whose JSON does not parse as `K` (the watch keeps the API server's
+/// JSON unchecked; never seen) counts as missing, with a warning: the create that follows gets
+/// a conflict and reads the object itself.
+pub(super) fn parsed<K: DeserializeOwned + Resource<DynamicType = ()>>(
+    compact: Option<Arc<Compact<K>>>,
+) -> Option<K> {
+    let compact = compact?;
+    compact
+        .object()
+        .inspect_err(|error| {
+            tracing::warn!(
+                kind = %K::kind(&()),
+                namespace = compact.namespace().unwrap_or_default(),
+                name = compact.name_any(),
+                %error,
+                "a watched object does not parse from the cache; treating it as missing"
+            );
+        })
+        .ok()
+}
+
+/// What the controller would apply for a node now, built once per reconcile from its spec (and
+/// stamped): the observation compares the owned objects against it, and the tasks apply it.
+pub(super) struct Desired {
+    pub(super) config_map: ConfigMap,
+    pub(super) service: Service,
+    /// Why the spec cannot make the StatefulSet (an invalid image), when it cannot.
+    pub(super) stateful_set: Result<StatefulSet, String>,
+}
+
+impl Desired {
+    pub(super) fn of(node: &SeiNode, ctx: &Context) -> Self {
+        Self {
+            config_map: stamp(resources::rbac_proxy_config_map(
+                node,
+                ctx.client_ca.as_deref(),
+            )),
+            service: stamp(resources::service(node)),
+            stateful_set: resources::stateful_set(node, &ctx.config, ctx.client_ca.is_some())
+                .map(stamp),
+        }
+    }
+}
+
+/// The owned objects as the watches see them (each parsed once), against what the controller
+/// would apply now.
+pub(super) fn objects(node: &SeiNode, ctx: &Context, desired: &Desired) -> Objects {
+    let namespace = node.namespace().unwrap_or_default();
+    let name = node.name_any();
+    let config_map: Option<ConfigMap> = parsed(
+        ctx.owned
+            .config_maps
+            .get(&ObjectRef::new(&resources::rbac_proxy_config_name(node)).within(&namespace)),
+    );
+    let service: Option<Service> = parsed(
+        ctx.owned
+            .services
+            .get(&ObjectRef::new(&name).within(&namespace)),
+    );
+    let stateful_set: Option<StatefulSet> = parsed(
+        ctx.owned
+            .stateful_sets
+            .get(&ObjectRef::new(&name).within(&namespace)),
+    );
+    Objects {
+        config_map: state(node, config_map.as_ref(), Some(&desired.config_map)),
+        service: state(node, service.as_ref(), Some(&desired.service)),
+        stateful_set: state(
+            node,
+            stateful_set.as_ref(),
+            desired.stateful_set.as_ref().ok(),
+        ),
+        rolled_out: stateful_set.as_ref().is_some_and(|sts| {
+            resources::stateful_set_ready(sts)
+                && resources::stateful_set_image(sts).as_deref() == Some(node.spec.image.as_str())
+        }),
+    }
+}
