@@ -322,15 +322,12 @@ async fn check_validating(
                 .iter()
                 .find(|w| w.name == VALIDATING_WEBHOOK)
                 .map(|w| w.namespace_selector.clone().unwrap_or_default());
-            let configs = webhooks.into_iter().map(|w| (w.name, w.client_config));
-            let result = registration_verdict(
-                CHECK,
-                &what,
-                VALIDATING_WEBHOOK,
-                &configs.collect::<Vec<_>>(),
-                args,
-                now,
-            );
+            let configs: Vec<_> = webhooks
+                .into_iter()
+                .map(|w| (w.name, w.client_config))
+                .collect();
+            let result =
+                registration_verdict(CHECK, &what, VALIDATING_WEBHOOK, &configs, args, now);
             (result, selector)
         }
         Err(e) => (read_failed(CHECK, &what, &e, REINSTALL), None),
@@ -345,7 +342,9 @@ async fn check_mutating(client: &kube::Client, args: &CheckArgs, now: Timestamp)
         .await
     {
         Ok(config) => {
-            let configs: Vec<_> = (config.webhooks.into_iter().flatten())
+            let webhooks = config.webhooks.unwrap_or_default();
+            let configs: Vec<_> = webhooks
+                .into_iter()
                 .map(|w| (w.name, w.client_config))
                 .collect();
             registration_verdict(CHECK, &what, MUTATING_WEBHOOK, &configs, args, now)

@@ -174,8 +174,10 @@ fn command_lines<'a>(text: &str, commands: &'a BTreeSet<String>) -> Vec<(&'a Str
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
                 .collect();
             if let Some(command) = commands.get(&word) {
+                // Up to the next command of the line (a pipe, `&&`, `;`), the end of a code
+                // span, or a comment.
                 let args = rest[word.len()..]
-                    .split(['|', '`', '#'])
+                    .split(['|', '`', '#', ';', '&'])
                     .next()
                     .unwrap_or("")
                     .to_owned();

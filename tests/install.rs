@@ -519,6 +519,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     let (ns, node) = the_readmes_first_screen(&client, &ca).await;
     the_lease_is_handed_over(&client, &leader).await;
     a_rolling_upgrade_fails_no_admission(&client, &ns, &node).await;
+    an_edit_of_the_tls_block_is_refused(&ns);
     uninstalled_it_blocks_nothing(&ns);
 }
 
@@ -791,9 +792,8 @@ async fn a_rolling_upgrade_fails_no_admission(client: &kube::Client, ns: &str, n
     assert!(admitted > 10, "the client kept creating: {admitted}");
 }
 
-/// An edit of spec.sidecar.tls is refused; uninstalled, nothing blocks SeiNode edits (the CRD
-/// stays, as Helm keeps crds/).
-fn uninstalled_it_blocks_nothing(ns: &str) {
+/// An edit of spec.sidecar.tls is refused (by the CRD's rule, and the webhook behind it).
+fn an_edit_of_the_tls_block_is_refused(ns: &str) {
     let out = common::patch_seinode(
         ns,
         NODE,
@@ -807,6 +807,10 @@ fn uninstalled_it_blocks_nothing(ns: &str) {
     );
 
     // Uninstalled, nothing blocks SeiNode edits (the CRD stays, as Helm keeps crds/).
+}
+
+/// Uninstalled, nothing blocks SeiNode edits (the CRD stays, as Helm keeps crds/).
+fn uninstalled_it_blocks_nothing(ns: &str) {
     let out = common::helm(&["uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = common::kubectl(

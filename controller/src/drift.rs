@@ -24,7 +24,9 @@ pub const SIDECAR_CONTRACT_ANNOTATION: &str = "seinode-tls.sei.io/sidecar-contra
 /// kube-rbac-proxy, `/v0` paths, `seinodetasks`.
 pub const SIDECAR_CONTRACT: &str = "seictl-v1";
 
-pub fn state<K: Resource + Serialize>(
+/// The state of an owned object against what the controller would apply (`desired`; `None`:
+/// only its ownership is judged).
+pub(crate) fn state<K: Resource + Serialize>(
     node: &SeiNode,
     observed: Option<&K>,
     desired: Option<&K>,

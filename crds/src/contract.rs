@@ -26,10 +26,15 @@ pub fn required_dns_names(name: &str, namespace: &str, cluster_domain: &str) -> 
     ]
 }
 
+/// The name of the one Pod of SeiNode `name`'s StatefulSet.
+pub fn pod_name(name: &str) -> String {
+    format!("{name}-0")
+}
+
 /// The DNS name of pod 0 of SeiNode `name`'s StatefulSet (through its headless Service): the
 /// name clients of the sidecar, the controller among them, verify the certificate against.
 pub fn pod_dns_name(name: &str, namespace: &str, cluster_domain: &str) -> String {
-    format!("{name}-0.{name}.{namespace}.svc.{cluster_domain}")
+    format!("{}.{name}.{namespace}.svc.{cluster_domain}", pod_name(name))
 }
 
 /// Why a node's contract can never be met by any certificate.

@@ -6,7 +6,8 @@
 //!   Secret → nodes [`index`] a SeiNode watch feeds, the
 //!   [`versions`] of TLS Secrets that the metadata watch reports (with the one read a verdict
 //!   needs: a GET of the Secret at that version), and the [`inspections`] held per Secret
-//!   version, parsed once. These hold runtime state and make API calls; nothing else here does.
+//!   version, parsed once. These hold runtime state, and `watch` and `versions` talk to the API
+//!   server (the watches, and that one GET); nothing else here does.
 
 pub mod contract;
 pub mod crd;

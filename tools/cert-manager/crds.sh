@@ -19,7 +19,7 @@ produce() {
   dir="$(cd /tmp && go mod download -json "${module}@${version}" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
   if [[ -z "$dir" || ! -d "$dir/deploy/crds" ]]; then
     echo "error: ${module}@${version} has no deploy/crds/ (go mod download gave '${dir}')" >&2
-    exit 1
+    return 1
   fi
   cp "$dir"/deploy/crds/*.yaml "$1/"
   chmod 644 "$1"/*.yaml

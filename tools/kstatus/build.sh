@@ -10,11 +10,11 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/../cache.sh"
 
 produce() {
-  echo "building the kstatus probe into $1 (about a minute the first time)" >&2
+  echo "building the kstatus probe (about a minute the first time)" >&2
   cd "$here"
   CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath" \
     go build -ldflags "-s -w" -o "$1/kstatus" .
 }
 
-key="$(cat "$here/go.mod" "$here/go.sum" "$here/main.go" | sha256sum | cut -c1-12)"
+key="$(cache_key "$here/go.mod" "$here/go.sum" "$here/main.go")"
 cached kstatus "$key" kstatus "build the kstatus probe"

@@ -471,9 +471,8 @@ pub fn guard_secret(request: &SecretRequest, ctx: &AdmissionContext<'_>) -> Deci
 
     let mut failing: Vec<(String, SecretVerdict)> = Vec::new();
     let mut newly_broken = 0;
-    for node in &nodes {
-        let node_name = kube::ResourceExt::name_any(node.as_ref());
-        let required = required_dns_names(&node_name, &namespace, ctx.cluster_domain);
+    for node_name in &nodes {
+        let required = required_dns_names(node_name, &namespace, ctx.cluster_domain);
         let verdict_for = |inspected: Option<&InspectedSecret>| {
             let lookup = inspected.map_or(SecretLookup::NotFound, SecretLookup::Found);
             judge(&namespace, &name, lookup, &required, ctx.now)
@@ -488,7 +487,7 @@ pub fn guard_secret(request: &SecretRequest, ctx: &AdmissionContext<'_>) -> Deci
         if was_ready {
             newly_broken += 1;
         }
-        failing.push((node_name, after));
+        failing.push((node_name.clone(), after));
     }
     if failing.is_empty() {
         return Decision::allow(request);

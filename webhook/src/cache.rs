@@ -15,10 +15,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{self, Store, store::Writer};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use parking_lot::Mutex;
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::index::SecretIndex;
 use seinode_tls_crds::inspections::Inspections;
@@ -316,26 +314,12 @@ fn key_of(secret: &Secret) -> Key {
     (secret.namespace().unwrap_or_default(), secret.name_any())
 }
 
-/// SeiNodes (names and `spec.sidecar.tls`), and which of them name which Secret, fed by the
+/// Which SeiNodes name which Secret (all the guard and the pruning need of them), fed by the
 /// SeiNode watch through [`NodeCache::apply`].
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct NodeCache {
-    store: Store<SeiNode>,
-    writer: Arc<Mutex<Writer<SeiNode>>>,
     index: Arc<SecretIndex>,
     synced: Arc<AtomicBool>,
-}
-
-impl Default for NodeCache {
-    fn default() -> Self {
-        let (store, writer) = reflector::store();
-        Self {
-            store,
-            writer: Arc::new(Mutex::new(writer)),
-            index: Arc::default(),
-            synced: Arc::new(AtomicBool::new(false)),
-        }
-    }
 }
 
 impl NodeCache {
@@ -343,10 +327,8 @@ impl NodeCache {
         Self::default()
     }
 
-    /// Follows the SeiNode watch: the store and the index take the event; its first complete
-    /// list marks the cache synced.
+    /// Follows the SeiNode watch; its first complete list marks the cache synced.
     pub fn apply(&self, event: &watcher::Event<SeiNode>) {
-        self.writer.lock().apply_watcher_event(event);
         self.index.apply(event);
         if matches!(event, watcher::Event::InitDone) {
             self.mark_synced();
@@ -368,12 +350,13 @@ impl NodeCache {
         self.index.secrets()
     }
 
-    /// SeiNodes in `namespace` whose `spec.sidecar.tls.secretName` is `secret`, by name.
-    pub fn using_secret(&self, namespace: &str, secret: &str) -> Vec<Arc<SeiNode>> {
+    /// The names of the SeiNodes in `namespace` whose `spec.sidecar.tls.secretName` is
+    /// `secret`, sorted.
+    pub fn using_secret(&self, namespace: &str, secret: &str) -> Vec<String> {
         self.index
             .nodes_for(namespace, secret)
-            .iter()
-            .filter_map(|node| self.store.get(node))
+            .into_iter()
+            .map(|node| node.name)
             .collect()
     }
 }
@@ -408,14 +391,6 @@ impl Caches {
         let nodes = NodeCache::new();
         let node_cache = nodes.clone();
         let node_watch = scoped_watcher::<SeiNode>(client, scope, watcher::Config::default())
-            // The guard reads names and spec.sidecar.tls only: the status (a plan, its
-            // conditions), managedFields and annotations (kubectl's copy of the object) would
-            // only take memory.
-            .modify(|node: &mut SeiNode| {
-                node.status = None;
-                node.metadata.managed_fields = None;
-                node.metadata.annotations = None;
-            })
             .for_each(move |event| {
                 match event {
                     Ok(event) => node_cache.apply(&event),

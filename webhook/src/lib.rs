@@ -7,8 +7,8 @@
 //! - `POST /validate/secrets`: the Secret guard; warns (or denies) when an UPDATE or DELETE of a
 //!   TLS Secret would break the contract of SeiNodes that use it.
 //!
-//! The request path answers from watch-fed caches (SeiNodes in full, TLS Secrets by name and
-//! version). It makes one API call, by design, only where the caches cannot hold the answer: a
+//! The request path answers from watch-fed caches (which SeiNodes name which Secret, TLS Secrets
+//! by name and version). It makes one API call, by design, only where the caches cannot hold the answer: a
 //! new TLS SeiNode names a Secret whose current version has not been inspected, and the Secret
 //! is read once (a GET at that version, at most 1 s). Each Secret is parsed once per
 //! resourceVersion. Health, readiness and metrics are served on a

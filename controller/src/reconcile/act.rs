@@ -11,9 +11,9 @@ use seinode_tls_crds::{SeiNode, SeiNodeStatus, TaskFailureReason};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::context::Context;
+use super::Error;
+use super::context::{Context, uid};
 use super::observe::Desired;
-use super::{Error, uid};
 use crate::decide::{IN_THE_WAY, ObjectState, Observed, Outcome, TaskFailure};
 use crate::events::NodeEvent;
 use crate::plan::Task;
@@ -68,7 +68,7 @@ pub(super) async fn run_task(
     }
 }
 
-pub(super) async fn ensure<K>(
+async fn ensure<K>(
     ctx: &Context,
     node: &SeiNode,
     object: &K,
@@ -137,7 +137,7 @@ where
 }
 
 /// Why an object of a deleted SeiNode of the same name is in the way.
-pub(super) const ORPHANED: &str =
+const ORPHANED: &str =
     "it belongs to a deleted SeiNode of the same name and waits for the garbage collector";
 
 pub(super) fn api_error(

@@ -14,7 +14,6 @@ use parking_lot::Mutex;
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::versions::SecretVersions;
 
-use super::{pod_host, uid};
 use crate::calls::SidecarCalls;
 use crate::compact::Compact;
 use crate::config::ControllerConfig;
@@ -103,7 +102,7 @@ pub struct Context {
     /// `--max-concurrent-reconciles` slots for API work, undecided nodes first.
     pub slots: Slots,
     /// What this process remembers per node uid between reconciles.
-    pub(super) memory: Mutex<HashMap<String, NodeMemory>>,
+    memory: Mutex<HashMap<String, NodeMemory>>,
     /// The node as this controller's last status write returned it: the watch may still hand
     /// out an older version, and deciding from that would run finished tasks again. (Shared
     /// with the SeiNode watch, so apart from `memory`.)
@@ -236,5 +235,69 @@ impl Context {
         self.sidecar.retain_hosts(|host| hosts.contains(host));
         self.secrets
             .retain(|ns, name| secrets.contains(&(ns.to_owned(), name.to_owned())));
+    }
+}
+
+/// The key of what is kept per node: its uid (its name before the API server gave it one).
+pub(super) fn uid(node: &SeiNode) -> String {
+    node.uid().unwrap_or_else(|| node.name_any())
+}
+
+/// The DNS name the node's sidecar is called by (and its certificate verified against).
+pub(super) fn pod_host(node: &SeiNode, cluster_domain: &str) -> String {
+    let namespace = node.namespace().unwrap_or_default();
+    seinode_tls_crds::contract::pod_dns_name(&node.name_any(), &namespace, cluster_domain)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kube::runtime::{reflector, watcher};
+
+    use super::*;
+
+    /// Reconciles in separate tasks all wait for the owned stores' first lists; every one of them
+    /// must wake when the lists complete, not only the one that asked last.
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_reconcile_waiting_for_the_owned_lists_wakes_when_they_complete() {
+        let (config_maps, mut cm_writer) = reflector::store::<Compact<ConfigMap>>();
+        let (services, mut svc_writer) = reflector::store::<Compact<Service>>();
+        let (stateful_sets, mut sts_writer) = reflector::store::<Compact<StatefulSet>>();
+        let (pods, mut pod_writer) = reflector::store::<Compact<Pod>>();
+        let owned = OwnedStores::new(config_maps, services, stateful_sets, pods);
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let (listed, done) = (owned.listed(), done.clone());
+                tokio::spawn(async move {
+                    listed.await;
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                })
+            })
+            .collect();
+        // One thread: after these yields every waiter has polled and is parked.
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
+        cm_writer.apply_watcher_event(&watcher::Event::InitDone);
+        svc_writer.apply_watcher_event(&watcher::Event::InitDone);
+        sts_writer.apply_watcher_event(&watcher::Event::InitDone);
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "the Pod store has not listed yet"
+        );
+        pod_writer.apply_watcher_event(&watcher::Event::InitDone);
+        let all = futures::future::join_all(waiters);
+        let joined = tokio::time::timeout(Duration::from_secs(5), all)
+            .await
+            .expect("every waiter wakes, not only the last to poll");
+        assert!(joined.iter().all(Result::is_ok));
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 8);
     }
 }

@@ -24,9 +24,8 @@ mod sidecar_calls;
 
 pub use act::FIELD_MANAGER;
 use act::{api_error, publish, run_task, send_unsent, write_status};
+use context::uid;
 pub use context::{Context, Latest, OwnedStores};
-#[cfg(test)]
-use observe::parsed;
 use observe::{Desired, observe, probe_due};
 use sidecar_calls::{Called, sidecar_calls};
 
@@ -57,6 +56,8 @@ pub enum Error {
         "the ConfigMap, Service, StatefulSet and Pod watches have not listed yet (see their warnings)"
     )]
     NotSynced,
+    /// The status write found the node changed since it was read: `reconcile_newest` reads it
+    /// again and decides again, and reports this error only after [`CONFLICT_ATTEMPTS`].
     #[error(
         "the status of SeiNode {namespace}/{name} changed while it was being decided ({CONFLICT_ATTEMPTS} times in a row)"
     )]
@@ -106,7 +107,7 @@ pub async fn reconcile(node: Arc<SeiNode>, ctx: Arc<Context>) -> Result<Action, 
         }
         // The Secret could not be read: like an error, with backoff, without logging one.
         // (`reconcile_newest` answers a conflict itself, by deciding again.)
-        Ok(Step::Retry | Step::Conflict) => Ok(Action::requeue(backoff(&ctx, &node))),
+        Ok(Step::Retry) => Ok(Action::requeue(backoff(&ctx, &node))),
         Err(error) => Err(error),
     }
 }
@@ -140,22 +141,11 @@ pub fn jittered(count: u32) -> Duration {
     ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
 }
 
-fn uid(node: &SeiNode) -> String {
-    node.uid().unwrap_or_else(|| node.name_any())
-}
-
-fn pod_host(node: &SeiNode, cluster_domain: &str) -> String {
-    let namespace = node.namespace().unwrap_or_default();
-    seinode_tls_crds::contract::pod_dns_name(&node.name_any(), &namespace, cluster_domain)
-}
-
 /// How a reconcile ended.
 enum Step {
     Done(Action),
     /// A transient problem the decision saw (retried with backoff).
     Retry,
-    /// The status write found the node changed since it was read: read it again, decide again.
-    Conflict,
 }
 
 /// Reconciles from the newest known version; a status write that finds the node changed
@@ -167,9 +157,9 @@ async fn reconcile_newest(
     called: Called,
 ) -> Result<Step, Error> {
     let mut node = ctx.newest(cached);
-    for _ in 0..CONFLICT_ATTEMPTS {
-        match reconcile_node(&node, ctx, priority, called.clone()).await? {
-            Step::Conflict => {
+    for _ in 1..CONFLICT_ATTEMPTS {
+        match reconcile_node(&node, ctx, priority, called.clone()).await {
+            Err(Error::Conflict { .. }) => {
                 let namespace = node.namespace().unwrap_or_default();
                 let api: Api<SeiNode> = Api::namespaced(ctx.client.clone(), &namespace);
                 let fresh = api.get_opt(&node.name_any()).await.map_err(|source| {
@@ -182,13 +172,10 @@ async fn reconcile_newest(
                 ctx.latest.0.lock().insert(uid(&fresh), fresh.clone());
                 node = fresh;
             }
-            step => return Ok(step),
+            ended => return ended,
         }
     }
-    Err(Error::Conflict {
-        namespace: node.namespace().unwrap_or_default(),
-        name: node.name_any(),
-    })
+    reconcile_node(&node, ctx, priority, called).await
 }
 
 /// Urgent: a node with no status yet, or a TLS node whose Secret is not (yet) judged ready: its
@@ -206,8 +193,8 @@ fn priority(node: &SeiNode) -> Priority {
     }
 }
 
-/// One observe → decide → act round (two decides when a task ran). `None`: the status changed
-/// under the decision; read it again.
+/// One observe → decide → act round (two decides when a task ran). [`Error::Conflict`]: the
+/// status changed under the decision; read it again.
 async fn reconcile_node(
     node: &Arc<SeiNode>,
     ctx: &Context,
@@ -243,7 +230,12 @@ async fn reconcile_node(
         if wrote {
             match write_status(ctx, &current, &decision.status).await? {
                 Some(written) => current = written,
-                None => return Ok(Step::Conflict),
+                None => {
+                    return Err(Error::Conflict {
+                        namespace: current.namespace().unwrap_or_default(),
+                        name: current.name_any(),
+                    });
+                }
             }
         }
         if priority == Priority::Urgent && wrote && self::priority(&current) == Priority::Normal {
@@ -312,76 +304,9 @@ fn set_state(objects: &mut Objects, task: Task, state: ObjectState) {
 mod tests {
     use std::collections::HashSet;
 
-    use k8s_openapi::api::apps::v1::StatefulSet;
-    use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-    use seinode_tls_crds::SeiNodeStatus;
+    use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNodeStatus};
 
     use super::*;
-    use crate::compact::Compact;
-    use kube::runtime::{reflector, watcher};
-    use seinode_tls_crds::SIDECAR_TLS_SECRET_READY;
-    use serde_json::json;
-
-    #[test]
-    fn a_cached_object_that_does_not_parse_counts_as_missing() {
-        let compact = |spec: serde_json::Value| -> Arc<Compact<Service>> {
-            Arc::new(
-                serde_json::from_value(json!({
-                    "metadata": {"name": "n", "namespace": "ns"},
-                    "spec": spec,
-                }))
-                .unwrap(),
-            )
-        };
-        let good = parsed(Some(compact(json!({"clusterIP": "None"})))).unwrap();
-        assert_eq!(good.spec.unwrap().cluster_ip.as_deref(), Some("None"));
-        assert!(parsed(Some(compact(json!({"ports": "not a list"})))).is_none());
-        assert!(parsed::<Service>(None).is_none());
-    }
-
-    /// Reconciles in separate tasks all wait for the owned stores' first lists; every one of them
-    /// must wake when the lists complete, not only the one that asked last.
-    #[tokio::test(flavor = "current_thread")]
-    async fn every_reconcile_waiting_for_the_owned_lists_wakes_when_they_complete() {
-        let (config_maps, mut cm_writer) = reflector::store::<Compact<ConfigMap>>();
-        let (services, mut svc_writer) = reflector::store::<Compact<Service>>();
-        let (stateful_sets, mut sts_writer) = reflector::store::<Compact<StatefulSet>>();
-        let (pods, mut pod_writer) = reflector::store::<Compact<Pod>>();
-        let owned = OwnedStores::new(config_maps, services, stateful_sets, pods);
-        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let waiters: Vec<_> = (0..8)
-            .map(|_| {
-                let (listed, done) = (owned.listed(), done.clone());
-                tokio::spawn(async move {
-                    listed.await;
-                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                })
-            })
-            .collect();
-        // One thread: after these yields every waiter has polled and is parked.
-        for _ in 0..8 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
-        cm_writer.apply_watcher_event(&watcher::Event::InitDone);
-        svc_writer.apply_watcher_event(&watcher::Event::InitDone);
-        sts_writer.apply_watcher_event(&watcher::Event::InitDone);
-        for _ in 0..8 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(
-            done.load(std::sync::atomic::Ordering::SeqCst),
-            0,
-            "the Pod store has not listed yet"
-        );
-        pod_writer.apply_watcher_event(&watcher::Event::InitDone);
-        let all = futures::future::join_all(waiters);
-        let joined = tokio::time::timeout(Duration::from_secs(5), all)
-            .await
-            .expect("every waiter wakes, not only the last to poll");
-        assert!(joined.iter().all(Result::is_ok));
-        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 8);
-    }
 
     #[test]
     fn a_node_waiting_on_its_secret_verdict_is_urgent() {

@@ -136,7 +136,7 @@ impl Desired {
 
 /// The owned objects as the watches see them (each parsed once), against what the controller
 /// would apply now.
-pub(super) fn objects(node: &SeiNode, ctx: &Context, desired: &Desired) -> Objects {
+fn objects(node: &SeiNode, ctx: &Context, desired: &Desired) -> Objects {
     let namespace = node.namespace().unwrap_or_default();
     let name = node.name_any();
     let config_map: Option<ConfigMap> = parsed(
@@ -166,5 +166,32 @@ pub(super) fn objects(node: &SeiNode, ctx: &Context, desired: &Desired) -> Objec
             resources::stateful_set_ready(sts)
                 && resources::stateful_set_image(sts).as_deref() == Some(node.spec.image.as_str())
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::Service;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_cached_object_that_does_not_parse_counts_as_missing() {
+        let compact = |spec: serde_json::Value| -> Arc<Compact<Service>> {
+            Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": "n", "namespace": "ns"},
+                    "spec": spec,
+                }))
+                .unwrap(),
+            )
+        };
+        let good = parsed(Some(compact(json!({"clusterIP": "None"})))).unwrap();
+        assert_eq!(good.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+        assert!(parsed(Some(compact(json!({"ports": "not a list"})))).is_none());
+        assert!(parsed::<Service>(None).is_none());
     }
 }

@@ -13,9 +13,8 @@ use kube::runtime::reflector::ObjectRef;
 use seinode_tls_crds::validation::{InspectedSecret, LeafCertificate};
 use seinode_tls_crds::{SeiNode, SeiNodePhase, TaskFailureReason};
 
-use super::context::Context;
+use super::context::{Context, pod_host, uid};
 use super::observe::{judge_secret, parsed};
-use super::{pod_host, uid};
 use crate::calls::{CallKind, Finished};
 use crate::decide::{Outcome, TaskFailure};
 use crate::metrics::ProbeLabels;
@@ -24,7 +23,7 @@ use crate::resources;
 use crate::sidecar::{ProbeResult, Target, TaskProgress, TlsTarget, task_id};
 
 /// The least time between two `mark-ready` calls of a node.
-pub(super) const MARK_READY_GAP: Duration = Duration::from_secs(1);
+const MARK_READY_GAP: Duration = Duration::from_secs(1);
 
 /// What the node's finished sidecar calls found, for this reconcile.
 #[derive(Clone, Debug, Default)]
@@ -81,7 +80,7 @@ pub(super) fn sidecar_calls(node: &Arc<SeiNode>, ctx: &Arc<Context>) -> Called {
 }
 
 /// One sidecar call of `kind` for `node`, with the Secret's leaf it needs.
-pub(super) async fn call_sidecar(node: &SeiNode, ctx: &Context, kind: CallKind) -> Finished {
+async fn call_sidecar(node: &SeiNode, ctx: &Context, kind: CallKind) -> Finished {
     let leaf = match judge_secret(node, ctx, Timestamp::now()).await {
         Some((verdict, inspected)) => match inspected.as_deref() {
             Some(InspectedSecret::Usable(usable)) if verdict.is_ready() => Some(usable.clone()),
@@ -107,11 +106,7 @@ pub(super) async fn call_sidecar(node: &SeiNode, ctx: &Context, kind: CallKind) 
 }
 
 /// Calls the sidecar's health path through its front door.
-pub(super) async fn probe(
-    node: &SeiNode,
-    ctx: &Context,
-    leaf: Option<&LeafCertificate>,
-) -> ProbeResult {
+async fn probe(node: &SeiNode, ctx: &Context, leaf: Option<&LeafCertificate>) -> ProbeResult {
     if node.sidecar_tls().is_some() && leaf.is_none() {
         return ProbeResult::NotProbed(
             "not probed: the node's TLS Secret does not meet the contract (see SidecarTLSSecretReady)".to_owned(),
@@ -127,7 +122,7 @@ pub(super) async fn probe(
 /// reports (never a DNS answer), on the proxy's port with TLS, else the sidecar's. `current`:
 /// only a pod of the StatefulSet's update revision will do (a task must reach the new pod of
 /// a roll, not the old one it replaces).
-pub(super) fn sidecar_target(
+fn sidecar_target(
     node: &SeiNode,
     ctx: &Context,
     leaf: Option<&LeafCertificate>,
@@ -136,7 +131,7 @@ pub(super) fn sidecar_target(
     let namespace = node.namespace().unwrap_or_default();
     let name = node.name_any();
     let host = pod_host(node, &ctx.config.cluster_domain);
-    let pod_name = format!("{name}-0");
+    let pod_name = seinode_tls_crds::contract::pod_name(&name);
     let port = match leaf {
         Some(_) => resources::TLS_PORT,
         None => resources::sidecar_port(node),
@@ -200,12 +195,7 @@ pub(super) fn sidecar_target(
 }
 
 /// Whether `meta`'s controller owner is the `kind` named `name` with `uid`.
-pub(super) fn controlled_by(
-    meta: &kube::api::ObjectMeta,
-    kind: &str,
-    name: &str,
-    uid: Option<&str>,
-) -> bool {
+fn controlled_by(meta: &kube::api::ObjectMeta, kind: &str, name: &str, uid: Option<&str>) -> bool {
     meta.owner_references.iter().flatten().any(|o| {
         o.controller == Some(true)
             && o.kind == kind
@@ -215,7 +205,7 @@ pub(super) fn controlled_by(
 }
 
 /// Runs `mark-ready` on the node's current pod through its front door.
-pub(super) async fn mark_sidecar_ready(
+async fn mark_sidecar_ready(
     node: &SeiNode,
     ctx: &Context,
     leaf: Option<&LeafCertificate>,
@@ -229,11 +219,9 @@ pub(super) async fn mark_sidecar_ready(
         Err(why) => return Outcome::Waiting(why),
     };
     let namespace = node.namespace().unwrap_or_default();
-    let pod: Option<Pod> = parsed(
-        ctx.owned
-            .pods
-            .get(&ObjectRef::new(&format!("{}-0", node.name_any())).within(&namespace)),
-    );
+    let pod: Option<Pod> = parsed(ctx.owned.pods.get(
+        &ObjectRef::new(&seinode_tls_crds::contract::pod_name(&node.name_any())).within(&namespace),
+    ));
     let pod_uid = pod.and_then(|p| p.metadata.uid).unwrap_or_default();
     match ctx
         .sidecar
