@@ -400,8 +400,8 @@ struct Term {
     instance: Option<String>,
 }
 
-/// A watch of `K` over `scope` with `config`, managedFields dropped, feeding `writer`; yields
-/// changed objects. Errors are logged here (each watch backs off on its own) and never reach the
+/// A watch of `K` over `scope` with `config`, managedFields dropped, feeding `writer` (and
+/// `observe`, with every event); yields the changed objects `keep` accepts. Errors are logged here (each watch backs off on its own) and never reach the
 /// controller, whose shared backoff would otherwise pause every trigger.
 fn watch_into<K>(
     client: Client,
@@ -409,6 +409,8 @@ fn watch_into<K>(
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
     what: &'static str,
+    observe: impl Fn(&watcher::Event<K>) + Send + 'static,
+    keep: impl Fn(&K) -> bool + Send + 'static,
 ) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -424,9 +426,14 @@ where
         scoped_watcher(client, scope, config)
             .modify(|object: &mut K| object.managed_fields_mut().clear()),
     )
+    .inspect(move |event| {
+        if let Ok(event) = event {
+            observe(event);
+        }
+    })
     .touched_objects()
     .predicate_filter(predicates::resource_version, PredicateConfig::default())
-    .filter_map(triggers(what, |_| true))
+    .filter_map(triggers(what, keep))
 }
 
 /// The watch events that wake nodes: the objects `keep` accepts. Errors are logged here (each
@@ -489,20 +496,16 @@ impl Term {
         let (reader, writer) = reflector::store();
         let index = Arc::new(SecretIndex::default());
         let node_index = index.clone();
-        let node_stream = reflector::reflector(
+        let node_stream = watch_into::<SeiNode>(
+            client.clone(),
+            &scope,
+            watcher::Config::default(),
             writer,
-            scoped_watcher::<SeiNode>(client.clone(), &scope, watcher::Config::default())
-                .modify(|node: &mut SeiNode| node.managed_fields_mut().clear()),
-        )
-        .inspect(move |event| {
-            if let Ok(event) = event {
-                node_index.apply(event);
-            }
-        })
-        .touched_objects()
-        .predicate_filter(predicates::resource_version, PredicateConfig::default())
-        // Not the events of the controller's own writes: the reconcile that wrote went on.
-        .filter_map(triggers("SeiNode", move |node: &SeiNode| !own.is_own(node)));
+            "SeiNode",
+            move |event| node_index.apply(event),
+            // Not the events of the controller's own writes: the reconcile that wrote went on.
+            move |node| !own.is_own(node),
+        );
 
         let owned = watcher::Config::default().labels(&format!(
             "{}={}",
@@ -518,6 +521,8 @@ impl Term {
             owned.clone(),
             cm_writer,
             "ConfigMap",
+            |_| {},
+            |_| true,
         );
         let svc_stream = watch_into::<Compact<Service>>(
             client.clone(),
@@ -525,6 +530,8 @@ impl Term {
             owned.clone(),
             svc_writer,
             "Service",
+            |_| {},
+            |_| true,
         );
         let sts_stream = watch_into::<Compact<StatefulSet>>(
             client.clone(),
@@ -532,12 +539,21 @@ impl Term {
             owned.clone(),
             sts_writer,
             "StatefulSet",
+            |_| {},
+            |_| true,
         );
         // The node pods (their StatefulSet's template carries the label): where a sidecar is
         // dialed, and a pod that starts or turns ready wakes its node's sidecar task.
         let (pods, pod_writer) = reflector::store();
-        let pod_stream =
-            watch_into::<Compact<Pod>>(client.clone(), &scope, owned, pod_writer, "Pod");
+        let pod_stream = watch_into::<Compact<Pod>>(
+            client.clone(),
+            &scope,
+            owned,
+            pod_writer,
+            "Pod",
+            |_| {},
+            |_| true,
+        );
         // Metadata only: each Secret's version (a reconcile reads a Secret only when its version
         // moved), and the Secrets some node names wake those nodes.
         let secret_index = index.clone();
