@@ -401,8 +401,9 @@ struct Term {
 }
 
 /// A watch of `K` over `scope` with `config`, managedFields dropped, feeding `writer` (and
-/// `observe`, with every event); yields the changed objects `keep` accepts. Errors are logged here (each watch backs off on its own) and never reach the
-/// controller, whose shared backoff would otherwise pause every trigger.
+/// `observe`, with every event); yields the changed objects `keep` accepts. Errors are logged
+/// here (each watch backs off on its own) and never reach the controller, whose shared backoff
+/// would otherwise pause every trigger.
 fn watch_into<K>(
     client: Client,
     scope: &WatchScope,
