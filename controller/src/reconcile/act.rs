@@ -2,24 +2,135 @@
 //! from), the events (created once), and the one task a reconcile may run.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use seinode_tls_crds::{SeiNode, SeiNodeStatus, TaskFailureReason};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::Error;
 use super::context::{Context, uid};
 use super::observe::Desired;
-use crate::decide::{IN_THE_WAY, ObjectState, Observed, Outcome, TaskFailure};
+use super::sidecar_calls::Called;
+use super::{Error, Step};
+use crate::decide::{
+    Decision, IN_THE_WAY, ObjectState, Objects, Observed, Outcome, SIDECAR_TASK_RETRY, TaskFailure,
+};
 use crate::events::NodeEvent;
 use crate::plan::Task;
+use crate::slots::Priority;
 
 /// Field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = "seinode-tls-controller";
+
+/// What one reconcile carries from one decision to the next: the node as last written, the
+/// status decided last, the observation (with the task that ran), the sidecar call results, and
+/// what the controller would apply.
+pub(super) struct Round {
+    pub(super) current: Arc<SeiNode>,
+    pub(super) base: SeiNodeStatus,
+    pub(super) observed: Observed,
+    pub(super) called: Called,
+    pub(super) desired: Desired,
+}
+
+/// How acting on a decision ended.
+pub(super) enum Acted {
+    /// A task ran: decide again on its outcome.
+    Ran,
+    /// This reconcile is over.
+    Ended(Step),
+}
+
+/// Acts on `decision`: writes its status (on the version it was decided from), publishes its
+/// events, and runs its task, at most one per reconcile. An urgent node that got its verdict
+/// stops after the write: its events and its plan's work wait behind the nodes still waiting
+/// for theirs. Nothing is written once this replica no longer leads.
+pub(super) async fn act(
+    ctx: &Context,
+    decision: Decision,
+    round: &mut Round,
+    priority: Priority,
+) -> Result<Acted, Error> {
+    if !ctx.leadership.is_leading() {
+        return Ok(Acted::Ended(Step::Done(Action::await_change())));
+    }
+    let wrote = decision.status != round.base;
+    if wrote {
+        match write_status(ctx, &round.current, &decision.status).await? {
+            Some(written) => round.current = written,
+            None => {
+                return Err(Error::Conflict {
+                    namespace: round.current.namespace().unwrap_or_default(),
+                    name: round.current.name_any(),
+                });
+            }
+        }
+    }
+    if priority == Priority::Urgent && wrote && super::priority(&round.current) == Priority::Normal
+    {
+        // Decided, and published in the status: its events and the plan's work wait behind
+        // the nodes still waiting for their decision (a node's condition is what its user
+        // reads). Nothing is held meanwhile: the events wait in `unsent`, which the node's
+        // next reconcile sends first (a successor process re-sends recent flips itself).
+        ctx.remember(&round.current, |memory| {
+            memory.unsent.extend(decision.events.iter().cloned());
+            memory.seen = true;
+        });
+        return Ok(Acted::Ended(Step::Done(Action::requeue(Duration::ZERO))));
+    }
+    publish(ctx, &round.current, &decision.events).await;
+    if round.observed.first_sight {
+        ctx.remember(&round.current, |memory| memory.seen = true);
+    }
+    round.base = decision.status;
+    round.observed.first_sight = false;
+    let Some(task) = decision.task else {
+        if decision.transient {
+            return Ok(Acted::Ended(Step::Retry));
+        }
+        return Ok(Acted::Ended(Step::Done(Action::requeue(decision.requeue))));
+    };
+    if round.observed.ran.is_some() {
+        // One task per reconcile: the next one waits its turn behind other nodes.
+        return Ok(Acted::Ended(Step::Done(Action::requeue(Duration::ZERO))));
+    }
+    if !ctx.leadership.is_leading() {
+        return Ok(Acted::Ended(Step::Done(Action::await_change())));
+    }
+    let outcome = if task == Task::MarkSidecarReady {
+        // Called apart (see `sidecar_calls`): the call started or running wakes the node when
+        // it finishes; this is the fallback.
+        match round.called.mark_ready.take() {
+            Some(outcome) => outcome,
+            None => {
+                return Ok(Acted::Ended(Step::Done(Action::requeue(
+                    SIDECAR_TASK_RETRY,
+                ))));
+            }
+        }
+    } else {
+        run_task(&round.current, ctx, task, &round.observed, &round.desired).await?
+    };
+    if outcome == Outcome::Done {
+        set_state(&mut round.observed.objects, task, ObjectState::Current);
+    }
+    round.observed.ran = Some((task, outcome));
+    Ok(Acted::Ran)
+}
+
+fn set_state(objects: &mut Objects, task: Task, state: ObjectState) {
+    match task {
+        Task::ApplyRbacProxyConfig => objects.config_map = state,
+        Task::ApplyService => objects.service = state,
+        Task::ApplyStatefulSet => objects.stateful_set = state,
+        Task::MarkSidecarReady | Task::AwaitStatefulSetReady => {}
+    }
+}
 
 /// Runs an apply task: creates a missing object (never adopting one that exists and is not
 /// this node's), or applies over an object this node controls.

@@ -12,9 +12,8 @@ use kube::{Api, Resource, ResourceExt};
 use seinode_tls_crds::SeiNode;
 use thiserror::Error;
 
-use crate::decide::{Decision, ObjectState, Objects, Outcome, SIDECAR_TASK_RETRY, decide};
+use crate::decide::decide;
 use crate::metrics::{OutcomeLabels, ReconcileOutcome};
-use crate::plan::Task;
 use crate::slots::Priority;
 
 mod act;
@@ -23,7 +22,7 @@ mod observe;
 mod sidecar_calls;
 
 pub use act::FIELD_MANAGER;
-use act::{api_error, publish, run_task, send_unsent, write_status};
+use act::{Acted, Round, act, api_error, send_unsent};
 use context::uid;
 pub use context::{Context, Latest, OwnedStores};
 use observe::{Desired, observe, probe_due};
@@ -142,7 +141,7 @@ pub fn jittered(count: u32) -> Duration {
 }
 
 /// How a reconcile ended.
-enum Step {
+pub(super) enum Step {
     Done(Action),
     /// A transient problem the decision saw (retried with backoff).
     Retry,
@@ -213,90 +212,27 @@ async fn reconcile_node(
     }
     send_unsent(ctx, node).await;
     let now = Timestamp::now();
-    let mut base = node.status.clone().unwrap_or_default();
+    let base = node.status.clone().unwrap_or_default();
     let desired = Desired::of(node, ctx);
     let mut observed = observe(node, &base, ctx, &desired, now).await;
     if probe_due(&base, &observed) {
         observed.probe = called.probe.take();
     }
     let settings = ctx.settings();
-    let mut current = node.clone();
+    let mut round = Round {
+        current: node.clone(),
+        base,
+        observed,
+        called,
+        desired,
+    };
     loop {
-        let decision = decide(&current, &base, &observed, &settings, now);
-        if !ctx.leadership.is_leading() {
-            return Ok(Step::Done(Action::await_change()));
+        let decision = decide(&round.current, &round.base, &round.observed, &settings, now);
+        match act(ctx, decision, &mut round, priority).await? {
+            // A task ran: its outcome is decided (and written) in the same reconcile.
+            Acted::Ran => {}
+            Acted::Ended(step) => return Ok(step),
         }
-        let wrote = decision.status != base;
-        if wrote {
-            match write_status(ctx, &current, &decision.status).await? {
-                Some(written) => current = written,
-                None => {
-                    return Err(Error::Conflict {
-                        namespace: current.namespace().unwrap_or_default(),
-                        name: current.name_any(),
-                    });
-                }
-            }
-        }
-        if priority == Priority::Urgent && wrote && self::priority(&current) == Priority::Normal {
-            // Decided, and published in the status: its events and the plan's work wait behind
-            // the nodes still waiting for their decision (a node's condition is what its user
-            // reads). Nothing is held meanwhile: the events wait in `unsent`, which the node's
-            // next reconcile sends first (a successor process re-sends recent flips itself).
-            ctx.remember(node, |memory| {
-                memory.unsent.extend(decision.events.iter().cloned());
-                memory.seen = true;
-            });
-            return Ok(Step::Done(Action::requeue(Duration::ZERO)));
-        }
-        publish(ctx, &current, &decision.events).await;
-        if observed.first_sight {
-            ctx.remember(node, |memory| memory.seen = true);
-        }
-        base = decision.status.clone();
-        observed.first_sight = false;
-        let Decision {
-            task,
-            requeue,
-            transient,
-            ..
-        } = decision;
-        let Some(task) = task else {
-            if transient {
-                return Ok(Step::Retry);
-            }
-            return Ok(Step::Done(Action::requeue(requeue)));
-        };
-        if observed.ran.is_some() {
-            // One task per reconcile: the next one waits its turn behind other nodes.
-            return Ok(Step::Done(Action::requeue(Duration::ZERO)));
-        }
-        if !ctx.leadership.is_leading() {
-            return Ok(Step::Done(Action::await_change()));
-        }
-        let outcome = if task == Task::MarkSidecarReady {
-            // Called apart (see `sidecar_calls`): the call started or running wakes the node
-            // when it finishes; this is the fallback.
-            match called.mark_ready.take() {
-                Some(outcome) => outcome,
-                None => return Ok(Step::Done(Action::requeue(SIDECAR_TASK_RETRY))),
-            }
-        } else {
-            run_task(&current, ctx, task, &observed, &desired).await?
-        };
-        if outcome == Outcome::Done {
-            set_state(&mut observed.objects, task, ObjectState::Current);
-        }
-        observed.ran = Some((task, outcome));
-    }
-}
-
-fn set_state(objects: &mut Objects, task: Task, state: ObjectState) {
-    match task {
-        Task::ApplyRbacProxyConfig => objects.config_map = state,
-        Task::ApplyService => objects.service = state,
-        Task::ApplyStatefulSet => objects.stateful_set = state,
-        Task::MarkSidecarReady | Task::AwaitStatefulSetReady => {}
     }
 }
 
