@@ -10,7 +10,9 @@ use seinode_tls_controller::status::{
 };
 use seinode_tls_crds::contract::required_dns_names;
 use seinode_tls_crds::validation::Reason;
-use seinode_tls_crds::{PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, TaskStatus};
+use seinode_tls_crds::{
+    PlanPhase, SIDECAR_TLS_SECRET_READY, SeiNode, TaskFailureReason, TaskStatus,
+};
 use serde::Serialize;
 
 /// The node as `status` prints it (`-o json|yaml` prints this structure).
@@ -60,9 +62,12 @@ pub struct ContractReport {
 pub struct PlanReport {
     pub id: String,
     pub phase: String,
-    /// The first task not complete, with its status and error.
+    /// The first task not complete, with its status (and, failed, its reason) and error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
+    /// Why that task failed, for machines (`status.plan.tasks[].reason`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<TaskFailureReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -185,7 +190,11 @@ impl NodeReport {
                 PlanReport {
                     id: p.id.clone(),
                     phase: format!("{:?}", p.phase),
-                    task: task.map(|t| format!("{} ({:?})", t.r#type, t.status)),
+                    task: task.map(|t| match t.reason {
+                        Some(reason) => format!("{} ({:?}: {reason:?})", t.r#type, t.status),
+                        None => format!("{} ({:?})", t.r#type, t.status),
+                    }),
+                    reason: task.and_then(|t| t.reason),
                     error: task.and_then(|t| t.error.clone()),
                 }
             });
@@ -491,6 +500,27 @@ mod tests {
             text.contains("Plan init-1: Failed, at ApplyStatefulSet (Failed)\n      error: StatefulSet sei/rpc is in the way\n"),
             "{text}"
         );
+        // A failure with its reason (a status of this release) says it too.
+        let typed = node(
+            serde_json::json!({
+                "phase": "Initializing",
+                "plan": {"id": "init-1", "phase": "Failed", "tasks": [
+                    {"type": "ApplyService", "status": "Failed", "reason": "ObjectInTheWay",
+                     "error": "Service sei/rpc is in the way"},
+                ]},
+            }),
+            1,
+        );
+        let report = NodeReport::new(&typed, "cluster.local", at(0));
+        assert!(
+            report
+                .text()
+                .contains("Plan init-1: Failed, at ApplyService (Failed: ObjectInTheWay)\n"),
+            "{}",
+            report.text()
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["plan"]["reason"], "ObjectInTheWay", "{json}");
         let done = node(
             serde_json::json!({"phase": "Running",
                 "plan": {"id": "init-1", "phase": "Complete", "tasks": []}}),
