@@ -4,7 +4,7 @@
 //! on without waiting for it: at most one call is in flight per node, and at most
 //! `--max-concurrent-probes` at once. A finished call keeps its result for the node and wakes
 //! it; the node's next reconcile takes the result (each is used once). So no sidecar, however
-//! slow, holds a reconcile, a reconcile slot, or any other node's decision.
+//! slow, holds a reconcile, a worker, or any other node's decision.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;

@@ -49,7 +49,7 @@ pub struct ControllerConfig {
     /// Which Pod addresses the controller may dial (all, in a cluster), and fixed addresses
     /// for pods the tests serve in-process.
     pub sidecar_addresses: SidecarAddresses,
-    /// Sidecar probes at once, apart from the reconcile slots.
+    /// Sidecar probes at once, apart from the reconciles.
     pub max_concurrent_probes: u16,
     /// What `seictl serve` requires of its environment besides the node's chain.
     pub sidecar_platform: SidecarPlatform,

@@ -10,6 +10,7 @@ pub mod calls;
 pub mod compact;
 pub mod config;
 pub mod decide;
+pub mod dispatch;
 pub mod drift;
 pub mod events;
 pub mod image;
@@ -20,7 +21,6 @@ pub mod reconcile;
 pub mod resources;
 pub mod secrets;
 pub mod sidecar;
-pub mod slots;
 pub mod status;
 
 use std::sync::Arc;
@@ -30,10 +30,8 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::core::PartialObjectMeta;
-use kube::runtime::{
-    Config as RuntimeConfig, Controller as Runtime, PredicateConfig, WatchStreamExt, predicates,
-    reflector, watcher,
-};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use seinode_tls_crds::SeiNode;
@@ -402,8 +400,7 @@ struct Term {
 
 /// A watch of `K` over `scope` with `config`, managedFields dropped, feeding `writer` (and
 /// `observe`, with every event); yields the changed objects `keep` accepts. Errors are logged
-/// here (each watch backs off on its own) and never reach the controller, whose shared backoff
-/// would otherwise pause every trigger.
+/// here; each watch backs off on its own.
 fn watch_into<K>(
     client: Client,
     scope: &WatchScope,
@@ -412,7 +409,7 @@ fn watch_into<K>(
     what: &'static str,
     observe: impl Fn(&watcher::Event<K>) + Send + 'static,
     keep: impl Fn(&K) -> bool + Send + 'static,
-) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+) -> impl futures::Stream<Item = K> + Send + 'static
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -438,16 +435,14 @@ where
 }
 
 /// The watch events that wake nodes: the objects `keep` accepts. Errors are logged here (each
-/// watch backs off on its own) and never reach the controller, whose shared backoff would
-/// otherwise pause every trigger.
+/// watch backs off on its own).
 fn triggers<K>(
     what: &'static str,
     keep: impl Fn(&K) -> bool,
-) -> impl FnMut(Result<K, watcher::Error>) -> std::future::Ready<Option<Result<K, watcher::Error>>>
-{
+) -> impl FnMut(Result<K, watcher::Error>) -> std::future::Ready<Option<K>> {
     move |result| {
         std::future::ready(match result {
-            Ok(object) if keep(&object) => Some(Ok(object)),
+            Ok(object) if keep(&object) => Some(object),
             Ok(_) => None,
             Err(error) => {
                 tracing::warn!(watch = what, error = %seinode_tls_crds::error_chain(&error), "watch failed; retrying with backoff");
@@ -455,6 +450,16 @@ fn triggers<K>(
             }
         })
     }
+}
+
+/// The SeiNodes that own `object`.
+fn owners_of(object: &impl kube::Resource) -> Vec<ObjectRef<SeiNode>> {
+    let namespace = object.meta().namespace.as_deref();
+    object
+        .owner_references()
+        .iter()
+        .filter_map(|owner| ObjectRef::from_owner_ref(namespace, owner, ()))
+        .collect()
 }
 
 /// The CA bundle the node proxies are to trust for the controller's client certificate.
@@ -488,7 +493,8 @@ pub(crate) fn short_digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Str
 }
 
 impl Term {
-    /// The kube-runtime controller over SeiNodes, their owned objects and TLS Secrets.
+    /// Reconciles SeiNodes until `shutdown`: the watches of nodes, their owned objects, Pods and
+    /// TLS Secrets trigger them into the dispatch, whose workers reconcile them.
     async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let client = self.client;
         let scope = self.config.watch_scope.clone();
@@ -571,13 +577,13 @@ impl Term {
             }
         })
         .touched_objects()
+        .predicate_filter(predicates::resource_version, PredicateConfig::default())
         .filter_map(triggers(
             "Secret",
             move |secret: &PartialObjectMeta<Secret>| {
                 secret_index.is_named(&secret.namespace().unwrap_or_default(), &secret.name_any())
             },
-        ))
-        .predicate_filter(predicates::resource_version, PredicateConfig::default());
+        ));
 
         let instance = self
             .instance
@@ -600,18 +606,6 @@ impl Term {
             secret_versions,
             calls,
         ));
-        // kube-runtime wants a Sync trigger; relay the caller's future through a channel. The
-        // reconciles queued for a slot end at once, so the shutdown waits only for the running.
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let relay = {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                shutdown.await;
-                ctx.slots.close();
-                ctx.calls.close();
-                let _ = stop_tx.send(());
-            })
-        };
         let pruning = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
@@ -622,33 +616,56 @@ impl Term {
                 }
             })
         };
-        Runtime::for_stream(node_stream, reader)
-            // Every queued node at once (one reconcile per node at most): they wait for one of
-            // the context's slots, which bound the API work and order it (see `slots`).
-            .with_config(RuntimeConfig::default().concurrency(0))
-            .owns_stream(cm_stream)
-            .owns_stream(svc_stream)
-            .owns_stream(sts_stream)
-            .watches_stream(pod_stream, |pod| {
-                let node = pod.labels().get(resources::NODE_LABEL)?;
-                Some(kube::runtime::reflector::ObjectRef::new(node).within(&pod.namespace()?))
-            })
-            .watches_stream(secrets, move |secret| {
-                index.nodes_for(&secret.namespace().unwrap_or_default(), &secret.name_any())
-            })
-            .reconcile_on(called)
-            .graceful_shutdown_on(async move {
-                let _ = stop_rx.await;
-            })
-            .run(reconcile::reconcile, reconcile::error_policy, ctx)
-            .for_each(|result| {
-                if let Err(error) = result {
-                    tracing::debug!(error = %error, "controller event");
+        // What wakes a node: its own changes, those of the objects it owns, of its Pod and of
+        // its Secret, and a finished sidecar call.
+        let triggers = futures::stream::select_all([
+            node_stream
+                .map(|node| vec![ObjectRef::from_obj(&node)])
+                .boxed(),
+            cm_stream.map(|object| owners_of(&object)).boxed(),
+            svc_stream.map(|object| owners_of(&object)).boxed(),
+            sts_stream.map(|object| owners_of(&object)).boxed(),
+            pod_stream
+                .map(|pod| {
+                    let node = pod.labels().get(resources::NODE_LABEL);
+                    node.zip(pod.namespace())
+                        .map(|(node, namespace)| ObjectRef::new(node).within(&namespace))
+                        .into_iter()
+                        .collect()
+                })
+                .boxed(),
+            secrets
+                .map(move |secret| {
+                    index.nodes_for(&secret.namespace().unwrap_or_default(), &secret.name_any())
+                })
+                .boxed(),
+            called.map(|node| vec![node]).boxed(),
+        ]);
+        let queue = dispatch::Queue::default();
+        let feed = async {
+            tokio::pin!(triggers);
+            while let Some(nodes) = triggers.next().await {
+                for key in nodes {
+                    // A node not in the store is gone; its owned objects follow it.
+                    if let Some(node) = ctx.store.get(&key) {
+                        queue.trigger(key, reconcile::trigger_priority(&ctx, node));
+                    }
                 }
-                std::future::ready(())
-            })
-            .await;
-        relay.abort();
+            }
+        };
+        let stop = async {
+            tokio::select! {
+                () = shutdown => {}
+                () = feed => tracing::warn!("every watch of the controller ended"),
+            }
+            // The running reconciles finish; no other starts.
+            ctx.calls.close();
+            queue.close();
+        };
+        let workers = futures::future::join_all(
+            (0..ctx.config.max_concurrent_reconciles).map(|_| reconcile::work(&queue, &ctx)),
+        );
+        futures::future::join(stop, workers).await;
         pruning.abort();
         tracing::info!("controller stopped");
     }

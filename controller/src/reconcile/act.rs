@@ -7,22 +7,56 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use seinode_tls_crds::{SeiNode, SeiNodeStatus, TaskFailureReason};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use thiserror::Error;
 
 use super::context::{Context, uid};
 use super::observe::Desired;
 use super::sidecar_calls::Called;
-use super::{Error, Step};
 use crate::decide::{
     Decision, IN_THE_WAY, ObjectState, Objects, Observed, Outcome, SIDECAR_TASK_RETRY, TaskFailure,
 };
+use crate::dispatch::{Next, Priority};
 use crate::events::NodeEvent;
 use crate::plan::Task;
-use crate::slots::Priority;
+
+/// A reconcile re-observes at most this often after its status write conflicted.
+pub(super) const CONFLICT_ATTEMPTS: usize = 3;
+
+/// Errors of a reconcile. All of them are transient (API calls); permanent problems (an invalid
+/// image, an object in the way) are not errors but a failed task, a condition and an event.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("failed to {verb} {kind} {namespace}/{name}")]
+    Api {
+        verb: &'static str,
+        kind: String,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the ConfigMap, Service, StatefulSet and Pod watches have not listed yet (see their warnings)"
+    )]
+    NotSynced,
+    /// The status write found the node changed since it was read: `reconcile_newest` reads it
+    /// again and decides again, and reports this error only after [`CONFLICT_ATTEMPTS`].
+    #[error(
+        "the status of SeiNode {namespace}/{name} changed while it was being decided ({CONFLICT_ATTEMPTS} times in a row)"
+    )]
+    Conflict { namespace: String, name: String },
+}
+
+/// How a reconcile ended.
+pub(super) enum Step {
+    Done(Next),
+    /// A transient problem the decision saw (retried with backoff).
+    Retry,
+}
 
 /// Field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = "seinode-tls-controller";
@@ -57,7 +91,7 @@ pub(super) async fn act(
     priority: Priority,
 ) -> Result<Acted, Error> {
     if !ctx.leadership.is_leading() {
-        return Ok(Acted::Ended(Step::Done(Action::await_change())));
+        return Ok(Acted::Ended(Step::Done(Next::OnChange)));
     }
     let wrote = decision.status != round.base;
     if wrote {
@@ -71,8 +105,7 @@ pub(super) async fn act(
             }
         }
     }
-    if priority == Priority::Urgent && wrote && super::priority(&round.current) == Priority::Normal
-    {
+    if priority == Priority::Urgent && wrote && Priority::of(&round.current) == Priority::Normal {
         // Decided, and published in the status: its events and the plan's work wait behind
         // the nodes still waiting for their decision (a node's condition is what its user
         // reads). Nothing is held meanwhile: the events wait in `unsent`, which the node's
@@ -81,7 +114,7 @@ pub(super) async fn act(
             memory.unsent.extend(decision.events.iter().cloned());
             memory.seen = true;
         });
-        return Ok(Acted::Ended(Step::Done(Action::requeue(Duration::ZERO))));
+        return Ok(Acted::Ended(Step::Done(Next::After(Duration::ZERO))));
     }
     publish(ctx, &round.current, &decision.events).await;
     if round.observed.first_sight {
@@ -93,14 +126,14 @@ pub(super) async fn act(
         if decision.transient {
             return Ok(Acted::Ended(Step::Retry));
         }
-        return Ok(Acted::Ended(Step::Done(Action::requeue(decision.requeue))));
+        return Ok(Acted::Ended(Step::Done(Next::After(decision.requeue))));
     };
     if round.observed.ran.is_some() {
         // One task per reconcile: the next one waits its turn behind other nodes.
-        return Ok(Acted::Ended(Step::Done(Action::requeue(Duration::ZERO))));
+        return Ok(Acted::Ended(Step::Done(Next::After(Duration::ZERO))));
     }
     if !ctx.leadership.is_leading() {
-        return Ok(Acted::Ended(Step::Done(Action::await_change())));
+        return Ok(Acted::Ended(Step::Done(Next::OnChange)));
     }
     let outcome = if task == Task::MarkSidecarReady {
         // Called apart (see `sidecar_calls`): the call started or running wakes the node when
@@ -108,9 +141,7 @@ pub(super) async fn act(
         match round.called.mark_ready.take() {
             Some(outcome) => outcome,
             None => {
-                return Ok(Acted::Ended(Step::Done(Action::requeue(
-                    SIDECAR_TASK_RETRY,
-                ))));
+                return Ok(Acted::Ended(Step::Done(Next::After(SIDECAR_TASK_RETRY))));
             }
         }
     } else {
@@ -155,7 +186,7 @@ pub(super) async fn run_task(
                 )));
             }
         },
-        // Called before the slot (see `reconcile_node`); observation decides the await.
+        // Called apart (see `sidecar_calls`); observation decides the await.
         Task::MarkSidecarReady | Task::AwaitStatefulSetReady => return Ok(Outcome::Done),
     };
     match result {

@@ -23,7 +23,6 @@ use crate::leader::Leadership;
 use crate::metrics::ControllerMetrics;
 use crate::secrets::SecretJudge;
 use crate::sidecar::SidecarClient;
-use crate::slots::Slots;
 
 /// The watched state of the objects nodes own (labelled, managedFields dropped, kept compact).
 #[derive(Clone)]
@@ -46,7 +45,7 @@ impl OwnedStores {
         // One wait on kube-runtime's readiness, shared by every reconcile: the future of
         // `Store::wait_until_ready` keeps the waker of only the task that polled it last, so of
         // several reconciles each waiting on its own, all but one missed the wake-up and held
-        // their slot until `SYNC_WAIT` polled them again (a node decided 10 s late).
+        // their worker until `SYNC_WAIT` polled them again (a node decided 10 s late).
         let listed = {
             let stores = (
                 config_maps.clone(),
@@ -99,8 +98,6 @@ pub struct Context {
     pub leadership: Leadership,
     /// Who reports events (`reportingInstance`).
     pub instance: String,
-    /// `--max-concurrent-reconciles` slots for API work, undecided nodes first.
-    pub slots: Slots,
     /// What this process remembers per node uid between reconciles.
     memory: Mutex<HashMap<String, NodeMemory>>,
     /// The node as this controller's last status write returned it: the watch may still hand
@@ -166,7 +163,6 @@ impl Context {
         Self {
             calls,
             client_ca,
-            slots: Slots::new(usize::from(config.max_concurrent_reconciles)),
             client,
             config,
             secrets: SecretJudge::new(secret_versions, metrics.secret_reads.clone()),

@@ -1,5 +1,5 @@
 //! Calls to a node's sidecar through its front door (the probe and `mark-ready`), made apart
-//! from the reconcile slots: a finished call wakes its node, whose next reconcile reads the
+//! from the reconciles: a finished call wakes its node, whose next reconcile reads the
 //! result.
 
 use std::sync::Arc;
