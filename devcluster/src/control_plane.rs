@@ -369,207 +369,138 @@ impl ControlPlane {
         binaries: &Binaries,
         (advertise, service_range): (Option<Ipv4Addr>, Option<&str>),
     ) -> Result<Self, ControlPlaneError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| ControlPlaneError::Io { path, source }
-        };
-        let pki = dir.join("pki");
-        fs::create_dir_all(&pki).map_err(io(&pki))?;
-        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let advertise = advertise.unwrap_or(Ipv4Addr::LOCALHOST);
         let service_range = service_range.unwrap_or(DEFAULT_SERVICE_RANGE);
-        let serving_ips = [loopback, IpAddr::V4(advertise)];
-
         let ca = CertificateAuthority::new("seinode-tls local control plane CA")?;
-        let serving = ca.issue(&LeafSpec {
-            common_name: "kube-apiserver",
-            dns_names: &[
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ],
-            ip_addresses: &serving_ips,
-            server: true,
-            ..LeafSpec::default()
-        })?;
-        let admin = ca.issue(&LeafSpec {
-            common_name: "seinode-tls-admin",
-            organizations: &["system:masters"],
-            client: true,
-            ..LeafSpec::default()
-        })?;
-        let controller_manager = ca.issue(&LeafSpec {
-            common_name: "system:kube-controller-manager",
-            client: true,
-            ..LeafSpec::default()
-        })?;
-        let scheduler = ca.issue(&LeafSpec {
-            common_name: "system:kube-scheduler",
-            client: true,
-            ..LeafSpec::default()
-        })?;
-        let service_account_key = rcgen::KeyPair::generate()
-            .map_err(|source| PkiError::new("service-account signing key", source))?;
-        let write = |name: &str, contents: &str| -> Result<PathBuf, ControlPlaneError> {
-            let path = pki.join(name);
-            write_private(&path, contents)?;
-            Ok(path)
-        };
-        let ca_file = write("ca.crt", &ca.cert_pem())?;
-        let serving_cert = write("apiserver.crt", &serving.cert_pem)?;
-        let serving_key = write("apiserver.key", &serving.key_pem)?;
-        let sa_key = write("service-account.key", &service_account_key.serialize_pem())?;
-        let sa_pub = write("service-account.pub", &service_account_key.public_key_pem())?;
-
-        let etcd_client_port = free_port(dir)?;
-        let etcd_peer_port = free_port(dir)?;
-        let apiserver_port = free_port(dir)?;
-        let controller_manager_port = free_port(dir)?;
-        let scheduler_port = free_port(dir)?;
-        let etcd_url = format!("http://127.0.0.1:{etcd_client_port}");
-        let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
-        let etcd_dir = dir.join("etcd");
-        let _ = fs::remove_dir_all(&etcd_dir);
-        let etcd_log = dir.join("etcd.log");
-        let server = format!("https://127.0.0.1:{apiserver_port}");
-        let kubeconfig = dir.join("kubeconfig");
+        let serving_ips = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V4(advertise)];
+        let pki = Pki::issue(&ca, &dir.join("pki"), &serving_ips)?;
+        let ports = Ports::choose(dir)?;
         // From here on, dropping `started` stops what runs (on any error below).
-        let mut started = Self {
+        let mut started = Self::take_over(dir, dir_lock, binaries, ca, ports.apiserver)?;
+        started
+            .start_api_server(&ports, &pki, advertise, service_range)
+            .await?;
+        started.start_controllers(&ports, &pki).await?;
+        Ok(started)
+    }
+
+    /// A control plane with nothing running yet that owns `dir`: a watchdog watches the
+    /// directory (and keeps it locked until it has removed it), and dropping the value stops
+    /// whatever is started in it from here on.
+    fn take_over(
+        dir: &Path,
+        dir_lock: &File,
+        binaries: &Binaries,
+        ca: CertificateAuthority,
+        apiserver_port: u16,
+    ) -> Result<Self, ControlPlaneError> {
+        let mut control_plane = Self {
             dir: dir.to_owned(),
             binaries: binaries.clone(),
-            kubeconfig: kubeconfig.clone(),
-            server: server.clone(),
+            kubeconfig: dir.join("kubeconfig"),
+            server: format!("https://127.0.0.1:{apiserver_port}"),
             port: apiserver_port,
             ca,
             components: Mutex::default(),
             recipes: Vec::new(),
-            // The watchdog keeps the directory locked until it has removed it.
             watchdog: Mutex::new(Watchdog::spawn(dir_lock.try_clone().ok())),
-            _dir_lock: dir_lock.try_clone().map_err(io(dir))?,
+            _dir_lock: dir_lock
+                .try_clone()
+                .map_err(|source| ControlPlaneError::Io {
+                    path: dir.to_owned(),
+                    source,
+                })?,
         };
-        if let Some(w) = started.watchdog.get_mut().as_mut() {
+        if let Some(w) = control_plane.watchdog.get_mut().as_mut() {
             w.watch_dir(dir);
         }
-        started.add(spawn(
+        Ok(control_plane)
+    }
+
+    /// Starts etcd (on an empty data directory) and kube-apiserver, writes the admin
+    /// kubeconfig and waits until the API server is ready.
+    async fn start_api_server(
+        &mut self,
+        ports: &Ports,
+        pki: &Pki,
+        advertise: Ipv4Addr,
+        service_range: &str,
+    ) -> Result<(), ControlPlaneError> {
+        let etcd_dir = self.dir.join("etcd");
+        let _ = fs::remove_dir_all(&etcd_dir);
+        let etcd_log = self.dir.join("etcd.log");
+        let etcd = spawn(
             "etcd",
-            Command::new(&binaries.etcd)
-                .arg("--name=seinode-tls")
-                .arg(format!("--data-dir={}", etcd_dir.display()))
-                .arg(format!("--listen-client-urls={etcd_url}"))
-                .arg(format!("--advertise-client-urls={etcd_url}"))
-                .arg(format!("--listen-peer-urls={peer_url}"))
-                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-                .arg(format!("--initial-cluster=seinode-tls={peer_url}"))
-                .arg("--unsafe-no-fsync=true")
-                .arg("--log-level=warn"),
+            &mut etcd_command(&self.binaries.etcd, ports, &etcd_dir),
             &etcd_log,
             false,
-        ))?;
-
-        let apiserver_log = dir.join("kube-apiserver.log");
-        started.add(spawn(
+        );
+        self.add(etcd)?;
+        let apiserver_log = self.dir.join("kube-apiserver.log");
+        let apiserver = spawn(
             "kube-apiserver",
-            Command::new(&binaries.kube_apiserver)
-                .arg(format!("--etcd-servers={etcd_url}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg(format!("--advertise-address={advertise}"))
-                // Webhooks and aggregated APIs that name a Service are called at its endpoints
-                // (there is no kube-proxy to route a ClusterIP).
-                .arg("--enable-aggregator-routing=true")
-                .arg(format!("--secure-port={apiserver_port}"))
-                .arg(format!("--cert-dir={}", pki.display()))
-                .arg(format!("--tls-cert-file={}", serving_cert.display()))
-                .arg(format!("--tls-private-key-file={}", serving_key.display()))
-                .arg(format!("--client-ca-file={}", ca_file.display()))
-                .arg("--authorization-mode=RBAC")
-                .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-                .arg(format!("--service-account-key-file={}", sa_pub.display()))
-                .arg(format!(
-                    "--service-account-signing-key-file={}",
-                    sa_key.display()
-                ))
-                .arg(format!("--service-cluster-ip-range={service_range}"))
-                .arg("--profiling=false")
-                .arg("--v=1"),
+            &mut apiserver_command(
+                &self.binaries.kube_apiserver,
+                ports,
+                pki,
+                advertise,
+                service_range,
+            ),
             &apiserver_log,
             false,
-        ))?;
-        let ca_pem = started.ca.cert_pem();
-        write_private(&kubeconfig, &kubeconfig_yaml(&server, &ca_pem, &admin))?;
-        started
-            .wait_ready(&[etcd_log, apiserver_log.clone()])
-            .await?;
+        );
+        self.add(apiserver)?;
+        let kubeconfig = kubeconfig_yaml(&self.server, &self.ca.cert_pem(), &pki.admin);
+        write_private(&self.kubeconfig, &kubeconfig)?;
+        self.wait_ready(&[etcd_log, apiserver_log]).await
+    }
 
-        // The controllers and the scheduler, each with its own identity, as kubeadm runs them.
-        let controller_manager_kubeconfig = dir.join("kube-controller-manager.kubeconfig");
+    /// Starts kube-controller-manager and kube-scheduler, each with its own identity as kubeadm
+    /// runs them, and waits until the controllers have published what Pods need.
+    async fn start_controllers(
+        &mut self,
+        ports: &Ports,
+        pki: &Pki,
+    ) -> Result<(), ControlPlaneError> {
+        let ca_pem = self.ca.cert_pem();
+        let controller_manager_kubeconfig = self.dir.join("kube-controller-manager.kubeconfig");
         write_private(
             &controller_manager_kubeconfig,
-            &kubeconfig_yaml(&started.server, &ca_pem, &controller_manager),
+            &kubeconfig_yaml(&self.server, &ca_pem, &pki.controller_manager),
         )?;
-        let scheduler_kubeconfig = dir.join("kube-scheduler.kubeconfig");
+        let scheduler_kubeconfig = self.dir.join("kube-scheduler.kubeconfig");
         write_private(
             &scheduler_kubeconfig,
-            &kubeconfig_yaml(&started.server, &ca_pem, &scheduler),
+            &kubeconfig_yaml(&self.server, &ca_pem, &pki.scheduler),
         )?;
-        let controller_manager_log = dir.join("kube-controller-manager.log");
-        let kubeconfig_arg = |path: &Path| format!("--kubeconfig={}", path.display());
-        started.add(spawn(
+        let controller_manager_log = self.dir.join("kube-controller-manager.log");
+        let controller_manager = spawn(
             "kube-controller-manager",
-            Command::new(&binaries.kube_controller_manager)
-                .arg(kubeconfig_arg(&controller_manager_kubeconfig))
-                .arg(format!(
-                    "--authentication-kubeconfig={}",
-                    controller_manager_kubeconfig.display()
-                ))
-                .arg(format!(
-                    "--authorization-kubeconfig={}",
-                    controller_manager_kubeconfig.display()
-                ))
-                .arg("--bind-address=127.0.0.1")
-                .arg(format!("--secure-port={controller_manager_port}"))
-                .arg(format!("--cert-dir={}", pki.join("kcm").display()))
-                .arg(format!("--client-ca-file={}", ca_file.display()))
-                .arg("--controllers=*")
-                .arg("--leader-elect=false")
-                .arg(format!("--root-ca-file={}", ca_file.display()))
-                .arg(format!(
-                    "--service-account-private-key-file={}",
-                    sa_key.display()
-                ))
-                .arg("--use-service-account-credentials=true")
-                .arg("--profiling=false")
-                .arg("--v=1"),
+            &mut controller_manager_command(
+                &self.binaries.kube_controller_manager,
+                ports.controller_manager,
+                &controller_manager_kubeconfig,
+                pki,
+            ),
             &controller_manager_log,
             false,
-        ))?;
-        let scheduler_log = dir.join("kube-scheduler.log");
-        started.add(spawn(
+        );
+        self.add(controller_manager)?;
+        let scheduler_log = self.dir.join("kube-scheduler.log");
+        let scheduler = spawn(
             "kube-scheduler",
-            Command::new(&binaries.kube_scheduler)
-                .arg(kubeconfig_arg(&scheduler_kubeconfig))
-                .arg(format!(
-                    "--authentication-kubeconfig={}",
-                    scheduler_kubeconfig.display()
-                ))
-                .arg(format!(
-                    "--authorization-kubeconfig={}",
-                    scheduler_kubeconfig.display()
-                ))
-                .arg("--bind-address=127.0.0.1")
-                .arg(format!("--secure-port={scheduler_port}"))
-                .arg(format!("--cert-dir={}", pki.join("scheduler").display()))
-                .arg("--leader-elect=false")
-                .arg("--profiling=false")
-                .arg("--v=1"),
+            &mut scheduler_command(
+                &self.binaries.kube_scheduler,
+                ports.scheduler,
+                &scheduler_kubeconfig,
+                pki,
+            ),
             &scheduler_log,
             false,
-        ))?;
-        started
-            .wait_controllers(&[controller_manager_log, scheduler_log])
-            .await?;
-        Ok(started)
+        );
+        self.add(scheduler)?;
+        self.wait_controllers(&[controller_manager_log, scheduler_log])
+            .await
     }
 
     /// Takes a freshly spawned component under management (stopped on drop, watched).
@@ -951,6 +882,213 @@ pub async fn install_crd(client: &Client) -> Result<(), ControlPlaneError> {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(_)) | Err(_) => Err(ControlPlaneError::CrdNotEstablished(TIMEOUT)),
     }
+}
+
+// === Components ===
+
+/// The control plane's certificates and keys, written into its `pki` directory (which the API
+/// server, the controller manager and the scheduler also use as their `--cert-dir`).
+struct Pki {
+    dir: PathBuf,
+    ca_file: PathBuf,
+    serving_cert: PathBuf,
+    serving_key: PathBuf,
+    service_account_key: PathBuf,
+    service_account_pub: PathBuf,
+    /// Client identities: the admin (`system:masters`) and the two components.
+    admin: Issued,
+    controller_manager: Issued,
+    scheduler: Issued,
+}
+
+impl Pki {
+    /// Issues from `ca` the API server's serving certificate (its Service names and
+    /// `serving_ips`) and the client certificates, makes the service-account signing key, and
+    /// writes what the components read into `dir`.
+    fn issue(
+        ca: &CertificateAuthority,
+        dir: &Path,
+        serving_ips: &[IpAddr],
+    ) -> Result<Self, ControlPlaneError> {
+        fs::create_dir_all(dir).map_err(|source| ControlPlaneError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let serving = ca.issue(&LeafSpec {
+            common_name: "kube-apiserver",
+            dns_names: &[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
+            ip_addresses: serving_ips,
+            server: true,
+            ..LeafSpec::default()
+        })?;
+        let client = |common_name: &str, organizations: &[&str]| {
+            ca.issue(&LeafSpec {
+                common_name,
+                organizations,
+                client: true,
+                ..LeafSpec::default()
+            })
+        };
+        let service_account_key = rcgen::KeyPair::generate()
+            .map_err(|source| PkiError::new("service-account signing key", source))?;
+        let write = |name: &str, contents: &str| -> Result<PathBuf, ControlPlaneError> {
+            let path = dir.join(name);
+            write_private(&path, contents)?;
+            Ok(path)
+        };
+        Ok(Self {
+            dir: dir.to_owned(),
+            ca_file: write("ca.crt", &ca.cert_pem())?,
+            serving_cert: write("apiserver.crt", &serving.cert_pem)?,
+            serving_key: write("apiserver.key", &serving.key_pem)?,
+            service_account_key: write(
+                "service-account.key",
+                &service_account_key.serialize_pem(),
+            )?,
+            service_account_pub: write(
+                "service-account.pub",
+                &service_account_key.public_key_pem(),
+            )?,
+            admin: client("seinode-tls-admin", &["system:masters"])?,
+            controller_manager: client("system:kube-controller-manager", &[])?,
+            scheduler: client("system:kube-scheduler", &[])?,
+        })
+    }
+}
+
+/// The components' loopback ports, free a moment ago (see [`free_port`]).
+struct Ports {
+    etcd_client: u16,
+    etcd_peer: u16,
+    apiserver: u16,
+    controller_manager: u16,
+    scheduler: u16,
+}
+
+impl Ports {
+    fn choose(dir: &Path) -> Result<Self, ControlPlaneError> {
+        Ok(Self {
+            etcd_client: free_port(dir)?,
+            etcd_peer: free_port(dir)?,
+            apiserver: free_port(dir)?,
+            controller_manager: free_port(dir)?,
+            scheduler: free_port(dir)?,
+        })
+    }
+
+    /// Where etcd serves its clients (the API server).
+    fn etcd_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.etcd_client)
+    }
+}
+
+/// A one-member etcd on loopback, without fsync (its data dies with the control plane).
+fn etcd_command(binary: &Path, ports: &Ports, data_dir: &Path) -> Command {
+    let client_url = ports.etcd_url();
+    let peer_url = format!("http://127.0.0.1:{}", ports.etcd_peer);
+    let mut command = Command::new(binary);
+    command
+        .arg("--name=seinode-tls")
+        .arg(format!("--data-dir={}", data_dir.display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=seinode-tls={peer_url}"))
+        .arg("--unsafe-no-fsync=true")
+        .arg("--log-level=warn");
+    command
+}
+
+/// kube-apiserver on loopback with RBAC, client certificates and service-account tokens, as a
+/// real cluster runs it.
+fn apiserver_command(
+    binary: &Path,
+    ports: &Ports,
+    pki: &Pki,
+    advertise: Ipv4Addr,
+    service_range: &str,
+) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .arg(format!("--etcd-servers={}", ports.etcd_url()))
+        .arg("--bind-address=127.0.0.1")
+        .arg(format!("--advertise-address={advertise}"))
+        // Webhooks and aggregated APIs that name a Service are called at its endpoints
+        // (there is no kube-proxy to route a ClusterIP).
+        .arg("--enable-aggregator-routing=true")
+        .arg(format!("--secure-port={}", ports.apiserver))
+        .arg(format!("--cert-dir={}", pki.dir.display()))
+        .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
+        .arg(format!(
+            "--tls-private-key-file={}",
+            pki.serving_key.display()
+        ))
+        .arg(format!("--client-ca-file={}", pki.ca_file.display()))
+        .arg("--authorization-mode=RBAC")
+        .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+        .arg(format!(
+            "--service-account-key-file={}",
+            pki.service_account_pub.display()
+        ))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            pki.service_account_key.display()
+        ))
+        .arg(format!("--service-cluster-ip-range={service_range}"))
+        .arg("--profiling=false")
+        .arg("--v=1");
+    command
+}
+
+/// The arguments kube-controller-manager and kube-scheduler share: their identity (for the API
+/// server, and to authenticate and authorize their own callers), their port on loopback, and
+/// no leader election (there is one of each).
+fn component_command(binary: &Path, port: u16, kubeconfig: &Path, cert_dir: &Path) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!(
+            "--authentication-kubeconfig={}",
+            kubeconfig.display()
+        ))
+        .arg(format!(
+            "--authorization-kubeconfig={}",
+            kubeconfig.display()
+        ))
+        .arg("--bind-address=127.0.0.1")
+        .arg(format!("--secure-port={port}"))
+        .arg(format!("--cert-dir={}", cert_dir.display()))
+        .arg("--leader-elect=false")
+        .arg("--profiling=false")
+        .arg("--v=1");
+    command
+}
+
+/// kube-controller-manager with every controller, one ServiceAccount each (as kubeadm runs it)
+/// and the CA that the root-CA publisher hands to Pods.
+fn controller_manager_command(binary: &Path, port: u16, kubeconfig: &Path, pki: &Pki) -> Command {
+    let mut command = component_command(binary, port, kubeconfig, &pki.dir.join("kcm"));
+    command
+        .arg(format!("--client-ca-file={}", pki.ca_file.display()))
+        .arg("--controllers=*")
+        .arg(format!("--root-ca-file={}", pki.ca_file.display()))
+        .arg(format!(
+            "--service-account-private-key-file={}",
+            pki.service_account_key.display()
+        ))
+        .arg("--use-service-account-credentials=true");
+    command
+}
+
+fn scheduler_command(binary: &Path, port: u16, kubeconfig: &Path, pki: &Pki) -> Command {
+    component_command(binary, port, kubeconfig, &pki.dir.join("scheduler"))
 }
 
 // === Helpers ===
