@@ -122,13 +122,33 @@ pub fn pod_hostname(pod: &Pod) -> String {
 /// Host directory of each volume, and whether it is always mounted read-only.
 type VolumePaths = BTreeMap<String, (PathBuf, bool)>;
 
+/// Which pod, as the API names it.
+#[derive(Debug)]
+struct PodId {
+    uid: String,
+    namespace: String,
+    name: String,
+}
+
+impl PodId {
+    fn of(pod: &Pod) -> Self {
+        Self {
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            namespace: pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// One running pod's fixed facts and channels.
 struct PodRun {
     shared: Arc<Shared>,
     pod: Arc<Pod>,
-    uid: String,
-    namespace: String,
-    name: String,
+    id: PodId,
     dir: PathBuf,
     ip: Ipv4Addr,
     netns: String,
@@ -140,6 +160,20 @@ struct PodRun {
 }
 
 impl PodRun {
+    fn new(shared: Arc<Shared>, pod: Arc<Pod>, id: PodId, dir: PathBuf, sandbox: &Sandbox) -> Self {
+        Self {
+            hostname: pod_hostname(&pod),
+            shared,
+            pod,
+            id,
+            dir,
+            ip: sandbox.ip,
+            netns: sandbox.netns.clone(),
+            volumes: watch::Sender::new(None),
+            changed: Notify::new(),
+        }
+    }
+
     fn context(&self) -> EnvContext<'_> {
         EnvContext {
             pod: &self.pod,
@@ -160,6 +194,23 @@ impl PodRun {
             .unwrap_or(30);
         Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
     }
+
+    /// Makes the pod's name resolve to its address (and its hostname and subdomain, in its own
+    /// `/etc/hosts`).
+    fn register_name(&self) {
+        self.shared.names.register(
+            &self.id.uid,
+            OwnName {
+                namespace: self.id.namespace.clone(),
+                ip: self.ip,
+                hostname: self.hostname.clone(),
+                subdomain: self.pod.spec.as_ref().and_then(|s| s.subdomain.clone()),
+            },
+            self.dir.join("etc-hosts"),
+            self.shared.gateway(),
+            &self.shared.config.cluster_domain,
+        );
+    }
 }
 
 /// Runs the pod until it is deleted, gone, or the kubelet stops.
@@ -169,128 +220,145 @@ pub(super) async fn run_pod(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let pod = updates.borrow().pod.clone();
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = pod.metadata.name.clone().unwrap_or_default();
-
+    let id = PodId::of(&pod);
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     if matches!(phase, Some("Succeeded" | "Failed")) || pod.metadata.deletion_timestamp.is_some() {
         // Nothing of it runs here (finished before this kubelet started, or deleted first).
-        let deleted = wait_for_deletion(&mut updates, &mut shutdown).await;
-        if deleted {
-            delete_from_api(&shared.client, &namespace, &name, &uid).await;
+        if wait_for_deletion(&mut updates, &mut shutdown).await {
+            delete_from_api(&shared.client, &id).await;
         }
         return;
     }
-
     let dir = shared.config.dir.join("pods").join(pod_dir_name(&pod));
     if let Err(error) = std::fs::create_dir_all(&dir) {
-        tracing::error!(%error, %namespace, %name, "failed to create the pod directory");
+        tracing::error!(%error, namespace = %id.namespace, name = %id.name, "failed to create the pod directory");
         return;
     }
+    let Some(sandbox) = make_sandbox(&shared, &id, &mut updates, &mut shutdown).await else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    let run = Arc::new(PodRun::new(shared, pod, id, dir, &sandbox));
+    run.register_name();
+    let deleted = run_containers(&run, &mut updates, &mut shutdown).await;
+    tear_down(&run, &sandbox, deleted).await;
+}
 
-    let sandbox = {
-        let mut failures = 0;
-        loop {
-            let network = shared.network.clone();
-            let id = uid.clone();
-            match tokio::task::spawn_blocking(move || network.sandbox(&id)).await {
-                Ok(Ok(sandbox)) => break Arc::new(sandbox),
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, %namespace, %name, "failed to create the pod sandbox");
-                }
-                Err(error) => tracing::warn!(%error, "sandbox task failed"),
+/// The pod's network sandbox, retried with back-off until it is made. `None` when the pod is
+/// deleted (then removed from the API) or the kubelet stops before.
+async fn make_sandbox(
+    shared: &Shared,
+    id: &PodId,
+    updates: &mut watch::Receiver<PodUpdate>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Arc<Sandbox>> {
+    let (namespace, name) = (&id.namespace, &id.name);
+    let mut failures = 0;
+    let sandbox = loop {
+        let network = shared.network.clone();
+        let uid = id.uid.clone();
+        match tokio::task::spawn_blocking(move || network.sandbox(&uid)).await {
+            Ok(Ok(sandbox)) => break Arc::new(sandbox),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, %namespace, %name, "failed to create the pod sandbox");
             }
-            let delay = backoff(Duration::from_secs(1), failures).min(CONFIG_RETRY_CAP);
-            failures += 1;
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                deleted = wait_for_deletion(&mut updates, &mut shutdown) => {
-                    if deleted {
-                        delete_from_api(&shared.client, &namespace, &name, &uid).await;
-                    }
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return;
+            Err(error) => tracing::warn!(%error, "sandbox task failed"),
+        }
+        let delay = backoff(Duration::from_secs(1), failures).min(CONFIG_RETRY_CAP);
+        failures += 1;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            deleted = wait_for_deletion(updates, shutdown) => {
+                if deleted {
+                    delete_from_api(&shared.client, id).await;
                 }
+                return None;
             }
         }
     };
     if let Ok(mut sandboxes) = shared.sandboxes.lock() {
-        sandboxes.insert(uid.clone(), sandbox.clone());
+        sandboxes.insert(id.uid.clone(), sandbox.clone());
     }
     tracing::info!(%namespace, %name, ip = %sandbox.ip, netns = %sandbox.netns, "pod sandbox ready");
+    Some(sandbox)
+}
 
-    let hosts_dir = dir.join("etc-hosts");
-    let subdomain = pod.spec.as_ref().and_then(|s| s.subdomain.clone());
-    let hostname = pod_hostname(&pod);
-    shared.names.register(
-        &uid,
-        OwnName {
-            namespace: namespace.clone(),
-            ip: sandbox.ip,
-            hostname: hostname.clone(),
-            subdomain,
-        },
-        hosts_dir,
-        shared.gateway(),
-        &shared.config.cluster_domain,
-    );
-
-    let run = Arc::new(PodRun {
-        shared: shared.clone(),
-        pod: pod.clone(),
-        uid: uid.clone(),
-        namespace: namespace.clone(),
-        name: name.clone(),
-        dir: dir.clone(),
-        ip: sandbox.ip,
-        netns: sandbox.netns.clone(),
-        hostname,
-        volumes: watch::Sender::new(None),
-        changed: Notify::new(),
-    });
-    let start_time = Timestamp::now();
-    let spec = pod.spec.clone().unwrap_or_default();
-    let record = |c: &Container| {
-        Arc::new(Mutex::new(ContainerRecord::new(
-            &c.name,
-            c.image.as_deref().unwrap_or_default(),
-        )))
-    };
-    let init_records: Vec<_> = spec.init_containers.iter().flatten().map(record).collect();
-    let records: Vec<_> = spec.containers.iter().map(record).collect();
+/// Runs the pod's containers, keeping its volumes and status current, until the pod is
+/// deleted, gone, or the kubelet stops; then stops the containers. Returns whether the pod is
+/// being deleted (its final status written).
+async fn run_containers(
+    run: &Arc<PodRun>,
+    updates: &mut watch::Receiver<PodUpdate>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut status = StatusWriter::new(&run.pod);
     let (stop_tx, stop_rx) = watch::channel::<Option<Duration>>(None);
-
     let mut tokens = TokenCache::default();
-    sync_volumes(&run, &mut tokens).await;
-    let mut lifecycle = tokio::spawn(lifecycle(
-        run.clone(),
-        init_records.clone(),
-        records.clone(),
-        stop_rx,
-    ));
+    sync_volumes(run, &mut tokens).await;
+    let mut lifecycle = tokio::spawn(lifecycle(run.clone(), status.records.clone(), stop_rx));
+    let ending = follow(
+        run,
+        &mut status,
+        &mut tokens,
+        &mut lifecycle,
+        updates,
+        shutdown,
+    )
+    .await;
+    let _ = stop_tx.send(Some(ending.grace(run)));
+    if !ending.lifecycle_done {
+        let _ = lifecycle.await;
+    }
+    if ending.deleted {
+        status.write(run, &ending.latest).await;
+    }
+    ending.deleted
+}
 
-    let mut objects_changed = shared.objects_changed.clone();
+/// Why and how [`follow`] ended.
+struct Ending {
+    /// The pod as last seen.
+    latest: Arc<Pod>,
+    /// It is being deleted (else it is gone from the API, or the kubelet stops).
+    deleted: bool,
+    /// The containers had all ended by themselves.
+    lifecycle_done: bool,
+}
+
+impl Ending {
+    /// How long the containers get to stop: the deletion's grace period, else the pod's,
+    /// capped when the kubelet itself stops.
+    fn grace(&self, run: &PodRun) -> Duration {
+        if self.deleted {
+            self.latest
+                .metadata
+                .deletion_grace_period_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .map_or_else(|| run.grace(), Duration::from_secs)
+        } else {
+            run.grace().min(STOP_GRACE_CAP)
+        }
+    }
+}
+
+/// Writes the status whenever a container record changes and re-syncs the volumes (on a
+/// Secret or ConfigMap change, and every [`VOLUME_RESYNC`]) until the pod is to stop.
+async fn follow(
+    run: &PodRun,
+    status: &mut StatusWriter,
+    tokens: &mut TokenCache,
+    lifecycle: &mut tokio::task::JoinHandle<()>,
+    updates: &mut watch::Receiver<PodUpdate>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Ending {
+    let (namespace, name) = (&run.id.namespace, &run.id.name);
+    let mut objects_changed = run.shared.objects_changed.clone();
     let mut resync = tokio::time::interval(VOLUME_RESYNC);
     resync.tick().await;
-    let mut written: Option<PodStatus> = None;
-    let mut latest = pod.clone();
+    let mut latest = run.pod.clone();
     let mut lifecycle_done = false;
-    // Why the pod stops: Some(delete from the API afterwards).
-    let delete_after = loop {
-        write_status(
-            &run,
-            &latest,
-            &init_records,
-            &records,
-            start_time,
-            &mut written,
-        )
-        .await;
+    let deleted = loop {
+        status.write(run, &latest).await;
         tokio::select! {
             () = run.changed.notified() => {
                 // Let a burst of changes settle into one write.
@@ -312,51 +380,37 @@ pub(super) async fn run_pod(
                 }
             }
             _ = shutdown.changed() => break false,
-            _ = objects_changed.changed() => sync_volumes(&run, &mut tokens).await,
-            _ = resync.tick() => sync_volumes(&run, &mut tokens).await,
-            _ = &mut lifecycle, if !lifecycle_done => {
+            _ = objects_changed.changed() => sync_volumes(run, tokens).await,
+            _ = resync.tick() => sync_volumes(run, tokens).await,
+            _ = &mut *lifecycle, if !lifecycle_done => {
                 lifecycle_done = true;
             }
         }
     };
+    Ending {
+        latest,
+        deleted,
+        lifecycle_done,
+    }
+}
 
-    let grace = if delete_after {
-        latest
-            .metadata
-            .deletion_grace_period_seconds
-            .and_then(|s| u64::try_from(s).ok())
-            .map_or_else(|| run.grace(), Duration::from_secs)
-    } else {
-        run.grace().min(STOP_GRACE_CAP)
-    };
-    let _ = stop_tx.send(Some(grace));
-    if !lifecycle_done {
-        let _ = lifecycle.await;
-    }
-    if delete_after {
-        write_status(
-            &run,
-            &latest,
-            &init_records,
-            &records,
-            start_time,
-            &mut written,
-        )
-        .await;
-    }
-    shared.names.unregister(&uid);
+/// Removes what the pod held on this machine (its name, sandbox and directory) and, when it
+/// is being deleted, the pod object.
+async fn tear_down(run: &PodRun, sandbox: &Arc<Sandbox>, deleted: bool) {
+    let shared = &run.shared;
+    shared.names.unregister(&run.id.uid);
     let removed = sandbox.clone();
     let _ = tokio::task::spawn_blocking(move || removed.remove()).await;
     if let Ok(mut sandboxes) = shared.sandboxes.lock() {
-        sandboxes.remove(&uid);
+        sandboxes.remove(&run.id.uid);
     }
-    if let Err(error) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!(%error, dir = %dir.display(), "failed to remove the pod directory");
+    if let Err(error) = std::fs::remove_dir_all(&run.dir) {
+        tracing::warn!(%error, dir = %run.dir.display(), "failed to remove the pod directory");
     }
-    if delete_after {
-        delete_from_api(&shared.client, &namespace, &name, &uid).await;
+    if deleted {
+        delete_from_api(&shared.client, &run.id).await;
     }
-    tracing::info!(%namespace, %name, "pod stopped");
+    tracing::info!(namespace = %run.id.namespace, name = %run.id.name, "pod stopped");
 }
 
 /// Waits until the pod is deleted (true) or the kubelet stops (false).
@@ -382,7 +436,12 @@ async fn wait_for_deletion(
 }
 
 /// Removes the pod object once its containers are gone, as the kubelet does.
-async fn delete_from_api(client: &Client, namespace: &str, name: &str, uid: &str) {
+async fn delete_from_api(client: &Client, id: &PodId) {
+    let PodId {
+        uid,
+        namespace,
+        name,
+    } = id;
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let params = DeleteParams {
         grace_period_seconds: Some(0),
@@ -399,73 +458,112 @@ async fn delete_from_api(client: &Client, namespace: &str, name: &str, uid: &str
     }
 }
 
-async fn write_status(
-    run: &PodRun,
-    latest: &Pod,
-    init: &[Arc<Mutex<ContainerRecord>>],
-    containers: &[Arc<Mutex<ContainerRecord>>],
+/// What a container task records about its container.
+type Record = Arc<Mutex<ContainerRecord>>;
+
+/// The records of the pod's containers, shared with their tasks.
+#[derive(Clone)]
+struct Records {
+    init: Vec<Record>,
+    containers: Vec<Record>,
+}
+
+/// The pod's status as made from its container records: written when it changes.
+struct StatusWriter {
+    records: Records,
     start_time: Timestamp,
-    written: &mut Option<PodStatus>,
-) {
-    let snapshot = |records: &[Arc<Mutex<ContainerRecord>>]| -> Vec<ContainerRecord> {
-        records
-            .iter()
-            .filter_map(|r| r.lock().ok().map(|r| r.clone()))
-            .collect()
-    };
-    let init = snapshot(init);
-    let containers = snapshot(containers);
-    let mut base = latest.clone();
-    if let Some(previous) = written.as_ref() {
-        // Keep our own transition times even when the watch lags behind our writes.
-        let mut status = base.status.take().unwrap_or_default();
-        let others: Vec<_> = status
-            .conditions
-            .take()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| {
-                !previous
-                    .conditions
-                    .iter()
-                    .flatten()
-                    .any(|p| p.type_ == c.type_)
-            })
-            .collect();
-        let mut conditions = previous.conditions.clone().unwrap_or_default();
-        conditions.retain(|c| !others.iter().any(|o| o.type_ == c.type_));
-        conditions.extend(others);
-        status.conditions = Some(conditions);
-        base.status = Some(status);
-    }
-    let status = pod_status(
-        &StatusInput {
-            pod: &base,
-            pod_ip: Some(run.ip),
-            host_ip: run.shared.gateway(),
-            start_time,
-            init: &init,
-            containers: &containers,
-            sandbox_ready: true,
-        },
-        Timestamp::now(),
-    );
-    if written.as_ref() == Some(&status) {
-        return;
-    }
-    let api: Api<Pod> = Api::namespaced(run.shared.client.clone(), &run.namespace);
-    let patch = serde_json::json!({ "status": status });
-    match api
-        .patch_status(&run.name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => *written = Some(status),
-        Err(kube::Error::Api(error)) if error.code == 404 => *written = Some(status),
-        Err(error) => {
-            tracing::warn!(%error, namespace = %run.namespace, name = %run.name, "failed to write pod status");
-            run.changed.notify_one();
+    /// What was last written.
+    written: Option<PodStatus>,
+}
+
+impl StatusWriter {
+    fn new(pod: &Pod) -> Self {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let record = |c: &Container| {
+            Arc::new(Mutex::new(ContainerRecord::new(
+                &c.name,
+                c.image.as_deref().unwrap_or_default(),
+            )))
+        };
+        Self {
+            records: Records {
+                init: spec.init_containers.iter().flatten().map(record).collect(),
+                containers: spec.containers.iter().map(record).collect(),
+            },
+            start_time: Timestamp::now(),
+            written: None,
         }
     }
+
+    /// Writes the status the records give, on top of `latest`, unless it is what was written.
+    async fn write(&mut self, run: &PodRun, latest: &Pod) {
+        let snapshot = |records: &[Record]| -> Vec<ContainerRecord> {
+            records
+                .iter()
+                .filter_map(|r| r.lock().ok().map(|r| r.clone()))
+                .collect()
+        };
+        let init = snapshot(&self.records.init);
+        let containers = snapshot(&self.records.containers);
+        let base = with_own_conditions(latest, self.written.as_ref());
+        let status = pod_status(
+            &StatusInput {
+                pod: &base,
+                pod_ip: Some(run.ip),
+                host_ip: run.shared.gateway(),
+                start_time: self.start_time,
+                init: &init,
+                containers: &containers,
+                sandbox_ready: true,
+            },
+            Timestamp::now(),
+        );
+        if self.written.as_ref() == Some(&status) {
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(run.shared.client.clone(), &run.id.namespace);
+        let patch = serde_json::json!({ "status": status });
+        match api
+            .patch_status(&run.id.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => self.written = Some(status),
+            Err(kube::Error::Api(error)) if error.code == 404 => self.written = Some(status),
+            Err(error) => {
+                tracing::warn!(%error, namespace = %run.id.namespace, name = %run.id.name, "failed to write pod status");
+                run.changed.notify_one();
+            }
+        }
+    }
+}
+
+/// `latest` with the conditions of `written` in place of the watch's: our own transition times
+/// are kept even when the watch lags behind our writes.
+fn with_own_conditions(latest: &Pod, written: Option<&PodStatus>) -> Pod {
+    let mut base = latest.clone();
+    let Some(previous) = written else {
+        return base;
+    };
+    let mut status = base.status.take().unwrap_or_default();
+    let others: Vec<_> = status
+        .conditions
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| {
+            !previous
+                .conditions
+                .iter()
+                .flatten()
+                .any(|p| p.type_ == c.type_)
+        })
+        .collect();
+    let mut conditions = previous.conditions.clone().unwrap_or_default();
+    conditions.retain(|c| !others.iter().any(|o| o.type_ == c.type_));
+    conditions.extend(others);
+    status.conditions = Some(conditions);
+    base.status = Some(status);
+    base
 }
 
 // === Volumes ===
@@ -479,7 +577,7 @@ struct TokenCache {
 async fn sync_volumes(run: &PodRun, tokens: &mut TokenCache) {
     let result = sync_volumes_inner(run, tokens).await;
     if let Err(error) = &result {
-        tracing::debug!(%error, namespace = %run.namespace, name = %run.name, "volumes not ready");
+        tracing::debug!(%error, namespace = %run.id.namespace, name = %run.id.name, "volumes not ready");
     }
     let result = result.map_err(|e| e.0);
     run.volumes.send_if_modified(|current| {
@@ -511,7 +609,7 @@ async fn sync_volumes_inner(
                     .insert(key, (token, now + lifetime.mul_f64(0.8)));
             }
             Err(error) if tokens.tokens.contains_key(&key) => {
-                tracing::warn!(%error, namespace = %run.namespace, name = %run.name, "failed to refresh a service account token; keeping the old one");
+                tracing::warn!(%error, namespace = %run.id.namespace, name = %run.id.name, "failed to refresh a service account token; keeping the old one");
             }
             Err(error) => {
                 return Err(ConfigError(format!(
@@ -542,7 +640,7 @@ async fn sync_volumes_inner(
         match kind {
             VolumeKind::Atomic(files) => {
                 if write_atomic(&dir, &files, group, Timestamp::now()).map_err(io)? {
-                    tracing::info!(namespace = %run.namespace, name = %run.name, volume = %volume.name, "volume content written");
+                    tracing::info!(namespace = %run.id.namespace, name = %run.id.name, volume = %volume.name, "volume content written");
                 }
                 paths.insert(volume.name.clone(), (dir, true));
             }
@@ -571,7 +669,7 @@ async fn request_token(run: &PodRun, key: &TokenKey) -> Result<String, kube::Err
         .as_ref()
         .and_then(|s| s.service_account_name.clone())
         .unwrap_or_else(|| "default".into());
-    let api: Api<ServiceAccount> = Api::namespaced(run.shared.client.clone(), &run.namespace);
+    let api: Api<ServiceAccount> = Api::namespaced(run.shared.client.clone(), &run.id.namespace);
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: (!key.0.is_empty()).then(|| vec![key.0.clone()]),
@@ -579,8 +677,8 @@ async fn request_token(run: &PodRun, key: &TokenKey) -> Result<String, kube::Err
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
-                name: Some(run.name.clone()),
-                uid: Some(run.uid.clone()),
+                name: Some(run.id.name.clone()),
+                uid: Some(run.id.uid.clone()),
             }),
         }),
         ..TokenRequest::default()
@@ -593,7 +691,7 @@ async fn request_token(run: &PodRun, key: &TokenKey) -> Result<String, kube::Err
 
 async fn claim_path(run: &PodRun, claim: &str) -> Result<PathBuf, ConfigError> {
     let claims: Api<PersistentVolumeClaim> =
-        Api::namespaced(run.shared.client.clone(), &run.namespace);
+        Api::namespaced(run.shared.client.clone(), &run.id.namespace);
     let failed = |error: kube::Error| {
         ConfigError(format!(
             "failed to read persistentvolumeclaim \"{claim}\": {error}"
@@ -649,15 +747,10 @@ async fn claim_path(run: &PodRun, claim: &str) -> Result<PathBuf, ConfigError> {
 // === Containers ===
 
 /// Runs the init containers in order, then the containers, until all are done or stopped.
-async fn lifecycle(
-    run: Arc<PodRun>,
-    init_records: Vec<Arc<Mutex<ContainerRecord>>>,
-    records: Vec<Arc<Mutex<ContainerRecord>>>,
-    stop: watch::Receiver<Option<Duration>>,
-) {
+async fn lifecycle(run: Arc<PodRun>, records: Records, stop: watch::Receiver<Option<Duration>>) {
     let spec = run.pod.spec.clone().unwrap_or_default();
     let mut tasks = JoinSet::new();
-    for (container, record) in spec.init_containers.iter().flatten().zip(init_records) {
+    for (container, record) in spec.init_containers.iter().flatten().zip(records.init) {
         let sidecar = container.restart_policy.as_deref() == Some("Always");
         if sidecar {
             tasks.spawn(run_container(
@@ -696,7 +789,7 @@ async fn lifecycle(
         }
     }
     let mut main = JoinSet::new();
-    for (container, record) in spec.containers.iter().zip(records) {
+    for (container, record) in spec.containers.iter().zip(records.containers) {
         main.spawn(run_container(
             run.clone(),
             container.clone(),
@@ -761,8 +854,8 @@ async fn run_container(
     run: Arc<PodRun>,
     container: Container,
     role: Role,
-    record: Arc<Mutex<ContainerRecord>>,
-    mut stop: watch::Receiver<Option<Duration>>,
+    record: Record,
+    stop: watch::Receiver<Option<Duration>>,
 ) -> bool {
     let policy = run
         .pod
@@ -770,69 +863,147 @@ async fn run_container(
         .as_ref()
         .and_then(|s| s.restart_policy.clone())
         .unwrap_or_else(|| "Always".into());
-    let base = run.shared.config.crash_loop_base;
-    let mut failures: u32 = 0;
-    let mut blocked_attempts: u32 = 0;
-    let mut volumes = run.volumes.subscribe();
-    loop {
-        if stop.borrow().is_some() {
-            return false;
-        }
-        let prepared = match prepare(&run, &container) {
-            Ok(prepared) => prepared,
-            Err(blocked) => {
-                let delay = backoff(base, blocked_attempts).min(CONFIG_RETRY_CAP);
-                let shown = if blocked.reason == "ErrImagePull" && blocked_attempts > 0 {
-                    "ImagePullBackOff"
-                } else {
-                    blocked.reason
-                };
-                if blocked_attempts == 0 || blocked.reason != "ContainerCreating" {
-                    tracing::info!(container = %container.name, namespace = %run.namespace, pod = %run.name, reason = shown, message = %blocked.message, "container cannot start");
-                }
-                blocked_attempts += 1;
-                update(&run, &record, |r| r.state = waiting(shown, blocked.message));
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    _ = volumes.changed() => {}
-                    _ = stop.changed() => return false,
-                }
-                continue;
+    let mut task = ContainerTask {
+        volumes: run.volumes.subscribe(),
+        run,
+        container,
+        role,
+        record,
+        stop,
+        policy,
+        failures: 0,
+        blocked_attempts: 0,
+    };
+    task.run().await.unwrap_or(false)
+}
+
+/// The pod stops: a container task ends, its record saying how far it got.
+struct Stopped;
+
+/// A container's process, started.
+struct Running {
+    child: tokio::process::Child,
+    pid: u32,
+    started_at: Timestamp,
+    since: Instant,
+}
+
+/// One container's task: its attempts at running, and the back-off between them.
+struct ContainerTask {
+    run: Arc<PodRun>,
+    container: Container,
+    role: Role,
+    record: Record,
+    stop: watch::Receiver<Option<Duration>>,
+    /// The pod's restartPolicy.
+    policy: String,
+    /// Failed starts and runs since the last run that lasted [`BACKOFF_RESET`].
+    failures: u32,
+    /// Attempts in a row at preparing the container that were blocked.
+    blocked_attempts: u32,
+    /// Changes of the pod's volumes, which may unblock the container.
+    volumes: watch::Receiver<Option<Result<VolumePaths, String>>>,
+}
+
+impl ContainerTask {
+    /// Starts the container, supervises it and restarts it as the pod's policy says, until it
+    /// is done (`Ok(succeeded)`) or the pod stops.
+    async fn run(&mut self) -> Result<bool, Stopped> {
+        loop {
+            if self.stop.borrow().is_some() {
+                return Err(Stopped);
             }
+            let prepared = match prepare(&self.run, &self.container) {
+                Ok(prepared) => prepared,
+                Err(blocked) => {
+                    self.wait_blocked(blocked).await?;
+                    continue;
+                }
+            };
+            self.blocked_attempts = 0;
+            let Some(mut running) = self.start(&prepared).await? else {
+                continue;
+            };
+            let exit_code = self.until_exit(&prepared, &mut running).await?;
+            let finished_at = Timestamp::now();
+            if !self.restarts(exit_code) {
+                self.update(|r| {
+                    r.state = terminated(exit_code, Some(running.started_at), finished_at);
+                    r.ready = false;
+                    r.finished = true;
+                });
+                return Ok(exit_code == 0);
+            }
+            self.crash_loop_back_off(&running, exit_code, finished_at)
+                .await?;
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut ContainerRecord)) {
+        update(&self.run, &self.record, change);
+    }
+
+    /// Records why the container cannot start yet and waits for a retry: a back-off, or a
+    /// change of the volumes.
+    async fn wait_blocked(&mut self, blocked: Blocked) -> Result<(), Stopped> {
+        let base = self.run.shared.config.crash_loop_base;
+        let delay = backoff(base, self.blocked_attempts).min(CONFIG_RETRY_CAP);
+        let shown = if blocked.reason == "ErrImagePull" && self.blocked_attempts > 0 {
+            "ImagePullBackOff"
+        } else {
+            blocked.reason
         };
-        blocked_attempts = 0;
-        let mut child = match runtime::spawn(&prepared.process) {
+        if self.blocked_attempts == 0 || blocked.reason != "ContainerCreating" {
+            tracing::info!(container = %self.container.name, namespace = %self.run.id.namespace, pod = %self.run.id.name, reason = shown, message = %blocked.message, "container cannot start");
+        }
+        self.blocked_attempts += 1;
+        self.update(|r| r.state = waiting(shown, blocked.message));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Ok(()),
+            _ = self.volumes.changed() => Ok(()),
+            _ = self.stop.changed() => Err(Stopped),
+        }
+    }
+
+    /// Starts the process and records it running once its command runs; `None` when it could
+    /// not be started (after the back-off).
+    async fn start(&mut self, prepared: &Prepared) -> Result<Option<Running>, Stopped> {
+        let base = self.run.shared.config.crash_loop_base;
+        let child = match runtime::spawn(&prepared.process) {
             Ok(child) => child,
             Err(error) => {
                 let message = format!("failed to start the container process: {error}");
-                update(&run, &record, |r| {
-                    r.state = waiting("RunContainerError", message)
-                });
+                self.update(|r| r.state = waiting("RunContainerError", message));
                 tokio::select! {
-                    () = tokio::time::sleep(backoff(base, failures)) => {}
-                    _ = stop.changed() => return false,
+                    () = tokio::time::sleep(backoff(base, self.failures)) => {}
+                    _ = self.stop.changed() => return Err(Stopped),
                 }
-                failures += 1;
-                continue;
+                self.failures += 1;
+                return Ok(None);
             }
         };
         let Some(pid) = child.id() else {
             // Reaped already: it exited at once; the back-off below applies as for any exit.
-            tracing::warn!(container = %container.name, "container exited before it could be tracked");
-            tokio::time::sleep(backoff(base, failures)).await;
-            failures += 1;
-            continue;
+            tracing::warn!(container = %self.container.name, "container exited before it could be tracked");
+            tokio::time::sleep(backoff(base, self.failures)).await;
+            self.failures += 1;
+            return Ok(None);
         };
-        if let Ok(mut pids) = run.shared.pids.lock() {
+        if let Ok(mut pids) = self.run.shared.pids.lock() {
             pids.insert(pid);
         }
         // Running means the command runs: wait until the script has built the root and
         // chrooted into it (or the process is gone), as a runtime reports a started container.
         runtime::wait_for_root(pid).await;
-        let started_at = Timestamp::now();
-        let started_instant = Instant::now();
-        tracing::info!(container = %container.name, namespace = %run.namespace, pod = %run.name, pid, "container started");
-        update(&run, &record, |r| {
+        let running = Running {
+            child,
+            pid,
+            started_at: Timestamp::now(),
+            since: Instant::now(),
+        };
+        tracing::info!(container = %self.container.name, namespace = %self.run.id.namespace, pod = %self.run.id.name, pid, "container started");
+        let role = self.role;
+        self.update(|r| {
             if r.state.terminated.is_some()
                 || r.last_state.is_some()
                 || r.state
@@ -844,7 +1015,7 @@ async fn run_container(
             }
             r.state = ContainerState {
                 running: Some(ContainerStateRunning {
-                    started_at: Some(Time(started_at)),
+                    started_at: Some(Time(running.started_at)),
                 }),
                 ..ContainerState::default()
             };
@@ -852,60 +1023,94 @@ async fn run_container(
             r.started = prepared.startup.is_none();
             r.ready = r.started && prepared.readiness.is_none() && role != Role::Init;
         });
+        Ok(Some(running))
+    }
 
-        let outcome = supervise(&run, &container, &record, &prepared, &mut child, &mut stop).await;
+    /// Supervises the running container until it exits (or fails a probe and is stopped);
+    /// returns its exit code. When the pod stops, stops it and records it finished.
+    async fn until_exit(
+        &mut self,
+        prepared: &Prepared,
+        running: &mut Running,
+    ) -> Result<i32, Stopped> {
+        let (run, container, pid) = (&self.run, &self.container, running.pid);
+        let outcome = supervise(
+            run,
+            container,
+            &self.record,
+            prepared,
+            &mut running.child,
+            &mut self.stop,
+        )
+        .await;
         let exit_code = match outcome {
             Outcome::Exited(code) => code,
             Outcome::Unhealthy(kind) => {
-                tracing::info!(container = %container.name, pod = %run.name, probe = kind, "container failed its probe; restarting");
-                terminate(&run, &container, &prepared, &mut child, pid, run.grace()).await
+                tracing::info!(container = %container.name, pod = %run.id.name, probe = kind, "container failed its probe; restarting");
+                terminate(
+                    run,
+                    container,
+                    prepared,
+                    &mut running.child,
+                    pid,
+                    run.grace(),
+                )
+                .await
             }
             Outcome::Stop(grace) => {
-                let code = terminate(&run, &container, &prepared, &mut child, pid, grace).await;
-                forget_pid(&run, pid);
-                update(&run, &record, |r| {
-                    r.state = terminated(code, Some(started_at), Timestamp::now());
+                let code =
+                    terminate(run, container, prepared, &mut running.child, pid, grace).await;
+                forget_pid(run, pid);
+                self.update(|r| {
+                    r.state = terminated(code, Some(running.started_at), Timestamp::now());
                     r.ready = false;
                     r.finished = true;
                 });
-                return false;
+                return Err(Stopped);
             }
         };
         // Leftover processes of the container go with its main process.
         runtime::signal_group(pid, Signal::SIGKILL);
-        forget_pid(&run, pid);
-        tracing::info!(container = %container.name, namespace = %run.namespace, pod = %run.name, exit_code, "container exited");
-        let finished_at = Timestamp::now();
-        let restart = match role {
+        forget_pid(run, pid);
+        tracing::info!(container = %container.name, namespace = %run.id.namespace, pod = %run.id.name, exit_code, "container exited");
+        Ok(exit_code)
+    }
+
+    /// Whether a container that exited with `exit_code` runs again, by its role and the pod's
+    /// restartPolicy.
+    fn restarts(&self, exit_code: i32) -> bool {
+        let policy = self.policy.as_str();
+        match self.role {
             Role::Init => exit_code != 0 && policy != "Never",
             Role::Sidecar => true,
             Role::Regular => policy == "Always" || (policy == "OnFailure" && exit_code != 0),
-        };
-        if !restart {
-            update(&run, &record, |r| {
-                r.state = terminated(exit_code, Some(started_at), finished_at);
-                r.ready = false;
-                r.finished = true;
-            });
-            return exit_code == 0;
         }
-        if started_instant.elapsed() >= BACKOFF_RESET {
-            failures = 0;
+    }
+
+    /// Records the exit as the last state and waits out the back-off (reset after a long run).
+    async fn crash_loop_back_off(
+        &mut self,
+        running: &Running,
+        exit_code: i32,
+        finished_at: Timestamp,
+    ) -> Result<(), Stopped> {
+        if running.since.elapsed() >= BACKOFF_RESET {
+            self.failures = 0;
         }
-        let delay = backoff(base, failures);
-        failures += 1;
-        let message = crash_loop_message(delay, &container.name, &run.pod);
-        update(&run, &record, |r| {
-            r.last_state = Some(terminated(exit_code, Some(started_at), finished_at));
+        let delay = backoff(self.run.shared.config.crash_loop_base, self.failures);
+        self.failures += 1;
+        let message = crash_loop_message(delay, &self.container.name, &self.run.pod);
+        self.update(|r| {
+            r.last_state = Some(terminated(exit_code, Some(running.started_at), finished_at));
             r.state = waiting("CrashLoopBackOff", message);
             r.ready = false;
             r.started = false;
         });
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            _ = stop.changed() => {
-                update(&run, &record, |r| r.finished = true);
-                return false;
+            () = tokio::time::sleep(delay) => Ok(()),
+            _ = self.stop.changed() => {
+                self.update(|r| r.finished = true);
+                Err(Stopped)
             }
         }
     }
@@ -1044,7 +1249,7 @@ async fn supervise(
                 {
                     let changed = record.lock().map(|r| r.ready != ready).unwrap_or(false);
                     if changed {
-                        tracing::info!(container = %container.name, pod = %run.name, ready, "readiness changed");
+                        tracing::info!(container = %container.name, pod = %run.id.name, ready, "readiness changed");
                         update(run, record, |r| r.ready = ready);
                     }
                 }
