@@ -34,6 +34,13 @@ pub struct EnvContext<'a> {
     pub apiserver_port: u16,
 }
 
+impl EnvContext<'_> {
+    /// The pod's namespace, where the Secrets and ConfigMaps it names are.
+    pub fn namespace(&self) -> &str {
+        self.pod.metadata.namespace.as_deref().unwrap_or("default")
+    }
+}
+
 /// Expands `$(VAR)` references as Kubernetes does: `$$` is a literal `$` (so `$$(VAR)` stays
 /// `$(VAR)`), an unknown or unterminated reference is left as written.
 pub fn expand(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
@@ -135,12 +142,7 @@ pub fn container_env(
     context: &EnvContext<'_>,
     objects: &dyn ObjectSource,
 ) -> Result<Vec<(String, String)>, ConfigError> {
-    let namespace = context
-        .pod
-        .metadata
-        .namespace
-        .as_deref()
-        .unwrap_or("default");
+    let namespace = context.namespace();
     let mut env = EnvList::default();
     if !image.env.iter().any(|(k, _)| k == "PATH") {
         env.set("PATH", DEFAULT_PATH.to_owned());

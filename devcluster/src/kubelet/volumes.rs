@@ -209,41 +209,26 @@ pub fn volume_kind(
     objects: &dyn ObjectSource,
     tokens: &BTreeMap<TokenKey, String>,
 ) -> Result<VolumeKind, ConfigError> {
-    let namespace = context
-        .pod
-        .metadata
-        .namespace
-        .as_deref()
-        .unwrap_or("default");
+    let namespace = context.namespace();
     let name = &volume.name;
     let mut files = VolumeFiles::new();
     if let Some(source) = &volume.secret {
         let secret_name = source.secret_name.clone().unwrap_or_default();
-        add_secret(
-            &mut files,
-            objects,
-            namespace,
-            &SecretProjection {
-                name: secret_name,
-                items: source.items.clone(),
-                optional: source.optional,
-            },
-            mode(source.default_mode),
-            name,
-        )?;
+        let projection = SecretProjection {
+            name: secret_name,
+            items: source.items.clone(),
+            optional: source.optional,
+        };
+        let keys = secret_keys(objects, namespace, &projection);
+        add_keys(&mut files, keys, mode(source.default_mode), name)?;
     } else if let Some(source) = &volume.config_map {
-        add_config_map(
-            &mut files,
-            objects,
-            namespace,
-            &ConfigMapProjection {
-                name: source.name.clone(),
-                items: source.items.clone(),
-                optional: source.optional,
-            },
-            mode(source.default_mode),
-            name,
-        )?;
+        let projection = ConfigMapProjection {
+            name: source.name.clone(),
+            items: source.items.clone(),
+            optional: source.optional,
+        };
+        let keys = config_map_keys(objects, namespace, &projection);
+        add_keys(&mut files, keys, mode(source.default_mode), name)?;
     } else if let Some(source) = &volume.downward_api {
         add_downward(
             &mut files,
@@ -256,9 +241,15 @@ pub fn volume_kind(
         let default = mode(source.default_mode);
         for projection in source.sources.iter().flatten() {
             if let Some(secret) = &projection.secret {
-                add_secret(&mut files, objects, namespace, secret, default, name)?;
+                add_keys(
+                    &mut files,
+                    secret_keys(objects, namespace, secret),
+                    default,
+                    name,
+                )?;
             } else if let Some(config_map) = &projection.config_map {
-                add_config_map(&mut files, objects, namespace, config_map, default, name)?;
+                let keys = config_map_keys(objects, namespace, config_map);
+                add_keys(&mut files, keys, default, name)?;
             } else if let Some(downward) = &projection.downward_api {
                 add_downward(
                     &mut files,
@@ -382,78 +373,88 @@ fn add_items(
     Ok(())
 }
 
-fn add_secret(
-    files: &mut VolumeFiles,
-    objects: &dyn ObjectSource,
-    namespace: &str,
-    source: &SecretProjection,
-    default_mode: u32,
-    volume: &str,
-) -> Result<(), ConfigError> {
-    let optional = source.optional.unwrap_or(false);
-    let Some(secret) = objects.secret(namespace, &source.name) else {
-        if optional {
-            return Ok(());
-        }
-        return Err(ConfigError(format!(
-            "secret \"{}\" not found (volume {volume}); create it or mark the volume optional",
-            source.name
-        )));
-    };
-    let data = secret
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.0))
-        .collect();
-    let what = format!("secret \"{}\"", source.name);
-    add_items(
-        files,
-        data,
-        source.items.as_deref(),
-        default_mode,
-        volume,
-        &what,
-        optional,
-    )
+/// The keys of one Secret or ConfigMap that a volume projects.
+struct Keys<'a> {
+    /// `secret "name"` or `configmap "name"`, for messages.
+    what: String,
+    /// The object's keys and values; `None` when it does not exist.
+    data: Option<BTreeMap<String, Vec<u8>>>,
+    items: Option<&'a [KeyToPath]>,
+    optional: bool,
 }
 
-fn add_config_map(
-    files: &mut VolumeFiles,
+fn secret_keys<'a>(
     objects: &dyn ObjectSource,
     namespace: &str,
-    source: &ConfigMapProjection,
+    source: &'a SecretProjection,
+) -> Keys<'a> {
+    let data = objects.secret(namespace, &source.name).map(|secret| {
+        secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect()
+    });
+    Keys {
+        what: format!("secret \"{}\"", source.name),
+        data,
+        items: source.items.as_deref(),
+        optional: source.optional.unwrap_or(false),
+    }
+}
+
+fn config_map_keys<'a>(
+    objects: &dyn ObjectSource,
+    namespace: &str,
+    source: &'a ConfigMapProjection,
+) -> Keys<'a> {
+    let data = objects
+        .config_map(namespace, &source.name)
+        .map(|config_map| {
+            let mut data: BTreeMap<String, Vec<u8>> = config_map
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            for (key, value) in config_map.binary_data.unwrap_or_default() {
+                data.insert(key, value.0);
+            }
+            data
+        });
+    Keys {
+        what: format!("configmap \"{}\"", source.name),
+        data,
+        items: source.items.as_deref(),
+        optional: source.optional.unwrap_or(false),
+    }
+}
+
+/// Adds the projected keys to `files`; a missing object is an error unless it is optional.
+fn add_keys(
+    files: &mut VolumeFiles,
+    keys: Keys<'_>,
     default_mode: u32,
     volume: &str,
 ) -> Result<(), ConfigError> {
-    let optional = source.optional.unwrap_or(false);
-    let Some(config_map) = objects.config_map(namespace, &source.name) else {
-        if optional {
+    let Some(data) = keys.data else {
+        if keys.optional {
             return Ok(());
         }
         return Err(ConfigError(format!(
-            "configmap \"{}\" not found (volume {volume}); create it or mark the volume optional",
-            source.name
+            "{} not found (volume {volume}); create it or mark the volume optional",
+            keys.what
         )));
     };
-    let mut data: BTreeMap<String, Vec<u8>> = config_map
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.into_bytes()))
-        .collect();
-    for (key, value) in config_map.binary_data.unwrap_or_default() {
-        data.insert(key, value.0);
-    }
-    let what = format!("configmap \"{}\"", source.name);
     add_items(
         files,
         data,
-        source.items.as_deref(),
+        keys.items,
         default_mode,
         volume,
-        &what,
-        optional,
+        &keys.what,
+        keys.optional,
     )
 }
 
