@@ -49,8 +49,17 @@ cached() {
   echo "$out"
 }
 
-# cache_key FILE...: a short digest of the files and of the caller's `produce` (its recipe: a
-# changed flag or tag is a new build).
+# go_build DIR ARGS...: `go build ARGS` in the module DIR, for a binary that runs anywhere and
+# is built alike everywhere: no cgo, the module's go.sum as it is, no local paths, stripped.
+go_build() {
+  local dir=$1
+  shift
+  (cd "$dir" && CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath" \
+    go build -ldflags "-s -w" "$@")
+}
+
+# cache_key FILE...: a short digest of the files and of the caller's `produce` with the build
+# above (its recipe: a changed flag or tag is a new build).
 cache_key() {
-  { cat "$@"; declare -f produce; } | sha256sum | cut -c1-12
+  { cat "$@"; declare -f produce go_build; } | sha256sum | cut -c1-12
 }

@@ -11,9 +11,7 @@ source "$here/../cache.sh"
 
 produce() {
   echo "building the kstatus probe (about a minute the first time)" >&2
-  cd "$here"
-  CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath" \
-    go build -ldflags "-s -w" -o "$1/kstatus" .
+  go_build "$here" -o "$1/kstatus" .
 }
 
 key="$(cache_key "$here/go.mod" "$here/go.sum" "$here/main.go")"

@@ -11,12 +11,9 @@ source "$here/../cache.sh"
 
 produce() {
   echo "building promtool (a few minutes the first time)" >&2
-  cd "$here"
   # remove_all_sd leaves out the cloud service-discovery plugins (and their SDKs): rule tests
   # need none of them, and the build takes a fraction of the time.
-  CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath" \
-    go build -tags remove_all_sd -ldflags "-s -w" -o "$1/promtool" \
-    github.com/prometheus/prometheus/cmd/promtool
+  go_build "$here" -tags remove_all_sd -o "$1/promtool" github.com/prometheus/prometheus/cmd/promtool
 }
 
 key="$(cache_key "$here/go.mod" "$here/go.sum" "$here/tools.go")"
