@@ -37,13 +37,17 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use rustls::pki_types::ServerName;
 use seinode_tls_crds::contract::{DEFAULT_CLUSTER_DOMAIN, required_dns_names};
 use seinode_tls_crds::validation::TLS_SECRET_TYPE;
+use seinode_tls_webhook::WebhookConfig;
 use seinode_tls_webhook::cache::{NodeCache, SecretCache};
-use seinode_tls_webhook::limits::read_body;
+use seinode_tls_webhook::limits::{ConnectionCounters, read_body};
+use seinode_tls_webhook::metrics::WebhookMetrics;
 use seinode_tls_webhook::review::AdmissionResponse;
+use seinode_tls_webhook::serve::{Port, serve};
 use seinode_tls_webhook::server::{
-    AdmissionState, MAX_SEINODE_REVIEW_BYTES, VALIDATE_SEINODES_PATH, review_response,
+    AdmissionState, MAX_SEINODE_REVIEW_BYTES, VALIDATE_SEINODES_PATH, admission_limits,
+    admission_router, review_response,
 };
-use seinode_tls_webhook::{Webhook, WebhookConfig, WebhookError};
+use seinode_tls_webhook::tls::ServingCertificate;
 use serde_json::{Value, json};
 
 /// The SeiNode every request creates, and the Secret it names.
@@ -255,11 +259,11 @@ impl Drop for TempDir {
 struct Server {
     addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<Result<(), WebhookError>>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
 }
 
 /// The constant-allow baseline: read and parse the review as the admission endpoints do, then
-/// allow. Served by the webhook under test, behind its TLS and limits.
+/// allow. Served on the admission port under test, behind its TLS and limits.
 const FLOOR_PATH: &str = "/floor";
 
 async fn floor(
@@ -287,6 +291,9 @@ async fn floor(
 }
 
 impl Server {
+    /// The webhook's admission port as `Webhook::serve` runs it (its router over TLS with the
+    /// serving certificate, within `admission_limits`, through `serve::serve`), with the floor
+    /// routed beside the admission endpoints.
     fn start(pki: &Pki) -> anyhow::Result<Self> {
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let mut config = WebhookConfig::new(
@@ -296,10 +303,16 @@ impl Server {
             pki.dir.path.join("tls.key"),
         );
         config.shutdown_grace = Duration::from_secs(2);
-        let mut registry = Registry::default();
-        let webhook = Webhook::bind(config, &mut registry)?
-            .with_extra_routes(axum::Router::new().route(FLOOR_PATH, axum::routing::post(floor)));
-        let addr = webhook.https_addr();
+        let metrics = Arc::new(WebhookMetrics::register(&mut Registry::default()));
+        let certificate = ServingCertificate::load(
+            config.tls_cert_file.clone(),
+            config.tls_key_file.clone(),
+            metrics.clone(),
+        )?;
+        let listener = std::net::TcpListener::bind(config.listen_addr)
+            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+            .context("failed to bind the admission port")?;
+        let addr = listener.local_addr()?;
 
         let secrets = Arc::new(SecretCache::new());
         secrets.apply(&pki.secret);
@@ -307,11 +320,18 @@ impl Server {
         let nodes = NodeCache::new();
         nodes.mark_synced();
         let state = Arc::new(AdmissionState::from_config(
-            webhook.config(),
+            &config,
             secrets,
             nodes,
-            webhook.metrics(),
+            metrics.clone(),
         ));
+        let floor = axum::Router::new()
+            .route(FLOOR_PATH, axum::routing::post(floor))
+            .with_state(state.clone());
+        let router = admission_router(state).merge(floor);
+        let tls = certificate.rustls_config();
+        let limits = admission_limits(&config);
+        let counters = ConnectionCounters::of(&metrics);
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -322,14 +342,19 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("webhook".to_owned())
             .spawn(move || {
-                runtime.block_on(webhook.serve(
-                    state,
-                    Arc::new(registry),
-                    std::future::pending(),
-                    async move {
+                runtime.block_on(async move {
+                    let port = Port {
+                        listener: tokio::net::TcpListener::from_std(listener)?,
+                        router,
+                        tls: Some(tls),
+                        limits,
+                        counters,
+                    };
+                    let stopped = async move {
                         let _ = stopped.await;
-                    },
-                ))
+                    };
+                    serve(port, stopped, config.shutdown_grace).await
+                })
             })
             .context("failed to start the server thread")?;
         Ok(Self { addr, stop, thread })

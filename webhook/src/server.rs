@@ -1,7 +1,8 @@
 //! HTTP: the admission router (HTTPS, axum over rustls) and the health router (plain HTTP).
 //!
 //! [`admission_router`] and [`health_router`] are public so tests call them directly with
-//! `tower::ServiceExt::oneshot`, without a socket; [`Webhook`] binds and serves them.
+//! `tower::ServiceExt::oneshot`, without a socket; [`Webhook`] binds and serves them, the
+//! admission router within [`admission_limits`] through [`crate::serve`].
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -131,11 +132,6 @@ impl AdmissionState {
 
 /// The admission endpoints.
 pub fn admission_router(state: Arc<AdmissionState>) -> Router {
-    admission_router_with(state, Router::new())
-}
-
-/// The admission endpoints and `extra` routes (a benchmark's baseline).
-fn admission_router_with(state: Arc<AdmissionState>, extra: Router<Arc<AdmissionState>>) -> Router {
     let route = |kind: WebhookKind| {
         post(
             move |State(state): State<Arc<AdmissionState>>, request: Request| {
@@ -147,8 +143,21 @@ fn admission_router_with(state: Arc<AdmissionState>, extra: Router<Arc<Admission
         .route(VALIDATE_SEINODES_PATH, route(WebhookKind::ValidateSeiNode))
         .route(MUTATE_SEINODES_PATH, route(WebhookKind::MutateSeiNode))
         .route(VALIDATE_SECRETS_PATH, route(WebhookKind::GuardSecret))
-        .merge(extra)
         .with_state(state)
+}
+
+/// The admission port's connection limits: the configured caps, idle time and age, one HTTP/2
+/// stream per request slot, and the fixed handshake and first-request timeouts.
+pub fn admission_limits(config: &WebhookConfig) -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: config.max_connections,
+        max_per_source: config.max_connections_per_source,
+        idle_timeout: config.idle_timeout,
+        max_age: config.max_connection_age,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        first_request_timeout: FIRST_REQUEST_TIMEOUT,
+        max_streams: u32::try_from(config.max_concurrent_requests).unwrap_or(u32::MAX),
+    }
 }
 
 /// What one client can hold of the health port, which sits in the Service and answers anyone
@@ -446,7 +455,6 @@ pub struct Webhook {
     certificate: Arc<ServingCertificate>,
     https: TcpListener,
     health: TcpListener,
-    extra_routes: Router<Arc<AdmissionState>>,
 }
 
 impl Webhook {
@@ -474,15 +482,7 @@ impl Webhook {
             certificate,
             https,
             health,
-            extra_routes: Router::new(),
         })
-    }
-
-    /// Also serves `routes` on the admission port, behind the same TLS, connection and request
-    /// limits (the load benchmark's constant-allow baseline).
-    pub fn with_extra_routes(mut self, routes: Router<Arc<AdmissionState>>) -> Self {
-        self.extra_routes = self.extra_routes.merge(routes);
-        self
     }
 
     /// The metrics the webhook registered (to build an [`AdmissionState`] for [`Webhook::serve`]).
@@ -540,17 +540,9 @@ impl Webhook {
         };
         let admission = Port {
             listener: listener(self.https, "admission")?,
-            router: admission_router_with(state.clone(), self.extra_routes),
+            router: admission_router(state.clone()),
             tls: Some(self.certificate.rustls_config()),
-            limits: ConnectionLimits {
-                max_connections: self.config.max_connections,
-                max_per_source: self.config.max_connections_per_source,
-                idle_timeout: self.config.idle_timeout,
-                max_age: self.config.max_connection_age,
-                handshake_timeout: HANDSHAKE_TIMEOUT,
-                first_request_timeout: FIRST_REQUEST_TIMEOUT,
-                max_streams: u32::try_from(self.config.max_concurrent_requests).unwrap_or(u32::MAX),
-            },
+            limits: admission_limits(&self.config),
             counters: ConnectionCounters::of(&self.metrics),
         };
         let health_listener = listener(self.health, "health")?;
