@@ -7,9 +7,9 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use prometheus_client::metrics::counter::Counter;
-use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{InspectedSecret, SecretLookup, SecretVerdict, judge};
-use seinode_tls_crds::versions::{SecretVersions, read_secret};
+use seinode_tls_kube::inspections::Inspections;
+use seinode_tls_kube::versions::{SecretVersions, read_secret};
 
 /// Inspections kept whole (the probe trusts their leaf and `ca.crt`), replaced when the
 /// version moves and pruned when no node names the Secret any more.

@@ -18,13 +18,13 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use seinode_tls_crds::SeiNode;
-use seinode_tls_crds::index::SecretIndex;
-use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{
     InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
 };
-use seinode_tls_crds::versions::{SecretVersions, read_secret};
-use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
+use seinode_tls_kube::index::SecretIndex;
+use seinode_tls_kube::inspections::Inspections;
+use seinode_tls_kube::versions::{SecretVersions, read_secret};
+use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
 
 use crate::metrics::WebhookMetrics;
 

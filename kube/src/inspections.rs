@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::validation::{InspectedSecret, inspect_tls_secret};
+use seinode_tls_crds::validation::{InspectedSecret, inspect_tls_secret};
 
 type Key = (String, String);
 
@@ -135,7 +135,7 @@ mod tests {
                 resource_version: version.map(str::to_owned),
                 ..ObjectMeta::default()
             },
-            type_: Some(crate::validation::TLS_SECRET_TYPE.to_owned()),
+            type_: Some(seinode_tls_crds::validation::TLS_SECRET_TYPE.to_owned()),
             ..Secret::default()
         }
     }
