@@ -16,14 +16,14 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::validation::{
     InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
 };
 use seinode_tls_kube::index::SecretIndex;
-use seinode_tls_kube::inspections::Inspections;
-use seinode_tls_kube::versions::{SecretVersions, read_secret};
+use seinode_tls_kube::inspections::{Current, Inspections};
+use seinode_tls_kube::versions::SecretVersions;
 use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
 
 use crate::metrics::WebhookMetrics;
@@ -170,17 +170,12 @@ impl SecretCache {
         let Some(version) = self.version(namespace, name) else {
             return;
         };
-        if self
+        let read = self
             .inspections
-            .held(namespace, name, version.as_deref())
-            .is_some()
-        {
-            return;
-        }
-        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-        let read = read_secret(&api, name, version.as_deref());
+            .held_or_read(client, namespace, name, version.as_deref());
         let result = match tokio::time::timeout(READ_TIMEOUT, read).await {
-            Ok(Ok(secret)) => Ok(secret),
+            Ok(Ok(Current::Held(_))) => return,
+            Ok(Ok(Current::Read(secret))) => Ok(secret),
             Ok(Err(error)) => Err(seinode_tls_crds::error_chain(&error)),
             Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
         };
@@ -268,24 +263,26 @@ impl SecretCache {
     /// versions it moved past or Secrets it no longer lists are dropped, and its first
     /// completed list makes the cache synced.
     pub fn apply_meta_event(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+        self.versions.apply(event);
         match event {
-            watcher::Event::Init => self.versions.apply(event),
-            watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => self.apply_meta(
-                &secret.namespace().unwrap_or_default(),
-                &secret.name_any(),
-                secret.metadata.resource_version.as_deref(),
-            ),
+            watcher::Event::Init => return,
+            watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => {
+                let (namespace, name) = key_of(secret);
+                let version = secret.metadata.resource_version.as_deref();
+                self.inspections
+                    .forget_other_versions(&namespace, &name, version);
+            }
             watcher::Event::Delete(secret) => {
-                self.remove(&secret.namespace().unwrap_or_default(), &secret.name_any());
+                let (namespace, name) = key_of(secret);
+                self.inspections.remove(&namespace, &name);
             }
             watcher::Event::InitDone => {
-                self.versions.apply(event);
                 self.inspections
                     .retain(|ns, name| self.versions.contains(ns, name));
                 self.mark_synced();
-                self.publish_sizes();
             }
         }
+        self.publish_sizes();
     }
 }
 
@@ -310,7 +307,7 @@ fn retainable(inspected: InspectedSecret) -> Option<InspectedSecret> {
     Some(trimmed)
 }
 
-fn key_of(secret: &Secret) -> Key {
+fn key_of<K: ResourceExt>(secret: &K) -> Key {
     (secret.namespace().unwrap_or_default(), secret.name_any())
 }
 
