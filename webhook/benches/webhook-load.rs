@@ -301,7 +301,18 @@ impl Server {
             .with_extra_routes(axum::Router::new().route(FLOOR_PATH, axum::routing::post(floor)));
         let addr = webhook.https_addr();
 
-        let secrets = Arc::new(SecretCache::new());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("webhook")
+            .build()
+            .context("failed to start the server runtime")?;
+
+        // The Secret is in the cache: no read, so no API server.
+        let client = {
+            let _runtime = runtime.enter();
+            seinode_tls_testkit::no_api_server()
+        };
+        let secrets = Arc::new(SecretCache::new(client, webhook.metrics()));
         secrets.apply(&pki.secret);
         secrets.mark_synced();
         let nodes = NodeCache::new();
@@ -312,12 +323,6 @@ impl Server {
             nodes,
             webhook.metrics(),
         ));
-
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("webhook")
-            .build()
-            .context("failed to start the server runtime")?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("webhook".to_owned())

@@ -68,35 +68,21 @@ pub struct SecretCache {
     versions: SecretVersions,
     inspections: Inspections,
     synced: AtomicBool,
-    /// For the on-demand read; without one (tests, benchmarks) only [`SecretCache::apply`]
-    /// fills inspections.
-    client: Option<Client>,
-    metrics: Option<Arc<WebhookMetrics>>,
+    /// For the on-demand read of a Secret a decision needs.
+    client: Client,
+    metrics: Arc<WebhookMetrics>,
 }
 
-impl Default for SecretCache {
-    fn default() -> Self {
+impl SecretCache {
+    /// An empty cache, not synced, that reads a Secret through `client` when a decision needs
+    /// its content.
+    pub fn new(client: Client, metrics: Arc<WebhookMetrics>) -> Self {
         Self {
             versions: SecretVersions::default(),
             inspections: Inspections::new(retainable),
             synced: AtomicBool::new(false),
-            client: None,
-            metrics: None,
-        }
-    }
-}
-
-impl SecretCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A cache that reads a Secret through `client` when a decision needs its content.
-    pub fn with_client(client: Client, metrics: Arc<WebhookMetrics>) -> Self {
-        Self {
-            client: Some(client),
-            metrics: Some(metrics),
-            ..Self::default()
+            client,
+            metrics,
         }
     }
 
@@ -163,7 +149,6 @@ impl SecretCache {
     /// not answered within `CACHE_READ_PATIENCE`; at most [`READ_TIMEOUT`] in all).
     /// A failed read is logged and counted; the lookup then says the Secret could not be read.
     pub async fn ensure(&self, namespace: &str, name: &str) {
-        let Some(client) = &self.client else { return };
         if !self.is_synced() {
             return;
         }
@@ -172,7 +157,7 @@ impl SecretCache {
         };
         let read = self
             .inspections
-            .held_or_read(client, namespace, name, version.as_deref());
+            .held_or_read(&self.client, namespace, name, version.as_deref());
         let result = match tokio::time::timeout(READ_TIMEOUT, read).await {
             Ok(Ok(Current::Held(_))) => return,
             Ok(Ok(Current::Read(secret))) => Ok(secret),
@@ -208,13 +193,12 @@ impl SecretCache {
                 "failed"
             }
         };
-        if let Some(metrics) = &self.metrics {
-            metrics.count_secret_read(outcome);
-        }
+        self.metrics.count_secret_read(outcome);
     }
 
-    /// Records a Secret with its content (the on-demand read; tests and benchmarks), parsing it
-    /// unless this resourceVersion was parsed already. Secrets of another type are removed.
+    /// Records a Secret with its content, as a read would, parsing it unless this
+    /// resourceVersion was parsed already; Secrets of another type are removed. What tests,
+    /// benchmarks and fuzz targets fill the cache with, where no API server serves reads.
     pub fn apply(&self, secret: &Secret) {
         let (namespace, name) = key_of(secret);
         if secret.type_.as_deref() != Some(TLS_SECRET_TYPE) {
@@ -252,11 +236,9 @@ impl SecretCache {
     }
 
     fn publish_sizes(&self) {
-        if let Some(metrics) = &self.metrics {
-            let (known, inspected) = self.sizes();
-            metrics.secret_cache_known.set(known as i64);
-            metrics.secret_cache_inspected.set(inspected as i64);
-        }
+        let (known, inspected) = self.sizes();
+        self.metrics.secret_cache_known.set(known as i64);
+        self.metrics.secret_cache_inspected.set(inspected as i64);
     }
 
     /// Applies one event of the metadata watch: the versions follow it, the inspections of
@@ -370,7 +352,7 @@ impl Caches {
         metrics: Arc<WebhookMetrics>,
         scope: &WatchScope,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let secrets = Arc::new(SecretCache::with_client(client.clone(), metrics));
+        let secrets = Arc::new(SecretCache::new(client.clone(), metrics));
 
         // Metadata only: a tenant's Secrets cost the webhook their names, not their bytes.
         let secret_config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
@@ -448,9 +430,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn each_secret_version_is_parsed_once_and_kept_only_while_its_version_holds() {
-        let cache = SecretCache::new();
+    /// A cache whose reads reach no API server (they fail at once), with its metrics.
+    fn cache_without_api_server() -> (SecretCache, prometheus_client::registry::Registry) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(WebhookMetrics::register(&mut registry));
+        let client = seinode_tls_testkit::no_api_server();
+        (SecretCache::new(client, metrics), registry)
+    }
+
+    #[tokio::test]
+    async fn each_secret_version_is_parsed_once_and_kept_only_while_its_version_holds() {
+        let (cache, _) = cache_without_api_server();
         cache.apply_meta_event(&watcher::Event::Init);
         cache.apply_meta_event(&watcher::Event::InitApply(meta("a", "1")));
         cache.apply_meta_event(&watcher::Event::InitDone);
@@ -478,8 +468,8 @@ mod tests {
         assert_eq!(cache.sizes(), (0, 0));
     }
 
-    #[test]
-    fn inspections_keep_no_certificate_bytes_and_are_dropped_when_no_node_names_them() {
+    #[tokio::test]
+    async fn inspections_keep_no_certificate_bytes_and_are_dropped_when_no_node_names_them() {
         let leaf = LeafCertificate {
             not_before: jiff::Timestamp::UNIX_EPOCH,
             not_after: jiff::Timestamp::MAX,
@@ -500,7 +490,7 @@ mod tests {
         };
         assert!(retainable(InspectedSecret::Usable(outsized)).is_none());
 
-        let cache = SecretCache::new();
+        let (cache, _) = cache_without_api_server();
         cache.mark_synced();
         cache.apply(&secret("a", "1"));
         cache.apply(&secret("b", "1"));
@@ -512,12 +502,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_read_is_counted_and_leaves_the_secret_unavailable_not_missing() {
-        // Nothing listens on port 1 of loopback: the read fails at once.
-        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
-        let client = Client::try_from(config).unwrap();
-        let mut registry = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(WebhookMetrics::register(&mut registry));
-        let cache = SecretCache::with_client(client, metrics.clone());
+        let (cache, registry) = cache_without_api_server();
         cache.mark_synced();
         cache.apply_meta("sei", "a", Some("1"));
         cache.ensure("sei", "a").await;
@@ -572,7 +557,7 @@ mod tests {
             let (client, mut arrived, release) = held_read(answer.clone());
             let mut registry = prometheus_client::registry::Registry::default();
             let metrics = Arc::new(WebhookMetrics::register(&mut registry));
-            let cache = SecretCache::with_client(client, metrics);
+            let cache = SecretCache::new(client, metrics);
             cache.mark_synced();
             cache.apply_meta("sei", "a", Some("1"));
             let overtake = async {
@@ -598,9 +583,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lookups_before_the_first_list_are_unavailable_not_missing() {
-        let cache = SecretCache::new();
+    #[tokio::test]
+    async fn lookups_before_the_first_list_are_unavailable_not_missing() {
+        let (cache, _) = cache_without_api_server();
         assert!(matches!(
             cache.lookup("sei", "a"),
             CachedLookup::Unavailable(NOT_SYNCED)
