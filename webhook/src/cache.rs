@@ -144,10 +144,11 @@ impl SecretCache {
     }
 
     /// Makes sure [`SecretCache::lookup`] can answer for a Secret the watch knows: reads it
-    /// unless the inspection of its current version is held (one GET at the version the watch
-    /// reported, which the API server serves from its cache, or a quorum read if the cache has
-    /// not answered within `CACHE_READ_PATIENCE`; at most [`READ_TIMEOUT`] in all).
-    /// A failed read is logged and counted; the lookup then says the Secret could not be read.
+    /// unless the inspection of its current version is held ([`Inspections::held_or_read`], as
+    /// the controller's Secret judge does: one GET at the version the watch reported, which the
+    /// API server serves from its cache, or a quorum read if the cache has not answered within
+    /// `CACHE_READ_PATIENCE`; at most [`READ_TIMEOUT`] in all). A failed read is logged and
+    /// counted; the lookup then says the Secret could not be read.
     pub async fn ensure(&self, namespace: &str, name: &str) {
         if !self.is_synced() {
             return;
