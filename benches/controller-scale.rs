@@ -47,12 +47,12 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource, ResourceExt as _};
 use seinode_tls_crds::contract::{DEFAULT_CLUSTER_DOMAIN, required_dns_names};
 use seinode_tls_crds::validation::Reason;
-use seinode_tls_crds::versions::read_secret;
 use seinode_tls_crds::{SIDECAR_TLS_SECRET_READY, SeiNode, TaskStatus, error_chain};
 use seinode_tls_devcluster::control_plane::{
     self, ControlPlane, ControlPlaneConfig, log_tail, write_private,
 };
 use seinode_tls_devcluster::watchdog::Watchdog;
+use seinode_tls_kube::versions::read_secret;
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use serde::Serialize;
 use serde::de::DeserializeOwned;

@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use seinode_tls_controller::config::{SidecarClientFiles, SidecarPlatform};
 use seinode_tls_controller::sidecar::SidecarAddresses;
 use seinode_tls_controller::{ControllerConfig, LeaderElection};
-use seinode_tls_crds::watch::WatchScope;
+use seinode_tls_kube::watch::WatchScope;
 use seinode_tls_webhook::{GuardPolicy, SecretPolicy, WebhookConfig};
 
 use crate::check::CheckArgs;

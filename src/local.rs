@@ -246,7 +246,7 @@ pub async fn start_webhook(
             &endpoint,
             ca.as_bytes(),
             &excluded,
-            &seinode_tls_crds::watch::WatchScope::Cluster,
+            &seinode_tls_kube::watch::WatchScope::Cluster,
         ),
     )
     .await
@@ -257,7 +257,7 @@ pub async fn start_webhook(
             &endpoint,
             ca.as_bytes(),
             &excluded,
-            &seinode_tls_crds::watch::WatchScope::Cluster,
+            &seinode_tls_kube::watch::WatchScope::Cluster,
         ),
     )
     .await

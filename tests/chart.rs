@@ -549,7 +549,7 @@ async fn the_controller_and_the_webhook_caches_work_as_the_service_account() {
     let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(
         sa.clone(),
         metrics,
-        &seinode_tls_crds::watch::WatchScope::Cluster,
+        &seinode_tls_kube::watch::WatchScope::Cluster,
     );
     let watch = tokio::spawn(watch);
     let (_, synced) = common::poll(WAIT, || async { caches.is_synced() }, |s| *s).await;
@@ -943,7 +943,7 @@ fn without_cert_manager_the_chart_requires_the_sidecar_client_secret() {
 /// policies, and the namespaces they apply to, cluster-wide and with `watchNamespaces`.
 #[test]
 fn the_charts_webhooks_match_the_registration_code() {
-    use seinode_tls_crds::watch::WatchScope;
+    use seinode_tls_kube::watch::WatchScope;
     use seinode_tls_webhook::registration::{
         Endpoint, mutating_configuration, validating_configuration,
     };

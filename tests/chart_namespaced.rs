@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
 use seinode_tls_controller::Controller;
 use seinode_tls_crds::SeiNode;
-use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
+use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use seinode_tls_webhook::{Webhook, WebhookConfig};
 use serde_json::json;

@@ -521,7 +521,7 @@ spec:
         &endpoint,
         cp.ca().cert_pem().as_bytes(),
         &[],
-        &seinode_tls_crds::watch::WatchScope::Cluster,
+        &seinode_tls_kube::watch::WatchScope::Cluster,
     );
     registration.metadata.name = Some(format!("{ns}-by-service"));
     for hook in registration.webhooks.iter_mut().flatten() {
@@ -598,7 +598,7 @@ spec:
         &endpoint,
         ca.as_bytes(),
         &[],
-        &seinode_tls_crds::watch::WatchScope::Cluster,
+        &seinode_tls_kube::watch::WatchScope::Cluster,
     );
     validating.metadata.name = Some(format!("{ns}-outage"));
     for hook in validating.webhooks.iter_mut().flatten() {
@@ -608,7 +608,7 @@ spec:
         &endpoint,
         ca.as_bytes(),
         &[],
-        &seinode_tls_crds::watch::WatchScope::Cluster,
+        &seinode_tls_kube::watch::WatchScope::Cluster,
     );
     mutating.metadata.name = Some(format!("{ns}-outage"));
     for hook in mutating.webhooks.iter_mut().flatten() {

@@ -353,8 +353,9 @@ fn schema_has(schema: &Value, parts: &[&str]) -> bool {
 }
 
 /// Crate names share the metrics' prefix (in log filters and paths); they are not metrics.
-const CRATES: [&str; 5] = [
+const CRATES: [&str; 6] = [
     "seinode_tls_crds",
+    "seinode_tls_kube",
     "seinode_tls_controller",
     "seinode_tls_webhook",
     "seinode_tls_devcluster",

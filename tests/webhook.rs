@@ -310,7 +310,7 @@ async fn a_tenants_large_tls_secrets_cost_the_webhook_their_names_not_their_byte
     let (caches, watch) = seinode_tls_webhook::cache::Caches::watch(
         client.clone(),
         metrics,
-        &seinode_tls_crds::watch::WatchScope::Cluster,
+        &seinode_tls_kube::watch::WatchScope::Cluster,
     );
     let watch = tokio::spawn(watch);
 
@@ -374,7 +374,7 @@ async fn a_tenants_large_tls_secrets_cost_the_webhook_their_names_not_their_byte
 /// Secret, and finds a deleted one gone.
 #[tokio::test]
 async fn a_secret_read_at_a_watched_version_is_never_older_than_it() {
-    use seinode_tls_crds::versions::read_secret;
+    use seinode_tls_kube::versions::read_secret;
 
     let client = common::client().await;
     let ns = common::namespace(&client, "read-at").await;

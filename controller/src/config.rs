@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use seinode_tls_crds::watch::WatchScope;
+use seinode_tls_kube::watch::WatchScope;
 
 use crate::sidecar::SidecarAddresses;
 

@@ -36,7 +36,7 @@ use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::validation::TLS_SECRET_TYPE;
-use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
+use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -45,8 +45,8 @@ pub use config::{ControllerConfig, LeaderElection};
 use leader::{Elector, Leadership, LeaseContact};
 use metrics::ControllerMetrics;
 use reconcile::{Context, Latest, OwnedStores};
-use seinode_tls_crds::index::SecretIndex;
-use seinode_tls_crds::versions::SecretVersions;
+use seinode_tls_kube::index::SecretIndex;
+use seinode_tls_kube::versions::SecretVersions;
 
 #[derive(Debug, Error)]
 pub enum ControllerError {

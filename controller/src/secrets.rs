@@ -4,12 +4,11 @@
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client};
+use kube::Client;
 use prometheus_client::metrics::counter::Counter;
-use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{InspectedSecret, SecretLookup, SecretVerdict, judge};
-use seinode_tls_crds::versions::{SecretVersions, read_secret};
+use seinode_tls_kube::inspections::{Current, Inspections};
+use seinode_tls_kube::versions::SecretVersions;
 
 /// Inspections kept whole (the probe trusts their leaf and `ca.crt`), replaced when the
 /// version moves and pruned when no node names the Secret any more.
@@ -46,28 +45,29 @@ impl SecretJudge {
         now: Timestamp,
     ) -> (SecretVerdict, Option<Arc<InspectedSecret>>) {
         let watched = self.versions.get(namespace, name).flatten();
-        let inspected = match self.inspections.held(namespace, name, watched.as_deref()) {
-            Some(held) => held,
-            None => {
-                self.reads.inc();
-                let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-                match read_secret(&api, name, watched.as_deref()).await {
-                    Ok(Some(secret)) => self.inspections.of(&secret),
-                    Ok(None) => {
-                        let verdict = judge(namespace, name, SecretLookup::NotFound, required, now);
-                        return (verdict, None);
+        let current = self
+            .inspections
+            .held_or_read(client, namespace, name, watched.as_deref())
+            .await;
+        if !matches!(current, Ok(Current::Held(_))) {
+            self.reads.inc();
+        }
+        let inspected = match current {
+            Ok(Current::Held(held)) => held,
+            Ok(Current::Read(Some(secret))) => self.inspections.of(&secret),
+            Ok(Current::Read(None)) => {
+                let verdict = judge(namespace, name, SecretLookup::NotFound, required, now);
+                return (verdict, None);
+            }
+            Err(error) => {
+                let cause = match &error {
+                    kube::Error::Api(status) => {
+                        format!("API error {}: {}", status.code, status.message)
                     }
-                    Err(error) => {
-                        let cause = match &error {
-                            kube::Error::Api(status) => {
-                                format!("API error {}: {}", status.code, status.message)
-                            }
-                            other => other.to_string(),
-                        };
-                        let lookup = SecretLookup::Unavailable(&cause);
-                        return (judge(namespace, name, lookup, required, now), None);
-                    }
-                }
+                    other => other.to_string(),
+                };
+                let lookup = SecretLookup::Unavailable(&cause);
+                return (judge(namespace, name, lookup, required, now), None);
             }
         };
         let verdict = judge(
@@ -91,6 +91,7 @@ mod tests {
     use parking_lot::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use k8s_openapi::api::core::v1::Secret;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use kube::core::PartialObjectMeta;
     use kube::runtime::watcher;

@@ -1,22 +1,15 @@
-//! What the webhook, the controller and the CLI share, so they can never disagree.
+//! What the webhook, the controller and the CLI share, so they can never disagree: the SeiNode
+//! API ([`crd`] and the types), the sidecar TLS [`contract`] and the [`validation`] of TLS
+//! Secrets.
 //!
-//! - Pure, free of I/O: the SeiNode API ([`crd`] and the types), the sidecar TLS [`contract`],
-//!   and the [`validation`] of TLS Secrets.
-//! - Kube support both co-processes use: the cluster- or namespace-scoped [`watch`], the
-//!   Secret → nodes [`index`] a SeiNode watch feeds, the
-//!   [`versions`] of TLS Secrets that the metadata watch reports (with the one read a verdict
-//!   needs: a GET of the Secret at that version), and the [`inspections`] held per Secret
-//!   version, parsed once. These hold runtime state, and `watch` and `versions` talk to the API
-//!   server (the watches, and that one GET); nothing else here does.
+//! Pure: no API client, no async runtime, no state kept between calls. Its inputs are values
+//! (a Secret, a node's names, the time); what talks to the API server or holds state while the
+//! processes run is in `seinode-tls-kube`.
 
 pub mod contract;
 pub mod crd;
-pub mod index;
-pub mod inspections;
 mod types;
 pub mod validation;
-pub mod versions;
-pub mod watch;
 
 pub use types::*;
 

@@ -52,7 +52,12 @@ fn harness() -> &'static Harness {
             .enable_time()
             .build()
             .expect("build a runtime");
-        let (secrets, nodes) = caches();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let cache_metrics = Arc::new(WebhookMetrics::register(&mut registry));
+        let (secrets, nodes) = {
+            let _runtime = runtime.enter();
+            caches(cache_metrics)
+        };
         let router = |secret_policy, guard_policy| {
             let mut registry = prometheus_client::registry::Registry::default();
             let metrics = Arc::new(WebhookMetrics::register(&mut registry));
@@ -78,8 +83,9 @@ fn harness() -> &'static Harness {
     })
 }
 
-/// Synced caches: `rpc` uses the valid `rpc-tls`, `web` the defective `broken-tls`.
-fn caches() -> (Arc<SecretCache>, NodeCache) {
+/// Synced caches: `rpc` uses the valid `rpc-tls`, `web` the defective `broken-tls`. Both
+/// Secrets are held, so the cache reads nothing and needs no API server.
+fn caches(metrics: Arc<WebhookMetrics>) -> (Arc<SecretCache>, NodeCache) {
     let ca = CertificateAuthority::new("fuzz CA").expect("generate a CA");
     let names = required_dns_names("rpc", NAMESPACE, "cluster.local");
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -95,7 +101,8 @@ fn caches() -> (Arc<SecretCache>, NodeCache) {
     valid.metadata.resource_version = Some("11".to_owned());
     let mut broken = tls_secret(NAMESPACE, "broken-tls", &leaf.cert_pem, "not a key", None);
     broken.metadata.resource_version = Some("12".to_owned());
-    let secrets = Arc::new(SecretCache::new());
+    let client = seinode_tls_testkit::no_api_server();
+    let secrets = Arc::new(SecretCache::new(client, metrics));
     secrets.apply(&valid);
     secrets.apply(&broken);
     secrets.mark_synced();

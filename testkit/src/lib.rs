@@ -1,5 +1,6 @@
-//! Test and `local` fixtures: a throwaway certificate authority, the certificates it issues and
-//! the `kubernetes.io/tls` Secrets that hold them. Never part of the shipped binary.
+//! Test and `local` fixtures: a throwaway certificate authority, the certificates it issues,
+//! the `kubernetes.io/tls` Secrets that hold them, and an API client for code that must hold one
+//! where no API server is (`no_api_server`). Never part of the shipped binary.
 //! Production certificates come from the cluster (cert-manager or the platform's own PKI).
 
 use std::net::IpAddr;
@@ -140,6 +141,21 @@ impl CertificateAuthority {
         })
     }
 }
+
+/// An API client for code that must hold one where no API server serves it (tests, benchmarks,
+/// fuzz targets): every request fails at once with "no API server", and nothing is dialled.
+/// Like any `kube::Client`, it is made inside a Tokio runtime (its request queue is a task).
+pub fn no_api_server() -> kube::Client {
+    let service = tower::service_fn(|_: http::Request<kube::client::Body>| async {
+        Err::<http::Response<kube::client::Body>, _>(NoApiServer)
+    });
+    kube::Client::new(service, "default")
+}
+
+/// The error of every request through [`no_api_server`].
+#[derive(Debug, Error)]
+#[error("no API server: this client is not connected to one")]
+pub struct NoApiServer;
 
 /// What an API server answers a GET of a Secret with, for fake API servers in unit tests: the
 /// Secret (200), or a `NotFound` Status (404) when there is none. Status code and JSON body.

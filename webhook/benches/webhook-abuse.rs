@@ -242,7 +242,20 @@ fn serve_child(dir: &Path, args: &Args) -> anyhow::Result<()> {
         ),
         ..Secret::default()
     };
-    let secrets = Arc::new(SecretCache::new());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("webhook")
+        .build()
+        .context("failed to start the server runtime")?;
+    let mut registry = Registry::default();
+    let webhook = Webhook::bind(webhook_config(dir, args.idle_timeout), &mut registry)?;
+
+    // The Secret is in the cache: no read, so no API server.
+    let client = {
+        let _runtime = runtime.enter();
+        seinode_tls_testkit::no_api_server()
+    };
+    let secrets = Arc::new(SecretCache::new(client, webhook.metrics()));
     secrets.apply(&secret);
     secrets.mark_synced();
     let node: SeiNode = serde_json::from_value(seinode_object())
@@ -251,8 +264,6 @@ fn serve_child(dir: &Path, args: &Args) -> anyhow::Result<()> {
     nodes.apply(&watcher::Event::Apply(node));
     nodes.mark_synced();
 
-    let mut registry = Registry::default();
-    let webhook = Webhook::bind(webhook_config(dir, args.idle_timeout), &mut registry)?;
     let state = Arc::new(AdmissionState::from_config(
         webhook.config(),
         secrets,
@@ -279,11 +290,6 @@ fn serve_child(dir: &Path, args: &Args) -> anyhow::Result<()> {
             let _ = stop.send(());
         })
         .context("failed to start the stdin watch")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("webhook")
-        .build()
-        .context("failed to start the server runtime")?;
     runtime.block_on(webhook.serve(
         state,
         Arc::new(registry),

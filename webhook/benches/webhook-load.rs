@@ -314,7 +314,18 @@ impl Server {
             .context("failed to bind the admission port")?;
         let addr = listener.local_addr()?;
 
-        let secrets = Arc::new(SecretCache::new());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("webhook")
+            .build()
+            .context("failed to start the server runtime")?;
+
+        // The Secret is in the cache: no read, so no API server.
+        let client = {
+            let _runtime = runtime.enter();
+            seinode_tls_testkit::no_api_server()
+        };
+        let secrets = Arc::new(SecretCache::new(client, metrics.clone()));
         secrets.apply(&pki.secret);
         secrets.mark_synced();
         let nodes = NodeCache::new();
@@ -333,11 +344,6 @@ impl Server {
         let limits = admission_limits(&config);
         let counters = ConnectionCounters::of(&metrics);
 
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("webhook")
-            .build()
-            .context("failed to start the server runtime")?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("webhook".to_owned())

@@ -16,15 +16,15 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use seinode_tls_crds::SeiNode;
-use seinode_tls_crds::index::SecretIndex;
-use seinode_tls_crds::inspections::Inspections;
 use seinode_tls_crds::validation::{
     InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
 };
-use seinode_tls_crds::versions::{SecretVersions, read_secret};
-use seinode_tls_crds::watch::{WatchScope, scoped_watcher};
+use seinode_tls_kube::index::SecretIndex;
+use seinode_tls_kube::inspections::{Current, Inspections};
+use seinode_tls_kube::versions::SecretVersions;
+use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
 
 use crate::metrics::WebhookMetrics;
 
@@ -68,35 +68,21 @@ pub struct SecretCache {
     versions: SecretVersions,
     inspections: Inspections,
     synced: AtomicBool,
-    /// For the on-demand read; without one (tests, benchmarks) only [`SecretCache::apply`]
-    /// fills inspections.
-    client: Option<Client>,
-    metrics: Option<Arc<WebhookMetrics>>,
+    /// For the on-demand read of a Secret a decision needs.
+    client: Client,
+    metrics: Arc<WebhookMetrics>,
 }
 
-impl Default for SecretCache {
-    fn default() -> Self {
+impl SecretCache {
+    /// An empty cache, not synced, that reads a Secret through `client` when a decision needs
+    /// its content.
+    pub fn new(client: Client, metrics: Arc<WebhookMetrics>) -> Self {
         Self {
             versions: SecretVersions::default(),
             inspections: Inspections::new(retainable),
             synced: AtomicBool::new(false),
-            client: None,
-            metrics: None,
-        }
-    }
-}
-
-impl SecretCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A cache that reads a Secret through `client` when a decision needs its content.
-    pub fn with_client(client: Client, metrics: Arc<WebhookMetrics>) -> Self {
-        Self {
-            client: Some(client),
-            metrics: Some(metrics),
-            ..Self::default()
+            client,
+            metrics,
         }
     }
 
@@ -158,29 +144,24 @@ impl SecretCache {
     }
 
     /// Makes sure [`SecretCache::lookup`] can answer for a Secret the watch knows: reads it
-    /// unless the inspection of its current version is held (one GET at the version the watch
-    /// reported, which the API server serves from its cache, or a quorum read if the cache has
-    /// not answered within `CACHE_READ_PATIENCE`; at most [`READ_TIMEOUT`] in all).
-    /// A failed read is logged and counted; the lookup then says the Secret could not be read.
+    /// unless the inspection of its current version is held ([`Inspections::held_or_read`], as
+    /// the controller's Secret judge does: one GET at the version the watch reported, which the
+    /// API server serves from its cache, or a quorum read if the cache has not answered within
+    /// `CACHE_READ_PATIENCE`; at most [`READ_TIMEOUT`] in all). A failed read is logged and
+    /// counted; the lookup then says the Secret could not be read.
     pub async fn ensure(&self, namespace: &str, name: &str) {
-        let Some(client) = &self.client else { return };
         if !self.is_synced() {
             return;
         }
         let Some(version) = self.version(namespace, name) else {
             return;
         };
-        if self
+        let read = self
             .inspections
-            .held(namespace, name, version.as_deref())
-            .is_some()
-        {
-            return;
-        }
-        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-        let read = read_secret(&api, name, version.as_deref());
+            .held_or_read(&self.client, namespace, name, version.as_deref());
         let result = match tokio::time::timeout(READ_TIMEOUT, read).await {
-            Ok(Ok(secret)) => Ok(secret),
+            Ok(Ok(Current::Held(_))) => return,
+            Ok(Ok(Current::Read(secret))) => Ok(secret),
             Ok(Err(error)) => Err(seinode_tls_crds::error_chain(&error)),
             Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
         };
@@ -213,13 +194,12 @@ impl SecretCache {
                 "failed"
             }
         };
-        if let Some(metrics) = &self.metrics {
-            metrics.count_secret_read(outcome);
-        }
+        self.metrics.count_secret_read(outcome);
     }
 
-    /// Records a Secret with its content (the on-demand read; tests and benchmarks), parsing it
-    /// unless this resourceVersion was parsed already. Secrets of another type are removed.
+    /// Records a Secret with its content, as a read would, parsing it unless this
+    /// resourceVersion was parsed already; Secrets of another type are removed. What tests,
+    /// benchmarks and fuzz targets fill the cache with, where no API server serves reads.
     pub fn apply(&self, secret: &Secret) {
         let (namespace, name) = key_of(secret);
         if secret.type_.as_deref() != Some(TLS_SECRET_TYPE) {
@@ -257,35 +237,35 @@ impl SecretCache {
     }
 
     fn publish_sizes(&self) {
-        if let Some(metrics) = &self.metrics {
-            let (known, inspected) = self.sizes();
-            metrics.secret_cache_known.set(known as i64);
-            metrics.secret_cache_inspected.set(inspected as i64);
-        }
+        let (known, inspected) = self.sizes();
+        self.metrics.secret_cache_known.set(known as i64);
+        self.metrics.secret_cache_inspected.set(inspected as i64);
     }
 
     /// Applies one event of the metadata watch: the versions follow it, the inspections of
     /// versions it moved past or Secrets it no longer lists are dropped, and its first
     /// completed list makes the cache synced.
     pub fn apply_meta_event(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+        self.versions.apply(event);
         match event {
-            watcher::Event::Init => self.versions.apply(event),
-            watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => self.apply_meta(
-                &secret.namespace().unwrap_or_default(),
-                &secret.name_any(),
-                secret.metadata.resource_version.as_deref(),
-            ),
+            watcher::Event::Init => return,
+            watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => {
+                let (namespace, name) = key_of(secret);
+                let version = secret.metadata.resource_version.as_deref();
+                self.inspections
+                    .forget_other_versions(&namespace, &name, version);
+            }
             watcher::Event::Delete(secret) => {
-                self.remove(&secret.namespace().unwrap_or_default(), &secret.name_any());
+                let (namespace, name) = key_of(secret);
+                self.inspections.remove(&namespace, &name);
             }
             watcher::Event::InitDone => {
-                self.versions.apply(event);
                 self.inspections
                     .retain(|ns, name| self.versions.contains(ns, name));
                 self.mark_synced();
-                self.publish_sizes();
             }
         }
+        self.publish_sizes();
     }
 }
 
@@ -310,7 +290,7 @@ fn retainable(inspected: InspectedSecret) -> Option<InspectedSecret> {
     Some(trimmed)
 }
 
-fn key_of(secret: &Secret) -> Key {
+fn key_of<K: ResourceExt>(secret: &K) -> Key {
     (secret.namespace().unwrap_or_default(), secret.name_any())
 }
 
@@ -373,7 +353,7 @@ impl Caches {
         metrics: Arc<WebhookMetrics>,
         scope: &WatchScope,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let secrets = Arc::new(SecretCache::with_client(client.clone(), metrics));
+        let secrets = Arc::new(SecretCache::new(client.clone(), metrics));
 
         // Metadata only: a tenant's Secrets cost the webhook their names, not their bytes.
         let secret_config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
@@ -451,9 +431,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn each_secret_version_is_parsed_once_and_kept_only_while_its_version_holds() {
-        let cache = SecretCache::new();
+    /// A cache whose reads reach no API server (they fail at once), with its metrics.
+    fn cache_without_api_server() -> (SecretCache, prometheus_client::registry::Registry) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(WebhookMetrics::register(&mut registry));
+        let client = seinode_tls_testkit::no_api_server();
+        (SecretCache::new(client, metrics), registry)
+    }
+
+    #[tokio::test]
+    async fn each_secret_version_is_parsed_once_and_kept_only_while_its_version_holds() {
+        let (cache, _) = cache_without_api_server();
         cache.apply_meta_event(&watcher::Event::Init);
         cache.apply_meta_event(&watcher::Event::InitApply(meta("a", "1")));
         cache.apply_meta_event(&watcher::Event::InitDone);
@@ -481,8 +469,8 @@ mod tests {
         assert_eq!(cache.sizes(), (0, 0));
     }
 
-    #[test]
-    fn inspections_keep_no_certificate_bytes_and_are_dropped_when_no_node_names_them() {
+    #[tokio::test]
+    async fn inspections_keep_no_certificate_bytes_and_are_dropped_when_no_node_names_them() {
         let leaf = LeafCertificate {
             not_before: jiff::Timestamp::UNIX_EPOCH,
             not_after: jiff::Timestamp::MAX,
@@ -503,7 +491,7 @@ mod tests {
         };
         assert!(retainable(InspectedSecret::Usable(outsized)).is_none());
 
-        let cache = SecretCache::new();
+        let (cache, _) = cache_without_api_server();
         cache.mark_synced();
         cache.apply(&secret("a", "1"));
         cache.apply(&secret("b", "1"));
@@ -515,12 +503,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_read_is_counted_and_leaves_the_secret_unavailable_not_missing() {
-        // Nothing listens on port 1 of loopback: the read fails at once.
-        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
-        let client = Client::try_from(config).unwrap();
-        let mut registry = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(WebhookMetrics::register(&mut registry));
-        let cache = SecretCache::with_client(client, metrics.clone());
+        let (cache, registry) = cache_without_api_server();
         cache.mark_synced();
         cache.apply_meta("sei", "a", Some("1"));
         cache.ensure("sei", "a").await;
@@ -575,7 +558,7 @@ mod tests {
             let (client, mut arrived, release) = held_read(answer.clone());
             let mut registry = prometheus_client::registry::Registry::default();
             let metrics = Arc::new(WebhookMetrics::register(&mut registry));
-            let cache = SecretCache::with_client(client, metrics);
+            let cache = SecretCache::new(client, metrics);
             cache.mark_synced();
             cache.apply_meta("sei", "a", Some("1"));
             let overtake = async {
@@ -601,9 +584,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lookups_before_the_first_list_are_unavailable_not_missing() {
-        let cache = SecretCache::new();
+    #[tokio::test]
+    async fn lookups_before_the_first_list_are_unavailable_not_missing() {
+        let (cache, _) = cache_without_api_server();
         assert!(matches!(
             cache.lookup("sei", "a"),
             CachedLookup::Unavailable(NOT_SYNCED)

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use seinode_tls_crds::watch::WatchScope;
+use seinode_tls_kube::watch::WatchScope;
 
 /// What happens when a new TLS SeiNode names a Secret that exists but fails the contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
 };
 
-use seinode_tls_crds::watch::WatchScope;
+use seinode_tls_kube::watch::WatchScope;
 
 use crate::config::WEBHOOK_TIMEOUT_SECONDS;
 use crate::server::{MUTATE_SEINODES_PATH, VALIDATE_SECRETS_PATH, VALIDATE_SEINODES_PATH};

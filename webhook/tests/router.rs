@@ -114,7 +114,10 @@ impl Setup {
     }
 
     fn build(self) -> Webhook {
-        let secrets = Arc::new(SecretCache::new());
+        let mut registry = Registry::default();
+        let metrics = Arc::new(WebhookMetrics::register(&mut registry));
+        let client = seinode_tls_testkit::no_api_server();
+        let secrets = Arc::new(SecretCache::new(client, metrics.clone()));
         for secret in &self.secrets {
             secrets.apply(secret);
         }
@@ -126,8 +129,6 @@ impl Setup {
             secrets.mark_synced();
             nodes.mark_synced();
         }
-        let mut registry = Registry::default();
-        let metrics = Arc::new(WebhookMetrics::register(&mut registry));
         let state = Arc::new(AdmissionState {
             secrets,
             nodes,

@@ -152,7 +152,8 @@ fn start_with(cert: &Path, key: &Path, configure: impl FnOnce(&mut WebhookConfig
     let mut registry = Registry::default();
     let webhook = Webhook::bind(config, &mut registry).expect("bind");
     let addr = webhook.https_addr();
-    let secrets = Arc::new(SecretCache::new());
+    let client = seinode_tls_testkit::no_api_server();
+    let secrets = Arc::new(SecretCache::new(client, webhook.metrics()));
     secrets.mark_synced();
     let nodes = NodeCache::new();
     nodes.mark_synced();

@@ -12,7 +12,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use parking_lot::Mutex;
 use seinode_tls_crds::SeiNode;
-use seinode_tls_crds::versions::SecretVersions;
+use seinode_tls_kube::versions::SecretVersions;
 
 use crate::calls::SidecarCalls;
 use crate::compact::Compact;

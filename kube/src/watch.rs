@@ -19,9 +19,8 @@
 //!   complete).
 //!
 //! To send those `Delete`s the merge keeps the last object it sent per key: namespaced mode holds
-//! a second copy of what the consumers hold. This module sits in `crds`, the one crate both the
-//! webhook and the controller depend on; apart from building the watchers it is pure stream
-//! plumbing, tested without a cluster.
+//! a second copy of what the consumers hold. Both the webhook and the controller watch through
+//! here; apart from building the watchers it is pure stream plumbing, tested without a cluster.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Debug;

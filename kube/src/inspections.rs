@@ -1,5 +1,7 @@
 //! The one parse-once store of Secret inspections, shared by the webhook's cache and the
-//! controller's Secret reads: a Secret's content is parsed once per resourceVersion.
+//! controller's Secret reads: a Secret's content is parsed once per resourceVersion, and a
+//! Secret is read only when the inspection of the version the watch reports is not held
+//! ([`Inspections::held_or_read`]).
 
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
@@ -7,14 +9,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use seinode_tls_crds::validation::{InspectedSecret, inspect_tls_secret};
 
-use crate::validation::{InspectedSecret, inspect_tls_secret};
+use crate::versions::read_secret;
 
 type Key = (String, String);
 
 /// What a store keeps of an inspection: the inspection itself, a trimmed copy, or nothing
 /// (the caller still gets the inspection, which is then made again next time).
 pub type Keep = fn(InspectedSecret) -> Option<InspectedSecret>;
+
+/// A Secret as the watch says it stands.
+#[derive(Debug)]
+pub enum Current {
+    /// The held inspection of exactly the watched version: nothing was read.
+    Held(Arc<InspectedSecret>),
+    /// Not held: the Secret as read at the watched version (`None`: it does not exist).
+    Read(Option<Box<Secret>>),
+}
 
 /// Inspections by Secret namespace and name, each with the resourceVersion it was made from.
 pub struct Inspections {
@@ -85,6 +98,27 @@ impl Inspections {
         (held_version == version).then(|| inspected.clone())
     }
 
+    /// The held inspection of `namespace/name` at `watched` (the version the Secret watch
+    /// reports, see [`SecretVersions`](crate::versions::SecretVersions)), else the Secret read
+    /// at that version ([`read_secret`]: from the API server's watch cache; without a version, a
+    /// quorum read). A held inspection of the watched version is the Secret as it stands: a
+    /// later change reaches the watch, which moves the version. What is read is neither
+    /// inspected nor kept here: each caller records a read as its own bookkeeping needs.
+    pub async fn held_or_read(
+        &self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        watched: Option<&str>,
+    ) -> kube::Result<Current> {
+        if let Some(held) = self.held(namespace, name, watched) {
+            return Ok(Current::Held(held));
+        }
+        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        let read = read_secret(&api, name, watched).await?;
+        Ok(Current::Read(read.map(Box::new)))
+    }
+
     /// Drops the inspection of `namespace/name` unless it is of `version`.
     pub fn forget_other_versions(&self, namespace: &str, name: &str, version: Option<&str>) {
         let key = (namespace.to_owned(), name.to_owned());
@@ -124,6 +158,8 @@ impl Inspections {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -135,7 +171,7 @@ mod tests {
                 resource_version: version.map(str::to_owned),
                 ..ObjectMeta::default()
             },
-            type_: Some(crate::validation::TLS_SECRET_TYPE.to_owned()),
+            type_: Some(seinode_tls_crds::validation::TLS_SECRET_TYPE.to_owned()),
             ..Secret::default()
         }
     }
@@ -159,6 +195,75 @@ mod tests {
         store.of(&secret("b", None));
         store.of(&secret("b", None));
         assert_eq!((store.parsed(), store.len()), (5, 0));
+    }
+
+    /// The path and the version (`None`: a quorum read) of each GET.
+    type Asked = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+    /// An API server holding `sei/a` at version 2 (and nothing else); records each GET.
+    fn api_server() -> (Client, Asked) {
+        let asked = Asked::default();
+        let seen = asked.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let path = request.uri().path().to_owned();
+            let version = request.uri().query().and_then(|query| {
+                query
+                    .split('&')
+                    .find_map(|pair| pair.strip_prefix("resourceVersion="))
+                    .map(str::to_owned)
+            });
+            seen.lock().push((path.clone(), version));
+            async move {
+                let (code, body) = if path.ends_with("/secrets/a") {
+                    (200, serde_json::to_vec(&secret("a", Some("2")))?)
+                } else {
+                    let status = serde_json::json!({
+                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404, "message": "not found",
+                    });
+                    (404, serde_json::to_vec(&status)?)
+                };
+                http::Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body))
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            }
+        });
+        (Client::new(service, "default"), asked)
+    }
+
+    #[tokio::test]
+    async fn the_held_inspection_of_the_watched_version_answers_else_the_secret_is_read_at_it() {
+        let (client, asked) = api_server();
+        let store = Inspections::default();
+        store.of(&secret("a", Some("1")));
+        // (name, watched version, read?, found?, the version the read asked for)
+        let cases = [
+            ("a", Some("1"), false, true, None),
+            ("a", Some("2"), true, true, Some("2")),
+            // Unknown to the watch: a quorum read, whatever is held.
+            ("a", None, true, true, None),
+            ("gone", Some("5"), true, false, Some("5")),
+        ];
+        for (name, watched, read, found, at) in cases {
+            let current = store
+                .held_or_read(&client, "sei", name, watched)
+                .await
+                .unwrap();
+            let asked = std::mem::take(&mut *asked.lock());
+            match current {
+                Current::Held(_) => assert!(!read && asked.is_empty(), "{name} at {watched:?}"),
+                Current::Read(secret) => {
+                    assert!(read, "{name} at {watched:?} was read");
+                    assert_eq!(secret.is_some(), found, "{name} at {watched:?}");
+                    let path = format!("/api/v1/namespaces/sei/secrets/{name}");
+                    assert_eq!(asked, [(path, at.map(str::to_owned))]);
+                }
+            }
+        }
+        // A read is not kept: the caller records it.
+        assert!(store.held("sei", "a", Some("2")).is_none());
     }
 
     #[test]

@@ -5,10 +5,10 @@
 use parking_lot::RwLock;
 use std::collections::{BTreeSet, HashMap};
 
-use crate::SeiNode;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
+use seinode_tls_crds::SeiNode;
 
 type SecretKey = (String, String);
 
@@ -117,7 +117,7 @@ impl SecretIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{SeiNodeSpec, SidecarSpec, SidecarTls};
+    use seinode_tls_crds::{SeiNodeSpec, SidecarSpec, SidecarTls};
 
     fn node(name: &str, secret: Option<&str>) -> SeiNode {
         let mut node = SeiNode::new(
