@@ -452,6 +452,40 @@ fn triggers<K>(
     }
 }
 
+/// What a watch event or a finished sidecar call wakes.
+enum Wake {
+    /// A node's own event, with the node.
+    Node(Arc<SeiNode>),
+    /// The nodes another object names (looked up in the store).
+    Named(Vec<ObjectRef<SeiNode>>),
+}
+
+/// Queues the nodes `triggers` wake, with the priority `priority` gives each, until the
+/// triggers end.
+async fn feed(
+    triggers: impl futures::Stream<Item = Wake>,
+    queue: &dispatch::Queue,
+    store: &reflector::Store<SeiNode>,
+    priority: impl Fn(Arc<SeiNode>) -> dispatch::Priority,
+) {
+    futures::pin_mut!(triggers);
+    while let Some(wake) = triggers.next().await {
+        match wake {
+            // Until the first list completes the store is empty: a node's own event carries it.
+            Wake::Node(node) => queue.trigger(ObjectRef::from_obj(&*node), priority(node)),
+            Wake::Named(keys) => {
+                for key in keys {
+                    // Not in the store: gone (its owned objects follow it), or not listed yet
+                    // (its own event queues it).
+                    if let Some(node) = store.get(&key) {
+                        queue.trigger(key, priority(node));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The SeiNodes that own `object`.
 fn owners_of(object: &impl kube::Resource) -> Vec<ObjectRef<SeiNode>> {
     let namespace = object.meta().namespace.as_deref();
@@ -619,40 +653,39 @@ impl Term {
         // What wakes a node: its own changes, those of the objects it owns, of its Pod and of
         // its Secret, and a finished sidecar call.
         let triggers = futures::stream::select_all([
-            node_stream
-                .map(|node| vec![ObjectRef::from_obj(&node)])
+            node_stream.map(|node| Wake::Node(Arc::new(node))).boxed(),
+            cm_stream
+                .map(|object| Wake::Named(owners_of(&object)))
                 .boxed(),
-            cm_stream.map(|object| owners_of(&object)).boxed(),
-            svc_stream.map(|object| owners_of(&object)).boxed(),
-            sts_stream.map(|object| owners_of(&object)).boxed(),
+            svc_stream
+                .map(|object| Wake::Named(owners_of(&object)))
+                .boxed(),
+            sts_stream
+                .map(|object| Wake::Named(owners_of(&object)))
+                .boxed(),
             pod_stream
                 .map(|pod| {
                     let node = pod.labels().get(resources::NODE_LABEL);
-                    node.zip(pod.namespace())
-                        .map(|(node, namespace)| ObjectRef::new(node).within(&namespace))
-                        .into_iter()
-                        .collect()
+                    Wake::Named(
+                        node.zip(pod.namespace())
+                            .map(|(node, namespace)| ObjectRef::new(node).within(&namespace))
+                            .into_iter()
+                            .collect(),
+                    )
                 })
                 .boxed(),
             secrets
                 .map(move |secret| {
-                    index.nodes_for(&secret.namespace().unwrap_or_default(), &secret.name_any())
+                    let namespace = secret.namespace().unwrap_or_default();
+                    Wake::Named(index.nodes_for(&namespace, &secret.name_any()))
                 })
                 .boxed(),
-            called.map(|node| vec![node]).boxed(),
+            called.map(|node| Wake::Named(vec![node])).boxed(),
         ]);
         let queue = dispatch::Queue::default();
-        let feed = async {
-            tokio::pin!(triggers);
-            while let Some(nodes) = triggers.next().await {
-                for key in nodes {
-                    // A node not in the store is gone; its owned objects follow it.
-                    if let Some(node) = ctx.store.get(&key) {
-                        queue.trigger(key, reconcile::trigger_priority(&ctx, node));
-                    }
-                }
-            }
-        };
+        let feed = feed(triggers, &queue, &ctx.store, |node| {
+            reconcile::trigger_priority(&ctx, node)
+        });
         let stop = async {
             tokio::select! {
                 () = shutdown => {}
@@ -662,9 +695,15 @@ impl Term {
             ctx.calls.close();
             queue.close();
         };
-        let workers = futures::future::join_all(
-            (0..ctx.config.max_concurrent_reconciles).map(|_| reconcile::work(&queue, &ctx)),
-        );
+        let workers = async {
+            // A node is looked up in the store when its turn comes: not before the first list.
+            // (A dropped writer, the term ending, ends the wait too.)
+            let _ = reader.wait_until_ready().await;
+            futures::future::join_all(
+                (0..ctx.config.max_concurrent_reconciles).map(|_| reconcile::work(&queue, &ctx)),
+            )
+            .await
+        };
         futures::future::join(stop, workers).await;
         pruning.abort();
         tracing::info!("controller stopped");
@@ -676,6 +715,55 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    fn listed_node(name: &str) -> SeiNode {
+        let mut node = decide::tests::node("ghcr.io/sei-protocol/sei:v6.3.0", 1);
+        node.metadata.name = Some(name.to_owned());
+        node.metadata.namespace = Some("ns".to_owned());
+        node.metadata.uid = Some(format!("uid-{name}"));
+        node.metadata.resource_version = Some("1".to_owned());
+        node
+    }
+
+    /// Nodes that exist before the controller starts come in the first list, while kube's
+    /// store is still empty (it swaps the list in at `InitDone`): each is queued from its own
+    /// event, and what other objects name is looked up once the store holds it.
+    #[tokio::test]
+    async fn nodes_of_the_first_list_are_queued_before_the_store_holds_them() {
+        let (store, writer) = reflector::store::<SeiNode>();
+        let listed = ["a", "b", "c"].map(listed_node);
+        let mut events = vec![watcher::Event::Init];
+        events.extend(listed.iter().cloned().map(watcher::Event::InitApply));
+        events.push(watcher::Event::InitDone);
+        let nodes = reflector::reflector(
+            writer,
+            futures::stream::iter(events.into_iter().map(Ok::<_, watcher::Error>)),
+        )
+        .touched_objects()
+        .filter_map(|node| std::future::ready(node.ok()))
+        .map(|node| Wake::Node(Arc::new(node)));
+        let a = ObjectRef::from_obj(&listed[0]);
+        let named = futures::stream::iter([Wake::Named(vec![
+            a.clone(),
+            ObjectRef::new("gone").within("ns"),
+        ])]);
+        let queue = dispatch::Queue::default();
+        let seen = std::sync::Mutex::new(Vec::new());
+        feed(nodes.chain(named), &queue, &store, |node| {
+            seen.lock()
+                .unwrap()
+                .push(node.metadata.name.clone().unwrap());
+            dispatch::Priority::of(&node)
+        })
+        .await;
+        assert_eq!(store.len(), 3, "the list is in the store once it is done");
+        assert_eq!(
+            queue.len(),
+            3,
+            "every listed node is queued; a gone one is not"
+        );
+        assert_eq!(*seen.lock().unwrap(), ["a", "b", "c", "a"]);
+    }
 
     /// `/readyz` of the `controller` command: not ready before a first round about the Lease,
     /// ready within a lease duration of the last, not ready again once rounds stop succeeding.
