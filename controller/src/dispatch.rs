@@ -101,8 +101,9 @@ impl Queue {
         }
     }
 
-    /// Ends `key`'s reconcile: it runs again after `next` (with `priority`), or at once if it was
-    /// triggered meanwhile.
+    /// Ends `key`'s reconcile: it runs again after `next`, or at once if it was triggered
+    /// meanwhile, with `priority`: the one its reconcile left it at (fresher than a trigger's
+    /// while it ran, which saw the node before the reconcile's writes).
     pub fn done(&self, key: &Key, next: Next, priority: Priority) {
         if self.state.lock().done(key, next, priority, Instant::now()) {
             self.wake.notify_one();
@@ -140,7 +141,7 @@ enum Entry {
     },
     /// Being reconciled; `again`: when it is to run once that ends.
     Running {
-        again: Option<(Instant, Priority)>,
+        again: Option<Instant>,
     },
 }
 
@@ -160,13 +161,9 @@ impl State {
     /// Returns whether a node turned ready.
     fn trigger(&mut self, key: Key, priority: Priority, now: Instant) -> bool {
         match self.entries.get(&key).copied() {
-            Some(Entry::Running { again }) => {
-                let again = match again {
-                    Some((_, queued)) => (now, queued.min(priority)),
-                    None => (now, priority),
-                };
+            Some(Entry::Running { .. }) => {
                 self.entries
-                    .insert(key, Entry::Running { again: Some(again) });
+                    .insert(key, Entry::Running { again: Some(now) });
                 false
             }
             Some(Entry::Ready {
@@ -215,10 +212,10 @@ impl State {
             _ => return false,
         };
         let scheduled = match next {
-            Next::After(delay) => Some((now + delay, priority)),
+            Next::After(delay) => Some(now + delay),
             Next::OnChange => None,
         };
-        let (due, priority) = match (again, scheduled) {
+        let due = match (again, scheduled) {
             (Some(again), Some(scheduled)) => again.min(scheduled),
             (Some(one), None) | (None, Some(one)) => one,
             (None, None) => {
@@ -369,16 +366,23 @@ mod tests {
         state.trigger(key("a"), Normal, now);
         assert_eq!(names(&drain(&mut state, now)), [("a", Normal)]);
         assert!(!state.trigger(key("a"), Normal, now), "not while it runs");
+        // A trigger that saw the node before its reconcile's writes (say, still undecided).
         assert!(!state.trigger(key("a"), Urgent, now));
         assert!(drain(&mut state, now).is_empty(), "never twice at once");
-        // Its reconcile asked for an hour; the trigger meanwhile wins, with the higher priority.
+        // Its reconcile decided it (now normal work) and asked for an hour: the trigger
+        // meanwhile wins the time, the reconcile's priority wins over the trigger's.
         assert!(state.done(
             &key("a"),
             Next::After(Duration::from_secs(3600)),
             Normal,
             now
         ));
-        assert_eq!(names(&drain(&mut state, now)), [("a", Urgent)]);
+        state.trigger(key("undecided"), Urgent, now);
+        assert_eq!(
+            names(&drain(&mut state, now)),
+            [("undecided", Urgent), ("a", Normal)]
+        );
+        assert!(!state.done(&key("undecided"), Next::OnChange, Normal, now));
         assert!(!state.done(&key("a"), Next::OnChange, Normal, now));
         assert!(state.entries.is_empty(), "forgotten: nothing asked for it");
     }
@@ -427,6 +431,32 @@ mod tests {
         assert_eq!(names(&drain(&mut state, now)), [("a", Normal)]);
         assert!(!state.done(&key("x"), Next::After(Duration::ZERO), Normal, now));
         assert!(!state.entries.contains_key(&key("x")));
+    }
+
+    /// A requeue that brings the earliest due time closer wakes an idle worker, which would
+    /// otherwise wait for a trigger that may never come.
+    #[tokio::test]
+    async fn a_closer_due_time_wakes_an_idle_worker() {
+        let queue = Arc::new(Queue::default());
+        let deadline = Duration::from_secs(5);
+        queue.trigger(key("x"), Normal);
+        let (taken, priority) = tokio::time::timeout(deadline, queue.next())
+            .await
+            .unwrap()
+            .unwrap();
+        // An idle worker: nothing ready, nothing due.
+        let idle = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.next().await }
+        });
+        tokio::task::yield_now().await;
+        queue.done(&taken, Next::After(Duration::from_millis(50)), priority);
+        let (again, _) = tokio::time::timeout(deadline, idle)
+            .await
+            .expect("the idle worker woke for the new due time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.name, "x");
     }
 
     /// Workers wait for work, wake for a trigger and for a due time, and all return once the

@@ -475,8 +475,8 @@ async fn feed(
             Wake::Node(node) => queue.trigger(ObjectRef::from_obj(&*node), priority(node)),
             Wake::Named(keys) => {
                 for key in keys {
-                    // Not in the store: gone (its owned objects follow it), or not listed yet
-                    // (its own event queues it).
+                    // Not in the store: gone (its owned objects follow it), or listed and not
+                    // in the store yet (its own event queues it).
                     if let Some(node) = store.get(&key) {
                         queue.trigger(key, priority(node));
                     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use seinode_tls_crds::SeiNode;
 
@@ -36,17 +37,36 @@ const SYNC_WAIT: Duration = Duration::from_secs(10);
 /// One worker of the dispatch: reconciles the nodes `queue` hands out until it closes.
 pub async fn work(queue: &Queue, ctx: &Arc<Context>) {
     while let Some((key, priority)) = queue.next().await {
-        let (next, priority) = match ctx.store.get(&key) {
-            Some(node) => {
+        let (next, priority) = match node_of(ctx, &key).await {
+            Ok(Some(node)) => {
                 let next = reconcile(node.clone(), ctx, priority).await;
                 let node = ctx.newest(ctx.store.get(&key).unwrap_or(node));
                 (next, Priority::of(&node))
             }
             // Deleted since it was queued.
-            None => (Next::OnChange, priority),
+            Ok(None) => (Next::OnChange, priority),
+            Err(error) => {
+                tracing::warn!(error = %seinode_tls_crds::error_chain(&error), "failed to read a SeiNode the store does not hold; retrying");
+                (Next::After(jittered(1)), priority)
+            }
         };
         queue.done(&key, next, priority);
     }
+}
+
+/// The node `key` names: from the store, else (a node created while its watch relists, which
+/// the store shows only once the list is done; or one deleted since) read from the API server.
+async fn node_of(ctx: &Context, key: &ObjectRef<SeiNode>) -> Result<Option<Arc<SeiNode>>, Error> {
+    if let Some(node) = ctx.store.get(key) {
+        return Ok(Some(node));
+    }
+    let namespace = key.namespace.as_deref().unwrap_or_default();
+    let api: Api<SeiNode> = Api::namespaced(ctx.client.clone(), namespace);
+    let node = api
+        .get_opt(&key.name)
+        .await
+        .map_err(|source| api_error("read", "SeiNode", namespace, &key.name, source))?;
+    Ok(node.map(Arc::new))
 }
 
 /// The priority a trigger of `node` queues it with.
