@@ -686,7 +686,7 @@ impl Term {
         ]);
         let queue = dispatch::Queue::default();
         let feed = feed(triggers, &queue, &ctx.store, |node| {
-            reconcile::trigger_priority(&ctx, node)
+            reconcile::priority_of(&ctx, node)
         });
         let stop = async {
             tokio::select! {

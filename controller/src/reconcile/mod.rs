@@ -40,8 +40,7 @@ pub async fn work(queue: &Queue, ctx: &Arc<Context>) {
         let (next, priority) = match node_of(ctx, &key).await {
             Ok(Some(node)) => {
                 let next = reconcile(node.clone(), ctx, priority).await;
-                let node = ctx.newest(ctx.store.get(&key).unwrap_or(node));
-                (next, Priority::of(&node))
+                (next, priority_of(ctx, ctx.store.get(&key).unwrap_or(node)))
             }
             // Deleted since it was queued.
             Ok(None) => (Next::OnChange, priority),
@@ -69,8 +68,8 @@ async fn node_of(ctx: &Context, key: &ObjectRef<SeiNode>) -> Result<Option<Arc<S
     Ok(node.map(Arc::new))
 }
 
-/// The priority a trigger of `node` queues it with.
-pub fn trigger_priority(ctx: &Context, node: Arc<SeiNode>) -> Priority {
+/// The priority `node` is queued with: that of the newest version this controller knows.
+pub fn priority_of(ctx: &Context, node: Arc<SeiNode>) -> Priority {
     Priority::of(&ctx.newest(node))
 }
 
