@@ -121,6 +121,18 @@ struct Args {
     /// resourceVersion, the same precondition in a smaller body).
     #[arg(long, env = "CONTROLLER_SCALE_FLOOR_WRITE", value_enum, default_value_t = FloorWrite::Replace)]
     floor_write: FloorWrite,
+    /// With `--floor`: what each status holds: `verdict` (the contract and the condition, the
+    /// least a decision publishes) or `decided` (the status the controller's own `decide`
+    /// writes on first sight: the verdict, the phase, the Ready condition and the init plan).
+    #[arg(long, env = "CONTROLLER_SCALE_FLOOR_STATUS", value_enum, default_value_t = FloorStatus::Verdict)]
+    floor_status: FloorStatus,
+}
+
+/// What `--floor` writes in a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FloorStatus {
+    Verdict,
+    Decided,
 }
 
 /// How `--floor` writes a status.
@@ -917,7 +929,9 @@ async fn decide_floor(
             let plan = planned.get(&key).copied();
             async move {
                 match plan {
-                    Some(plan) => decide_one(client, node, plan, args.floor_write).await,
+                    Some(plan) => {
+                        decide_one(client, node, plan, args.floor_write, args.floor_status).await
+                    }
                     None => Ok(()),
                 }
             }
@@ -932,9 +946,10 @@ async fn decide_floor(
     let decided_quantiles = tracker.decided_quantiles(&keys, started);
     drop(idle_watches);
     println!(
-        "controller-scale floor: {decided} nodes, {in_flight} in flight, {} idle watches, {:?} \
+        "controller-scale floor: {decided} nodes, {in_flight} in flight, {} idle watches, {:?} status, {:?} \
          writes: every node decided {}; first / 50 % / 90 % / 99 % {}",
         args.floor_watches,
+        args.floor_status,
         args.floor_write,
         elapsed(all.map(|at| at.duration_since(started)), args.timeout),
         quantiles(&decided_quantiles, args.timeout)
@@ -960,14 +975,18 @@ fn quantiles(quantiles: &[Option<Duration>], timeout: Duration) -> String {
 }
 
 /// The floor's decision for one node: its Secret read, and the status a decision publishes
-/// (contract and condition), replaced on the listed version.
+/// (`verdict`: contract and condition; `decided`: what the controller's `decide` writes),
+/// replaced on the listed version.
 async fn decide_one(
     client: &Client,
     mut node: SeiNode,
     plan: &PlannedNode,
     write: FloorWrite,
+    status: FloorStatus,
 ) -> anyhow::Result<()> {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use seinode_tls_controller::decide::{Observed, Settings, decide};
+    use seinode_tls_crds::validation::SecretVerdict;
     use seinode_tls_crds::{SeiNodeStatus, SidecarTlsStatus};
 
     let namespace = node.namespace().unwrap_or_default();
@@ -980,22 +999,49 @@ async fn decide_one(
         .await
         .with_context(|| format!("failed to read Secret {namespace}/{secret_name}"))?;
     let reason = plan.kind.reason();
-    node.status = Some(SeiNodeStatus {
-        sidecar_tls: Some(SidecarTlsStatus {
-            secret_name: secret_name.clone(),
-            required_dns_names: required_dns_names(&name, &namespace, DEFAULT_CLUSTER_DOMAIN),
-            not_after: None,
-        }),
-        conditions: Some(vec![Condition {
-            type_: SIDECAR_TLS_SECRET_READY.to_owned(),
-            status: if reason.is_ready() { "True" } else { "False" }.to_owned(),
-            reason: reason.as_str().to_owned(),
-            message: format!("Secret {namespace}/{secret_name}: {}", reason.as_str()),
+    let message = format!("Secret {namespace}/{secret_name}: {}", reason.as_str());
+    let now = jiff::Timestamp::now();
+    node.status = Some(match status {
+        FloorStatus::Verdict => SeiNodeStatus {
+            sidecar_tls: Some(SidecarTlsStatus {
+                secret_name: secret_name.clone(),
+                required_dns_names: required_dns_names(&name, &namespace, DEFAULT_CLUSTER_DOMAIN),
+                not_after: None,
+            }),
+            conditions: Some(vec![Condition {
+                type_: SIDECAR_TLS_SECRET_READY.to_owned(),
+                status: if reason.is_ready() { "True" } else { "False" }.to_owned(),
+                reason: reason.as_str().to_owned(),
+                message,
+                observed_generation: node.metadata.generation,
+                last_transition_time: Time(now),
+            }]),
             observed_generation: node.metadata.generation,
-            last_transition_time: Time(jiff::Timestamp::now()),
-        }]),
-        observed_generation: node.metadata.generation,
-        ..SeiNodeStatus::default()
+            ..SeiNodeStatus::default()
+        },
+        FloorStatus::Decided => {
+            let observed = Observed {
+                leading: true,
+                first_sight: true,
+                verdict: Some(SecretVerdict {
+                    reason,
+                    message,
+                    // The fleet's leaves last 90 days (`LeafSpec`'s default).
+                    not_after: reason
+                        .is_ready()
+                        .then(|| now + jiff::SignedDuration::from_hours(24 * 90)),
+                    missing_dns_names: Vec::new(),
+                }),
+                ..Observed::default()
+            };
+            let settings = Settings {
+                cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
+                cert_expiry_warning: Duration::from_secs(7 * 24 * 3600),
+                sidecar_probe_interval: Duration::from_secs(30),
+            };
+            let base = node.status.clone().unwrap_or_default();
+            decide(&node, &base, &observed, &settings, now).status
+        }
     });
     let nodes = Api::<SeiNode>::namespaced(client.clone(), &namespace);
     match write {

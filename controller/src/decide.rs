@@ -38,6 +38,10 @@ pub const IN_THE_WAY: &str = "is in the way";
 /// How soon a sidecar task that could not finish yet (the pod starting, the task running) is
 /// tried again; the Pod watch brings the node back sooner when its pod changes.
 pub const SIDECAR_TASK_RETRY: Duration = Duration::from_secs(5);
+/// How soon a sidecar task whose pod is not there to call (not created, not of the current
+/// revision, without an IP) is looked at again; the Pod and StatefulSet watches wake the node
+/// as soon as its pod changes, so this is only a safety net.
+pub const SIDECAR_POD_RETRY: Duration = Duration::from_secs(30);
 /// Condition reason of `SidecarReady` while the plan waits for the sidecar to become ready.
 pub const SIDECAR_STARTING: &str = "SidecarStarting";
 /// Condition reason of `SidecarReady` once `mark-ready` completed, until the first probe.
@@ -138,6 +142,10 @@ pub struct Observed {
     pub probe: Option<ProbeResult>,
     /// The task this reconcile ran, and how it went.
     pub ran: Option<(Task, Outcome)>,
+    /// Why the node's sidecar cannot be called now (pod 0 of its StatefulSet not there, being
+    /// deleted, not of the current revision, or without an address); `None`: it can be, or
+    /// no plan is active. The Pod and StatefulSet watches wake the node when that changes.
+    pub sidecar_unreachable: Option<String>,
 }
 
 /// Configuration a decision needs.
@@ -153,8 +161,11 @@ pub struct Settings {
 pub struct Decision {
     pub status: SeiNodeStatus,
     pub events: Vec<NodeEvent>,
-    /// The one task to run now.
+    /// The one task to run now (`MarkSidecarReady`: a call to the sidecar, apart from the
+    /// reconcile, whose result wakes the node).
     pub task: Option<Task>,
+    /// Probe the sidecar (apart from the reconcile; the result wakes the node).
+    pub probe: bool,
     /// Look again after this long at the latest.
     pub requeue: Duration,
     /// The Secret could not be read: retry with backoff.
@@ -173,6 +184,7 @@ pub fn decide(
         status: base.clone(),
         events: Vec::new(),
         task: None,
+        probe: false,
         requeue: RESYNC,
         transient: false,
     };
@@ -246,12 +258,21 @@ pub fn decide(
     }
     if let Some(plan) = plan.as_mut().filter(|_| open) {
         decision.task = advance(plan, status, node, observed, now);
-        if let (Some(task), Some((ran, Outcome::Waiting(why)))) = (decision.task, &observed.ran)
-            && task == *ran
-        {
-            // Asked just now: look again a little later, not in a loop.
+        // The sidecar's task waits: asked just now and not done (look again a little later, not
+        // in a loop), or its pod is not there to ask (the Pod watch wakes the node).
+        let waiting = match (decision.task, &observed.ran) {
+            (Some(task), Some((ran, Outcome::Waiting(why)))) if task == *ran => {
+                Some((task, why.as_str(), SIDECAR_TASK_RETRY))
+            }
+            (Some(Task::MarkSidecarReady), None) => observed
+                .sidecar_unreachable
+                .as_deref()
+                .map(|why| (Task::MarkSidecarReady, why, SIDECAR_POD_RETRY)),
+            _ => None,
+        };
+        if let Some((task, why, retry)) = waiting {
             decision.task = None;
-            decision.requeue = decision.requeue.min(SIDECAR_TASK_RETRY);
+            decision.requeue = decision.requeue.min(retry);
             // A node that starts gets no event for it; one that was ready does.
             report_sidecar(
                 &mut conditions,
@@ -314,6 +335,8 @@ pub fn decide(
     }
     if status.phase == Some(SeiNodePhase::Running) && settled {
         decision.requeue = decision.requeue.min(settings.sidecar_probe_interval);
+        // A new probe, unless this reconcile has one's result (the next is due an interval on).
+        decision.probe = open && observed.probe.is_none();
     }
 
     // 4. Ready: the one condition the ecosystem reads (kstatus, Flux, Argo CD, `kubectl wait`).
@@ -1128,6 +1151,100 @@ pub(crate) mod tests {
         );
         // The StatefulSet reports the pod ready (as `current()` has it): Running.
         assert_eq!(marked.status.phase, Some(SeiNodePhase::Running));
+    }
+
+    /// A sidecar task whose pod is not there to call is not called: the decision waits for the
+    /// pod (the Pod watch wakes the node; the requeue is a safety net) and says so, exactly as
+    /// a call that answered "waiting" would have, without a call per retry.
+    #[test]
+    fn a_sidecar_task_without_a_pod_to_call_waits_for_the_pod_without_calling() {
+        let base = first_status(Reason::Ready);
+        let mut plan = base.plan.clone().expect("plan");
+        for task in &mut plan.tasks[..3] {
+            task.status = TaskStatus::Complete;
+        }
+        let base = SeiNodeStatus {
+            plan: Some(plan),
+            ..base
+        };
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        let cases: [(Option<&str>, Option<Task>, Duration); 3] = [
+            (None, Some(Task::MarkSidecarReady), RESYNC),
+            (
+                Some("pod ns/rpc-0 of StatefulSet rpc is not there yet"),
+                None,
+                SIDECAR_POD_RETRY,
+            ),
+            (
+                Some("pod ns/rpc-0 is not of the StatefulSet's current revision yet"),
+                None,
+                SIDECAR_POD_RETRY,
+            ),
+        ];
+        for (unreachable, task, requeue) in cases {
+            seen.sidecar_unreachable = unreachable.map(str::to_owned);
+            let decision = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+            assert_eq!(decision.task, task, "{unreachable:?}");
+            assert_eq!(decision.requeue, requeue, "{unreachable:?}");
+            assert!(
+                !decision.probe,
+                "{unreachable:?}: no probe while the plan runs"
+            );
+            let plan = decision.status.plan.as_ref().expect("plan");
+            assert_eq!(plan.tasks[3].status, TaskStatus::Pending);
+            if let Some(why) = unreachable {
+                let sidecar = condition_of(&decision.status, SIDECAR_READY);
+                assert_eq!(
+                    (sidecar.status.as_str(), sidecar.reason.as_str()),
+                    ("False", SIDECAR_STARTING)
+                );
+                assert!(sidecar.message.contains(why), "{}", sidecar.message);
+            }
+        }
+        // A result in hand is recorded whatever the pod does now.
+        seen.ran = Some((Task::MarkSidecarReady, Outcome::Done));
+        let marked = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
+        let plan = marked.status.plan.as_ref().expect("plan");
+        assert_eq!(plan.tasks[3].status, TaskStatus::Complete);
+    }
+
+    /// The decision lists the probe a settled Running node is due for: not when this reconcile
+    /// holds a probe's result (the next one is an interval on), not while the TLS gate is
+    /// closed, not while a plan runs.
+    #[test]
+    fn a_settled_running_node_with_its_gate_open_is_due_for_a_probe() {
+        let mut seen = observed(Reason::Ready);
+        seen.objects = current();
+        let due = decide(&node("sei:v1", 1), &running(), &seen, &settings(), now());
+        assert!(due.probe);
+        assert_eq!(due.task, None);
+
+        seen.probe = Some(ProbeResult::Unreachable("refused".to_owned()));
+        let answered = decide(&node("sei:v1", 1), &running(), &seen, &settings(), now());
+        assert!(!answered.probe);
+
+        let gated = decide(
+            &node("sei:v1", 1),
+            &running(),
+            &observed(Reason::NotFound),
+            &settings(),
+            now(),
+        );
+        assert!(!gated.probe);
+
+        let mut unsettled = observed(Reason::Ready);
+        unsettled.objects = current();
+        unsettled.objects.stateful_set = ObjectState::Drifted;
+        let repairing = decide(
+            &node("sei:v1", 1),
+            &running(),
+            &unsettled,
+            &settings(),
+            now(),
+        );
+        assert_eq!(repairing.task, Some(Task::ApplyStatefulSet));
+        assert!(!repairing.probe);
     }
 
     /// A sidecar that restarted answers 503 until `mark-ready` again: a repair plan submits it.

@@ -85,13 +85,26 @@ impl SidecarAddresses {
         if let Some(addr) = self.table.read().get(host) {
             return Ok(*addr);
         }
+        Ok(SocketAddr::new(self.pod_ip(host, pod_ip)?, port))
+    }
+
+    /// Whether `host` can be dialed: it is in the table, or its pod has an IP this controller
+    /// may dial (`Err`: why not).
+    pub fn dialable(&self, host: &str, pod_ip: Option<IpAddr>) -> Result<(), String> {
+        if self.table.read().contains_key(host) {
+            return Ok(());
+        }
+        self.pod_ip(host, pod_ip).map(drop)
+    }
+
+    fn pod_ip(&self, host: &str, pod_ip: Option<IpAddr>) -> Result<IpAddr, String> {
         let ip = pod_ip.ok_or_else(|| format!("pod {host} has no IP yet"))?;
         if self.pod_ips.as_ref().is_some_and(|allow| !allow(ip)) {
             return Err(format!(
                 "pod {host} reports IP {ip}, outside the Pod network this controller may dial"
             ));
         }
-        Ok(SocketAddr::new(ip, port))
+        Ok(ip)
     }
 }
 

@@ -15,7 +15,8 @@ use thiserror::Error;
 
 use super::context::{Context, uid};
 use super::observe::Desired;
-use super::sidecar_calls::Called;
+use super::sidecar_calls::{Called, start_call};
+use crate::calls::CallKind;
 use crate::decide::{
     Decision, IN_THE_WAY, ObjectState, Objects, Observed, Outcome, SIDECAR_TASK_RETRY, TaskFailure,
 };
@@ -85,7 +86,7 @@ pub(super) enum Acted {
 /// stops after the write: its events and its plan's work wait behind the nodes still waiting
 /// for theirs. Nothing is written once this replica no longer leads.
 pub(super) async fn act(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     decision: Decision,
     round: &mut Round,
     priority: Priority,
@@ -122,6 +123,9 @@ pub(super) async fn act(
     }
     round.base = decision.status;
     round.observed.first_sight = false;
+    if decision.probe {
+        start_call(&round.current, ctx, CallKind::Probe);
+    }
     let Some(task) = decision.task else {
         if decision.transient {
             return Ok(Acted::Ended(Step::Retry));
@@ -136,11 +140,12 @@ pub(super) async fn act(
         return Ok(Acted::Ended(Step::Done(Next::OnChange)));
     }
     let outcome = if task == Task::MarkSidecarReady {
-        // Called apart (see `sidecar_calls`): the call started or running wakes the node when
-        // it finishes; this is the fallback.
+        // Called apart (see `sidecar_calls`): the result of a finished call, else a call started
+        // (or running), which wakes the node when it finishes; the requeue is the fallback.
         match round.called.mark_ready.take() {
             Some(outcome) => outcome,
             None => {
+                start_call(&round.current, ctx, CallKind::MarkReady);
                 return Ok(Acted::Ended(Step::Done(Next::After(SIDECAR_TASK_RETRY))));
             }
         }

@@ -25,7 +25,7 @@ use act::{Acted, CONFLICT_ATTEMPTS, Round, Step, act, api_error, send_unsent};
 use context::uid;
 pub use context::{Context, Latest, OwnedStores};
 use observe::{Desired, observe, probe_due};
-use sidecar_calls::{Called, sidecar_calls};
+use sidecar_calls::{Called, take_called};
 
 /// Backoff bounds for transient errors (before jitter).
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -76,8 +76,8 @@ pub fn priority_of(ctx: &Context, node: Arc<SeiNode>) -> Priority {
 /// One reconcile, with metrics and the backoff bookkeeping; says when to reconcile again.
 async fn reconcile(node: Arc<SeiNode>, ctx: &Arc<Context>, priority: Priority) -> Next {
     let node = ctx.newest(node);
-    // The sidecar is called apart: what a finished call found, and a call started if due.
-    let called = sidecar_calls(&node, ctx);
+    // The sidecar is called apart: what the node's finished calls found.
+    let called = take_called(&node, ctx);
     let started = Instant::now();
     // `seinode`, not `name`: a JSON log line's span object has its own `name` (the span's).
     let span = tracing::info_span!("reconcile", namespace = %node.namespace().unwrap_or_default(), seinode = %node.name_any());
@@ -141,7 +141,7 @@ pub fn jittered(count: u32) -> Duration {
 /// re-reads it and decides again (never forcing a status decided from an older one).
 async fn reconcile_newest(
     cached: Arc<SeiNode>,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     priority: Priority,
     called: Called,
 ) -> Result<Step, Error> {
@@ -171,7 +171,7 @@ async fn reconcile_newest(
 /// status changed under the decision; read it again.
 async fn reconcile_node(
     node: &Arc<SeiNode>,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     priority: Priority,
     mut called: Called,
 ) -> Result<Step, Error> {

@@ -2,11 +2,12 @@
 //! owned objects from the watches against what the controller would apply now (built once, from
 //! the spec), and the per-node TLS figures the metrics export.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use seinode_tls_crds::contract::required_dns_names;
@@ -14,7 +15,7 @@ use seinode_tls_crds::validation::{InspectedSecret, SecretVerdict};
 use seinode_tls_crds::{PlanPhase, SeiNode, SeiNodePhase, SeiNodeStatus};
 use serde::de::DeserializeOwned;
 
-use super::context::Context;
+use super::context::{Context, pod_host};
 use crate::compact::Compact;
 use crate::decide::{Objects, Observed};
 use crate::drift::{stamp, state};
@@ -60,7 +61,105 @@ pub(super) async fn observe(
     } else {
         ctx.metrics.tls.remove(&namespace, &name);
     }
+    if base
+        .plan
+        .as_ref()
+        .is_some_and(|plan| plan.phase == PlanPhase::Active)
+    {
+        observed.sidecar_unreachable = sidecar_unreachable(node, ctx);
+    }
     observed
+}
+
+/// Pod 0 of the StatefulSet a node controls, as the watches show it: where its sidecar is
+/// called (at the IP the Pod reports, never a DNS answer).
+pub(super) struct SidecarPod {
+    /// The pod's DNS name: the server name of TLS and of the URL.
+    pub(super) host: String,
+    pub(super) ip: Option<IpAddr>,
+    pub(super) uid: String,
+}
+
+/// The node's sidecar pod, or why there is none to call: the node controls no StatefulSet of
+/// its name yet, the StatefulSet has no pod 0, the pod is being deleted or, with `current`
+/// (a task must reach the new pod of a roll, not the old one it replaces), is not of the
+/// StatefulSet's update revision.
+pub(super) fn sidecar_pod(
+    node: &SeiNode,
+    ctx: &Context,
+    current: bool,
+) -> Result<SidecarPod, String> {
+    let namespace = node.namespace().unwrap_or_default();
+    let name = node.name_any();
+    let pod_name = seinode_tls_crds::contract::pod_name(&name);
+    let sts: Option<StatefulSet> = parsed(
+        ctx.owned
+            .stateful_sets
+            .get(&ObjectRef::new(&name).within(&namespace)),
+    );
+    let sts = sts
+        .filter(|sts| controlled_by(&sts.metadata, "SeiNode", &name, node.uid().as_deref()))
+        .ok_or_else(|| format!("StatefulSet {namespace}/{name} of this node is not there yet"))?;
+    let pod: Option<Pod> = parsed(
+        ctx.owned
+            .pods
+            .get(&ObjectRef::new(&pod_name).within(&namespace)),
+    );
+    let pod = pod
+        .filter(|pod| {
+            controlled_by(
+                &pod.metadata,
+                "StatefulSet",
+                &name,
+                sts.metadata.uid.as_deref(),
+            )
+        })
+        .ok_or_else(|| {
+            format!("pod {namespace}/{pod_name} of StatefulSet {name} is not there yet")
+        })?;
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err(format!("pod {namespace}/{pod_name} is being deleted"));
+    }
+    if current {
+        let revision = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("controller-revision-hash"));
+        let update = sts.status.as_ref().and_then(|s| s.update_revision.as_ref());
+        if update.is_none() || revision != update {
+            return Err(format!(
+                "pod {namespace}/{pod_name} is not of the StatefulSet's current revision yet"
+            ));
+        }
+    }
+    Ok(SidecarPod {
+        host: pod_host(node, &ctx.config.cluster_domain),
+        ip: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok()),
+        uid: pod.metadata.uid.unwrap_or_default(),
+    })
+}
+
+/// Why `mark-ready` could not be called on the node's sidecar now (see [`sidecar_pod`]; and a
+/// pod with no address yet); `None` when it could.
+fn sidecar_unreachable(node: &SeiNode, ctx: &Context) -> Option<String> {
+    sidecar_pod(node, ctx, true)
+        .and_then(|pod| ctx.config.sidecar_addresses.dialable(&pod.host, pod.ip))
+        .err()
+}
+
+/// Whether `meta`'s controller owner is the `kind` named `name` with `uid`.
+fn controlled_by(meta: &kube::api::ObjectMeta, kind: &str, name: &str, uid: Option<&str>) -> bool {
+    meta.owner_references.iter().flatten().any(|o| {
+        o.controller == Some(true)
+            && o.kind == kind
+            && o.name == name
+            && Some(o.uid.as_str()) == uid
+    })
 }
 
 /// Whether a node's sidecar is probed: Running, its plan settled, its Secret ready.
