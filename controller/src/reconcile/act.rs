@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use super::context::{Context, uid};
+use super::context::Context;
 use super::observe::Desired;
 use super::sidecar_calls::{Called, start_call};
 use crate::calls::CallKind;
@@ -327,11 +327,7 @@ pub(super) async fn write_status(
         ..PostParams::default()
     };
     match api.replace_status(&node.name_any(), &params, &next).await {
-        Ok(written) => {
-            let written = Arc::new(written);
-            ctx.latest.0.lock().insert(uid(node), written.clone());
-            Ok(Some(written))
-        }
+        Ok(written) => Ok(Some(ctx.latest.record(written))),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
         Err(source) => Err(api_error(

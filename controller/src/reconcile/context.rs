@@ -130,6 +130,16 @@ pub(super) struct NodeMemory {
 pub struct Latest(pub(super) Arc<Mutex<HashMap<String, Arc<SeiNode>>>>);
 
 impl Latest {
+    /// Keeps `node`, as the controller just wrote or read it, without its managedFields (as
+    /// the watch keeps nodes: a thousand nodes' field sets parsed into JSON trees are megabytes
+    /// nothing reads).
+    pub(super) fn record(&self, mut node: SeiNode) -> Arc<SeiNode> {
+        node.metadata.managed_fields = None;
+        let node = Arc::new(node);
+        self.0.lock().insert(uid(&node), node.clone());
+        node
+    }
+
     /// Whether `node` is exactly the version the controller itself wrote or read last.
     pub fn is_own(&self, node: &SeiNode) -> bool {
         self.0
@@ -295,5 +305,35 @@ mod tests {
             .expect("every waiter wakes, not only the last to poll");
         assert!(joined.iter().all(Result::is_ok));
         assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 8);
+    }
+
+    /// What the controller keeps of its own writes is what the watch keeps of a node: no
+    /// managedFields (each a JSON tree; at 1,000 nodes, megabytes of heap nothing reads).
+    #[test]
+    fn a_node_written_is_kept_without_its_managed_fields_and_known_as_its_own() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+        let mut node: SeiNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sei.io/v1alpha1",
+            "kind": "SeiNode",
+            "metadata": {"name": "rpc", "namespace": "ns", "uid": "u1", "resourceVersion": "7"},
+            "spec": {"chainId": "pacific-1", "image": "sei:v1"},
+        }))
+        .expect("a SeiNode");
+        node.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("seinode-tls-controller".to_owned()),
+            fields_v1: Some(FieldsV1(serde_json::json!({"f:status": {"f:phase": {}}}))),
+            ..ManagedFieldsEntry::default()
+        }]);
+        let latest = Latest::default();
+        let kept = latest.record(node.clone());
+        assert!(kept.metadata.managed_fields.is_none());
+        assert_eq!(kept.metadata.resource_version.as_deref(), Some("7"));
+        assert!(
+            latest.is_own(&node),
+            "the watch's copy of the write is recognised"
+        );
+        node.metadata.resource_version = Some("8".to_owned());
+        assert!(!latest.is_own(&node));
     }
 }

@@ -22,7 +22,6 @@ mod sidecar_calls;
 pub use act::Error;
 pub use act::FIELD_MANAGER;
 use act::{Acted, CONFLICT_ATTEMPTS, Round, Step, act, api_error, send_unsent};
-use context::uid;
 pub use context::{Context, Latest, OwnedStores};
 use observe::{Desired, observe, probe_due};
 use sidecar_calls::{Called, take_called};
@@ -157,9 +156,7 @@ async fn reconcile_newest(
                 let Some(fresh) = fresh else {
                     return Ok(Step::Done(Next::OnChange));
                 };
-                let fresh = Arc::new(fresh);
-                ctx.latest.0.lock().insert(uid(&fresh), fresh.clone());
-                node = fresh;
+                node = ctx.latest.record(fresh);
             }
             ended => return ended,
         }
