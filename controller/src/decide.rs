@@ -818,6 +818,19 @@ pub(crate) mod tests {
         .status
     }
 
+    /// A TLS node's first status with its plan's applies done: at `MarkSidecarReady`.
+    fn at_mark_ready() -> SeiNodeStatus {
+        let base = first_status(Reason::Ready);
+        let mut plan = base.plan.clone().expect("plan");
+        for task in &mut plan.tasks[..3] {
+            task.status = TaskStatus::Complete;
+        }
+        SeiNodeStatus {
+            plan: Some(plan),
+            ..base
+        }
+    }
+
     fn condition_of<'a>(status: &'a SeiNodeStatus, type_: &str) -> &'a Condition {
         status
             .conditions
@@ -1103,15 +1116,7 @@ pub(crate) mod tests {
     /// the plan waits for.
     #[test]
     fn a_sidecar_task_that_waits_stays_pending_and_says_why() {
-        let base = first_status(Reason::Ready);
-        let mut plan = base.plan.clone().expect("plan");
-        for task in &mut plan.tasks[..3] {
-            task.status = TaskStatus::Complete;
-        }
-        let base = SeiNodeStatus {
-            plan: Some(plan),
-            ..base
-        };
+        let base = at_mark_ready();
         let mut seen = observed(Reason::Ready);
         seen.objects = current();
         let first = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
@@ -1158,15 +1163,7 @@ pub(crate) mod tests {
     /// a call that answered "waiting" would have, without a call per retry.
     #[test]
     fn a_sidecar_task_without_a_pod_to_call_waits_for_the_pod_without_calling() {
-        let base = first_status(Reason::Ready);
-        let mut plan = base.plan.clone().expect("plan");
-        for task in &mut plan.tasks[..3] {
-            task.status = TaskStatus::Complete;
-        }
-        let base = SeiNodeStatus {
-            plan: Some(plan),
-            ..base
-        };
+        let base = at_mark_ready();
         let mut seen = observed(Reason::Ready);
         seen.objects = current();
         let cases: [(Option<&str>, Option<Task>, Duration); 3] = [
