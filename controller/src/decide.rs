@@ -144,7 +144,8 @@ pub struct Observed {
     pub ran: Option<(Task, Outcome)>,
     /// Why the node's sidecar cannot be called now (pod 0 of its StatefulSet not there, being
     /// deleted, not of the current revision, or without an address); `None`: it can be, or
-    /// no plan is active. The Pod and StatefulSet watches wake the node when that changes.
+    /// the plan is not at `MarkSidecarReady`, or a finished call's result is at hand. The Pod
+    /// and StatefulSet watches wake the node when that changes.
     pub sidecar_unreachable: Option<String>,
 }
 
@@ -1199,7 +1200,8 @@ pub(crate) mod tests {
                 assert!(sidecar.message.contains(why), "{}", sidecar.message);
             }
         }
-        // A result in hand is recorded whatever the pod does now.
+        // A result in hand is recorded whatever the pod does now (the reconcile also clears
+        // the reason when a finished call's result waits; this checks decide does not need it).
         seen.ran = Some((Task::MarkSidecarReady, Outcome::Done));
         let marked = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
         let plan = marked.status.plan.as_ref().expect("plan");

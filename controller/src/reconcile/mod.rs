@@ -190,6 +190,11 @@ async fn reconcile_node(
     if probe_due(&base, &observed) {
         observed.probe = called.probe.take();
     }
+    if called.mark_ready.is_some() {
+        // A finished call's result is recorded (act hands it to the decision), whatever the
+        // pod does now: the next call, if one is needed, waits for the pod again.
+        observed.sidecar_unreachable = None;
+    }
     let settings = ctx.settings();
     let mut round = Round {
         current: node.clone(),

@@ -20,6 +20,7 @@ use crate::compact::Compact;
 use crate::decide::{Objects, Observed};
 use crate::drift::{stamp, state};
 use crate::metrics::NodeTls;
+use crate::plan::{Task, next_task};
 use crate::resources;
 
 /// Reads what the decision needs: the Secret's verdict (one GET, parsed once per version), the
@@ -61,11 +62,8 @@ pub(super) async fn observe(
     } else {
         ctx.metrics.tls.remove(&namespace, &name);
     }
-    if base
-        .plan
-        .as_ref()
-        .is_some_and(|plan| plan.phase == PlanPhase::Active)
-    {
+    let next = base.plan.as_ref().and_then(next_task);
+    if next.is_some_and(|(_, task)| task == Some(Task::MarkSidecarReady)) {
         observed.sidecar_unreachable = sidecar_unreachable(node, ctx);
     }
     observed
