@@ -1,6 +1,7 @@
 //! Observe: everything `decide` needs, gathered once per reconcile. The Secret's verdict, the
 //! owned objects from the watches against what the controller would apply now (built once, from
-//! the spec), and the per-node TLS figures the metrics export.
+//! the spec), whether the sidecar can be called (its pod, from the Pod watch), and the per-node
+//! TLS figures the metrics export.
 
 use std::net::IpAddr;
 use std::sync::Arc;
