@@ -180,9 +180,9 @@ pub(super) async fn run_task(
     let namespace = node.namespace().unwrap_or_default();
     let state = observed.objects.of(task);
     let result = match task {
-        Task::ApplyRbacProxyConfig => ensure(ctx, node, &desired.config_map, state).await,
-        Task::ApplyService => ensure(ctx, node, &desired.service, state).await,
-        Task::ApplyStatefulSet => match &desired.stateful_set {
+        Task::ApplyRbacProxyConfig => ensure(ctx, node, desired.config_map(ctx), state).await,
+        Task::ApplyService => ensure(ctx, node, desired.service(), state).await,
+        Task::ApplyStatefulSet => match desired.stateful_set(ctx) {
             Ok(sts) => ensure(ctx, node, sts, state).await,
             Err(error) => {
                 return Ok(Outcome::Failed(TaskFailure::new(

@@ -185,7 +185,7 @@ async fn reconcile_node(
     send_unsent(ctx, node).await;
     let now = Timestamp::now();
     let base = node.status.clone().unwrap_or_default();
-    let desired = Desired::of(node, ctx);
+    let desired = Desired::of(node);
     let mut observed = observe(node, &base, ctx, &desired, now).await;
     if probe_due(&base, &observed) {
         observed.probe = called.probe.take();

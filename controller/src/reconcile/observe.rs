@@ -4,7 +4,7 @@
 //! TLS figures the metrics export.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -209,26 +209,46 @@ pub(super) fn parsed<K: DeserializeOwned + Resource<DynamicType = ()>>(
         .ok()
 }
 
-/// What the controller would apply for a node now, built once per reconcile from its spec (and
-/// stamped): the observation compares the owned objects against it, and the tasks apply it.
+/// What the controller would apply for a node now, built from its spec (and stamped) at most
+/// once per reconcile, and only when needed: the observation compares an owned object that
+/// exists against it, and a task applies it. A node none of whose objects exist yet (every
+/// node on a cold start) builds none of them to be decided.
 pub(super) struct Desired {
-    pub(super) config_map: ConfigMap,
-    pub(super) service: Service,
-    /// Why the spec cannot make the StatefulSet (an invalid image), when it cannot.
-    pub(super) stateful_set: Result<StatefulSet, String>,
+    node: Arc<SeiNode>,
+    config_map: OnceLock<ConfigMap>,
+    service: OnceLock<Service>,
+    /// `Err`: why the spec cannot make the StatefulSet (an invalid image).
+    stateful_set: OnceLock<Result<StatefulSet, String>>,
 }
 
 impl Desired {
-    pub(super) fn of(node: &SeiNode, ctx: &Context) -> Self {
+    pub(super) fn of(node: &Arc<SeiNode>) -> Self {
         Self {
-            config_map: stamp(resources::rbac_proxy_config_map(
-                node,
-                ctx.client_ca.as_deref(),
-            )),
-            service: stamp(resources::service(node)),
-            stateful_set: resources::stateful_set(node, &ctx.config, ctx.client_ca.is_some())
-                .map(stamp),
+            node: node.clone(),
+            config_map: OnceLock::new(),
+            service: OnceLock::new(),
+            stateful_set: OnceLock::new(),
         }
+    }
+
+    pub(super) fn config_map(&self, ctx: &Context) -> &ConfigMap {
+        self.config_map.get_or_init(|| {
+            stamp(resources::rbac_proxy_config_map(
+                &self.node,
+                ctx.client_ca.as_deref(),
+            ))
+        })
+    }
+
+    pub(super) fn service(&self) -> &Service {
+        self.service
+            .get_or_init(|| stamp(resources::service(&self.node)))
+    }
+
+    pub(super) fn stateful_set(&self, ctx: &Context) -> &Result<StatefulSet, String> {
+        self.stateful_set.get_or_init(|| {
+            resources::stateful_set(&self.node, &ctx.config, ctx.client_ca.is_some()).map(stamp)
+        })
     }
 }
 
@@ -252,13 +272,24 @@ fn objects(node: &SeiNode, ctx: &Context, desired: &Desired) -> Objects {
             .stateful_sets
             .get(&ObjectRef::new(&name).within(&namespace)),
     );
+    // What would be applied is built only to compare with an object that exists.
     Objects {
-        config_map: state(node, config_map.as_ref(), Some(&desired.config_map)),
-        service: state(node, service.as_ref(), Some(&desired.service)),
+        config_map: state(
+            node,
+            config_map.as_ref(),
+            config_map.as_ref().map(|_| desired.config_map(ctx)),
+        ),
+        service: state(
+            node,
+            service.as_ref(),
+            service.as_ref().map(|_| desired.service()),
+        ),
         stateful_set: state(
             node,
             stateful_set.as_ref(),
-            desired.stateful_set.as_ref().ok(),
+            stateful_set
+                .as_ref()
+                .and_then(|_| desired.stateful_set(ctx).as_ref().ok()),
         ),
         rolled_out: stateful_set.as_ref().is_some_and(|sts| {
             resources::stateful_set_ready(sts)
