@@ -985,7 +985,8 @@ async fn decide_one(
     status: FloorStatus,
 ) -> anyhow::Result<()> {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-    use seinode_tls_controller::decide::{Observed, Settings, decide};
+    use seinode_tls_controller::ControllerConfig;
+    use seinode_tls_controller::decide::{Observed, decide};
     use seinode_tls_crds::validation::SecretVerdict;
     use seinode_tls_crds::{SeiNodeStatus, SidecarTlsStatus};
 
@@ -1034,11 +1035,8 @@ async fn decide_one(
                 }),
                 ..Observed::default()
             };
-            let settings = Settings {
-                cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
-                cert_expiry_warning: Duration::from_secs(7 * 24 * 3600),
-                sidecar_probe_interval: Duration::from_secs(30),
-            };
+            // `run`'s settings: the controller's defaults.
+            let settings = ControllerConfig::default().settings();
             let base = node.status.clone().unwrap_or_default();
             decide(&node, &base, &observed, &settings, now).status
         }

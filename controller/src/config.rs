@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use seinode_tls_kube::watch::WatchScope;
 
+use crate::decide::Settings;
 use crate::sidecar::SidecarAddresses;
 
 /// The sidecar's readiness path (seictl answers 200 once `mark-ready` has completed, 503 before):
@@ -61,6 +62,17 @@ pub struct ControllerConfig {
     /// Where SeiNodes, their objects and TLS Secrets are watched: the whole cluster, or only
     /// some namespaces (an install whose RBAC covers only those).
     pub watch_scope: WatchScope,
+}
+
+impl ControllerConfig {
+    /// What a decision takes of this configuration.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            cluster_domain: self.cluster_domain.clone(),
+            cert_expiry_warning: self.cert_expiry_warning,
+            sidecar_probe_interval: self.sidecar_probe_interval,
+        }
+    }
 }
 
 impl Default for ControllerConfig {

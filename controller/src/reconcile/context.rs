@@ -17,7 +17,6 @@ use seinode_tls_kube::versions::SecretVersions;
 use crate::calls::SidecarCalls;
 use crate::compact::Compact;
 use crate::config::ControllerConfig;
-use crate::decide::Settings;
 use crate::events::NodeEvent;
 use crate::leader::Leadership;
 use crate::metrics::ControllerMetrics;
@@ -190,14 +189,6 @@ impl Context {
     /// Reads or changes what is remembered about `node`.
     pub(super) fn remember<T>(&self, node: &SeiNode, f: impl FnOnce(&mut NodeMemory) -> T) -> T {
         f(self.memory.lock().entry(uid(node)).or_default())
-    }
-
-    pub(super) fn settings(&self) -> Settings {
-        Settings {
-            cluster_domain: self.config.cluster_domain.clone(),
-            cert_expiry_warning: self.config.cert_expiry_warning,
-            sidecar_probe_interval: self.config.sidecar_probe_interval,
-        }
     }
 
     /// The newest version of `cached` this controller knows: its own last write, unless the

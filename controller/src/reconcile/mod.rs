@@ -59,12 +59,15 @@ async fn node_of(ctx: &Context, key: &ObjectRef<SeiNode>) -> Result<Option<Arc<S
         return Ok(Some(node));
     }
     let namespace = key.namespace.as_deref().unwrap_or_default();
+    Ok(read_node(ctx, namespace, &key.name).await?.map(Arc::new))
+}
+
+/// Reads SeiNode `namespace/name` from the API server (`None`: it is gone).
+async fn read_node(ctx: &Context, namespace: &str, name: &str) -> Result<Option<SeiNode>, Error> {
     let api: Api<SeiNode> = Api::namespaced(ctx.client.clone(), namespace);
-    let node = api
-        .get_opt(&key.name)
+    api.get_opt(name)
         .await
-        .map_err(|source| api_error("read", "SeiNode", namespace, &key.name, source))?;
-    Ok(node.map(Arc::new))
+        .map_err(|source| api_error("read", "SeiNode", namespace, name, source))
 }
 
 /// The priority `node` is queued with: that of the newest version this controller knows.
@@ -149,10 +152,7 @@ async fn reconcile_newest(
         match reconcile_node(&node, ctx, priority, called.clone()).await {
             Err(Error::Conflict { .. }) => {
                 let namespace = node.namespace().unwrap_or_default();
-                let api: Api<SeiNode> = Api::namespaced(ctx.client.clone(), &namespace);
-                let fresh = api.get_opt(&node.name_any()).await.map_err(|source| {
-                    api_error("read", "SeiNode", &namespace, &node.name_any(), source)
-                })?;
+                let fresh = read_node(ctx, &namespace, &node.name_any()).await?;
                 let Some(fresh) = fresh else {
                     return Ok(Step::Done(Next::OnChange));
                 };
@@ -195,7 +195,7 @@ async fn reconcile_node(
         // pod does now: the next call, if one is needed, waits for the pod again.
         observed.sidecar_unreachable = None;
     }
-    let settings = ctx.settings();
+    let settings = ctx.config.settings();
     let mut round = Round {
         current: node.clone(),
         base,
