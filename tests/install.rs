@@ -518,6 +518,7 @@ async fn the_installed_chart_runs_admits_reconciles_and_uninstalls_cleanly() {
     a_replica_serves_every_registered_metric(&client).await;
     let (ns, node) = the_readmes_first_screen(&client, &ca).await;
     the_lease_is_handed_over(&client, &leader).await;
+    the_new_leader_releases_a_node_whose_secret_arrives(&client, &ca, &ns).await;
     a_rolling_upgrade_fails_no_admission(&client, &ns, &node).await;
     an_edit_of_the_tls_block_is_refused(&ns);
     uninstalled_it_blocks_nothing(&ns);
@@ -729,6 +730,56 @@ async fn the_lease_is_handed_over(client: &kube::Client, leader: &str) {
         "the Lease stayed with {leader}: {next:?}\n{}",
         pods_table()
     );
+}
+
+/// The node left waiting for its Secret (see `status_and_check_secret`) gets it: the replica
+/// that leads after the handover judges it ready. The Secret's event is what wakes the node (a
+/// node without its Secret is otherwise looked at again only after ten minutes), through the
+/// Secret watch and the Secret → nodes index of a term that began after the node was judged.
+/// The node is deleted afterwards: its pod would only add load to the steps that follow.
+async fn the_new_leader_releases_a_node_whose_secret_arrives(
+    client: &kube::Client,
+    ca: &CertificateAuthority,
+    ns: &str,
+) {
+    let names = required_dns_names("waiting", ns, DEFAULT_CLUSTER_DOMAIN);
+    let dns: Vec<&str> = names.iter().map(String::as_str).collect();
+    let leaf = ca
+        .issue(&LeafSpec {
+            common_name: "waiting",
+            dns_names: &dns,
+            server: true,
+            ..LeafSpec::default()
+        })
+        .unwrap();
+    let secret = seinode_tls_testkit::tls_secret(
+        ns,
+        "waiting-sidecar-tls",
+        &leaf.cert_pem,
+        &leaf.key_pem,
+        Some(&ca.cert_pem()),
+    );
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let nodes: Api<SeiNode> = Api::namespaced(client.clone(), ns);
+    let (node, ready) = common::poll(
+        WAIT,
+        || async { nodes.get("waiting").await.unwrap() },
+        |n: &SeiNode| {
+            n.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().flatten().any(|c| {
+                    c.type_ == "SidecarTLSSecretReady"
+                        && c.status == "True"
+                        && c.reason == "TLSSecretReady"
+                })
+            })
+        },
+    )
+    .await;
+    assert!(ready, "{:#?}\n{}", node.status, pods_table());
+    nodes.delete("waiting", &Default::default()).await.unwrap();
 }
 
 /// A rolling upgrade while a client keeps creating (dry-run) SeiNodes: no admission fails.

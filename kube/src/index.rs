@@ -3,8 +3,10 @@
 //! break, neither by scanning every node.
 
 use parking_lot::RwLock;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -46,18 +48,134 @@ impl Inner {
     }
 }
 
-fn entry(node: &SeiNode) -> ((String, String), Option<SecretKey>) {
+/// What the index reads of a node: its namespace and name, and the Secret it names.
+pub trait NamesSecret: ResourceExt {
+    /// `spec.sidecar.tls.secretName`, when TLS is on.
+    fn secret_name(&self) -> Option<&str>;
+}
+
+impl NamesSecret for SeiNode {
+    fn secret_name(&self) -> Option<&str> {
+        self.sidecar_tls().map(|tls| tls.secret_name.as_str())
+    }
+}
+
+/// A SeiNode as a watch that only feeds the index decodes it: its name, namespace and version,
+/// and the Secret it names. Its status, labels, annotations and managedFields are skipped in
+/// the decoding, not decoded and dropped: the webhook's watch sees every status write of every
+/// node.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(from = "wire::Node")]
+pub struct NodeSecretRef {
+    metadata: ObjectMeta,
+    secret_name: Option<String>,
+}
+
+impl NamesSecret for NodeSecretRef {
+    fn secret_name(&self) -> Option<&str> {
+        self.secret_name.as_deref()
+    }
+}
+
+impl kube::Resource for NodeSecretRef {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        SeiNode::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        SeiNode::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        SeiNode::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        SeiNode::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The wire shape of [`NodeSecretRef`]: every other field of the object is skipped.
+mod wire {
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub struct Node {
+        #[serde(default)]
+        metadata: Meta,
+        #[serde(default)]
+        spec: Spec,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        name: Option<String>,
+        namespace: Option<String>,
+        resource_version: Option<String>,
+        uid: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    struct Spec {
+        sidecar: Option<Sidecar>,
+    }
+
+    #[derive(Deserialize)]
+    struct Sidecar {
+        tls: Option<Tls>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Tls {
+        secret_name: String,
+    }
+
+    impl From<Node> for super::NodeSecretRef {
+        fn from(node: Node) -> Self {
+            let Meta {
+                name,
+                namespace,
+                resource_version,
+                uid,
+            } = node.metadata;
+            Self {
+                metadata: super::ObjectMeta {
+                    name,
+                    namespace,
+                    resource_version,
+                    uid,
+                    ..super::ObjectMeta::default()
+                },
+                secret_name: node
+                    .spec
+                    .sidecar
+                    .and_then(|sidecar| sidecar.tls)
+                    .map(|tls| tls.secret_name),
+            }
+        }
+    }
+}
+
+fn entry(node: &impl NamesSecret) -> ((String, String), Option<SecretKey>) {
     let ns = node.namespace().unwrap_or_default();
     let key = (ns.clone(), node.name_any());
     (
         key,
-        node.sidecar_tls().map(|tls| (ns, tls.secret_name.clone())),
+        node.secret_name().map(|secret| (ns, secret.to_owned())),
     )
 }
 
 impl SecretIndex {
     /// Follows the SeiNode watch.
-    pub fn apply(&self, event: &watcher::Event<SeiNode>) {
+    pub fn apply(&self, event: &watcher::Event<impl NamesSecret>) {
         let mut inner = self.inner.write();
         match event {
             watcher::Event::Apply(node) => match entry(node) {
@@ -167,14 +285,83 @@ mod tests {
     fn a_relist_replaces_the_index() {
         let index = SecretIndex::default();
         index.apply(&watcher::Event::Apply(node("gone", Some("s"))));
-        index.apply(&watcher::Event::Init);
+        index.apply(&watcher::Event::<SeiNode>::Init);
         index.apply(&watcher::Event::InitApply(node("kept", Some("s"))));
         assert_eq!(
             names(index.nodes_for("sei", "s")),
             ["gone"],
             "old view until the relist completes"
         );
-        index.apply(&watcher::Event::InitDone);
+        index.apply(&watcher::Event::<SeiNode>::InitDone);
         assert_eq!(names(index.nodes_for("sei", "s")), ["kept"]);
+    }
+
+    /// A SeiNode as the API server sends it: status, labels and managedFields included.
+    fn wire(name: &str, tls: Option<&str>) -> serde_json::Value {
+        let mut spec =
+            serde_json::json!({"chainId": "arctic-1", "image": "sei:v6", "fullNode": {}});
+        if let Some(secret) = tls {
+            spec["sidecar"] = serde_json::json!({"port": 7777, "tls": {"secretName": secret}});
+        }
+        serde_json::json!({
+            "apiVersion": "sei.io/v1alpha1", "kind": "SeiNode",
+            "metadata": {
+                "name": name, "namespace": "sei", "uid": "u-1", "resourceVersion": "42",
+                "labels": {"team": "rpc"},
+                "managedFields": [{"manager": "seinode-tls", "operation": "Update",
+                    "subresource": "status", "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:status": {"f:conditions": {".": {}}}}}],
+            },
+            "spec": spec,
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True",
+                "reason": "NodeReady", "message": "", "lastTransitionTime": "2026-12-07T00:00:00Z"}]},
+        })
+    }
+
+    #[test]
+    fn a_node_secret_ref_decodes_the_key_and_the_secret_name_only() {
+        let cases = [("tls", Some("tls-secret")), ("plain", None)];
+        for (name, secret) in cases {
+            let decoded: NodeSecretRef = serde_json::from_value(wire(name, secret)).unwrap();
+            let full: SeiNode = serde_json::from_value(wire(name, secret)).unwrap();
+            assert_eq!(decoded.secret_name(), full.secret_name(), "{name}");
+            assert_eq!(decoded.secret_name(), secret, "{name}");
+            let meta = &decoded.metadata;
+            assert_eq!(
+                (meta.name.as_deref(), meta.namespace.as_deref()),
+                (Some(name), Some("sei"))
+            );
+            assert_eq!(
+                (meta.uid.as_deref(), meta.resource_version.as_deref()),
+                (Some("u-1"), Some("42"))
+            );
+            assert!(
+                meta.managed_fields.is_none() && meta.labels.is_none(),
+                "{name}"
+            );
+        }
+        // The index reads both alike.
+        let (slim, whole) = (SecretIndex::default(), SecretIndex::default());
+        for name in ["a", "b"] {
+            let slim_node: NodeSecretRef = serde_json::from_value(wire(name, Some("s"))).unwrap();
+            slim.apply(&watcher::Event::Apply(slim_node));
+            let whole_node: SeiNode = serde_json::from_value(wire(name, Some("s"))).unwrap();
+            whole.apply(&watcher::Event::Apply(whole_node));
+        }
+        assert_eq!(names(slim.nodes_for("sei", "s")), ["a", "b"]);
+        assert_eq!(
+            names(slim.nodes_for("sei", "s")),
+            names(whole.nodes_for("sei", "s"))
+        );
+    }
+
+    #[test]
+    fn a_node_secret_ref_is_a_seinode_to_the_api() {
+        use kube::Resource as _;
+        assert_eq!(
+            NodeSecretRef::url_path(&(), Some("sei")),
+            SeiNode::url_path(&(), Some("sei"))
+        );
+        assert_eq!(NodeSecretRef::api_version(&()), SeiNode::api_version(&()));
     }
 }

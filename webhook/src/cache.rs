@@ -6,7 +6,8 @@
 //!   fetched with one bounded GET when a new SeiNode names one, kept while some SeiNode names
 //!   it and its resourceVersion holds. What a tenant's Secrets can make the webhook hold is a
 //!   few hundred bytes each, whatever their size.
-//! - [`NodeCache`]: every SeiNode, for the Secret guard's "who uses this Secret?".
+//! - [`NodeCache`]: which SeiNodes name which Secret, for the Secret guard's "who uses this
+//!   Secret?".
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,11 +18,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use seinode_tls_crds::SeiNode;
 use seinode_tls_crds::validation::{
     InspectedSecret, LeafCertificate, SecretLookup, TLS_SECRET_TYPE, inspect_tls_secret,
 };
-use seinode_tls_kube::index::SecretIndex;
+use seinode_tls_kube::index::{NamesSecret, NodeSecretRef, SecretIndex};
 use seinode_tls_kube::inspections::{Current, Inspections};
 use seinode_tls_kube::versions::SecretVersions;
 use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
@@ -308,7 +308,7 @@ impl NodeCache {
     }
 
     /// Follows the SeiNode watch; its first complete list marks the cache synced.
-    pub fn apply(&self, event: &watcher::Event<SeiNode>) {
+    pub fn apply(&self, event: &watcher::Event<impl NamesSecret>) {
         self.index.apply(event);
         if matches!(event, watcher::Event::InitDone) {
             self.mark_synced();
@@ -370,7 +370,7 @@ impl Caches {
 
         let nodes = NodeCache::new();
         let node_cache = nodes.clone();
-        let node_watch = scoped_watcher::<SeiNode>(client, scope, watcher::Config::default())
+        let node_watch = scoped_watcher::<NodeSecretRef>(client, scope, watcher::Config::default())
             .for_each(move |event| {
                 match event {
                     Ok(event) => node_cache.apply(&event),
