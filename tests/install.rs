@@ -87,6 +87,31 @@ fn apply_sidecar_rbac_example(ns: &str) {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// Creates `kubernetes.io/tls` Secret `ns/name` holding a leaf `ca` issues for `leaf`, with the
+/// CA as `ca.crt` when `with_ca`.
+async fn create_tls_secret(
+    client: &kube::Client,
+    ca: &CertificateAuthority,
+    ns: &str,
+    name: &str,
+    leaf: &LeafSpec<'_>,
+    with_ca: bool,
+) {
+    let issued = ca.issue(leaf).unwrap();
+    let ca_pem = with_ca.then(|| ca.cert_pem());
+    let secret = seinode_tls_testkit::tls_secret(
+        ns,
+        name,
+        &issued.cert_pem,
+        &issued.key_pem,
+        ca_pem.as_deref(),
+    );
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+}
+
 /// The install steps of docs/operations.md for certificates of one's own: the namespace, a
 /// `kubernetes.io/tls` Secret for the Service's name, the sidecar client certificate's Secret,
 /// and the chart with the CA.
@@ -94,25 +119,21 @@ async fn install(client: &kube::Client, ca: &CertificateAuthority) {
     let out = common::kubectl(&["create", "namespace", RELEASE_NS], "");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let service = format!("{RELEASE}.{RELEASE_NS}.svc");
-    let serving = ca
-        .issue(&LeafSpec {
-            common_name: &service,
-            dns_names: &[service.as_str()],
-            server: true,
-            ..LeafSpec::default()
-        })
-        .unwrap();
-    let secret = seinode_tls_testkit::tls_secret(
+    let serving = LeafSpec {
+        common_name: &service,
+        dns_names: &[service.as_str()],
+        server: true,
+        ..LeafSpec::default()
+    };
+    create_tls_secret(
+        client,
+        ca,
         RELEASE_NS,
         "seinode-tls-webhook",
-        &serving.cert_pem,
-        &serving.key_pem,
-        None,
-    );
-    Api::<Secret>::namespaced(client.clone(), RELEASE_NS)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+        &serving,
+        false,
+    )
+    .await;
     create_sidecar_client_secret(client).await;
     let ca_file: PathBuf = common::scratch_path("install-ca.pem");
     std::fs::write(&ca_file, ca.cert_pem()).unwrap();
@@ -632,25 +653,13 @@ async fn the_readmes_first_screen(
     // real kube-rbac-proxy with its client certificate (authenticated by the CA it copied into
     // the node's proxy config, authorized by a SubjectAccessReview on seinodetasks for
     // sidecarClient.user), and then probes the sidecar by the pod's cluster DNS name.
-    let leaf = ca
-        .issue(&LeafSpec {
-            common_name: NODE,
-            dns_names: &dns,
-            server: true,
-            ..LeafSpec::default()
-        })
-        .unwrap();
-    let secret = seinode_tls_testkit::tls_secret(
-        &ns,
-        NODE_SECRET,
-        &leaf.cert_pem,
-        &leaf.key_pem,
-        Some(&ca.cert_pem()),
-    );
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    let leaf = LeafSpec {
+        common_name: NODE,
+        dns_names: &dns,
+        server: true,
+        ..LeafSpec::default()
+    };
+    create_tls_secret(client, ca, &ns, NODE_SECRET, &leaf, true).await;
     let out = common::kubectl(&["apply", "--server-side", "-n", &ns, "-f", example], "");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = common::kubectl(
@@ -744,25 +753,13 @@ async fn the_new_leader_releases_a_node_whose_secret_arrives(
 ) {
     let names = required_dns_names("waiting", ns, DEFAULT_CLUSTER_DOMAIN);
     let dns: Vec<&str> = names.iter().map(String::as_str).collect();
-    let leaf = ca
-        .issue(&LeafSpec {
-            common_name: "waiting",
-            dns_names: &dns,
-            server: true,
-            ..LeafSpec::default()
-        })
-        .unwrap();
-    let secret = seinode_tls_testkit::tls_secret(
-        ns,
-        "waiting-sidecar-tls",
-        &leaf.cert_pem,
-        &leaf.key_pem,
-        Some(&ca.cert_pem()),
-    );
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    let leaf = LeafSpec {
+        common_name: "waiting",
+        dns_names: &dns,
+        server: true,
+        ..LeafSpec::default()
+    };
+    create_tls_secret(client, ca, ns, "waiting-sidecar-tls", &leaf, true).await;
     let nodes: Api<SeiNode> = Api::namespaced(client.clone(), ns);
     let (node, ready) = common::poll(
         WAIT,
