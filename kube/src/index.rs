@@ -60,8 +60,8 @@ impl NamesSecret for SeiNode {
     }
 }
 
-/// A SeiNode as a watch that only feeds the index decodes it: its name, namespace and version,
-/// and the Secret it names. Its status, labels, annotations and managedFields are skipped in
+/// A SeiNode as a watch that only feeds the index decodes it: its name, namespace, uid and
+/// version, and the Secret it names. Its status, labels, annotations and managedFields are skipped in
 /// the decoding, not decoded and dropped: the webhook's watch sees every status write of every
 /// node.
 #[derive(Clone, Debug, serde::Deserialize)]
