@@ -48,13 +48,9 @@ fn leader_gauge(registry: &Registry) -> i64 {
         .expect("controller_leader is exported")
 }
 
+/// The controller's reconciles so far, every outcome (none before its first).
 fn reconciles(registry: &Registry) -> u64 {
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("controller_reconciles_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    common::metrics::samples_sum(registry, "controller_reconciles_total{").unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

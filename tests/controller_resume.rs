@@ -35,13 +35,9 @@ async fn start(ns: &str) -> (RunningController, Registry) {
 
 /// The controller's successful reconciles so far, from its metrics.
 fn reconciles(registry: &Registry) -> u64 {
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("controller_reconciles_total{outcome=\"success\"}"))
-        .unwrap_or_else(|| panic!("no reconcile counter in:\n{text}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
+    let success = "controller_reconciles_total{outcome=\"success\"}";
+    common::metrics::samples_sum(registry, success)
+        .unwrap_or_else(|| panic!("no {success} sample: no reconcile succeeded yet"))
 }
 
 async fn wait_phase(api: &Api<SeiNode>, name: &str, phase: SeiNodePhase) {

@@ -53,3 +53,14 @@ pub fn named_in(text: &str) -> BTreeSet<String> {
     }
     names
 }
+
+/// The sum of the samples `registry` exports on lines that start with `prefix` (a metric's name
+/// and, to pick series, the start of its labels); `None` when no line does.
+pub fn samples_sum(registry: &prometheus_client::registry::Registry, prefix: &str) -> Option<u64> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .reduce(|a, b| a + b)
+}
