@@ -1200,8 +1200,8 @@ pub(crate) mod tests {
                 assert!(sidecar.message.contains(why), "{}", sidecar.message);
             }
         }
-        // A result in hand is recorded whatever the pod does now (the reconcile also clears
-        // the reason when a finished call's result waits; this checks decide does not need it).
+        // A result in hand is recorded whatever the pod does now (observe does not look the pod
+        // up when a finished call's result waits; this checks decide does not need that).
         seen.ran = Some((Task::MarkSidecarReady, Outcome::Done));
         let marked = decide(&node("sei:v1", 1), &base, &seen, &settings(), now());
         let plan = marked.status.plan.as_ref().expect("plan");

@@ -186,14 +186,9 @@ async fn reconcile_node(
     let now = Timestamp::now();
     let base = node.status.clone().unwrap_or_default();
     let desired = Desired::of(node);
-    let mut observed = observe(node, &base, ctx, &desired, now).await;
+    let mut observed = observe(node, &base, ctx, &desired, called.mark_ready.is_some(), now).await;
     if probe_due(&base, &observed) {
         observed.probe = called.probe.take();
-    }
-    if called.mark_ready.is_some() {
-        // A finished call's result is recorded (act hands it to the decision), whatever the
-        // pod does now: the next call, if one is needed, waits for the pod again.
-        observed.sidecar_unreachable = None;
     }
     let settings = ctx.config.settings();
     let mut round = Round {

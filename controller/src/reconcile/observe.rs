@@ -26,11 +26,15 @@ use crate::resources;
 
 /// Reads what the decision needs: the Secret's verdict (one GET, parsed once per version), the
 /// owned objects (from the watches) and, for a settled Running node, the sidecar probe.
+/// `mark_ready_done`: a finished `mark-ready` call's result is at hand, which the decision
+/// records whatever the pod does now (the next call, if one is needed, waits for the pod
+/// again), so the pod is not looked up.
 pub(super) async fn observe(
     node: &SeiNode,
     base: &SeiNodeStatus,
     ctx: &Context,
     desired: &Desired,
+    mark_ready_done: bool,
     now: Timestamp,
 ) -> Observed {
     let namespace = node.namespace().unwrap_or_default();
@@ -64,7 +68,7 @@ pub(super) async fn observe(
         ctx.metrics.tls.remove(&namespace, &name);
     }
     let next = base.plan.as_ref().and_then(next_task);
-    if next.is_some_and(|(_, task)| task == Some(Task::MarkSidecarReady)) {
+    if !mark_ready_done && next.is_some_and(|(_, task)| task == Some(Task::MarkSidecarReady)) {
         observed.sidecar_unreachable = sidecar_unreachable(node, ctx);
     }
     observed
