@@ -24,12 +24,12 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
 use seinode_tls_controller::Controller;
 use seinode_tls_crds::SeiNode;
+use seinode_tls_kube::versions::SecretMeta;
 use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use seinode_tls_webhook::{Webhook, WebhookConfig};
@@ -579,7 +579,7 @@ async fn the_webhook_and_the_controller_work_in_the_watched_namespaces_only() {
 
     // The check above can fail: the same ServiceAccount watching the unwatched namespace is
     // refused, and that is logged.
-    let mut outside = scoped_watcher::<PartialObjectMeta<Secret>>(
+    let mut outside = scoped_watcher::<SecretMeta>(
         sa.clone(),
         &WatchScope::Namespaces(vec![UNWATCHED.to_owned()]),
         watcher::Config::default(),

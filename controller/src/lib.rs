@@ -28,8 +28,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use kube::core::PartialObjectMeta;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Client, ResourceExt};
@@ -46,7 +45,7 @@ use leader::{Elector, Leadership, LeaseContact};
 use metrics::ControllerMetrics;
 use reconcile::{Context, Latest, OwnedStores};
 use seinode_tls_kube::index::SecretIndex;
-use seinode_tls_kube::versions::SecretVersions;
+use seinode_tls_kube::versions::{SecretMeta, SecretVersions};
 
 #[derive(Debug, Error)]
 pub enum ControllerError {
@@ -600,7 +599,7 @@ impl Term {
         let secret_index = index.clone();
         let secret_versions = Arc::new(SecretVersions::default());
         let versions = secret_versions.clone();
-        let secrets = scoped_watcher::<PartialObjectMeta<Secret>>(
+        let secrets = scoped_watcher::<SecretMeta>(
             client.clone(),
             &scope,
             watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
@@ -613,7 +612,7 @@ impl Term {
         .touched_objects()
         // Named first: the predicate keeps a version per Secret it passes, which for every TLS
         // Secret in the cluster (10,000 in the scale benchmark) would be memory for nothing.
-        .try_filter(move |secret: &PartialObjectMeta<Secret>| {
+        .try_filter(move |secret: &SecretMeta| {
             std::future::ready(
                 secret_index.is_named(&secret.namespace().unwrap_or_default(), &secret.name_any()),
             )

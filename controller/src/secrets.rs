@@ -100,6 +100,9 @@ mod tests {
 
     use super::*;
 
+    /// An event of the Secret metadata watch.
+    type MetaEvent = watcher::Event<PartialObjectMeta<Secret>>;
+
     /// An API server holding at most one Secret, counting the reads it serves and keeping the
     /// version each asked for.
     #[derive(Clone, Default)]
@@ -196,7 +199,7 @@ mod tests {
         assert_eq!(api.reads(), 2);
 
         // The watch reports the version judged already: no read.
-        versions.apply(&watcher::Event::Apply(api.put(&good, "1")));
+        versions.apply(&MetaEvent::Apply(api.put(&good, "1")));
         assert_eq!(reason(verdict().await), Reason::Ready);
         assert_eq!(api.reads(), 2);
 
@@ -206,7 +209,7 @@ mod tests {
             "tls.crt".to_owned(),
             k8s_openapi::ByteString(b"-----BEGIN CERTIFICATE-----\nAAAA\n".to_vec()),
         );
-        versions.apply(&watcher::Event::Apply(api.put(&broken, "2")));
+        versions.apply(&MetaEvent::Apply(api.put(&broken, "2")));
         assert_eq!(reason(verdict().await), Reason::Malformed);
         assert_eq!(reason(verdict().await), Reason::Malformed);
         assert_eq!(api.reads(), 3);
@@ -217,26 +220,26 @@ mod tests {
         // Deleted: read (and found missing) every time.
         let gone = api.put(&broken, "2");
         *api.secret.lock() = None;
-        versions.apply(&watcher::Event::Delete(gone));
+        versions.apply(&MetaEvent::Delete(gone));
         assert_eq!(reason(verdict().await), Reason::NotFound);
         assert_eq!(reason(verdict().await), Reason::NotFound);
         assert_eq!(api.reads(), 5);
 
         // Back, then gone while the watch was away: the relist that does not list it drops it.
-        versions.apply(&watcher::Event::Apply(api.put(&good, "3")));
+        versions.apply(&MetaEvent::Apply(api.put(&good, "3")));
         assert_eq!(reason(verdict().await), Reason::Ready);
         assert_eq!(reason(verdict().await), Reason::Ready);
         assert_eq!(api.reads(), 6);
         *api.secret.lock() = None;
-        versions.apply(&watcher::Event::Init);
-        versions.apply(&watcher::Event::InitDone);
+        versions.apply(&MetaEvent::Init);
+        versions.apply(&MetaEvent::InitDone);
         assert_eq!(reason(verdict().await), Reason::NotFound);
         assert_eq!(api.reads(), 7);
 
         // A relist that does list it keeps it.
-        versions.apply(&watcher::Event::Init);
-        versions.apply(&watcher::Event::InitApply(api.put(&good, "4")));
-        versions.apply(&watcher::Event::InitDone);
+        versions.apply(&MetaEvent::Init);
+        versions.apply(&MetaEvent::InitApply(api.put(&good, "4")));
+        versions.apply(&MetaEvent::InitDone);
         assert_eq!(reason(verdict().await), Reason::Ready);
         assert_eq!(reason(verdict().await), Reason::Ready);
         assert_eq!(api.reads(), 8);

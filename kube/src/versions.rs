@@ -3,14 +3,91 @@
 //! inspection against (an inspection of exactly that version is the Secret as it stands).
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::GetParams;
-use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
+
+/// A Secret as the metadata-only watches decode it: its namespace, name and resourceVersion.
+/// Like `PartialObjectMeta<Secret>`, it asks the API server for `PartialObjectMetadata`; unlike
+/// it, the labels, annotations and managedFields are skipped as they are parsed, not decoded
+/// into a JSON tree per Secret and dropped: both processes list every TLS Secret of the cluster
+/// at each start and relist, and read nothing but these three fields.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(from = "wire::Object")]
+pub struct SecretMeta {
+    metadata: ObjectMeta,
+}
+
+impl kube::Resource for SecretMeta {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        Secret::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        Secret::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        Secret::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        Secret::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+    /// Lists, watches and reads ask for `PartialObjectMetadata`: no Secret data on the wire.
+    fn metadata_api() -> bool {
+        true
+    }
+}
+
+/// The wire shape of [`SecretMeta`]: every other field of the object is skipped.
+mod wire {
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub struct Object {
+        #[serde(default)]
+        metadata: Meta,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        name: Option<String>,
+        namespace: Option<String>,
+        resource_version: Option<String>,
+    }
+
+    impl From<Object> for super::SecretMeta {
+        fn from(object: Object) -> Self {
+            let Meta {
+                name,
+                namespace,
+                resource_version,
+            } = object.metadata;
+            Self {
+                metadata: super::ObjectMeta {
+                    name,
+                    namespace,
+                    resource_version,
+                    ..super::ObjectMeta::default()
+                },
+            }
+        }
+    }
+}
 
 /// Secret versions by namespace and name (about 150 bytes a Secret). A relist replaces the set
 /// when it completes: until then the versions known before keep answering, updated by what the
@@ -39,13 +116,14 @@ impl SecretVersions {
         self.state.write()
     }
 
-    /// Follows one event of the Secret watch.
-    pub fn apply(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+    /// Follows one event of the Secret watch (of [`SecretMeta`]s, or of anything else that
+    /// names a Secret).
+    pub fn apply(&self, event: &watcher::Event<impl ResourceExt>) {
         match event {
             watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => self.set(
                 &secret.namespace().unwrap_or_default(),
                 &secret.name_any(),
-                secret.metadata.resource_version.as_deref(),
+                secret.meta().resource_version.as_deref(),
             ),
             watcher::Event::Delete(secret) => {
                 self.remove(&secret.namespace().unwrap_or_default(), &secret.name_any());
@@ -207,21 +285,86 @@ async fn get_secret(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use watcher::Event;
+    use kube::core::PartialObjectMeta;
+
+    type Event = watcher::Event<SecretMeta>;
 
     use super::*;
 
-    fn meta(namespace: &str, name: &str, version: Option<&str>) -> PartialObjectMeta<Secret> {
-        PartialObjectMeta {
+    fn meta(namespace: &str, name: &str, version: Option<&str>) -> SecretMeta {
+        SecretMeta {
             metadata: ObjectMeta {
                 namespace: Some(namespace.to_owned()),
                 name: Some(name.to_owned()),
                 resource_version: version.map(str::to_owned),
                 ..ObjectMeta::default()
             },
-            ..PartialObjectMeta::default()
         }
+    }
+
+    /// A Secret's metadata as the API server sends it in a `PartialObjectMetadata` list or watch.
+    fn wire(version: Option<&str>) -> serde_json::Value {
+        let mut object = serde_json::json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {
+                "name": "node-0-tls", "namespace": "sei", "uid": "u-1",
+                "creationTimestamp": "2026-12-07T00:00:00Z",
+                "labels": {"team": "rpc"},
+                "annotations": {"cert-manager.io/certificate-name": "node-0"},
+                "managedFields": [{"manager": "cert-manager", "operation": "Update",
+                    "apiVersion": "v1", "time": "2026-12-07T00:00:00Z", "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:data": {".": {}, "f:tls.crt": {}, "f:tls.key": {}},
+                        "f:type": {}}}],
+            },
+        });
+        if let Some(version) = version {
+            object["metadata"]["resourceVersion"] = version.into();
+        }
+        object
+    }
+
+    #[test]
+    fn a_secret_meta_decodes_the_namespace_name_and_version_only() {
+        for version in [Some("42"), None] {
+            let decoded: SecretMeta = serde_json::from_value(wire(version)).unwrap();
+            let full: PartialObjectMeta<Secret> = serde_json::from_value(wire(version)).unwrap();
+            let meta = &decoded.metadata;
+            assert_eq!(
+                (meta.namespace.as_deref(), meta.name.as_deref()),
+                (Some("sei"), Some("node-0-tls"))
+            );
+            assert_eq!(meta.resource_version.as_deref(), version);
+            assert!(
+                meta.managed_fields.is_none() && meta.labels.is_none() && meta.uid.is_none(),
+                "{meta:?}"
+            );
+            // The versions read both alike.
+            let (slim, whole) = (SecretVersions::default(), SecretVersions::default());
+            slim.apply(&Event::Apply(decoded));
+            whole.apply(&watcher::Event::Apply(full));
+            assert_eq!(
+                slim.get("sei", "node-0-tls"),
+                whole.get("sei", "node-0-tls")
+            );
+            assert_eq!(
+                slim.get("sei", "node-0-tls"),
+                Some(version.map(str::to_owned))
+            );
+        }
+        // What a watch may send for an object with no metadata at all: nothing to key, no error.
+        let bare: SecretMeta = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(bare.metadata, ObjectMeta::default());
+    }
+
+    #[test]
+    fn a_secret_meta_is_a_secret_asked_for_as_metadata() {
+        use kube::Resource as _;
+        assert_eq!(
+            SecretMeta::url_path(&(), Some("sei")),
+            Secret::url_path(&(), Some("sei"))
+        );
+        assert!(SecretMeta::metadata_api());
+        assert!(PartialObjectMeta::<Secret>::metadata_api());
     }
 
     #[test]

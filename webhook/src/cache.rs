@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use seinode_tls_crds::validation::{
@@ -23,7 +22,7 @@ use seinode_tls_crds::validation::{
 };
 use seinode_tls_kube::index::{NamesSecret, NodeSecretRef, SecretIndex};
 use seinode_tls_kube::inspections::{Current, Inspections};
-use seinode_tls_kube::versions::SecretVersions;
+use seinode_tls_kube::versions::{SecretMeta, SecretVersions};
 use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
 
 use crate::metrics::WebhookMetrics;
@@ -245,13 +244,13 @@ impl SecretCache {
     /// Applies one event of the metadata watch: the versions follow it, the inspections of
     /// versions it moved past or Secrets it no longer lists are dropped, and its first
     /// completed list makes the cache synced.
-    pub fn apply_meta_event(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+    pub fn apply_meta_event(&self, event: &watcher::Event<impl ResourceExt>) {
         self.versions.apply(event);
         match event {
             watcher::Event::Init => return,
             watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => {
                 let (namespace, name) = key_of(secret);
-                let version = secret.metadata.resource_version.as_deref();
+                let version = secret.meta().resource_version.as_deref();
                 self.inspections
                     .forget_other_versions(&namespace, &name, version);
             }
@@ -358,15 +357,14 @@ impl Caches {
         // Metadata only: a tenant's Secrets cost the webhook their names, not their bytes.
         let secret_config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
         let secret_cache = secrets.clone();
-        let secret_watch =
-            scoped_watcher::<PartialObjectMeta<Secret>>(client.clone(), scope, secret_config)
-                .for_each(move |event| {
-                    match event {
-                        Ok(event) => secret_cache.apply_meta_event(&event),
-                        Err(error) => tracing::warn!(%error, "Secret watch failed; retrying"),
-                    }
-                    std::future::ready(())
-                });
+        let secret_watch = scoped_watcher::<SecretMeta>(client.clone(), scope, secret_config)
+            .for_each(move |event| {
+                match event {
+                    Ok(event) => secret_cache.apply_meta_event(&event),
+                    Err(error) => tracing::warn!(%error, "Secret watch failed; retrying"),
+                }
+                std::future::ready(())
+            });
 
         let nodes = NodeCache::new();
         let node_cache = nodes.clone();
@@ -410,6 +408,10 @@ mod tests {
 
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::core::PartialObjectMeta;
+
+    /// An event of the Secret metadata watch.
+    type MetaEvent = watcher::Event<PartialObjectMeta<Secret>>;
 
     fn secret(name: &str, resource_version: &str) -> Secret {
         Secret {
@@ -442,9 +444,9 @@ mod tests {
     #[tokio::test]
     async fn each_secret_version_is_parsed_once_and_kept_only_while_its_version_holds() {
         let (cache, _) = cache_without_api_server();
-        cache.apply_meta_event(&watcher::Event::Init);
-        cache.apply_meta_event(&watcher::Event::InitApply(meta("a", "1")));
-        cache.apply_meta_event(&watcher::Event::InitDone);
+        cache.apply_meta_event(&MetaEvent::Init);
+        cache.apply_meta_event(&MetaEvent::InitApply(meta("a", "1")));
+        cache.apply_meta_event(&MetaEvent::InitDone);
         // Known, not read: the metadata watch carries no content.
         assert_eq!(cache.inspections(), 0);
         assert!(matches!(
@@ -455,16 +457,16 @@ mod tests {
         assert_eq!(cache.inspections(), 1);
         // The same version again (a re-delivered event, a relist, a second read): no new parse.
         cache.apply(&secret("a", "1"));
-        cache.apply_meta_event(&watcher::Event::Apply(meta("a", "1")));
-        cache.apply_meta_event(&watcher::Event::Init);
-        cache.apply_meta_event(&watcher::Event::InitApply(meta("a", "1")));
-        cache.apply_meta_event(&watcher::Event::InitDone);
+        cache.apply_meta_event(&MetaEvent::Apply(meta("a", "1")));
+        cache.apply_meta_event(&MetaEvent::Init);
+        cache.apply_meta_event(&MetaEvent::InitApply(meta("a", "1")));
+        cache.apply_meta_event(&MetaEvent::InitDone);
         assert_eq!(cache.inspections(), 1);
         assert!(matches!(cache.lookup("sei", "a"), CachedLookup::Found(_)));
         // A new version drops the old inspection; a deleted Secret is gone.
-        cache.apply_meta_event(&watcher::Event::Apply(meta("a", "2")));
+        cache.apply_meta_event(&MetaEvent::Apply(meta("a", "2")));
         assert!(!cache.holds_inspection("sei", "a"));
-        cache.apply_meta_event(&watcher::Event::Delete(meta("a", "2")));
+        cache.apply_meta_event(&MetaEvent::Delete(meta("a", "2")));
         assert!(matches!(cache.lookup("sei", "a"), CachedLookup::NotFound));
         assert_eq!(cache.sizes(), (0, 0));
     }
@@ -564,7 +566,7 @@ mod tests {
             let overtake = async {
                 arrived.recv().await;
                 // Recreated, or changed again, while the read was in flight.
-                cache.apply_meta_event(&watcher::Event::Apply(meta("a", "3")));
+                cache.apply_meta_event(&MetaEvent::Apply(meta("a", "3")));
                 let _ = release.send(());
             };
             let read = tokio::time::timeout(Duration::from_secs(10), async {
