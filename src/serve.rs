@@ -121,8 +121,14 @@ pub fn run_main(webhook: WebhookConfig, controller: ControllerConfig) -> ExitCod
     })
 }
 
-/// Sets up logging and the runtime, runs `main` and turns its error into exit status 1.
-pub fn run_to_exit(main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// Sets up logging and the runtime, runs `main` and turns its error (or its panic) into exit
+/// status 1.
+///
+/// `main` runs as a task of the runtime, not on the thread that blocks on it: what `block_on`
+/// polls runs outside the worker pool, so a controller whose reconciles ran there (the
+/// `controller` and `run` commands without leader election) had every wake-up from the API
+/// connection's tasks cross threads, and a third busy thread beside the two workers.
+pub fn run_to_exit(main: impl Future<Output = anyhow::Result<()>> + Send + 'static) -> ExitCode {
     crate::telemetry::init();
     crate::telemetry::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -135,12 +141,15 @@ pub fn run_to_exit(main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let main = runtime.spawn(main);
     match runtime.block_on(main) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("error: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
+        // The panic hook has printed the panic.
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
@@ -179,5 +188,26 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         );
         assert!(text.lines().any(|l| l == line), "{text}");
+    }
+
+    /// A command's work runs on the runtime's workers (where the API connection's tasks wake
+    /// it), not on the thread that waits for it; its error or its panic is exit status 1.
+    #[test]
+    fn a_command_runs_as_a_task_and_fails_on_an_error_or_a_panic() {
+        use std::process::ExitCode;
+        let on_a_worker = super::run_to_exit(async {
+            let thread = std::thread::current();
+            anyhow::ensure!(
+                thread.name() == Some("tokio-rt-worker"),
+                "ran on thread {:?}",
+                thread.name()
+            );
+            Ok(())
+        });
+        assert_eq!(on_a_worker, ExitCode::SUCCESS);
+        let failed = super::run_to_exit(async { anyhow::bail!("no") });
+        assert_eq!(failed, ExitCode::FAILURE);
+        let panicked = super::run_to_exit(async { panic!("a reconcile panicked") });
+        assert_eq!(panicked, ExitCode::FAILURE);
     }
 }
