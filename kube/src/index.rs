@@ -3,7 +3,6 @@
 //! break, neither by scanning every node.
 
 use parking_lot::RwLock;
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -77,29 +76,7 @@ impl NamesSecret for NodeSecretRef {
     }
 }
 
-impl kube::Resource for NodeSecretRef {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        SeiNode::kind(dt)
-    }
-    fn group(dt: &()) -> Cow<'_, str> {
-        SeiNode::group(dt)
-    }
-    fn version(dt: &()) -> Cow<'_, str> {
-        SeiNode::version(dt)
-    }
-    fn plural(dt: &()) -> Cow<'_, str> {
-        SeiNode::plural(dt)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::slim::resource_as!(NodeSecretRef, SeiNode);
 
 /// The wire shape of [`NodeSecretRef`]: every other field of the object is skipped.
 mod wire {
@@ -108,18 +85,9 @@ mod wire {
     #[derive(Deserialize)]
     pub struct Node {
         #[serde(default)]
-        metadata: Meta,
+        metadata: crate::slim::Meta,
         #[serde(default)]
         spec: Spec,
-    }
-
-    #[derive(Deserialize, Default)]
-    #[serde(rename_all = "camelCase")]
-    struct Meta {
-        name: Option<String>,
-        namespace: Option<String>,
-        resource_version: Option<String>,
-        uid: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -140,20 +108,8 @@ mod wire {
 
     impl From<Node> for super::NodeSecretRef {
         fn from(node: Node) -> Self {
-            let Meta {
-                name,
-                namespace,
-                resource_version,
-                uid,
-            } = node.metadata;
             Self {
-                metadata: super::ObjectMeta {
-                    name,
-                    namespace,
-                    resource_version,
-                    uid,
-                    ..super::ObjectMeta::default()
-                },
+                metadata: node.metadata.into(),
                 secret_name: node
                     .spec
                     .sidecar

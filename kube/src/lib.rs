@@ -16,5 +16,6 @@
 
 pub mod index;
 pub mod inspections;
+mod slim;
 pub mod versions;
 pub mod watch;

@@ -3,7 +3,6 @@
 //! inspection against (an inspection of exactly that version is the Secret as it stands).
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -13,78 +12,31 @@ use kube::api::GetParams;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
-/// A Secret as the metadata-only watches decode it: its namespace, name and resourceVersion.
+/// A Secret as the metadata-only watches decode it: its namespace, name, resourceVersion and uid.
 /// Like `PartialObjectMeta<Secret>`, it asks the API server for `PartialObjectMetadata`; unlike
 /// it, the labels, annotations and managedFields are skipped as they are parsed, not decoded
 /// into a JSON tree per Secret and dropped: both processes list every TLS Secret of the cluster
-/// at each start and relist, and read nothing but these three fields.
+/// at each start and relist, and read nothing but the name and the version.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
-#[serde(from = "wire::Object")]
+#[serde(from = "Wire")]
 pub struct SecretMeta {
     metadata: ObjectMeta,
 }
 
-impl kube::Resource for SecretMeta {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        Secret::kind(dt)
-    }
-    fn group(dt: &()) -> Cow<'_, str> {
-        Secret::group(dt)
-    }
-    fn version(dt: &()) -> Cow<'_, str> {
-        Secret::version(dt)
-    }
-    fn plural(dt: &()) -> Cow<'_, str> {
-        Secret::plural(dt)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-    /// Lists, watches and reads ask for `PartialObjectMetadata`: no Secret data on the wire.
-    fn metadata_api() -> bool {
-        true
-    }
-}
+// Lists, watches and reads ask for `PartialObjectMetadata`: no Secret data on the wire.
+crate::slim::resource_as!(SecretMeta, Secret, metadata_api = true);
 
 /// The wire shape of [`SecretMeta`]: every other field of the object is skipped.
-mod wire {
-    use serde::Deserialize;
+#[derive(serde::Deserialize)]
+struct Wire {
+    #[serde(default)]
+    metadata: crate::slim::Meta,
+}
 
-    #[derive(Deserialize)]
-    pub struct Object {
-        #[serde(default)]
-        metadata: Meta,
-    }
-
-    #[derive(Deserialize, Default)]
-    #[serde(rename_all = "camelCase")]
-    struct Meta {
-        name: Option<String>,
-        namespace: Option<String>,
-        resource_version: Option<String>,
-    }
-
-    impl From<Object> for super::SecretMeta {
-        fn from(object: Object) -> Self {
-            let Meta {
-                name,
-                namespace,
-                resource_version,
-            } = object.metadata;
-            Self {
-                metadata: super::ObjectMeta {
-                    name,
-                    namespace,
-                    resource_version,
-                    ..super::ObjectMeta::default()
-                },
-            }
+impl From<Wire> for SecretMeta {
+    fn from(object: Wire) -> Self {
+        Self {
+            metadata: object.metadata.into(),
         }
     }
 }
@@ -324,7 +276,7 @@ mod tests {
     }
 
     #[test]
-    fn a_secret_meta_decodes_the_namespace_name_and_version_only() {
+    fn a_secret_meta_decodes_the_key_version_and_uid_only() {
         for version in [Some("42"), None] {
             let decoded: SecretMeta = serde_json::from_value(wire(version)).unwrap();
             let full: PartialObjectMeta<Secret> = serde_json::from_value(wire(version)).unwrap();
@@ -334,8 +286,12 @@ mod tests {
                 (Some("sei"), Some("node-0-tls"))
             );
             assert_eq!(meta.resource_version.as_deref(), version);
+            assert_eq!(meta.uid.as_deref(), Some("u-1"));
             assert!(
-                meta.managed_fields.is_none() && meta.labels.is_none() && meta.uid.is_none(),
+                meta.managed_fields.is_none()
+                    && meta.labels.is_none()
+                    && meta.annotations.is_none()
+                    && meta.creation_timestamp.is_none(),
                 "{meta:?}"
             );
             // The versions read both alike.
