@@ -238,9 +238,11 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let decided = tracker
         .wait_all(&mut changes, &all_nodes, args.timeout, Watched::decided_at)
         .await;
+    let cpu_decided = controller.cpu()?;
     let settled = tracker
         .wait_all(&mut changes, &all_nodes, args.timeout, Watched::settled_at)
         .await;
+    let cpu_settled = controller.cpu()?;
     controller.check_running()?;
     let writes_settled = ApiWrites::wait_quiet(&client, writes_before.clone()).await?;
     let work_settled = controller.work().await?;
@@ -304,6 +306,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         settle_writes: writes_settled.delta(&writes_before),
         settle_work: work_settled,
         connections,
+        cpu: [cpu_decided, cpu_settled],
         memory,
         steady_writes: steady_writes.delta(&steady_writes_before),
         steady_work: steady_work.since(steady_work_before),
@@ -1505,6 +1508,31 @@ impl ControllerProcess {
         })
     }
 
+    /// The CPU time it has used so far, user and system, every thread's (`/proc/PID/stat`,
+    /// in clock ticks): the share of the two cores it took from the API server.
+    fn cpu(&self) -> anyhow::Result<Duration> {
+        use nix::unistd::{SysconfVar, sysconf};
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // After the command name, which is in parentheses and may hold spaces: the state is
+        // field 3, utime and stime fields 14 and 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |field: usize| -> anyhow::Result<u64> {
+            let value = fields
+                .get(field - 3)
+                .with_context(|| format!("/proc/{}/stat has no field {field}", self.pid()))?;
+            Ok(value.parse()?)
+        };
+        let per_second = sysconf(SysconfVar::CLK_TCK)?
+            .and_then(|hz| u64::try_from(hz).ok())
+            .filter(|hz| *hz > 0)
+            .context("the clock tick rate is unknown")?;
+        let ticks = ticks(14)? + ticks(15)?;
+        Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+    }
+
     /// `VmRSS` and `VmHWM`, in KiB.
     fn memory(&self) -> anyhow::Result<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
@@ -1641,6 +1669,8 @@ struct Report<'a> {
     settle_writes: BTreeMap<WriteKey, u64>,
     settle_work: Work,
     connections: [usize; 3],
+    /// The controller's CPU time (user and system), start → every node decided, → settled.
+    cpu: [Duration; 2],
     memory: (u64, u64),
     steady_writes: BTreeMap<WriteKey, u64>,
     steady_work: Work,
@@ -1764,6 +1794,11 @@ impl Report<'_> {
         println!(
             "| peak API connections: settling / steady / late | {} / {} / {} | ≤ 8 |",
             self.connections[0], self.connections[1], self.connections[2]
+        );
+        println!(
+            "| controller CPU (user + system), start → every node decided / → settled | {:.2} s / {:.2} s | |",
+            self.cpu[0].as_secs_f64(),
+            self.cpu[1].as_secs_f64()
         );
         println!(
             "| memory after settling: VmRSS (VmHWM) | {} ({}) | ≤ 60 MiB |",
