@@ -54,10 +54,10 @@ macro_rules! resource_as {
             fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
                 <$full as kube::Resource>::plural(dt)
             }
-            fn meta(&self) -> &ObjectMeta {
+            fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                 &self.metadata
             }
-            fn meta_mut(&mut self) -> &mut ObjectMeta {
+            fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                 &mut self.metadata
             }
             $(

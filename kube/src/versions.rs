@@ -239,9 +239,9 @@ async fn get_secret(
 mod tests {
     use kube::core::PartialObjectMeta;
 
-    type Event = watcher::Event<SecretMeta>;
-
     use super::*;
+
+    type Event = watcher::Event<SecretMeta>;
 
     fn meta(namespace: &str, name: &str, version: Option<&str>) -> SecretMeta {
         SecretMeta {
