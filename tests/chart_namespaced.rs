@@ -29,8 +29,8 @@ use prometheus_client::registry::Registry;
 use seinode_tls::local::RunningController;
 use seinode_tls_controller::Controller;
 use seinode_tls_crds::SeiNode;
-use seinode_tls_kube::versions::SecretMeta;
-use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
+use seinode_tls_kube::versions::watch_tls_secrets;
+use seinode_tls_kube::watch::WatchScope;
 use seinode_tls_testkit::{CertificateAuthority, LeafSpec};
 use seinode_tls_webhook::{Webhook, WebhookConfig};
 use serde_json::json;
@@ -579,10 +579,9 @@ async fn the_webhook_and_the_controller_work_in_the_watched_namespaces_only() {
 
     // The check above can fail: the same ServiceAccount watching the unwatched namespace is
     // refused, and that is logged.
-    let mut outside = scoped_watcher::<SecretMeta>(
+    let mut outside = watch_tls_secrets(
         sa.clone(),
         &WatchScope::Namespaces(vec![UNWATCHED.to_owned()]),
-        watcher::Config::default(),
     );
     let first_error = tokio::time::timeout(WAIT, async {
         while let Some(item) = outside.next().await {

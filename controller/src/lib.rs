@@ -34,7 +34,6 @@ use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, reflector, watc
 use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use seinode_tls_crds::SeiNode;
-use seinode_tls_crds::validation::TLS_SECRET_TYPE;
 use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
 use thiserror::Error;
 use tokio::sync::watch;
@@ -45,7 +44,7 @@ use leader::{Elector, Leadership, LeaseContact};
 use metrics::ControllerMetrics;
 use reconcile::{Context, Latest, OwnedStores};
 use seinode_tls_kube::index::SecretIndex;
-use seinode_tls_kube::versions::{SecretMeta, SecretVersions};
+use seinode_tls_kube::versions::{SecretMeta, SecretVersions, watch_tls_secrets};
 
 #[derive(Debug, Error)]
 pub enum ControllerError {
@@ -599,26 +598,23 @@ impl Term {
         let secret_index = index.clone();
         let secret_versions = Arc::new(SecretVersions::default());
         let versions = secret_versions.clone();
-        let secrets = scoped_watcher::<SecretMeta>(
-            client.clone(),
-            &scope,
-            watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
-        )
-        .inspect(move |event| {
-            if let Ok(event) = event {
-                versions.apply(event);
-            }
-        })
-        .touched_objects()
-        // Named first: the predicate keeps a version per Secret it passes, which for every TLS
-        // Secret in the cluster (10,000 in the scale benchmark) would be memory for nothing.
-        .try_filter(move |secret: &SecretMeta| {
-            std::future::ready(
-                secret_index.is_named(&secret.namespace().unwrap_or_default(), &secret.name_any()),
-            )
-        })
-        .predicate_filter(predicates::resource_version, PredicateConfig::default())
-        .filter_map(triggers("Secret", |_| true));
+        let secrets = watch_tls_secrets(client.clone(), &scope)
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    versions.apply(event);
+                }
+            })
+            .touched_objects()
+            // Named first: the predicate keeps a version per Secret it passes, which for every TLS
+            // Secret in the cluster (10,000 in the scale benchmark) would be memory for nothing.
+            .try_filter(move |secret: &SecretMeta| {
+                std::future::ready(
+                    secret_index
+                        .is_named(&secret.namespace().unwrap_or_default(), &secret.name_any()),
+                )
+            })
+            .predicate_filter(predicates::resource_version, PredicateConfig::default())
+            .filter_map(triggers("Secret", |_| true));
 
         let instance = self
             .instance

@@ -10,7 +10,10 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::GetParams;
 use kube::runtime::watcher;
-use kube::{Api, ResourceExt};
+use kube::{Api, Client, ResourceExt};
+use seinode_tls_crds::validation::TLS_SECRET_TYPE;
+
+use crate::watch::{WatchEvents, WatchScope, scoped_watcher};
 
 /// A Secret as the metadata-only watches decode it: its namespace, name, resourceVersion and uid.
 /// Like `PartialObjectMeta<Secret>`, it asks the API server for `PartialObjectMetadata`; unlike
@@ -39,6 +42,13 @@ impl From<Wire> for SecretMeta {
             metadata: object.metadata.into(),
         }
     }
+}
+
+/// The watch both co-processes keep of the TLS Secrets over `scope`: metadata only
+/// ([`SecretMeta`]), field selector `type=kubernetes.io/tls`.
+pub fn watch_tls_secrets(client: Client, scope: &WatchScope) -> WatchEvents<SecretMeta> {
+    let config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
+    scoped_watcher(client, scope, config)
 }
 
 /// Secret versions by namespace and name (about 150 bytes a Secret). A relist replaces the set

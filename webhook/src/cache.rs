@@ -22,7 +22,7 @@ use seinode_tls_crds::validation::{
 };
 use seinode_tls_kube::index::{NamesSecret, NodeSecretRef, SecretIndex};
 use seinode_tls_kube::inspections::{Current, Inspections};
-use seinode_tls_kube::versions::{SecretMeta, SecretVersions};
+use seinode_tls_kube::versions::{SecretVersions, watch_tls_secrets};
 use seinode_tls_kube::watch::{WatchScope, scoped_watcher};
 
 use crate::metrics::WebhookMetrics;
@@ -355,16 +355,14 @@ impl Caches {
         let secrets = Arc::new(SecretCache::new(client.clone(), metrics));
 
         // Metadata only: a tenant's Secrets cost the webhook their names, not their bytes.
-        let secret_config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
         let secret_cache = secrets.clone();
-        let secret_watch = scoped_watcher::<SecretMeta>(client.clone(), scope, secret_config)
-            .for_each(move |event| {
-                match event {
-                    Ok(event) => secret_cache.apply_meta_event(&event),
-                    Err(error) => tracing::warn!(%error, "Secret watch failed; retrying"),
-                }
-                std::future::ready(())
-            });
+        let secret_watch = watch_tls_secrets(client.clone(), scope).for_each(move |event| {
+            match event {
+                Ok(event) => secret_cache.apply_meta_event(&event),
+                Err(error) => tracing::warn!(%error, "Secret watch failed; retrying"),
+            }
+            std::future::ready(())
+        });
 
         let nodes = NodeCache::new();
         let node_cache = nodes.clone();
